@@ -1,0 +1,1 @@
+//! Benchmarks (`vipo bench`). (Being written.)

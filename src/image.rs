@@ -1,0 +1,118 @@
+//! The plain RGB image type that flows between the world, the decoder, rewards and the PSM.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// An RGB image, channel-major (C=3, H, W), values in [0, 1].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    pub h: usize,
+    pub w: usize,
+    /// Length 3·h·w, laid out as data[c*h*w + y*w + x].
+    pub data: Vec<f32>,
+}
+
+impl Image {
+    pub fn new(h: usize, w: usize) -> Self {
+        Self { h, w, data: vec![0.0; 3 * h * w] }
+    }
+    pub fn filled(h: usize, w: usize, rgb: [f32; 3]) -> Self {
+        let mut im = Self::new(h, w);
+        for c in 0..3 {
+            im.data[c * h * w..(c + 1) * h * w].fill(rgb[c]);
+        }
+        im
+    }
+    #[inline]
+    pub fn get(&self, c: usize, y: usize, x: usize) -> f32 {
+        self.data[c * self.h * self.w + y * self.w + x]
+    }
+    #[inline]
+    pub fn set(&mut self, c: usize, y: usize, x: usize, v: f32) {
+        let (h, w) = (self.h, self.w);
+        self.data[c * h * w + y * w + x] = v;
+    }
+    #[inline]
+    pub fn pixel(&self, y: usize, x: usize) -> [f32; 3] {
+        [self.get(0, y, x), self.get(1, y, x), self.get(2, y, x)]
+    }
+
+    /// Convert to 8-bit RGB for saving.
+    pub fn to_rgb8(&self) -> image::RgbImage {
+        let mut out = image::RgbImage::new(self.w as u32, self.h as u32);
+        for y in 0..self.h {
+            for x in 0..self.w {
+                let p = self.pixel(y, x);
+                let q = p.map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8);
+                out.put_pixel(x as u32, y as u32, image::Rgb(q));
+            }
+        }
+        out
+    }
+
+    pub fn from_rgb8(img: &image::RgbImage) -> Self {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut out = Self::new(h, w);
+        for (x, y, p) in img.enumerate_pixels() {
+            for c in 0..3 {
+                out.set(c, y as usize, x as usize, p.0[c] as f32 / 255.0);
+            }
+        }
+        out
+    }
+
+    /// Load a PNG/JPEG. Errors name the file; non-RGB images (grey, RGBA with
+    /// transparency) are rejected rather than silently converted.
+    pub fn load(path: &Path) -> Result<Self> {
+        let dynimg = image::open(path).with_context(|| format!("{}: cannot read image", path.display()))?;
+        match dynimg.color() {
+            image::ColorType::Rgb8 | image::ColorType::Rgb16 | image::ColorType::Rgb32F => {}
+            other => bail!("{}: image is {:?}, expected RGB", path.display(), other),
+        }
+        Ok(Self::from_rgb8(&dynimg.to_rgb8()))
+    }
+
+    /// Save as PNG (atomically: temp file + rename).
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        crate::io::atomic_write_with(path, |tmp| {
+            self.to_rgb8()
+                .save_with_format(tmp, image::ImageFormat::Png)
+                .with_context(|| format!("{}: cannot write PNG", path.display()))
+        })
+    }
+
+    /// Nearest-neighbour upscale by an integer factor (for viewing 32x32 samples).
+    pub fn upscale(&self, f: usize) -> Self {
+        let mut out = Self::new(self.h * f, self.w * f);
+        for c in 0..3 {
+            for y in 0..out.h {
+                for x in 0..out.w {
+                    out.set(c, y, x, self.get(c, y / f, x / f));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Tile images into a grid with a 1-pixel white border, `cols` per row.
+pub fn grid(images: &[Image], cols: usize) -> Image {
+    if images.is_empty() {
+        return Image::new(1, 1);
+    }
+    let (h, w) = (images[0].h, images[0].w);
+    let cols = cols.max(1).min(images.len());
+    let rows = images.len().div_ceil(cols);
+    let mut out = Image::filled(rows * (h + 1) + 1, cols * (w + 1) + 1, [1.0, 1.0, 1.0]);
+    for (i, im) in images.iter().enumerate() {
+        let (oy, ox) = (1 + (i / cols) * (h + 1), 1 + (i % cols) * (w + 1));
+        for c in 0..3 {
+            for y in 0..h.min(im.h) {
+                for x in 0..w.min(im.w) {
+                    out.set(c, oy + y, ox + x, im.get(c, y, x));
+                }
+            }
+        }
+    }
+    out
+}

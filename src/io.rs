@@ -1,0 +1,44 @@
+//! File helpers: atomic writes (temp file + rename) so a kill never leaves a half-written
+//! file where a good one was, and JSON-lines metrics.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Write `bytes` to `path` atomically.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |tmp| {
+        std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", path.display()))
+    })
+}
+
+/// Run `write` against a temp path in the same folder, then rename it over `path`.
+pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        }
+    }
+    let tmp = tmp_path(path);
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+/// Append one JSON object as a line to a metrics file.
+pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for append", path.display()))?;
+    writeln!(f, "{}", value).with_context(|| format!("{}: cannot append", path.display()))
+}

@@ -1,0 +1,27 @@
+//! vipo — reinforcement-learning post-training of flow-matching image and video
+//! generators with ViPO (Visual Preference Policy Optimization).
+//!
+//! The data path of one training step reads top to bottom through the modules:
+//!
+//! ```text
+//! world (prompts, scenes) → sampler (policy + SDE, dense log-probs)
+//!   → reward (scalars) and psm (allocation maps from a frozen backbone)
+//!   → advantage (group-relative, per position) → objective (clipped surrogate)
+//!   → train (optimizer, checkpoints, metrics)
+//! ```
+
+pub mod advantage;
+pub mod backbone;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod image;
+pub mod io;
+pub mod objective;
+pub mod policy;
+pub mod psm;
+pub mod reward;
+pub mod runtime;
+pub mod sampler;
+pub mod train;
+pub mod world;

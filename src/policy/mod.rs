@@ -1,0 +1,2 @@
+//! Trainable flow-matching policies.
+pub mod layers;

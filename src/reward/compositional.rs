@@ -1,0 +1,1 @@
+//! GenEval-style compositional reward for ShapeWorld. (Being written.)
