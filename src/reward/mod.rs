@@ -2,6 +2,8 @@
 //! One file per reward; each implements [`Reward`].
 
 pub mod compositional;
+pub mod redness;
+pub mod set;
 
 use crate::image::Image;
 use crate::world::PromptSpec;
