@@ -93,7 +93,7 @@ pub fn has_held_out_layout(spec: &PromptSpec) -> bool {
 pub fn split_of(spec: &PromptSpec) -> Split {
     if has_held_out_pair(spec) || has_held_out_layout(spec) {
         Split::Ood
-    } else if fnv1a64(spec.text().as_bytes()) % 10 == 0 {
+    } else if fnv1a64(spec.text().as_bytes()).is_multiple_of(10) {
         Split::Eval
     } else {
         Split::Train
