@@ -149,3 +149,41 @@ mod tests {
         assert_eq!(k, StdKind::Sample);
     }
 }
+
+/// ViPO pixel advantages (DESIGN.md §1.4): A_i^p = clip(M_i(p)·A_i, ±clip). `maps[i]` is
+/// sample i's allocation map (values in [0,1], so the sign of A_i never flips). Returns the
+/// flattened (N, positions) values.
+pub fn pixel_advantages(adv: &[f32], maps: &[Vec<f32>], clip: f32) -> Vec<f32> {
+    adv.iter()
+        .zip(maps)
+        .flat_map(|(&a, m)| m.iter().map(move |&mp| (mp * a).clamp(-clip, clip)))
+        .collect()
+}
+
+/// The "map × reward" ablation: per-position rewards r_i^p = M_i(p)·r_i, group-normalised
+/// at each position across the group (same std convention as the scalar advantage), then
+/// clipped. Flattened (N, positions).
+pub fn map_times_reward_advantages(
+    rewards: &[f32],
+    maps: &[Vec<f32>],
+    group_size: usize,
+    std: StdKind,
+    global_std: bool,
+    clip: f32,
+) -> anyhow::Result<Vec<f32>> {
+    let n = rewards.len();
+    anyhow::ensure!(maps.len() == n, "map_times_reward_advantages: {} maps for {} rewards", maps.len(), n);
+    let p = maps.first().map_or(0, |m| m.len());
+    let mut out = vec![0f32; n * p];
+    let mut column = vec![0f32; n];
+    for pos in 0..p {
+        for i in 0..n {
+            column[i] = maps[i][pos] * rewards[i];
+        }
+        let ga = group_advantages(&column, group_size, std, global_std, clip)?;
+        for i in 0..n {
+            out[i * p + pos] = ga.adv[i];
+        }
+    }
+    Ok(out)
+}

@@ -1,4 +1,205 @@
-//! The thin command-line layer. (Being written.)
+//! The thin command-line layer: parse arguments, load configs, call into the library,
+//! print one-line errors (no backtraces for user mistakes).
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, Config};
+
+#[derive(Parser)]
+#[command(name = "vipo", version, about = "ViPO: pixel-level policy optimization for flow-matching generators")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// TOML config file (every field optional; defaults documented in configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any config field: --set pretrain.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Replace an existing run directory of the same name.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pretrain the base policy on rendered ShapeWorld scenes.
+    Pretrain(ConfigArgs),
+    /// Sample images from a checkpoint with the Euler ODE sampler.
+    Sample(SampleArgs),
+    /// The main job on the embedded default: pretrain (cached) and sample.
+    Demo(DemoArgs),
+    /// Speed benchmarks (release build recommended).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// A run directory (uses its config and final weights) ...
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// ... or a weights file (with --config for the model section).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// A prompt (repeatable).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// A file with one prompt per line (blank lines and # comments ignored).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Ignore the cached base model and pretrain again.
+    #[arg(long)]
+    fresh: bool,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// What to measure: block | policy | all
+    #[arg(default_value = "all")]
+    what: String,
+    /// Timed iterations (median reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
 pub fn main() -> i32 {
-    0
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            // One line per cause, no backtrace: these are user-facing errors.
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            1
+        }
+    }
+}
+
+fn load_config(a: &ConfigArgs) -> Result<Config> {
+    let mut cfg: Config = config::load(a.config.as_deref(), &a.set)?;
+    if a.quiet || std::env::var_os("CI").is_some() {
+        cfg.progress = false;
+    }
+    Ok(cfg)
+}
+
+fn run_dir_for(cfg: &Config, default_name: &str) -> PathBuf {
+    let name = if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() };
+    cfg.out_dir.join(name)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Pretrain(a) => {
+            let cfg = load_config(&a)?;
+            cfg.model.validate()?;
+            let dir = crate::train::run::create_run_dir(&run_dir_for(&cfg, "pretrain"), &cfg, a.force)?;
+            let out = crate::train::pretrain::pretrain(&cfg, &dir)?;
+            print_pretrain(&out);
+            Ok(())
+        }
+        Cmd::Sample(a) => sample_cmd(a),
+        Cmd::Demo(a) => demo(a),
+        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters),
+    }
+}
+
+fn print_pretrain(out: &crate::train::pretrain::PretrainOutcome) {
+    println!("run: {}", out.run_dir.display());
+    println!("loss {:.4} → {:.4}, {:.1} images/s", out.first_loss, out.final_loss, out.images_per_s);
+    if let Some((e, o)) = out.scores {
+        println!("base compositional score: eval {e:.3}, ood {o:.3}");
+    }
+    println!("weights: {}", out.weights.display());
+}
+
+/// Parse prompts from the command line and/or a file; errors name the file and line.
+pub fn read_prompts(cli: &[String], file: Option<&Path>) -> Result<Vec<crate::world::PromptSpec>> {
+    let mut out = Vec::new();
+    for p in cli {
+        out.push(crate::world::PromptSpec::parse(p).with_context(|| format!("--prompt {p:?}"))?);
+    }
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read prompt file", f.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            out.push(crate::world::PromptSpec::parse(line).with_context(|| format!("{}:{}", f.display(), i + 1))?);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no prompts: give --prompt TEXT or --prompts FILE");
+    Ok(out)
+}
+
+fn sample_cmd(a: SampleArgs) -> Result<()> {
+    let (cfg, weights) = match (&a.run, &a.checkpoint) {
+        (Some(run), None) => {
+            crate::train::run::require_run_dir(run)?;
+            let mut ca = a.cfg.clone();
+            ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
+            (load_config(&ca)?, run.join(crate::train::run::FINAL_WEIGHTS))
+        }
+        (None, Some(ck)) => (load_config(&a.cfg)?, ck.clone()),
+        _ => anyhow::bail!("give exactly one of --run DIR or --checkpoint FILE"),
+    };
+    let prompts = read_prompts(&a.prompt, a.prompts.as_deref())?;
+    let device = crate::runtime::device()?;
+    let policy = crate::policy::ImagePolicy::load(&cfg.model, &weights, None, &device, cfg.seed)?;
+    let files = crate::sample::write_samples(&policy, &prompts, a.seed, &cfg.sample, &a.out)?;
+    println!("wrote {} samples and grid.png to {} (scores in samples.json)", files, a.out.display());
+    Ok(())
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let cfg = load_config(&a.cfg)?;
+    let base = crate::sample::cached_base(&cfg, a.fresh)?;
+    let out_dir = run_dir_for(&cfg, "demo");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
+    let device = crate::runtime::device()?;
+    let policy = crate::policy::ImagePolicy::load(&cfg.model, &base, None, &device, cfg.seed)?;
+    let prompts = crate::world::prompts(crate::world::Split::Eval, 16, 7);
+    crate::sample::write_samples(&policy, &prompts, 0, &cfg.sample, &out_dir.join("base_samples"))?;
+    println!("base model: {}", base.display());
+    println!("samples: {}", out_dir.join("base_samples").join("grid.png").display());
+    Ok(())
+}
+
+/// A progress bar with rate and ETA, or a hidden one in quiet mode.
+pub fn progress(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}} {{msg}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }

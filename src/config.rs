@@ -1,1 +1,467 @@
-//! TODO
+//! Configuration: one TOML file type for every command, every field documented and
+//! defaulted (see `configs/*.toml`). `--set key=value` overrides any field by its dotted
+//! path; unknown or malformed fields are errors that name the file and field.
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::policy::dit::DitConfig;
+
+/// Everything a run needs. Each command reads the sections it uses.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Master seed: every RNG stream of the run derives from it.
+    pub seed: u64,
+    /// Parent folder of run directories.
+    pub out_dir: PathBuf,
+    /// Run directory name under `out_dir` ("" = derived from the command).
+    pub run_name: String,
+    /// Show progress bars (false in CI / logs).
+    pub progress: bool,
+    /// The policy architecture.
+    pub model: DitConfig,
+    /// `vipo pretrain`: rectified-flow pretraining on rendered ShapeWorld scenes.
+    pub pretrain: PretrainConfig,
+    /// Sampling for `vipo sample`, sample grids and evaluation.
+    pub sample: SampleConfig,
+    /// `vipo train`: GRPO / ViPO post-training.
+    pub train: TrainConfig,
+    /// ViPO: allocation maps and the per-position objective (used when train.algo = "vipo").
+    pub vipo: VipoConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            out_dir: PathBuf::from("runs"),
+            run_name: String::new(),
+            progress: true,
+            model: DitConfig::default(),
+            pretrain: PretrainConfig::default(),
+            sample: SampleConfig::default(),
+            train: TrainConfig::default(),
+            vipo: VipoConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// AdamW learning rate (after warm-up).
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Number of distinct `train` prompts drawn for pretraining (each step renders fresh
+    /// layouts of prompts from this pool).
+    pub prompt_pool: usize,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Log metrics every N steps.
+    pub log_every: usize,
+    /// Prompts in the final sample grid.
+    pub grid_prompts: usize,
+    /// Prompts per split for the base-model score recorded at the end (0 = skip).
+    pub eval_prompts: usize,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1500,
+            batch_size: 32,
+            lr: 1e-3,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            prompt_pool: 2000,
+            checkpoint_every: 500,
+            log_every: 10,
+            grid_prompts: 16,
+            eval_prompts: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Euler ODE steps for evaluation sampling.
+    pub steps: usize,
+    /// Time shift s of the sigma schedule (σ' = sσ/(1+(s−1)σ)); 1 = none.
+    pub shift: f64,
+    /// Images per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self { steps: 20, shift: 1.0, batch_size: 64 }
+    }
+}
+
+/// Which algorithm `vipo train` runs.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algo {
+    /// Scalar group-relative advantage, one log-prob per sample (DanceGRPO / Flow-GRPO).
+    Grpo,
+    /// Per-position advantage from the allocation map, per-position ratio (ViPO).
+    Vipo,
+}
+
+/// The stochastic sampler used for rollouts (DESIGN.md §1.1).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SdeChoice {
+    /// DanceGRPO's SDE with constant noise level `eta`.
+    Dance,
+    /// Flow-GRPO's SDE with noise level `flow_a`.
+    Flow,
+}
+
+/// One reward of the weighted set; each gets its own group advantage and loss term.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardEntry {
+    /// "compositional" | "redness"
+    pub name: String,
+    /// Coefficient of this reward's loss term.
+    pub weight: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// "grpo" or "vipo".
+    pub algo: Algo,
+    /// Base weights (safetensors). "" = the cached base of `vipo demo` for this config
+    /// (pretrained on first use).
+    pub base: String,
+    /// RL steps (one rollout batch each).
+    pub steps: usize,
+    /// Distinct prompts per step.
+    pub prompts_per_step: usize,
+    /// Samples per prompt (G); ≥ 2.
+    pub group_size: usize,
+    /// Samples per forward/backward in the update.
+    pub micro_batch: usize,
+    /// Micro-batches accumulated per optimizer step. Optimizer steps per rollout batch =
+    /// prompts_per_step·group_size / (micro_batch·grad_accum).
+    pub grad_accum: usize,
+    /// Sampling steps S of the rollout.
+    pub sample_steps: usize,
+    /// Time shift s of the rollout schedule (1 = none; the embedded base is trained unshifted).
+    pub shift: f64,
+    /// "dance" (DanceGRPO/ViPO default) or "flow" (Flow-GRPO).
+    pub sde: SdeChoice,
+    /// Dance-SDE noise level η.
+    pub eta: f64,
+    /// Flow-SDE noise level a.
+    pub flow_a: f64,
+    /// Share of the S−1 trainable transitions trained per sample, in (0, 1].
+    pub timestep_fraction: f64,
+    /// PPO clip range ε.
+    pub clip_range: f64,
+    /// Advantages are clipped to ±adv_clip.
+    pub adv_clip: f64,
+    /// "sample" (torch .std(), the official code) or "population" group std.
+    pub adv_std: crate::advantage::StdKind,
+    /// Normalise by the std over the whole batch instead of per group.
+    pub global_std: bool,
+    /// One initial noise per prompt group (diversity then comes from the SDE noise only).
+    pub shared_group_noise: bool,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps (optimizer steps).
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global grad-norm clip.
+    pub grad_clip: f64,
+    /// LoRA rank; 0 = full fine-tuning.
+    pub lora_rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    pub lora_alpha: f64,
+    /// Substrings of parameter paths that get LoRA adapters.
+    pub lora_targets: Vec<String>,
+    /// EMA decay of the trained weights (0 = off); EMA weights are used for sample grids/eval.
+    pub ema_decay: f64,
+    /// Flow-GRPO KL coefficient β against the frozen base (0 = off, as in DanceGRPO/ViPO).
+    pub kl_beta: f64,
+    /// Fail the run if the first inner update's |ratio − 1| exceeds this (on-policy parity).
+    pub ratio_dev_bound: f64,
+    /// Rewards and their loss coefficients.
+    pub rewards: Vec<RewardEntry>,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Sample grid every N steps (0 = off), same prompts and noise each time.
+    pub grid_every: usize,
+    /// Prompts in the sample grid.
+    pub grid_prompts: usize,
+    /// Distinct train prompts cycled through (shuffled per epoch).
+    pub prompt_pool: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            algo: Algo::Grpo,
+            base: String::new(),
+            steps: 40,
+            prompts_per_step: 4,
+            group_size: 8,
+            micro_batch: 8,
+            grad_accum: 4,
+            sample_steps: 10,
+            shift: 1.0,
+            sde: SdeChoice::Dance,
+            eta: 0.3,
+            flow_a: 0.7,
+            timestep_fraction: 0.6,
+            clip_range: 1e-4,
+            adv_clip: 5.0,
+            adv_std: crate::advantage::StdKind::Sample,
+            global_std: false,
+            shared_group_noise: true,
+            lr: 1e-4,
+            warmup_steps: 0,
+            weight_decay: 1e-4,
+            grad_clip: 1.0,
+            lora_rank: 0,
+            lora_alpha: 16.0,
+            lora_targets: vec!["attn.qkv".into(), "attn.proj".into(), "mlp.fc1".into(), "mlp.fc2".into()],
+            ema_decay: 0.0,
+            kl_beta: 0.0,
+            ratio_dev_bound: 1e-5,
+            rewards: vec![RewardEntry { name: "compositional".into(), weight: 1.0 }],
+            checkpoint_every: 10,
+            grid_every: 10,
+            grid_prompts: 8,
+            prompt_pool: 512,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reject impossible settings before any work, saying which numbers to change.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.group_size >= 2, "train.group_size: must be ≥ 2 (got {}); group-relative advantages need at least two samples per prompt", self.group_size);
+        anyhow::ensure!(self.prompts_per_step >= 1, "train.prompts_per_step: must be ≥ 1");
+        anyhow::ensure!(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0, "train.timestep_fraction: must be in (0, 1] (got {})", self.timestep_fraction);
+        anyhow::ensure!(self.sample_steps >= 2, "train.sample_steps: must be ≥ 2 (the last transition is never trained)");
+        anyhow::ensure!(self.micro_batch >= 1 && self.grad_accum >= 1, "train.micro_batch and train.grad_accum: must be ≥ 1");
+        let batch = self.prompts_per_step * self.group_size;
+        anyhow::ensure!(
+            batch % (self.micro_batch * self.grad_accum) == 0,
+            "train: prompts_per_step·group_size = {batch} samples must be a multiple of micro_batch·grad_accum = {}·{} = {}; change train.micro_batch or train.grad_accum (or prompts_per_step/group_size)",
+            self.micro_batch, self.grad_accum, self.micro_batch * self.grad_accum
+        );
+        anyhow::ensure!(self.clip_range > 0.0, "train.clip_range: must be > 0");
+        anyhow::ensure!(self.adv_clip > 0.0, "train.adv_clip: must be > 0");
+        anyhow::ensure!(self.lr > 0.0 && self.lr.is_finite(), "train.lr: must be > 0");
+        anyhow::ensure!(self.eta >= 0.0 && self.flow_a >= 0.0, "train.eta / train.flow_a: must be ≥ 0");
+        anyhow::ensure!((0.0..1.0).contains(&self.ema_decay), "train.ema_decay: must be in [0, 1)");
+        anyhow::ensure!(self.kl_beta >= 0.0, "train.kl_beta: must be ≥ 0");
+        anyhow::ensure!(!self.rewards.is_empty(), "train.rewards: at least one reward");
+        for (i, r) in self.rewards.iter().enumerate() {
+            anyhow::ensure!(r.weight.is_finite(), "train.rewards[{i}].weight: must be finite");
+        }
+        if self.lora_rank > 0 {
+            anyhow::ensure!(!self.lora_targets.is_empty(), "train.lora_targets: empty while lora_rank > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Where the allocation map comes from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapKind {
+    /// The Perceptual Structuring Module (PCA of frozen backbone features).
+    Psm,
+    /// All ones (= pixel-level GRPO; ablation).
+    Ones,
+}
+
+/// What the map multiplies.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapTimes {
+    /// A^p = clip(M(p)·A) — ViPO.
+    Advantage,
+    /// Per-position rewards M(p)·r, group-normalised per position (ablation).
+    Reward,
+}
+
+/// Likelihood ratio granularity.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RatioMode {
+    /// One ratio per latent position (log-prob summed over channels) — vipo's default.
+    PerPosition,
+    /// One ratio per sample broadcast over the map, as in the released FLUX code (ablation).
+    PerSample,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VipoConfig {
+    /// "psm" or "ones".
+    pub map: MapKind,
+    /// "advantage" or "reward".
+    pub map_times: MapTimes,
+    /// "per-position" or "per-sample".
+    pub ratio: RatioMode,
+    /// Write a sample | map | signed-advantage grid every N steps (0 = off).
+    pub map_grid_every: usize,
+}
+
+impl Default for VipoConfig {
+    fn default() -> Self {
+        Self { map: MapKind::Psm, map_times: MapTimes::Advantage, ratio: RatioMode::PerPosition, map_grid_every: 10 }
+    }
+}
+
+/// Load a config from TOML text, then apply `--set` overrides. `origin` names the source in errors.
+pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+) -> Result<T> {
+    let mut value: toml::Value = if text.trim().is_empty() {
+        toml::Value::Table(Default::default())
+    } else {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {} {}", e.message().trim(), format_span(&e)))?
+    };
+    // Fill defaults first so `--set` can address any field, then check the override exists.
+    let defaults = toml::Value::try_from(T::default())?;
+    let mut merged = defaults.clone();
+    merge(&mut merged, &value);
+    for ov in overrides {
+        let (key, raw) = ov
+            .split_once('=')
+            .with_context(|| format!("--set {ov}: expected key=value"))?;
+        let key = key.trim();
+        if lookup(&defaults, key).is_none() {
+            bail!("--set {key}: unknown config field");
+        }
+        let parsed = parse_value(raw.trim(), lookup(&defaults, key).unwrap());
+        set_path(&mut merged, key, parsed);
+    }
+    value = merged;
+    T::deserialize(value).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()))
+}
+
+fn format_span(e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(s) => format!("(at bytes {}..{})", s.start, s.end),
+        None => String::new(),
+    }
+}
+
+/// Read a config file (or defaults when `path` is None) and apply overrides.
+pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read config", p.display()))?;
+            from_toml_str(&text, &p.display().to_string(), overrides)
+        }
+        None => from_toml_str("", "<defaults>", overrides),
+    }
+}
+
+/// The resolved config as TOML (saved into every run directory).
+pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
+    Ok(toml::to_string_pretty(cfg)?)
+}
+
+fn merge(base: &mut toml::Value, over: &toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(bv) if bv.is_table() && v.is_table() => merge(bv, v),
+                    // Unknown keys are kept so deserialization (deny_unknown_fields) reports them.
+                    _ => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+fn lookup<'a>(v: &'a toml::Value, path: &str) -> Option<&'a toml::Value> {
+    path.split('.').try_fold(v, |cur, k| cur.as_table()?.get(k))
+}
+
+fn set_path(v: &mut toml::Value, path: &str, new: toml::Value) {
+    let mut cur = v;
+    let parts: Vec<&str> = path.split('.').collect();
+    for k in &parts[..parts.len() - 1] {
+        cur = cur.as_table_mut().unwrap().entry(k.to_string()).or_insert(toml::Value::Table(Default::default()));
+    }
+    cur.as_table_mut().unwrap().insert(parts[parts.len() - 1].to_string(), new);
+}
+
+/// Parse an override as a TOML literal; bare words become strings when the field is a string.
+fn parse_value(raw: &str, like: &toml::Value) -> toml::Value {
+    if like.is_str() && !(raw.starts_with('"') || raw.starts_with('\'')) {
+        return toml::Value::String(raw.to_string());
+    }
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip_and_overrides() {
+        let c: Config = from_toml_str("", "x", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        let c: Config = from_toml_str(
+            "seed = 3\n[pretrain]\nsteps = 7\n",
+            "f.toml",
+            &["pretrain.lr=0.5".into(), "run_name=abc".into(), "model.depth=2".into()],
+        )
+        .unwrap();
+        assert_eq!(c.seed, 3);
+        assert_eq!(c.pretrain.steps, 7);
+        assert_eq!(c.pretrain.lr, 0.5);
+        assert_eq!(c.run_name, "abc");
+        assert_eq!(c.model.depth, 2);
+        let text = to_toml(&c).unwrap();
+        let back: Config = from_toml_str(&text, "resolved", &[]).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_and_malformed_fields_name_the_field() {
+        let e = from_toml_str::<Config>("[pretrain]\nstepz = 3\n", "f.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("f.toml") && e.contains("stepz"), "{e}");
+        let e = from_toml_str::<Config>("[pretrain]\nsteps = \"many\"\n", "f.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("f.toml"), "{e}");
+        let e = from_toml_str::<Config>("", "f.toml", &["pretrain.nope=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("pretrain.nope"), "{e}");
+        let e = from_toml_str::<Config>("seed = [", "bad.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("bad.toml"), "{e}");
+    }
+}

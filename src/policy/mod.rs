@@ -1,4 +1,166 @@
-//! Trainable flow-matching policies.
+//! Trainable flow-matching policies. A policy predicts velocity for a batch of latents,
+//! noise levels and prompt conditioning; a new model is one new file behind [`Policy`].
+
 pub mod block;
+pub mod dit;
 pub mod layers;
 pub mod ops;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use std::path::Path;
+
+use crate::image::Image;
+use crate::world::PromptSpec;
+use dit::{Dit, DitConfig};
+use layers::{LoraCtx, LoraSpec};
+
+/// What the sampler and trainer need from a generator.
+pub trait Policy {
+    /// Latent shape of one sample, e.g. (C, H, W).
+    fn latent_shape(&self) -> Vec<usize>;
+    /// Prompt conditioning for a batch (for the embedded policy: token ids).
+    fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor>;
+    /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,).
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
+    /// Latents → RGB images.
+    fn decode(&self, z: &Tensor) -> Result<Vec<Image>>;
+    /// The parameters an optimizer updates (LoRA adapters only, or every weight), by name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    fn device(&self) -> &Device;
+}
+
+/// The embedded ShapeWorld policy: base weights in one VarMap, optional LoRA adapters in
+/// another, so "full" and "LoRA" fine-tuning differ only in which map is trainable.
+pub struct ImagePolicy {
+    pub cfg: DitConfig,
+    pub base: VarMap,
+    pub lora: Option<VarMap>,
+    pub model: Dit,
+    device: Device,
+}
+
+impl ImagePolicy {
+    /// Fresh randomly-initialised weights (deterministic: candle's CPU init RNG is not
+    /// seedable, so the init is redrawn from our own seeded stream).
+    pub fn new(cfg: &DitConfig, device: &Device, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let base = VarMap::new();
+        let vb = seeded_var_builder(&base, seed, device);
+        let model = Dit::new(&vb, cfg, None)?;
+        Ok(Self { cfg: cfg.clone(), base, lora: None, model, device: device.clone() })
+    }
+
+    /// Load base weights from a safetensors checkpoint (names and shapes checked against
+    /// the config), optionally adding fresh LoRA adapters.
+    pub fn load(cfg: &DitConfig, weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let base = VarMap::new();
+        let vb = seeded_var_builder(&base, seed, device);
+        // Build once to create the variables, then overwrite them from the file.
+        let _ = Dit::new(&vb, cfg, None)?;
+        crate::train::checkpoint::load_varmap(&base, weights)?;
+        let (lora_map, model) = match lora {
+            None => (None, Dit::new(&vb, cfg, None)?),
+            Some(spec) => {
+                let lmap = VarMap::new();
+                let ctx = LoraCtx { vb: seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
+                let model = Dit::new(&vb, cfg, Some(&ctx))?;
+                let n = lmap.all_vars().len();
+                anyhow::ensure!(n > 0, "lora.targets {:?}: pattern matches no linear layer of the policy", spec.targets);
+                (Some(lmap), model)
+            }
+        };
+        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, device: device.clone() })
+    }
+
+    /// Save the base weights (safetensors, atomic).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::train::checkpoint::save_varmap(&self.base, path)
+    }
+}
+
+impl Policy for ImagePolicy {
+    fn latent_shape(&self) -> Vec<usize> {
+        self.cfg.latent_shape().to_vec()
+    }
+    fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
+        dit::tokens_for(&texts, &self.device)
+    }
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.forward(z, sigma, cond)
+    }
+    fn decode(&self, z: &Tensor) -> Result<Vec<Image>> {
+        Ok(dit::latents_to_images(z)?)
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        let map = self.lora.as_ref().unwrap_or(&self.base);
+        sorted_vars(map)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// Variables of a map sorted by name (a stable order for optimizers and checkpoints).
+pub fn sorted_vars(map: &VarMap) -> Vec<(String, Var)> {
+    let data = map.data().lock().unwrap();
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A VarMap backend whose fresh variables are drawn from a seeded ChaCha stream, in
+/// creation order (candle's CPU RNG cannot be seeded), so a seed fixes the init exactly.
+struct SeededVarMap {
+    map: VarMap,
+    rng: std::sync::Mutex<rand_chacha::ChaCha8Rng>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
+    fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: candle_core::DType, dev: &Device) -> candle_core::Result<Tensor> {
+        use rand::Rng;
+        use rand_distr::{Distribution, Normal};
+        let mut data = self.map.data().lock().unwrap();
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", v.shape());
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let n = s.elem_count();
+        let mut rng = self.rng.lock().unwrap();
+        let vals: Vec<f32> = match h {
+            candle_nn::Init::Const(c) => vec![c as f32; n],
+            candle_nn::Init::Randn { mean, stdev } => {
+                let d = Normal::new(mean, stdev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                (0..n).map(|_| d.sample(&mut *rng) as f32).collect()
+            }
+            candle_nn::Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..up) as f32).collect(),
+            candle_nn::Init::Kaiming { .. } => {
+                // fan-in = all dims but the first; uniform bound √(6/fan_in) (ReLU gain).
+                let fan_in = (n / s.dims().first().copied().unwrap_or(1).max(1)).max(1);
+                let b = (6.0 / fan_in as f64).sqrt();
+                (0..n).map(|_| rng.gen_range(-b..b) as f32).collect()
+            }
+        };
+        let var = Var::from_tensor(&Tensor::from_vec(vals, s, dev)?.to_dtype(dtype)?)?;
+        data.insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+    fn get_unchecked(&self, name: &str, _: candle_core::DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: get_unchecked is not supported for a seeded VarMap")
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map.data().lock().unwrap().contains_key(name)
+    }
+}
+
+/// A VarBuilder over `map` whose new variables come from a stream seeded with `seed`.
+pub fn seeded_var_builder(map: &VarMap, seed: u64, device: &Device) -> VarBuilder<'static> {
+    use rand::SeedableRng;
+    let backend = SeededVarMap { map: map.clone(), rng: std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)) };
+    VarBuilder::from_backend(Box::new(backend), crate::runtime::dtype(device), device.clone())
+}

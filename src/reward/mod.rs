@@ -23,3 +23,21 @@ pub trait Reward: Send + Sync {
     /// One score per image. Must be finite; the trainer checks and aborts the step otherwise.
     fn score(&self, images: &[Image], prompts: &[PromptSpec]) -> anyhow::Result<Vec<f32>>;
 }
+
+/// A reward by its config name.
+pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
+    Ok(match name {
+        "compositional" => Box::new(compositional::Compositional::new()),
+        "redness" => Box::new(redness::Redness),
+        other => anyhow::bail!("train.rewards: unknown reward {other:?} (known: compositional, redness)"),
+    })
+}
+
+/// The weighted reward set of a run; each reward keeps its own advantage and loss term.
+pub fn build_set(entries: &[crate::config::RewardEntry]) -> anyhow::Result<set::RewardSet> {
+    let mut v = Vec::new();
+    for e in entries {
+        v.push((build(&e.name)?, e.weight as f32));
+    }
+    set::RewardSet::new(v)
+}

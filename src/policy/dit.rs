@@ -1,0 +1,331 @@
+//! The embedded policy: a small DiT-style rectified-flow model on patchified pixels.
+//!
+//! Latent space (fixed and documented): the image itself, scaled to [-1, 1], shape
+//! (3, H, W). The model predicts the velocity v = ε − x₀ of z_σ = (1−σ)·x₀ + σ·ε, so
+//! x̂₀ = z − σ·v, matching DESIGN.md §1.1. A prompt is tokenized with the ShapeWorld
+//! grammar, encoded by a tiny transformer of its own, and conditions the image in two
+//! ways: its tokens join the image tokens in every block's self-attention (in-context
+//! conditioning, which carries "which object where"), and its mean-pooled embedding is
+//! added to the timestep embedding that drives adaLN.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::block::{BlockConfig, DitBlock};
+use super::layers::{layer_norm_plain, timestep_embedding, LayerNorm, Linear, LoraCtx};
+use crate::image::Image;
+
+/// Architecture of the embedded policy. Changing any field changes the checkpoint layout.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DitConfig {
+    /// Image side in pixels (square, RGB).
+    pub image_size: usize,
+    /// Patch side; tokens = (image_size / patch)².
+    pub patch: usize,
+    /// Transformer width.
+    pub dim: usize,
+    /// DiT blocks.
+    pub depth: usize,
+    /// Attention heads (dim must divide evenly).
+    pub heads: usize,
+    /// MLP hidden = mlp_ratio · dim.
+    pub mlp_ratio: usize,
+    /// Layers of the prompt encoder.
+    pub text_layers: usize,
+    /// Use the fused custom ops (hand-written backward) instead of composed candle ops.
+    pub fused: bool,
+}
+
+impl Default for DitConfig {
+    fn default() -> Self {
+        Self { image_size: 32, patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, fused: true }
+    }
+}
+
+impl DitConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.patch > 0 && self.image_size % self.patch == 0, "model.patch: {} must divide model.image_size {}", self.patch, self.image_size);
+        anyhow::ensure!(self.heads > 0 && self.dim % self.heads == 0, "model.heads: {} must divide model.dim {}", self.heads, self.dim);
+        anyhow::ensure!(self.dim % 2 == 0 && self.dim >= 8, "model.dim: must be even and ≥ 8 (got {})", self.dim);
+        anyhow::ensure!(self.depth >= 1, "model.depth: must be ≥ 1");
+        anyhow::ensure!(self.mlp_ratio >= 1, "model.mlp_ratio: must be ≥ 1");
+        Ok(())
+    }
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch
+    }
+    pub fn latent_shape(&self) -> [usize; 3] {
+        [3, self.image_size, self.image_size]
+    }
+}
+
+/// One pre-LN transformer layer of the prompt encoder (composed, differentiable ops; the
+/// prompt is ≤ a dozen tokens so speed does not matter here).
+struct TextLayer {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl TextLayer {
+    fn new(vb: &VarBuilder, dim: usize, heads: usize, lora: Option<&LoraCtx>) -> Result<Self> {
+        Ok(Self {
+            ln1: LayerNorm::new(&vb.pp("ln1"), dim)?,
+            qkv: Linear::new(&vb.pp("attn.qkv"), dim, 3 * dim, true, lora)?,
+            proj: Linear::new(&vb.pp("attn.proj"), dim, dim, true, lora)?,
+            ln2: LayerNorm::new(&vb.pp("ln2"), dim)?,
+            fc1: Linear::new(&vb.pp("mlp.fc1"), dim, 2 * dim, true, lora)?,
+            fc2: Linear::new(&vb.pp("mlp.fc2"), 2 * dim, dim, true, lora)?,
+            heads,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let dh = d / self.heads;
+        let qkv = self.qkv.forward(&self.ln1.forward(x)?)?.reshape((b, n, 3, self.heads, dh))?.permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+        let att = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let x = (x + self.proj.forward(&o)?)?;
+        let h = self.fc2.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
+        x + h
+    }
+}
+
+/// The policy network v_θ(z, σ, prompt).
+pub struct Dit {
+    pub cfg: DitConfig,
+    tok_embed: Tensor,
+    tok_pos: Tensor,
+    text: Vec<TextLayer>,
+    text_ln: LayerNorm,
+    text_proj: Linear,
+    x_embed: Linear,
+    pos_embed: Tensor,
+    t_fc1: Linear,
+    t_fc2: Linear,
+    y_embed: Linear,
+    blocks: Vec<DitBlock>,
+    final_ada: Linear,
+    final_linear: Linear,
+}
+
+impl Dit {
+    /// Build (or bind to already loaded) parameters under `vb`, with stable names:
+    /// `text.*`, `x_embed`, `pos_embed`, `t_embed.fc{1,2}`, `y_embed`, `blocks.{i}.*`, `final.*`.
+    pub fn new(vb: &VarBuilder, cfg: &DitConfig, lora: Option<&LoraCtx>) -> Result<Self> {
+        let d = cfg.dim;
+        let vocab = crate::world::vocab().len();
+        let max_tokens = crate::world::MAX_TOKENS;
+        let tvb = vb.pp("text");
+        let text = (0..cfg.text_layers)
+            .map(|i| TextLayer::new(&tvb.pp(format!("layers.{i}")), d, cfg.heads, lora))
+            .collect::<Result<Vec<_>>>()?;
+        let pdim = 3 * cfg.patch * cfg.patch;
+        let n_img = cfg.grid() * cfg.grid();
+        let bcfg = BlockConfig { dim: d, heads: cfg.heads, mlp_ratio: cfg.mlp_ratio, fused: cfg.fused };
+        let blocks = (0..cfg.depth)
+            .map(|i| DitBlock::new(&vb.pp(format!("blocks.{i}")), &bcfg, lora))
+            .collect::<Result<Vec<_>>>()?;
+        let small = Init::Randn { mean: 0.0, stdev: 0.02 };
+        Ok(Self {
+            cfg: cfg.clone(),
+            tok_embed: tvb.get_with_hints((vocab, d), "embed", small)?,
+            tok_pos: tvb.get_with_hints((max_tokens, d), "pos", small)?,
+            text,
+            text_ln: LayerNorm::new(&tvb.pp("ln"), d)?,
+            text_proj: Linear::new(&vb.pp("text_proj"), d, d, true, lora)?,
+            x_embed: Linear::new(&vb.pp("x_embed"), pdim, d, true, lora)?,
+            pos_embed: vb.get_with_hints((n_img, d), "pos_embed", small)?,
+            t_fc1: Linear::new(&vb.pp("t_embed.fc1"), 256, d, true, lora)?,
+            t_fc2: Linear::new(&vb.pp("t_embed.fc2"), d, d, true, lora)?,
+            y_embed: Linear::new(&vb.pp("y_embed"), d, d, true, lora)?,
+            blocks,
+            final_ada: Linear::new_with_init(&vb.pp("final.ada"), d, 2 * d, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?,
+            final_linear: Linear::new_with_init(&vb.pp("final.linear"), d, pdim, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?,
+        })
+    }
+
+    /// Encode token ids (B, L) → (token features (B, L, D), pooled (B, D)).
+    pub fn encode_text(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l) = tokens.dims2()?;
+        let ids = tokens.flatten_all()?;
+        let mut x = self.tok_embed.index_select(&ids, 0)?.reshape((b, l, self.cfg.dim))?;
+        x = x.broadcast_add(&self.tok_pos.narrow(0, 0, l)?.unsqueeze(0)?)?;
+        for layer in &self.text {
+            x = layer.forward(&x)?;
+        }
+        let x = self.text_ln.forward(&x)?;
+        let pooled = x.mean(1)?;
+        Ok((self.text_proj.forward(&x)?, pooled))
+    }
+
+    /// Velocity for latents z (B, 3, H, W) at noise levels sigma (B,) given token ids (B, L).
+    pub fn forward(&self, z: &Tensor, sigma: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = z.dims4()?;
+        let p = self.cfg.patch;
+        let (gh, gw) = (h / p, w / p);
+        // Patchify: (B,C,H,W) → (B, gh·gw, C·p·p).
+        let x = z
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, gh * gw, c * p * p))?;
+        let x = self.x_embed.forward(&x)?.broadcast_add(&self.pos_embed.unsqueeze(0)?)?;
+        let (txt, pooled) = self.encode_text(tokens)?;
+        let t = timestep_embedding(&(sigma * 1000.0)?, 256)?;
+        let cond = (self.t_fc2.forward(&self.t_fc1.forward(&t)?.silu()?)? + self.y_embed.forward(&pooled)?)?;
+        let n_txt = txt.dim(1)?;
+        let mut seq = Tensor::cat(&[&txt, &x], 1)?;
+        for block in &self.blocks {
+            seq = block.forward(&seq, &cond)?;
+        }
+        let img = seq.narrow(1, n_txt, gh * gw)?;
+        let m = self.final_ada.forward(&cond.silu()?)?.unsqueeze(1)?;
+        let shift = m.narrow(2, 0, self.cfg.dim)?;
+        let scale = m.narrow(2, self.cfg.dim, self.cfg.dim)?;
+        let img = layer_norm_plain(&img, 1e-6)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        let out = self.final_linear.forward(&img)?;
+        // Unpatchify back to (B, C, H, W).
+        out.reshape((b, gh, gw, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))
+    }
+}
+
+/// Token ids for a batch of prompts, (B, MAX_TOKENS) u32.
+pub fn tokens_for(texts: &[String], device: &Device) -> anyhow::Result<Tensor> {
+    let l = crate::world::MAX_TOKENS;
+    let mut ids = Vec::with_capacity(texts.len() * l);
+    for t in texts {
+        ids.extend(crate::world::tokenize(t, l)?);
+    }
+    Ok(Tensor::from_vec(ids, (texts.len(), l), device)?)
+}
+
+/// Images → latents in [-1, 1], (B, 3, H, W).
+pub fn images_to_latents(images: &[Image], device: &Device) -> Result<Tensor> {
+    let (h, w) = (images[0].h, images[0].w);
+    let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+    for im in images {
+        data.extend(im.data.iter().map(|v| v * 2.0 - 1.0));
+    }
+    Tensor::from_vec(data, (images.len(), 3, h, w), device)
+}
+
+/// Latents → images (the embedded "decoder" is the identity up to scaling and clamping).
+pub fn latents_to_images(z: &Tensor) -> Result<Vec<Image>> {
+    let (b, c, h, w) = z.dims4()?;
+    assert_eq!(c, 3);
+    let flat: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok((0..b)
+        .map(|i| Image { h, w, data: flat[i * 3 * h * w..(i + 1) * 3 * h * w].iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect() })
+        .collect())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::policy::{ImagePolicy, Policy};
+    use crate::world::{self, Split};
+
+    pub(crate) fn tiny() -> DitConfig {
+        DitConfig { image_size: 16, patch: 4, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, fused: true }
+    }
+
+    fn batch(p: &ImagePolicy, n: usize) -> (Tensor, Tensor, Tensor) {
+        let prompts = world::prompts(Split::Train, n, 1);
+        let cond = p.condition(&prompts).unwrap();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        let z = crate::sampler::randn(&[n, 3, 16, 16], &mut rng, &Device::Cpu).unwrap();
+        let sigma = Tensor::from_vec((0..n).map(|i| 0.1 + 0.8 * i as f32 / n as f32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+        (z, sigma, cond)
+    }
+
+    #[test]
+    fn shapes() {
+        let p = ImagePolicy::new(&tiny(), &Device::Cpu, 0).unwrap();
+        let (z, s, c) = batch(&p, 3);
+        let v = p.velocity(&z, &s, &c).unwrap();
+        assert_eq!(v.dims(), &[3, 3, 16, 16]);
+        assert_eq!(p.latent_shape(), vec![3, 16, 16]);
+        let imgs = p.decode(&v).unwrap();
+        assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (3, 16, 16));
+    }
+
+    /// The guard against candle ops that silently drop gradients: one backward pass must
+    /// reach every trainable tensor with a finite, non-zero gradient — for both paths.
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for fused in [false, true] {
+            let cfg = DitConfig { fused, ..tiny() };
+            let p = ImagePolicy::new(&cfg, &Device::Cpu, 0).unwrap();
+            let (z, s, c) = batch(&p, 2);
+            let loss = p.velocity(&z, &s, &c).unwrap().sqr().unwrap().mean_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let vars = p.trainable();
+            assert!(vars.len() > 20);
+            for (name, v) in vars {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (fused={fused})"));
+                let a: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                assert!(a.is_finite() && a > 0.0, "{name}: gradient sum |g| = {a} (fused={fused})");
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_init_and_checkpoint_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ImagePolicy::new(&tiny(), &Device::Cpu, 5).unwrap();
+        let b = ImagePolicy::new(&tiny(), &Device::Cpu, 5).unwrap();
+        let (z, s, c) = batch(&a, 2);
+        let va: Vec<f32> = a.velocity(&z, &s, &c).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b.velocity(&z, &s, &c).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(va == vb, "same seed must give the same init");
+        let path = dir.path().join("m.safetensors");
+        a.save(&path).unwrap();
+        let c2 = ImagePolicy::load(&tiny(), &path, None, &Device::Cpu, 9).unwrap();
+        let vc: Vec<f32> = c2.velocity(&z, &s, &c).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(va == vc, "checkpoint round trip must preserve outputs");
+    }
+
+    #[test]
+    fn mismatched_or_truncated_checkpoint_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        ImagePolicy::new(&tiny(), &Device::Cpu, 0).unwrap().save(&path).unwrap();
+        let other = DitConfig { dim: 48, heads: 2, ..tiny() };
+        let e = ImagePolicy::load(&other, &path, None, &Device::Cpu, 0).err().unwrap().to_string();
+        assert!(e.contains("m.safetensors") && e.contains("shape"), "{e}");
+        let deeper = DitConfig { depth: 3, ..tiny() };
+        let e = ImagePolicy::load(&deeper, &path, None, &Device::Cpu, 0).err().unwrap().to_string();
+        assert!(e.contains("blocks.2") && e.contains("missing"), "{e}");
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let e = ImagePolicy::load(&tiny(), &cut, None, &Device::Cpu, 0).err().unwrap().to_string();
+        assert!(e.contains("cut.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn lora_starts_at_base_and_trains_only_adapters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let base = ImagePolicy::new(&tiny(), &Device::Cpu, 0).unwrap();
+        base.save(&path).unwrap();
+        let spec = crate::policy::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into()] };
+        let l = ImagePolicy::load(&tiny(), &path, Some(&spec), &Device::Cpu, 0).unwrap();
+        let (z, s, c) = batch(&base, 2);
+        let d = (base.velocity(&z, &s, &c).unwrap() - l.velocity(&z, &s, &c).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "LoRA B = 0 at init, so the adapted model equals the base");
+        let names: Vec<String> = l.trainable().into_iter().map(|(n, _)| n).collect();
+        assert!(!names.is_empty() && names.iter().all(|n| n.contains("attn.qkv") && n.contains("lora_")), "{names:?}");
+        let bad = crate::policy::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["nope".into()] };
+        let e = ImagePolicy::load(&tiny(), &path, Some(&bad), &Device::Cpu, 0).err().unwrap().to_string();
+        assert!(e.contains("matches no linear layer"), "{e}");
+    }
+}

@@ -1,0 +1,65 @@
+//! `vipo sample` and the cached base model used by `vipo demo`.
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, SampleConfig};
+use crate::policy::Policy;
+use crate::reward::compositional::Compositional;
+use crate::reward::Reward;
+use crate::world::PromptSpec;
+
+/// Generate one image per prompt into `out` (`sample_000.png`…, `grid.png`,
+/// `samples.json` listing prompt → file → compositional score). Returns the count.
+pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    let images = crate::eval::generate(policy, prompts, seed, cfg)?;
+    let reward = Compositional::new();
+    let scores = reward.score(&images, prompts)?;
+    let mut listing = Vec::new();
+    for (i, (im, p)) in images.iter().zip(prompts).enumerate() {
+        let name = format!("sample_{i:03}.png");
+        im.save_png(&out.join(&name))?;
+        listing.push(json!({"prompt": p.text(), "file": name, "score": scores[i]}));
+    }
+    let big: Vec<_> = images.iter().map(|im| im.upscale(4)).collect();
+    crate::image::grid(&big, 8).save_png(&out.join("grid.png"))?;
+    crate::io::atomic_write(&out.join("samples.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
+    Ok(images.len())
+}
+
+/// Where cached base models live: `$VIPO_CACHE`, else `./.vipo-cache`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("VIPO_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".vipo-cache"))
+}
+
+/// The base model for `cfg` (keyed by a hash of the model + pretrain config and seed):
+/// pretrained once, then reused unless `fresh`.
+pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
+    let key = crate::config::to_toml(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))?;
+    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let dir = cache_dir().join(format!("base-{hash:016x}"));
+    let weights = dir.join(crate::train::run::FINAL_WEIGHTS);
+    if weights.is_file() && !fresh {
+        eprintln!("using cached base model {}", weights.display());
+        return Ok(weights);
+    }
+    eprintln!("pretraining the base model into {} (cached for later runs)", dir.display());
+    // Pretrain into a temp dir, then rename, so an interrupted pretraining never leaves a
+    // half-trained model where the cache expects a finished one.
+    let tmp = cache_dir().join(format!(".tmp-base-{hash:016x}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
+    }
+    crate::train::run::create_run_dir(&tmp, cfg, false)?;
+    let out = crate::train::pretrain::pretrain(cfg, &tmp)?;
+    if let Some((e, o)) = out.scores {
+        eprintln!("base compositional score: eval {e:.3}, ood {o:.3}");
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move into place", dir.display()))?;
+    Ok(weights)
+}

@@ -1,0 +1,604 @@
+//! `vipo train`: GRPO and ViPO post-training, readable top to bottom like cleanRL.
+//!
+//! One step = rollout (SDE sampling with dense log-probs) → decode → rewards (and, for
+//! ViPO, allocation maps) → group advantages → clipped-surrogate updates on a random
+//! `timestep_fraction` of each sample's trainable transitions → metrics/checkpoints.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::advantage::group_advantages;
+use crate::advantage::{map_times_reward_advantages, pixel_advantages};
+use crate::config::{Algo, Config, MapTimes, RatioMode, SdeChoice};
+use crate::image::Image;
+use crate::objective::{clipped_surrogate, kl_penalty};
+use crate::policy::layers::LoraSpec;
+use crate::policy::{ImagePolicy, Policy};
+use crate::reward::set::RewardSet;
+use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
+use crate::train::checkpoint::{read_tensors, save_tensors};
+use crate::train::maps::MapSource;
+use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::run;
+use crate::world::{self, PromptSpec, Split};
+
+/// Saved state of a seeded ChaCha stream (seed, stream, position) for exact resume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RngState {
+    seed: String,
+    stream: u64,
+    word_pos: String,
+}
+
+impl RngState {
+    fn of(r: &ChaCha8Rng) -> Self {
+        let seed: String = r.get_seed().iter().map(|b| format!("{b:02x}")).collect();
+        Self { seed, stream: r.get_stream(), word_pos: r.get_word_pos().to_string() }
+    }
+    fn restore(&self) -> Result<ChaCha8Rng> {
+        let mut seed = [0u8; 32];
+        anyhow::ensure!(self.seed.len() == 64, "rng seed has wrong length");
+        for (i, b) in seed.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16)?;
+        }
+        let mut r = ChaCha8Rng::from_seed(seed);
+        r.set_stream(self.stream);
+        r.set_word_pos(self.word_pos.parse()?);
+        Ok(r)
+    }
+}
+
+/// Everything besides tensors that a checkpoint must restore.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    opt_step: usize,
+    cursor: usize,
+    order: Vec<usize>,
+    rng_prompts: RngState,
+    rng_noise: RngState,
+    rng_timesteps: RngState,
+}
+
+/// One step's metrics (a line of metrics.jsonl).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub rewards: HashMap<String, f64>,
+    pub adv_zero_groups: usize,
+    pub ratio_mean: f64,
+    pub ratio_dev_first: f64,
+    pub clip_frac: f64,
+    pub grad_norm: f64,
+    pub loss: f64,
+    pub kl: f64,
+    pub lr: f64,
+    pub time_sample_s: f64,
+    pub time_reward_s: f64,
+    pub time_map_s: f64,
+    pub time_update_s: f64,
+    pub map_fallbacks: usize,
+    pub map_object_mass: f64,
+    pub object_area_frac: f64,
+}
+
+pub struct Trainer {
+    pub cfg: Config,
+    pub run_dir: PathBuf,
+    pub policy: ImagePolicy,
+    ref_policy: Option<ImagePolicy>,
+    opt: AdamW,
+    ema: Option<Vec<Tensor>>,
+    rewards: RewardSet,
+    maps: Option<Box<dyn MapSource>>,
+    pool: Vec<PromptSpec>,
+    state: TrainState,
+    rng_prompts: ChaCha8Rng,
+    rng_noise: ChaCha8Rng,
+    rng_timesteps: ChaCha8Rng,
+    sigmas: Vec<f64>,
+}
+
+/// Resolve `train.base` ("" = cached demo base for this config).
+pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
+    if cfg.train.base.is_empty() {
+        crate::sample::cached_base(cfg, false)
+    } else {
+        let p = PathBuf::from(&cfg.train.base);
+        anyhow::ensure!(p.is_file(), "train.base: {} does not exist", p.display());
+        Ok(p)
+    }
+}
+
+impl Trainer {
+    /// Build a trainer for a fresh run in `run_dir` (already created), or restore the
+    /// latest checkpoint of `run_dir` when `resume` is true.
+    pub fn new(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Self> {
+        let t = &cfg.train;
+        t.validate()?;
+        let device = crate::runtime::device()?;
+        let rewards = crate::reward::build_set(&t.rewards)?;
+        let maps: Option<Box<dyn MapSource>> = match t.algo {
+            Algo::Grpo => None,
+            Algo::Vipo => Some(crate::train::maps::build(cfg)?),
+        };
+        let base = base_weights(cfg)?;
+        let lora = (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
+        let policy = ImagePolicy::load(&cfg.model, &base, lora.as_ref(), &device, cfg.seed)?;
+        let ref_policy = if t.kl_beta > 0.0 { Some(ImagePolicy::load(&cfg.model, &base, None, &device, cfg.seed)?) } else { None };
+        let opt = AdamW::new(
+            policy.trainable(),
+            AdamWConfig { lr: t.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: t.weight_decay },
+        )?;
+        let ema = if t.ema_decay > 0.0 {
+            Some(policy.trainable().iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        let pool = world::prompts(Split::Train, t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
+        let mut rng_prompts = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9701);
+        let mut order: Vec<usize> = (0..pool.len()).collect();
+        order.shuffle(&mut rng_prompts);
+        let state = TrainState {
+            step: 0,
+            opt_step: 0,
+            cursor: 0,
+            order,
+            rng_prompts: RngState::of(&rng_prompts),
+            rng_noise: RngState::of(&ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x401e)),
+            rng_timesteps: RngState::of(&ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x7157)),
+        };
+        let mut tr = Self {
+            cfg: cfg.clone(),
+            run_dir: run_dir.to_path_buf(),
+            ref_policy,
+            opt,
+            ema,
+            rewards,
+            maps,
+            pool,
+            rng_prompts: state.rng_prompts.restore()?,
+            rng_noise: state.rng_noise.restore()?,
+            rng_timesteps: state.rng_timesteps.restore()?,
+            state,
+            sigmas: sampler::sigmas(t.sample_steps, t.shift),
+            policy,
+        };
+        if resume {
+            tr.restore_latest()?;
+        }
+        Ok(tr)
+    }
+
+    fn sde(&self) -> SdeKind {
+        match self.cfg.train.sde {
+            SdeChoice::Dance => SdeKind::Dance { eta: self.cfg.train.eta },
+            SdeChoice::Flow => SdeKind::Flow { a: self.cfg.train.flow_a },
+        }
+    }
+
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    /// Next `prompts_per_step` prompts from the shuffled pool (reshuffled each epoch).
+    fn next_prompts(&mut self) -> Vec<PromptSpec> {
+        let mut out = Vec::new();
+        for _ in 0..self.cfg.train.prompts_per_step {
+            if self.state.cursor >= self.state.order.len() {
+                self.state.order.shuffle(&mut self.rng_prompts);
+                self.state.cursor = 0;
+            }
+            out.push(self.pool[self.state.order[self.state.cursor]].clone());
+            self.state.cursor += 1;
+        }
+        out
+    }
+
+    /// Roll out the current policy for `specs` (one entry per sample).
+    fn rollout(&mut self, specs: &[PromptSpec]) -> Result<(Trajectory, Tensor)> {
+        let t = &self.cfg.train;
+        let shape = self.policy.latent_shape();
+        let z0 = sampler::group_noise(t.prompts_per_step, t.group_size, &shape, t.shared_group_noise, &mut self.rng_noise, self.policy.device())?;
+        let cond = self.policy.condition(specs)?;
+        let n = specs.len();
+        let policy = &self.policy;
+        let kind = self.sde();
+        let traj = sampler::sample(
+            |z, s| {
+                let sig = Tensor::full(s as f32, n, z.device())?;
+                Ok(policy.velocity(z, &sig, &cond)?)
+            },
+            z0,
+            &self.sigmas,
+            kind,
+            &mut self.rng_noise,
+            LogProbReduction::Dense,
+        )?;
+        Ok((traj, cond))
+    }
+
+    /// Run steps until `train.steps`, checkpointing as configured.
+    pub fn train(&mut self) -> Result<Vec<StepMetrics>> {
+        let total = self.cfg.train.steps;
+        let bar = crate::cli::progress(total as u64, &format!("{:?}", self.cfg.train.algo).to_lowercase(), self.cfg.progress);
+        bar.set_position(self.state.step as u64);
+        let mut all = Vec::new();
+        if self.state.step == 0 && self.cfg.train.grid_every > 0 {
+            self.write_grid(0)?;
+        }
+        while self.state.step < total {
+            let m = self.train_step()?;
+            bar.inc(1);
+            bar.set_message(format!("reward {:.3}", m.reward_mean));
+            crate::io::append_jsonl(&self.run_dir.join(run::METRICS_FILE), &serde_json::to_value(&m)?)?;
+            let s = self.state.step;
+            let ce = self.cfg.train.checkpoint_every;
+            if s == total || (ce > 0 && s % ce == 0) {
+                self.save_checkpoint()?;
+            }
+            let ge = self.cfg.train.grid_every;
+            if ge > 0 && (s % ge == 0 || s == total) {
+                self.write_grid(s)?;
+            }
+            all.push(m);
+        }
+        bar.finish_and_clear();
+        Ok(all)
+    }
+
+    /// One GRPO/ViPO step. On a reward error (e.g. NaN) it returns before touching weights.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t = self.cfg.train.clone();
+        let mut m = StepMetrics { step: self.state.step + 1, ..Default::default() };
+
+        // 1. Rollout: G samples per prompt, dense per-element log-probs kept.
+        let t0 = Instant::now();
+        let prompts = self.next_prompts();
+        let specs: Vec<PromptSpec> = prompts.iter().flat_map(|p| std::iter::repeat(p.clone()).take(t.group_size)).collect();
+        let (traj, cond) = self.rollout(&specs)?;
+        let images = self.policy.decode(traj.latents.last().unwrap())?;
+        m.time_sample_s = t0.elapsed().as_secs_f64();
+
+        // 2. Rewards: one score per sample per reward; non-finite scores abort here.
+        let t1 = Instant::now();
+        let scores = self.rewards.score(&images, &specs).with_context(|| format!("step {}: reward failed; weights left untouched", m.step))?;
+        m.time_reward_s = t1.elapsed().as_secs_f64();
+        let total = self.rewards.weighted_total(&scores);
+        m.reward_mean = mean(&total);
+        m.reward_std = std(&total);
+        for (info, s) in self.rewards.infos().iter().zip(&scores) {
+            m.rewards.insert(info.name.clone(), mean(s));
+        }
+
+        // 3. Allocation maps (ViPO only).
+        let t2 = Instant::now();
+        let maps = match &self.maps {
+            Some(src) => Some(src.maps(&images, &specs)?),
+            None => None,
+        };
+        m.time_map_s = t2.elapsed().as_secs_f64();
+        if let Some(mb) = &maps {
+            m.map_fallbacks = mb.fallbacks;
+            m.map_object_mass = mb.object_mass;
+            m.object_area_frac = mb.object_area_frac;
+        }
+
+        // 4. Group-relative advantages, one set per reward.
+        let mut advs = Vec::new();
+        for s in &scores {
+            let ga = group_advantages(s, t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?;
+            m.adv_zero_groups += ga.zero_groups;
+            advs.push(ga.adv);
+        }
+        // ViPO lifts each scalar advantage to a per-position map (DESIGN.md §1.4).
+        let device = self.policy.device().clone();
+        let adv_tensors = match &maps {
+            None => advs.iter().map(|a| Tensor::from_vec(a.clone(), a.len(), &device)).collect::<candle_core::Result<Vec<_>>>()?,
+            Some(mb) => {
+                let v = &self.cfg.vipo;
+                let mut out = Vec::new();
+                for (a, s) in advs.iter().zip(&scores) {
+                    let pa = match v.map_times {
+                        MapTimes::Advantage => pixel_advantages(a, &mb.maps, t.adv_clip as f32),
+                        MapTimes::Reward => map_times_reward_advantages(s, &mb.maps, t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?,
+                    };
+                    out.push(Tensor::from_vec(pa, (mb.maps.len(), mb.h, mb.w), &device)?);
+                }
+                out
+            }
+        };
+
+        // 5. Policy update on stored transitions.
+        let t3 = Instant::now();
+        self.update(&traj, &cond, &adv_tensors, &mut m)?;
+        m.time_update_s = t3.elapsed().as_secs_f64();
+        self.state.step += 1;
+        Ok(m)
+    }
+
+    /// Re-run the sampled transitions, compute the clipped surrogate and step the optimizer.
+    fn update(&mut self, traj: &Trajectory, cond: &Tensor, advs: &[Tensor], m: &mut StepMetrics) -> Result<()> {
+        let t = self.cfg.train.clone();
+        let n = advs[0].dim(0)?;
+        let s_train = t.sample_steps - 1; // the last σ→0 transition is never trained
+        let k_train = ((t.timestep_fraction * s_train as f64).round() as usize).clamp(1, s_train);
+        // Per sample: a random subset of trainable transitions, in random order.
+        let chosen: Vec<Vec<usize>> = (0..n)
+            .map(|_| {
+                let mut ks: Vec<usize> = (0..s_train).collect();
+                ks.shuffle(&mut self.rng_timesteps);
+                ks.truncate(k_train);
+                ks
+            })
+            .collect();
+        let kind = self.sde();
+        let sigma1 = self.sigmas[1];
+        let device = self.policy.device().clone();
+        let per_opt = t.micro_batch * t.grad_accum;
+        let weights: Vec<f64> = self.rewards.weights().iter().map(|&w| w as f64).collect();
+        let (mut ratio_sum, mut ratio_cnt, mut clip_sum, mut loss_sum, mut kl_sum) = (0f64, 0usize, 0f64, 0f64, 0f64);
+        let mut dev_first = 0f64;
+        let mut grad_norms = Vec::new();
+        let mut lr = 0.0;
+        for (oi, opt_chunk) in (0..n).collect::<Vec<_>>().chunks(per_opt).enumerate() {
+            let mut acc: Option<Vec<Tensor>> = None;
+            for mb in opt_chunk.chunks(t.micro_batch) {
+                let idx = Tensor::from_vec(mb.iter().map(|&i| i as u32).collect::<Vec<_>>(), mb.len(), &device)?;
+                let cond_mb = cond.index_select(&idx, 0)?;
+                for j in 0..k_train {
+                    // Gather each sample's own transition k = chosen[i][j].
+                    let ks: Vec<usize> = mb.iter().map(|&i| chosen[i][j]).collect();
+                    let z = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.latents[k].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+                    let z_next = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.latents[k + 1].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+                    let old_dense = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.log_probs[k].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+                    let sig = Tensor::from_vec(ks.iter().map(|&k| self.sigmas[k] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
+                    let v = self.policy.velocity(&z, &sig, &cond_mb)?;
+                    let mut new_dense = Vec::with_capacity(mb.len());
+                    let mut kl_terms = Vec::new();
+                    for (r, &k) in ks.iter().enumerate() {
+                        let (mean_r, std_r) = sampler::transition(kind, &z.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
+                        new_dense.push(sampler::log_prob_dense(&z_next.narrow(0, r, 1)?, &mean_r, std_r)?);
+                        if let Some(refp) = &self.ref_policy {
+                            let vr = refp.velocity(&z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?)?.detach();
+                            let (mean_ref, _) = sampler::transition(kind, &z.narrow(0, r, 1)?, &vr, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
+                            kl_terms.push(kl_penalty(&mean_r, &mean_ref, std_r)?);
+                        }
+                    }
+                    let new_dense = Tensor::cat(&new_dense, 0)?;
+                    let mut loss = Tensor::zeros((), candle_core::DType::F32, &device)?;
+                    let (lp_new, lp_old) = self.reduce_log_probs(&new_dense, &old_dense)?;
+                    for (ri, adv) in advs.iter().enumerate() {
+                        let adv_mb = adv.index_select(&idx, 0)?;
+                        let (lp_new, lp_old) = if lp_new.rank() < adv_mb.rank() {
+                            // Per-sample ratio broadcast over the map (the released FLUX code's variant).
+                            let shape = adv_mb.shape();
+                            let lift = |x: &Tensor| x.reshape((x.dim(0)?, 1, 1))?.broadcast_as(shape)?.contiguous();
+                            (lift(&lp_new)?, lift(&lp_old)?)
+                        } else {
+                            (lp_new.clone(), lp_old.clone())
+                        };
+                        let sur = clipped_surrogate(&lp_new, &lp_old, &adv_mb, t.clip_range)?;
+                        if ri == 0 {
+                            ratio_sum += sur.ratio_mean;
+                            ratio_cnt += 1;
+                            clip_sum += sur.clip_frac;
+                            if oi == 0 {
+                                dev_first = dev_first.max(sur.ratio_max_dev);
+                            }
+                        }
+                        loss = (loss + (sur.loss * weights[ri])?)?;
+                    }
+                    if !kl_terms.is_empty() {
+                        let kl = (Tensor::stack(&kl_terms, 0)?.mean_all()? * t.kl_beta)?;
+                        kl_sum += kl.to_scalar::<f32>()? as f64;
+                        loss = (loss + kl)?;
+                    }
+                    let loss = (loss / (k_train * opt_chunk.len().div_ceil(t.micro_batch)) as f64)?;
+                    loss_sum += loss.to_scalar::<f32>()? as f64;
+                    let grads = loss.backward()?;
+                    let g = self.opt.collect_grads(&grads)?;
+                    acc = Some(match acc {
+                        None => g,
+                        Some(a) => a.iter().zip(&g).map(|(x, y)| x + y).collect::<candle_core::Result<Vec<_>>>()?,
+                    });
+                }
+            }
+            if oi == 0 && dev_first > t.ratio_dev_bound {
+                bail!(
+                    "on-policy parity check failed at step {}: max |ratio − 1| = {dev_first:.3e} > train.ratio_dev_bound = {:.1e} on the first update (sampling and training log-probs disagree)",
+                    m.step, t.ratio_dev_bound
+                );
+            }
+            lr = lr_at(self.state.opt_step, t.lr, t.warmup_steps);
+            let g = acc.expect("at least one micro-batch");
+            grad_norms.push(self.opt.apply(&g, lr, t.grad_clip)?);
+            self.state.opt_step += 1;
+            self.update_ema()?;
+        }
+        m.ratio_mean = ratio_sum / ratio_cnt.max(1) as f64;
+        m.clip_frac = clip_sum / ratio_cnt.max(1) as f64;
+        m.ratio_dev_first = dev_first;
+        m.loss = loss_sum;
+        m.kl = kl_sum;
+        m.lr = lr;
+        m.grad_norm = grad_norms.iter().sum::<f64>() / grad_norms.len().max(1) as f64;
+        Ok(())
+    }
+
+    /// Log-prob reduction per algorithm: GRPO = mean over all elements (one per sample);
+    /// ViPO = sum over channels (one per latent position), or the per-sample mean for the
+    /// `ratio = "per-sample"` ablation.
+    fn reduce_log_probs(&self, new_dense: &Tensor, old_dense: &Tensor) -> Result<(Tensor, Tensor)> {
+        let how = match (self.cfg.train.algo, self.cfg.vipo.ratio) {
+            (Algo::Grpo, _) | (Algo::Vipo, RatioMode::PerSample) => LogProbReduction::MeanAll,
+            (Algo::Vipo, RatioMode::PerPosition) => LogProbReduction::SumChannels,
+        };
+        Ok((sampler::reduce(new_dense, how)?, sampler::reduce(old_dense, how)?))
+    }
+
+    fn update_ema(&mut self) -> Result<()> {
+        let d = self.cfg.train.ema_decay;
+        if let Some(ema) = &mut self.ema {
+            for (e, (_, v)) in ema.iter_mut().zip(self.policy.trainable()) {
+                *e = ((&*e * d)? + (v.as_tensor() * (1.0 - d))?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the EMA weights swapped in (if EMA is on).
+    pub fn with_ema<R>(&self, f: impl FnOnce(&ImagePolicy) -> Result<R>) -> Result<R> {
+        let Some(ema) = &self.ema else { return f(&self.policy) };
+        let vars = self.policy.trainable();
+        let saved: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        for ((_, v), e) in vars.iter().zip(ema) {
+            v.set(e)?;
+        }
+        let out = f(&self.policy);
+        for ((_, v), s) in vars.iter().zip(&saved) {
+            v.set(s)?;
+        }
+        out
+    }
+
+    /// Fixed prompts and noise every time, so grids across steps show progress.
+    fn write_grid(&self, step: usize) -> Result<()> {
+        let prompts = world::prompts(Split::Train, self.cfg.train.grid_prompts, 0x9e1d);
+        let imgs = self.with_ema(|p| crate::eval::generate(p, &prompts, 0x9e1d, &self.cfg.sample))?;
+        let big: Vec<Image> = imgs.iter().map(|im| im.upscale(4)).collect();
+        crate::image::grid(&big, 8).save_png(&self.run_dir.join("samples").join(format!("step_{step:05}.png")))?;
+        Ok(())
+    }
+
+    fn named(vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {
+        vars.iter().map(|(k, v)| (format!("{prefix}{k}"), v.as_tensor().clone())).collect()
+    }
+
+    /// Write checkpoints/step_N atomically: build it in a temp folder, then rename.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let ckdir = self.run_dir.join("checkpoints");
+        let final_dir = ckdir.join(format!("step_{:06}", self.state.step));
+        let tmp = ckdir.join(format!(".step_{:06}.tmp", self.state.step));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let vars = self.policy.trainable();
+        save_tensors(&Self::named(&vars, ""), &tmp.join("trainable.safetensors"))?;
+        save_tensors(&self.opt.state_tensors(), &tmp.join("optim.safetensors"))?;
+        if let Some(ema) = &self.ema {
+            let named: HashMap<String, Tensor> = vars.iter().zip(ema).map(|((k, _), e)| (k.clone(), e.clone())).collect();
+            save_tensors(&named, &tmp.join("ema.safetensors"))?;
+        }
+        let mut st = self.state.clone();
+        st.rng_prompts = RngState::of(&self.rng_prompts);
+        st.rng_noise = RngState::of(&self.rng_noise);
+        st.rng_timesteps = RngState::of(&self.rng_timesteps);
+        crate::io::atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(&st)?.as_bytes())?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot move checkpoint into place", final_dir.display()))?;
+        Ok(final_dir)
+    }
+
+    /// The newest complete checkpoint of a run (one with a state.json).
+    pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+        let mut best: Option<(usize, PathBuf)> = None;
+        for e in std::fs::read_dir(run_dir.join("checkpoints")).ok()?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(n) = name.strip_prefix("step_").and_then(|s| s.parse::<usize>().ok()) {
+                if e.path().join("state.json").is_file() && best.as_ref().map_or(true, |(b, _)| n > *b) {
+                    best = Some((n, e.path()));
+                }
+            }
+        }
+        best.map(|(_, p)| p)
+    }
+
+    fn restore_latest(&mut self) -> Result<()> {
+        let Some(dir) = Self::latest_checkpoint(&self.run_dir) else {
+            bail!("{}: no complete checkpoint to resume from", self.run_dir.display());
+        };
+        let origin = dir.display().to_string();
+        let st: TrainState = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{origin}/state.json: cannot read"))?,
+        )
+        .with_context(|| format!("{origin}/state.json: corrupted checkpoint state"))?;
+        let device = self.policy.device().clone();
+        let w = read_tensors(&dir.join("trainable.safetensors"), &device)?;
+        let vars = self.policy.trainable();
+        for (name, v) in &vars {
+            let t = w.get(name).with_context(|| format!("{origin}/trainable.safetensors: tensor {name} missing (checkpoint from a different config?)"))?;
+            anyhow::ensure!(t.dims() == v.dims(), "{origin}/trainable.safetensors: tensor {name} has shape {:?}, expected {:?}", t.dims(), v.dims());
+        }
+        anyhow::ensure!(w.len() == vars.len(), "{origin}/trainable.safetensors: holds {} tensors, the config trains {}", w.len(), vars.len());
+        let opt_t = read_tensors(&dir.join("optim.safetensors"), &device)?;
+        self.opt.load_state(&opt_t, st.opt_step, &format!("{origin}/optim.safetensors"))?;
+        if self.ema.is_some() {
+            let e = read_tensors(&dir.join("ema.safetensors"), &device)?;
+            let mut out = Vec::new();
+            for (name, _) in &vars {
+                out.push(e.get(name).with_context(|| format!("{origin}/ema.safetensors: tensor {name} missing"))?.clone());
+            }
+            self.ema = Some(out);
+        }
+        for (name, v) in &vars {
+            v.set(&w[name])?;
+        }
+        anyhow::ensure!(st.order.len() == self.pool.len(), "{origin}/state.json: prompt pool size differs from the config");
+        self.rng_prompts = st.rng_prompts.restore()?;
+        self.rng_noise = st.rng_noise.restore()?;
+        self.rng_timesteps = st.rng_timesteps.restore()?;
+        self.state = st;
+        // Drop metrics lines past the checkpoint so the log matches the restored state.
+        let mpath = self.run_dir.join(run::METRICS_FILE);
+        if let Ok(text) = std::fs::read_to_string(&mpath) {
+            let keep: String = text
+                .lines()
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).map_or(false, |s| s as usize <= self.state.step))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            crate::io::atomic_write(&mpath, keep.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+fn mean(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+}
+
+fn std(v: &[f32]) -> f64 {
+    let m = mean(v);
+    (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+}
+
+/// `vipo train`: fresh run or `--resume`.
+pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Result<()> {
+    if resume {
+        run::require_run_dir(run_dir)?;
+    } else {
+        cfg.train.validate()?;
+        run::create_run_dir(run_dir, cfg, force)?;
+    }
+    let mut tr = Trainer::new(cfg, run_dir, resume)?;
+    let start = tr.step();
+    let ms = tr.train()?;
+    if let (Some(f), Some(l)) = (ms.first(), ms.last()) {
+        println!("run: {}", run_dir.display());
+        println!("steps {}..{}: reward {:.3} → {:.3}", start + 1, tr.step(), f.reward_mean, l.reward_mean);
+    }
+    Ok(())
+}
