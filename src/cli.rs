@@ -34,12 +34,24 @@ struct ConfigArgs {
 enum Cmd {
     /// Pretrain the base policy on rendered ShapeWorld scenes.
     Pretrain(ConfigArgs),
+    /// Post-train with GRPO or ViPO (train.algo).
+    Train(TrainArgs),
     /// Sample images from a checkpoint with the Euler ODE sampler.
     Sample(SampleArgs),
     /// The main job on the embedded default: pretrain (cached) and sample.
     Demo(DemoArgs),
     /// Speed benchmarks (release build recommended).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Continue the run in this directory from its latest checkpoint (its saved config
+    /// is used; --set may only change train.steps).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    cfg: ConfigArgs,
 }
 
 #[derive(Args)]
@@ -123,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             print_pretrain(&out);
             Ok(())
         }
+        Cmd::Train(a) => train_cmd(a),
         Cmd::Sample(a) => sample_cmd(a),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters),
@@ -156,6 +169,39 @@ pub fn read_prompts(cli: &[String], file: Option<&Path>) -> Result<Vec<crate::wo
     }
     anyhow::ensure!(!out.is_empty(), "no prompts: give --prompt TEXT or --prompts FILE");
     Ok(out)
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    match &a.resume {
+        None => {
+            let cfg = load_config(&a.cfg)?;
+            let dir = run_dir_for(&cfg, &format!("{:?}", cfg.train.algo).to_lowercase());
+            crate::train::grpo::train_cli(&cfg, &dir, false, a.cfg.force)
+        }
+        Some(dir) => {
+            crate::train::run::require_run_dir(dir)?;
+            let saved_path = dir.join(crate::train::run::CONFIG_FILE);
+            let saved: Config = config::load(Some(&saved_path), &[])?;
+            let mut ca = a.cfg.clone();
+            if let Some(user) = &a.cfg.config {
+                // A config given with --resume must describe the same run.
+                let given: Config = config::load(Some(user), &a.cfg.set)?;
+                let mut g = given.clone();
+                g.train.steps = saved.train.steps;
+                g.progress = saved.progress;
+                anyhow::ensure!(g == saved, "{}: --config differs from the run's saved config {}; resume uses the saved config", user.display(), saved_path.display());
+            }
+            ca.config = Some(saved_path.clone());
+            let cfg = load_config(&ca)?;
+            let mut c2 = cfg.clone();
+            c2.train.steps = saved.train.steps;
+            c2.progress = saved.progress;
+            anyhow::ensure!(c2 == saved, "--set with --resume may only change train.steps (the run's config is in {})", saved_path.display());
+            // Record the extended step budget in the run's config.
+            crate::io::atomic_write(&saved_path, config::to_toml(&cfg)?.as_bytes())?;
+            crate::train::grpo::train_cli(&cfg, dir, true, false)
+        }
+    }
 }
 
 fn sample_cmd(a: SampleArgs) -> Result<()> {

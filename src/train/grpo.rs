@@ -10,7 +10,6 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -282,12 +281,15 @@ impl Trainer {
         }
 
         // 3. Allocation maps (ViPO only).
-        let t2 = Instant::now();
         let maps = match &self.maps {
-            Some(src) => Some(src.maps(&images, &specs)?),
+            Some(src) => {
+                let t2 = Instant::now();
+                let mb = src.maps(&images, &specs)?;
+                m.time_map_s = t2.elapsed().as_secs_f64();
+                Some(mb)
+            }
             None => None,
         };
-        m.time_map_s = t2.elapsed().as_secs_f64();
         if let Some(mb) = &maps {
             m.map_fallbacks = mb.fallbacks;
             m.map_object_mass = mb.object_mass;
@@ -601,4 +603,170 @@ pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Res
         println!("steps {}..{}: reward {:.3} → {:.3}", start + 1, tr.step(), f.reward_mean, l.reward_mean);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reward::{Reward, RewardInfo};
+
+    /// A tiny base model on disk and a config that trains it for a few cheap steps.
+    fn setup(dir: &Path) -> Config {
+        let mut cfg = Config::default();
+        cfg.model = crate::policy::dit::tests::tiny();
+        cfg.out_dir = dir.to_path_buf();
+        cfg.progress = false;
+        let base = dir.join("base.safetensors");
+        if !base.exists() {
+            ImagePolicy::new(&cfg.model, &candle_core::Device::Cpu, 1).unwrap().save(&base).unwrap();
+        }
+        cfg.sample.steps = 3;
+        let t = &mut cfg.train;
+        t.base = base.display().to_string();
+        t.steps = 2;
+        t.prompts_per_step = 2;
+        t.group_size = 2;
+        t.micro_batch = 2;
+        t.grad_accum = 1;
+        t.sample_steps = 4;
+        t.lr = 1e-3;
+        t.checkpoint_every = 1;
+        t.grid_every = 0;
+        t.prompt_pool = 16;
+        // Redness varies smoothly with any pixel change, so a random tiny policy gets
+        // non-zero advantages.
+        t.rewards = vec![crate::config::RewardEntry { name: "redness".into(), weight: 1.0 }];
+        cfg
+    }
+
+    fn weights(tr: &Trainer) -> Vec<Vec<f32>> {
+        tr.policy.trainable().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    }
+
+    fn run(cfg: &Config, name: &str) -> (Trainer, Vec<StepMetrics>) {
+        let dir = cfg.out_dir.join(name);
+        run::create_run_dir(&dir, cfg, false).unwrap();
+        let mut tr = Trainer::new(cfg, &dir, false).unwrap();
+        let ms = tr.train().unwrap();
+        (tr, ms)
+    }
+
+    #[test]
+    fn grpo_runs_logs_every_field_and_holds_parity() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = setup(d.path());
+        let (tr, ms) = run(&cfg, "r");
+        assert_eq!(ms.len(), 2);
+        for m in &ms {
+            assert!(m.ratio_dev_first < 1e-5, "parity: {}", m.ratio_dev_first);
+            assert!(m.grad_norm > 0.0 && m.grad_norm.is_finite());
+            assert_eq!(m.time_map_s, 0.0);
+        }
+        let text = std::fs::read_to_string(tr.run_dir.join(run::METRICS_FILE)).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        for k in ["step", "reward_mean", "reward_std", "adv_zero_groups", "ratio_mean", "ratio_dev_first", "clip_frac", "grad_norm", "loss", "lr", "time_sample_s", "time_reward_s", "time_map_s", "time_update_s"] {
+            assert!(line.get(k).is_some(), "metrics.jsonl lacks {k}");
+        }
+        assert!(Trainer::latest_checkpoint(&tr.run_dir).unwrap().ends_with("step_000002"));
+    }
+
+    #[test]
+    fn resume_is_bit_identical() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = setup(d.path());
+        cfg.train.steps = 3;
+        cfg.train.ema_decay = 0.5;
+        let (full, _) = run(&cfg, "full");
+        let mut short = cfg.clone();
+        short.train.steps = 1;
+        let (_, _) = run(&short, "part");
+        let mut resumed = Trainer::new(&cfg, &d.path().join("part"), true).unwrap();
+        assert_eq!(resumed.step(), 1);
+        resumed.train().unwrap();
+        assert!(weights(&full) == weights(&resumed), "resumed weights differ from the uninterrupted run");
+        assert!(full.ema.as_ref().unwrap().iter().zip(resumed.ema.as_ref().unwrap()).all(|(a, b)| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+        let lines = std::fs::read_to_string(d.path().join("part").join(run::METRICS_FILE)).unwrap().lines().count();
+        assert_eq!(lines, 3);
+    }
+
+    #[test]
+    fn lora_and_full_both_train() {
+        let d = tempfile::tempdir().unwrap();
+        for (i, rank) in [0usize, 2].into_iter().enumerate() {
+            let mut cfg = setup(d.path());
+            cfg.train.steps = 1;
+            cfg.train.lora_rank = rank;
+            let dir = d.path().join(format!("l{i}"));
+            run::create_run_dir(&dir, &cfg, false).unwrap();
+            let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
+            let before = weights(&tr);
+            tr.train().unwrap();
+            let after = weights(&tr);
+            let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+            assert!(changed > 0, "rank {rank}: no trainable tensor changed");
+            if rank > 0 {
+                assert!(tr.policy.trainable().iter().all(|(n, _)| n.contains("lora_")));
+            }
+        }
+    }
+
+    struct NanReward;
+    impl Reward for NanReward {
+        fn info(&self) -> RewardInfo {
+            RewardInfo { name: "nan".into(), version: "0".into(), range: (0.0, 1.0), higher_is_better: true }
+        }
+        fn score(&self, images: &[Image], _: &[PromptSpec]) -> Result<Vec<f32>> {
+            Ok((0..images.len()).map(|i| if i == 1 { f32::NAN } else { 0.5 }).collect())
+        }
+    }
+
+    #[test]
+    fn nan_reward_aborts_the_step_and_leaves_weights_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = setup(d.path());
+        let dir = d.path().join("n");
+        run::create_run_dir(&dir, &cfg, false).unwrap();
+        let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
+        tr.rewards = RewardSet::new(vec![(Box::new(NanReward), 1.0)]).unwrap();
+        let before = weights(&tr);
+        let e = format!("{:#}", tr.train_step().err().unwrap());
+        assert!(e.contains("nan") && e.contains("untouched"), "{e}");
+        assert!(weights(&tr) == before);
+    }
+
+    #[test]
+    fn bad_settings_are_rejected_before_work() {
+        let d = tempfile::tempdir().unwrap();
+        let base = setup(d.path());
+        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+            (Box::new(|c| c.train.group_size = 1), "group_size"),
+            (Box::new(|c| c.train.timestep_fraction = 0.0), "timestep_fraction"),
+            (Box::new(|c| c.train.timestep_fraction = 1.5), "timestep_fraction"),
+            (Box::new(|c| c.train.micro_batch = 3), "micro_batch"),
+            (Box::new(|c| { c.train.lora_rank = 2; c.train.lora_targets = vec!["nothing".into()]; }), "matches no linear layer"),
+            (Box::new(|c| c.train.rewards[0].name = "beauty".into()), "unknown reward"),
+        ];
+        for (i, (f, needle)) in cases.iter().enumerate() {
+            let mut cfg = base.clone();
+            f(&mut cfg);
+            let dir = d.path().join(format!("bad{i}"));
+            let e = format!("{:#}", Trainer::new(&cfg, &dir, false).err().unwrap());
+            assert!(e.contains(needle), "case {i}: {e}");
+        }
+    }
+
+    #[test]
+    fn corrupted_or_missing_checkpoint_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = setup(d.path());
+        cfg.train.steps = 1;
+        let (tr, _) = run(&cfg, "c");
+        let ck = Trainer::latest_checkpoint(&tr.run_dir).unwrap();
+        std::fs::write(ck.join("state.json"), b"{ not json").unwrap();
+        let e = format!("{:#}", Trainer::new(&cfg, &tr.run_dir, true).err().unwrap());
+        assert!(e.contains("state.json"), "{e}");
+        std::fs::remove_dir_all(tr.run_dir.join("checkpoints")).unwrap();
+        let e = format!("{:#}", Trainer::new(&cfg, &tr.run_dir, true).err().unwrap());
+        assert!(e.contains("no complete checkpoint"), "{e}");
+    }
 }

@@ -2,6 +2,8 @@
 //! directories.
 
 pub mod checkpoint;
+pub mod grpo;
+pub mod maps;
 pub mod optim;
 pub mod pretrain;
 pub mod run;
