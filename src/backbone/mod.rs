@@ -1,7 +1,14 @@
 //! Frozen vision backbones for the PSM: batch of RGB images → spatial feature maps.
 //! One file per backbone; none of them is ever in the autograd graph.
 
+pub mod mobilenet_v2;
+pub mod ops;
+pub mod pth;
+
 use crate::image::Image;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// One image's spatial features: an h×w grid of d-dimensional vectors, row-major
 /// (`data[(y*w + x)*d + k]`), i.e. the N×D patch-feature matrix of DESIGN.md §1.3.
@@ -27,4 +34,92 @@ pub trait Backbone: Send + Sync {
     fn name(&self) -> String;
     /// Features for each image (frozen forward pass; no gradients).
     fn features(&self, images: &[Image]) -> anyhow::Result<Vec<FeatureMap>>;
+}
+
+/// Which frozen backbone the PSM uses, which layer it taps and at what input resolution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// "mobilenet_v2" (offline default, weights ship in `weights/`), "resnet18", "resnet34",
+    /// "resnet50", "resnet101", "resnet152" (torchvision layout), "dinov2_s", "dinov2_b",
+    /// "dinov2_l", "dinov2_g" (Hugging Face `facebook/dinov2-*` layout).
+    pub name: String,
+    /// Layer whose output is the feature map: "features.K" (K = 0..=18) for MobileNetV2,
+    /// "layer1".."layer4" for ResNet, "last" for DINOv2 (final-layernormed patch tokens).
+    pub tap: String,
+    /// Weights file (.safetensors or .pth). Default for mobilenet_v2: `mobilenet_v2.safetensors`
+    /// in `$VIPO_WEIGHTS` if set, else in the crate's `weights/` directory; required otherwise.
+    pub weights: Option<PathBuf>,
+    /// Images are resized (bilinear, antialiased when shrinking) to input_size × input_size.
+    /// 224 is the ImageNet resolution; 112 is ~4× faster with a 2× coarser grid. DINOv2 needs a
+    /// multiple of 14.
+    pub input_size: usize,
+}
+
+impl Default for BackboneConfig {
+    fn default() -> Self {
+        Self { name: "mobilenet_v2".into(), tap: "features.13".into(), weights: None, input_size: 224 }
+    }
+}
+
+/// Where a weights file shipped with vipo is looked up: `$VIPO_WEIGHTS/<file>` when the
+/// variable is set, else `<crate>/weights/<file>`.
+pub fn default_weights(file: &str) -> PathBuf {
+    match std::env::var_os("VIPO_WEIGHTS") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join(file),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join(file),
+    }
+}
+
+/// Builds the configured backbone. The name, tap and input size are checked first, then
+/// every tensor of the weights file (name and shape), so a wrong architecture fails here,
+/// naming the file and the tensor, before any image is processed.
+pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
+    match cfg.name.as_str() {
+        "mobilenet_v2" => {
+            let tap = mobilenet_v2::parse_tap(&cfg.tap)?;
+            let path = cfg.weights.clone().unwrap_or_else(|| default_weights("mobilenet_v2.safetensors"));
+            if !path.exists() {
+                bail!("{}: MobileNetV2 weights not found (set backbone.weights or VIPO_WEIGHTS; see weights/PROVENANCE.md)", path.display());
+            }
+            Ok(Box::new(mobilenet_v2::MobileNetV2::load(&path, tap, cfg.input_size)?))
+        }
+        other => bail!(
+            "unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factory_defaults_and_errors() {
+        let cfg = BackboneConfig::default();
+        let toml_cfg: BackboneConfig = toml::from_str("input_size = 112").unwrap();
+        assert_eq!(toml_cfg, BackboneConfig { input_size: 112, ..cfg.clone() });
+        assert!(toml::from_str::<BackboneConfig>("inputsize = 112").is_err());
+
+        let b = load(&BackboneConfig { input_size: 64, ..cfg.clone() }).unwrap();
+        assert_eq!(b.name(), "mobilenet_v2:features.13@64");
+        let f = b.features(&[Image::filled(32, 32, [0.5, 0.2, 0.1])]).unwrap();
+        assert_eq!((f[0].h, f[0].w, f[0].d), (4, 4, 96));
+
+        let err = |c: BackboneConfig| format!("{:#}", load(&c).err().unwrap());
+        let e = err(BackboneConfig { name: "vgg16".into(), ..cfg.clone() });
+        assert!(e.contains("vgg16") && e.contains("mobilenet_v2"), "{e}");
+        let e = err(BackboneConfig { tap: "layer3".into(), ..cfg.clone() });
+        assert!(e.contains("layer3") && e.contains("features.18"), "{e}");
+        let e = err(BackboneConfig { weights: Some("/nonexistent/w.safetensors".into()), ..cfg.clone() });
+        assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
+
+        // A weights file for another architecture fails at load, naming file and tensor.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.safetensors");
+        let t = candle_core::Tensor::zeros((8, 3, 3, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        candle_core::safetensors::save(&std::collections::HashMap::from([("conv1.weight".to_string(), t)]), &path).unwrap();
+        let e = err(BackboneConfig { weights: Some(path.clone()), ..cfg.clone() });
+        assert!(e.contains("other.safetensors") && e.contains("features.0.0.weight"), "{e}");
+    }
 }

@@ -1,0 +1,340 @@
+//! torchvision MobileNetV2 (ImageNet), frozen, batch norm folded at load time.
+//!
+//! Weight layout (314 tensors): `features.0.{0,1}` stem conv+BN; `features.1` inverted
+//! residual without expansion (`conv.0.{0,1}` depthwise+BN, `conv.1` project, `conv.2` BN);
+//! `features.2..=17` with expansion (`conv.0.{0,1}` expand, `conv.1.{0,1}` depthwise,
+//! `conv.2` project, `conv.3` BN); `features.18.{0,1}` 1×1 to 1280; `classifier.1` linear.
+//!
+//! Input: each image is resized with bilinear interpolation (antialiased when shrinking) to
+//! `input_size × input_size` (default 224; ShapeWorld's 32×32 images are upsampled 7×), then
+//! ImageNet-normalised. The forward stops at the tap block `features.K`, whose output is the
+//! feature map: at 224, K = 1 → 112², 2–3 → 56², 4–6 → 28², 7–13 → 14², 14–18 → 7².
+
+use super::ops::{self, depthwise3x3, fold_bn, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
+use super::pth::Weights;
+use super::{Backbone, FeatureMap};
+use crate::image::Image;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+
+const BN_EPS: f64 = 1e-5;
+/// Number of `features.N` blocks.
+pub const NUM_BLOCKS: usize = 19;
+
+/// Depthwise conv with folded BN, kept as plain slices for [`depthwise3x3`].
+struct Dw {
+    k: Vec<f32>,
+    b: Vec<f32>,
+    stride: usize,
+}
+
+enum Block {
+    /// features.0: 3×3 stride-2 conv 3→32 + ReLU6.
+    Stem(FoldedConv),
+    /// features.1..=17.
+    Inverted { expand: Option<FoldedConv>, dw: Dw, project: FoldedConv, residual: bool },
+    /// features.18: 1×1 conv 320→1280 + ReLU6.
+    Head(FoldedConv),
+}
+
+/// Frozen MobileNetV2 exposing the output of `features.K` as its feature map.
+pub struct MobileNetV2 {
+    blocks: Vec<Block>,
+    classifier_w: Tensor,
+    classifier_b: Tensor,
+    tap: usize,
+    input_size: usize,
+    device: Device,
+}
+
+/// (input channels, output channels, stride, expansion) of features.1..=17.
+fn block_specs() -> Vec<(usize, usize, usize, usize)> {
+    let settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
+    let mut specs = Vec::new();
+    let mut cin = 32;
+    for (t, c, n, s) in settings {
+        for i in 0..n {
+            specs.push((cin, c, if i == 0 { s } else { 1 }, t));
+            cin = c;
+        }
+    }
+    specs
+}
+
+/// Parses a tap name `features.K` (K in 0..=18).
+pub fn parse_tap(tap: &str) -> Result<usize> {
+    let k = tap
+        .strip_prefix("features.")
+        .and_then(|k| k.parse::<usize>().ok())
+        .filter(|&k| k < NUM_BLOCKS)
+        .with_context(|| format!("mobilenet_v2: unknown tap `{tap}` (expected features.0 … features.18)"))?;
+    Ok(k)
+}
+
+impl MobileNetV2 {
+    /// Builds the model from a torchvision state dict, checking every tensor (name and shape)
+    /// before returning; errors name the weights file and the tensor.
+    pub fn new(weights: &Weights, tap: usize, input_size: usize) -> Result<Self> {
+        if tap >= NUM_BLOCKS {
+            bail!("mobilenet_v2: tap features.{tap} out of range (0..=18)");
+        }
+        if input_size < 32 {
+            bail!("mobilenet_v2: input_size {input_size} too small (≥ 32)");
+        }
+        let conv_bn = |conv: &str, bn: &str, cout: usize, cin_per_group: usize, k: usize| -> Result<FoldedConv> {
+            let w = weights.get(&format!("{conv}.weight"), &[cout, cin_per_group, k, k])?;
+            fold_bn(weights, w, bn, cout, BN_EPS)
+        };
+        let dw = |p: &str, c: usize, stride: usize| -> Result<Dw> {
+            let f = conv_bn(&format!("{p}.0"), &format!("{p}.1"), c, 1, 3)?;
+            Ok(Dw { k: f.w.flatten_all()?.to_vec1()?, b: f.b.to_vec1()?, stride })
+        };
+        let mut blocks = vec![Block::Stem(conv_bn("features.0.0", "features.0.1", 32, 3, 3)?)];
+        for (i, (cin, cout, stride, t)) in block_specs().into_iter().enumerate() {
+            let p = format!("features.{}.conv", i + 1);
+            let hidden = cin * t;
+            let block = if t == 1 {
+                Block::Inverted {
+                    expand: None,
+                    dw: dw(&format!("{p}.0"), hidden, stride)?,
+                    project: conv_bn(&format!("{p}.1"), &format!("{p}.2"), cout, hidden, 1)?,
+                    residual: stride == 1 && cin == cout,
+                }
+            } else {
+                Block::Inverted {
+                    expand: Some(conv_bn(&format!("{p}.0.0"), &format!("{p}.0.1"), hidden, cin, 1)?),
+                    dw: dw(&format!("{p}.1"), hidden, stride)?,
+                    project: conv_bn(&format!("{p}.2"), &format!("{p}.3"), cout, hidden, 1)?,
+                    residual: stride == 1 && cin == cout,
+                }
+            };
+            blocks.push(block);
+        }
+        blocks.push(Block::Head(conv_bn("features.18.0", "features.18.1", 1280, 320, 1)?));
+        let classifier_w = weights.get("classifier.1.weight", &[1000, 1280])?;
+        let classifier_b = weights.get("classifier.1.bias", &[1000])?;
+        Ok(Self { blocks, classifier_w, classifier_b, tap, input_size, device: Device::Cpu })
+    }
+
+    /// Loads a weights file (`.safetensors` or `.pth`) and builds the model.
+    pub fn load(path: &std::path::Path, tap: usize, input_size: usize) -> Result<Self> {
+        Self::new(&Weights::open(path)?, tap, input_size)
+    }
+
+    /// The tap block index K of `features.K`.
+    pub fn tap(&self) -> usize {
+        self.tap
+    }
+
+    /// Side of the square network input.
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    /// Runs blocks `features.0..=upto` on a normalised `(B, 3, S, S)` batch.
+    pub fn forward_to(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in self.blocks.iter().take(upto + 1) {
+            x = match block {
+                Block::Stem(c) => c.conv(&x, 2, 1, true)?,
+                Block::Head(c) => c.pointwise(&x, true)?,
+                Block::Inverted { expand, dw, project, residual } => {
+                    let h = match expand {
+                        Some(e) => e.pointwise(&x, true)?,
+                        None => x.clone(),
+                    };
+                    let h = depthwise3x3(&h, &dw.k, &dw.b, dw.stride, true)?;
+                    let y = project.pointwise(&h, false)?;
+                    if *residual {
+                        (y + &x)?
+                    } else {
+                        y
+                    }
+                }
+            };
+        }
+        Ok(x)
+    }
+
+    fn input(&self, images: &[Image]) -> Result<Tensor> {
+        ops::batch_tensor(images, self.input_size, IMAGENET_MEAN, IMAGENET_STD, &self.device)
+    }
+
+    /// ImageNet logits (1000 per image): all 19 blocks, global average pool, `classifier.1`.
+    pub fn classify(&self, images: &[Image]) -> Result<Vec<Vec<f32>>> {
+        let f = self.forward_to(&self.input(images)?, NUM_BLOCKS - 1)?;
+        let pooled = f.flatten_from(2)?.mean(D::Minus1)?; // (B, 1280)
+        let logits = pooled.matmul(&self.classifier_w.t()?)?.broadcast_add(&self.classifier_b)?;
+        Ok(logits.to_vec2()?)
+    }
+}
+
+impl Backbone for MobileNetV2 {
+    fn name(&self) -> String {
+        format!("mobilenet_v2:features.{}@{}", self.tap, self.input_size)
+    }
+    fn features(&self, images: &[Image]) -> Result<Vec<FeatureMap>> {
+        let f = self.forward_to(&self.input(images)?, self.tap)?;
+        ops::nchw_to_maps(&f)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    /// A random state dict in the exact torchvision layout (314 tensors).
+    pub(crate) fn random_state_dict() -> HashMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut m = HashMap::new();
+        let add_conv = |m: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]| {
+            let fan: usize = shape[1..].iter().product();
+            let t = (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() / (fan as f64).sqrt()).unwrap();
+            m.insert(format!("{name}.weight"), t);
+        };
+        let add_bn = |m: &mut HashMap<String, Tensor>, name: &str, c: usize| {
+            let dev = Device::Cpu;
+            m.insert(format!("{name}.weight"), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
+            m.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
+            m.insert(format!("{name}.running_mean"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
+            m.insert(format!("{name}.running_var"), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
+            m.insert(format!("{name}.num_batches_tracked"), Tensor::new(0i64, &dev).unwrap());
+        };
+        add_conv(&mut m, "features.0.0", &[32, 3, 3, 3]);
+        add_bn(&mut m, "features.0.1", 32);
+        for (i, (cin, cout, _s, t)) in block_specs().into_iter().enumerate() {
+            let p = format!("features.{}.conv", i + 1);
+            let hid = cin * t;
+            if t == 1 {
+                add_conv(&mut m, &format!("{p}.0.0"), &[hid, 1, 3, 3]);
+                add_bn(&mut m, &format!("{p}.0.1"), hid);
+                add_conv(&mut m, &format!("{p}.1"), &[cout, hid, 1, 1]);
+                add_bn(&mut m, &format!("{p}.2"), cout);
+            } else {
+                add_conv(&mut m, &format!("{p}.0.0"), &[hid, cin, 1, 1]);
+                add_bn(&mut m, &format!("{p}.0.1"), hid);
+                add_conv(&mut m, &format!("{p}.1.0"), &[hid, 1, 3, 3]);
+                add_bn(&mut m, &format!("{p}.1.1"), hid);
+                add_conv(&mut m, &format!("{p}.2"), &[cout, hid, 1, 1]);
+                add_bn(&mut m, &format!("{p}.3"), cout);
+            }
+        }
+        add_conv(&mut m, "features.18.0", &[1280, 320, 1, 1]);
+        add_bn(&mut m, "features.18.1", 1280);
+        m.insert("classifier.1.weight".into(), Tensor::randn(0f32, 0.03, (1000, 1280), &dev).unwrap());
+        m.insert("classifier.1.bias".into(), Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap());
+        m
+    }
+
+    fn shape_image(seed: usize) -> Image {
+        let mut im = Image::filled(32, 32, [0.9, 0.9, 0.9]);
+        for y in 8..24 {
+            for x in (4 + seed)..(20 + seed) {
+                im.set(0, y, x, 0.8);
+                im.set(1, y, x, 0.1);
+                im.set(2, y, x, 0.1);
+            }
+        }
+        im
+    }
+
+    #[test]
+    fn random_weights_taps_shapes_and_errors() {
+        let sd = random_state_dict();
+        assert_eq!(sd.len(), 314);
+        let w = Weights::from_map(Path::new("rand.safetensors"), sd.clone());
+        for (tap, grid, d) in [(3, 28, 24), (6, 14, 32), (13, 7, 96)] {
+            let m = MobileNetV2::new(&w, tap, 112).unwrap();
+            let f = m.features(&[shape_image(0), shape_image(5)]).unwrap();
+            assert_eq!(f.len(), 2);
+            assert_eq!((f[0].h, f[0].w, f[0].d), (grid, grid, d), "tap {tap}");
+            assert!(f[0].data.iter().all(|v| v.is_finite()));
+            assert_ne!(f[0], f[1], "different images must give different features");
+        }
+        // Batching must not change per-image results.
+        let m = MobileNetV2::new(&w, 6, 64).unwrap();
+        let both = m.features(&[shape_image(0), shape_image(5)]).unwrap();
+        let one = m.features(&[shape_image(5)]).unwrap();
+        let diff = both[1].data.iter().zip(&one[0].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{diff}");
+        assert_eq!(m.classify(&[shape_image(1)]).unwrap()[0].len(), 1000);
+
+        // Missing and mis-shaped tensors name the file and tensor.
+        let mut bad = sd.clone();
+        bad.remove("features.7.conv.1.1.running_var");
+        let e = format!("{:#}", MobileNetV2::new(&Weights::from_map(Path::new("bad.pth"), bad), 3, 224).err().unwrap());
+        assert!(e.contains("bad.pth") && e.contains("features.7.conv.1.1.running_var"), "{e}");
+        let mut bad = sd;
+        bad.insert("features.2.conv.2.weight".into(), Tensor::zeros((24, 95, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap());
+        let e = format!("{:#}", MobileNetV2::new(&Weights::from_map(Path::new("bad.pth"), bad), 3, 224).err().unwrap());
+        assert!(e.contains("bad.pth") && e.contains("features.2.conv.2.weight") && e.contains("95"), "{e}");
+        assert!(parse_tap("features.19").is_err() && parse_tap("layer3").is_err());
+        assert_eq!(parse_tap("features.13").unwrap(), 13);
+    }
+
+    /// Forward timings of the real model (batch 16 of ShapeWorld-sized 32×32 images):
+    /// `cargo test --lib mobilenet_v2::tests::timings -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn timings() {
+        let w = Weights::open(&committed_weights()).unwrap();
+        let images: Vec<Image> = (0..16).map(|i| shape_image(i % 12)).collect();
+        for size in [224, 160, 112] {
+            for tap in [3, 6, 13, 17] {
+                let m = MobileNetV2::new(&w, tap, size).unwrap();
+                m.features(&images).unwrap(); // warm-up
+                let t = std::time::Instant::now();
+                let n = 3;
+                for _ in 0..n {
+                    m.features(&images).unwrap();
+                }
+                let f = m.features(&images[..1]).unwrap();
+                println!(
+                    "input {size}: features.{tap} ({}×{}×{}): {:.0} ms per batch of 16",
+                    f[0].h,
+                    f[0].w,
+                    f[0].d,
+                    t.elapsed().as_secs_f64() * 1000.0 / n as f64
+                );
+            }
+        }
+    }
+
+    /// The committed weights, converted once from torchvision's file (weights/PROVENANCE.md).
+    pub(crate) fn committed_weights() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/mobilenet_v2.safetensors")
+    }
+
+    /// Real ImageNet weights on real photographs (tests/data: CC0 / public domain, see README).
+    #[test]
+    fn real_weights_classify_photographs() {
+        let m = MobileNetV2::load(&committed_weights(), 13, 224).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        // (file, accepted ImageNet indices, how many top guesses may contain one of them). The
+        // rocket photo is a launch pad in smoke: torchvision's MobileNetV2 ranks "drilling platform"
+        // (540) first and "space shuttle" (812) second, so it is checked at top-5.
+        let cases: [(&str, &[usize], usize); 3] = [
+            ("chelsea.jpg", &[281, 282, 285], 1),             // tabby, tiger cat, Egyptian cat
+            ("coffee.jpg", &[967, 968, 504], 1),              // espresso, cup, coffee mug
+            ("rocket.jpg", &[657, 744, 812], 5),              // missile, projectile, space shuttle
+        ];
+        let images: Vec<Image> = cases
+            .iter()
+            .map(|(f, _, _)| {
+                let im = Image::load(&dir.join(f)).unwrap();
+                ops::imagenet_eval_transform(&im, 256, 224).unwrap()
+            })
+            .collect();
+        let logits = m.classify(&images).unwrap();
+        for ((f, ok, k), l) in cases.iter().zip(&logits) {
+            let mut idx: Vec<usize> = (0..l.len()).collect();
+            idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+            let mx = l[idx[0]];
+            let z: f32 = l.iter().map(|v| (v - mx).exp()).sum();
+            println!("{f}: top-5 {:?} p {:?}", &idx[..5], idx[..5].iter().map(|&i| (l[i] - mx).exp() / z).collect::<Vec<_>>());
+            assert!(idx[..*k].iter().any(|i| ok.contains(i)), "{f}: top-{k} {:?} has none of {ok:?}", &idx[..*k]);
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Forward-only building blocks shared by the frozen backbones: image resizing and ImageNet
+//! normalisation into a batch tensor, batch-norm folding, a fast depthwise convolution, and
+//! feature-map extraction. Nothing here needs (or has) a backward pass.
+
+use crate::image::Image;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// ImageNet channel means (torchvision).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations (torchvision).
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Per-output-pixel source taps for 1-D triangle-filter resampling: `(first source index,
+/// weights)`. Upsampling gives exactly bilinear interpolation with `align_corners=False` (edge
+/// pixels clamp, as in torch); downsampling widens the filter by the scale factor (antialiased,
+/// like PIL's bilinear and torch's `antialias=True`), so a 451-px photo does not alias.
+fn taps(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = n_in as f64 / n_out as f64;
+    let support = scale.max(1.0);
+    (0..n_out)
+        .map(|i| {
+            let center = (i as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
+            let hi = ((center + support + 0.5).floor() as usize).min(n_in);
+            let mut w: Vec<f32> = (lo..hi)
+                .map(|j| {
+                    let d = ((j as f64 + 0.5 - center) / support).abs();
+                    (1.0 - d).max(0.0) as f32
+                })
+                .collect();
+            let s: f32 = w.iter().sum();
+            if s > 0.0 {
+                w.iter_mut().for_each(|x| *x /= s);
+            } else {
+                // Degenerate only for n_in == 0, which callers rule out.
+                w.iter_mut().for_each(|x| *x = 0.0);
+            }
+            (lo, w)
+        })
+        .collect()
+}
+
+/// Resizes an image to `out_h × out_w` with (antialiased when shrinking) bilinear filtering.
+pub fn resize_bilinear(img: &Image, out_h: usize, out_w: usize) -> Image {
+    if img.h == out_h && img.w == out_w {
+        return img.clone();
+    }
+    let (th, tw) = (taps(img.h, out_h), taps(img.w, out_w));
+    let mut tmp = vec![0f32; 3 * img.h * out_w]; // horizontal pass first
+    for c in 0..3 {
+        for y in 0..img.h {
+            let row = &img.data[c * img.h * img.w + y * img.w..][..img.w];
+            for (x, (lo, w)) in tw.iter().enumerate() {
+                tmp[c * img.h * out_w + y * out_w + x] = w.iter().zip(&row[*lo..]).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+    let mut out = Image::new(out_h, out_w);
+    for c in 0..3 {
+        for (y, (lo, w)) in th.iter().enumerate() {
+            let dst = &mut out.data[c * out_h * out_w + y * out_w..][..out_w];
+            for (k, wk) in w.iter().enumerate() {
+                let src = &tmp[c * img.h * out_w + (lo + k) * out_w..][..out_w];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += wk * s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Centre crop to `h × w` (must fit).
+pub fn center_crop(img: &Image, h: usize, w: usize) -> Result<Image> {
+    if h > img.h || w > img.w {
+        bail!("centre crop {h}×{w} larger than the {}×{} image", img.h, img.w);
+    }
+    let (y0, x0) = ((img.h - h) / 2, (img.w - w) / 2);
+    let mut out = Image::new(h, w);
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                out.set(c, y, x, img.get(c, y0 + y, x0 + x));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// torchvision's eval transform: resize the shorter side to `resize`, centre-crop `crop`.
+pub fn imagenet_eval_transform(img: &Image, resize: usize, crop: usize) -> Result<Image> {
+    let s = resize as f64 / img.h.min(img.w) as f64;
+    let (h, w) = (((img.h as f64 * s).round() as usize).max(resize), ((img.w as f64 * s).round() as usize).max(resize));
+    center_crop(&resize_bilinear(img, h, w), crop, crop)
+}
+
+/// Resizes every image to `size × size` (non-square inputs are stretched, not cropped, so every
+/// feature cell maps back onto the whole image) and normalises with `mean`/`std` into a
+/// `(B, 3, size, size)` f32 tensor.
+pub fn batch_tensor(images: &[Image], size: usize, mean: [f32; 3], std: [f32; 3], device: &Device) -> Result<Tensor> {
+    if images.is_empty() {
+        bail!("backbone called with an empty batch");
+    }
+    let mut data = Vec::with_capacity(images.len() * 3 * size * size);
+    for (i, im) in images.iter().enumerate() {
+        if im.h == 0 || im.w == 0 || im.data.len() != 3 * im.h * im.w {
+            bail!("image {i}: malformed ({}×{} with {} values)", im.h, im.w, im.data.len());
+        }
+        let r = resize_bilinear(im, size, size);
+        for c in 0..3 {
+            data.extend(r.data[c * size * size..(c + 1) * size * size].iter().map(|v| (v - mean[c]) / std[c]));
+        }
+    }
+    Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
+}
+
+/// A convolution with batch norm folded in: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
+pub struct FoldedConv {
+    /// (Cout, Cin/groups, k, k)
+    pub w: Tensor,
+    /// (Cout)
+    pub b: Tensor,
+    /// `b` as a slice for the fused in-place bias/activation pass.
+    pub bv: Vec<f32>,
+    /// `w` as a (Cout, Cin) matrix for 1×1 convolutions.
+    w2: Tensor,
+}
+
+/// Folds batch norm `bn` (prefix of `.weight/.bias/.running_mean/.running_var`) into conv weight
+/// `w` (shape `(Cout, …)`), checking every shape against `cout`.
+pub fn fold_bn(weights: &crate::backbone::pth::Weights, w: Tensor, bn: &str, cout: usize, eps: f64) -> Result<FoldedConv> {
+    let g = weights.get(&format!("{bn}.weight"), &[cout])?;
+    let beta = weights.get(&format!("{bn}.bias"), &[cout])?;
+    let mean = weights.get(&format!("{bn}.running_mean"), &[cout])?;
+    let var = weights.get(&format!("{bn}.running_var"), &[cout])?;
+    let scale = (g / (var + eps)?.sqrt()?)?;
+    let rank = w.rank();
+    let mut shape = vec![cout];
+    shape.extend(std::iter::repeat_n(1, rank - 1));
+    let w = w.broadcast_mul(&scale.reshape(shape)?)?;
+    let b = (beta - (mean * &scale)?)?;
+    let bv = b.to_vec1::<f32>()?;
+    let w2 = w.flatten_from(1)?.contiguous()?;
+    Ok(FoldedConv { w, b, bv, w2 })
+}
+
+impl FoldedConv {
+    /// Dense convolution (groups = 1) plus bias and optional ReLU6, NCHW.
+    pub fn conv(&self, x: &Tensor, stride: usize, padding: usize, relu6: bool) -> Result<Tensor> {
+        let y = x.conv2d(&self.w, padding, stride, 1, 1)?;
+        bias_act(y, &self.bv, relu6)
+    }
+    /// 1×1 convolution (one matmul per image) plus bias and optional ReLU6, NCHW.
+    pub fn pointwise(&self, x: &Tensor, relu6: bool) -> Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let cout = self.w2.dim(0)?;
+        let y = self.w2.broadcast_matmul(&x.reshape((b, cin, h * w))?)?;
+        bias_act(y.reshape((b, cout, h, w))?, &self.bv, relu6)
+    }
+}
+
+/// ReLU6 (MobileNetV2's activation).
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    Ok(x.clamp(0f32, 6f32)?)
+}
+
+/// Runs `f(plane_index, plane)` over consecutive `plane`-sized chunks of `data` on all cores.
+fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let planes = data.len() / plane.max(1);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(planes).max(1);
+    let per = planes.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (t, chunk) in data.chunks_mut(per * plane).enumerate() {
+            let f = &f;
+            s.spawn(move || {
+                for (i, p) in chunk.chunks_mut(plane).enumerate() {
+                    f(t * per + i, p);
+                }
+            });
+        }
+    });
+}
+
+/// In place: per-channel bias then optional ReLU6 on a contiguous (B, C, …) f32 tensor, in one
+/// pass. candle's broadcast_add + clamp take three passes and two fresh allocations, which
+/// dominated MobileNetV2's run time at 224×224.
+struct BiasAct<'a> {
+    bias: &'a [f32],
+    relu6: bool,
+}
+
+impl candle_core::InplaceOp1 for BiasAct<'_> {
+    fn name(&self) -> &'static str {
+        "vipo-bias-act"
+    }
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("bias-act: f32 only") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("bias-act: contiguous only") };
+        let dims = layout.dims();
+        let c = self.bias.len();
+        if dims.len() < 2 || dims[1] != c {
+            candle_core::bail!("bias-act: {} biases for shape {:?}", c, dims);
+        }
+        let plane: usize = dims[2..].iter().product();
+        par_planes(&mut v[start..end], plane, |p, xs| {
+            let b = self.bias[p % c];
+            if self.relu6 {
+                xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0));
+            } else {
+                xs.iter_mut().for_each(|x| *x += b);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Adds a per-channel bias (and ReLU6) to a freshly computed (B, C, …) tensor, in place.
+pub fn bias_act(x: Tensor, bias: &[f32], relu6: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.inplace_op1(&BiasAct { bias, relu6 })?;
+    Ok(x)
+}
+
+/// Depthwise 3×3 convolution (padding 1, stride 1 or 2) with bias and optional ReLU6, NCHW,
+/// on plain slices: candle's grouped conv2d splits into one conv per channel, which is ~100×
+/// slower for depthwise layers. Parallel over (image, channel) planes.
+pub fn depthwise3x3(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, relu6: bool) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    if k.len() != c * 9 || bias.len() != c || !(stride == 1 || stride == 2) {
+        bail!("depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}", bias.len());
+    }
+    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Depthwise { k, bias, stride, relu6 })?)
+}
+
+struct Depthwise<'a> {
+    k: &'a [f32],
+    bias: &'a [f32],
+    stride: usize,
+    relu6: bool,
+}
+
+impl candle_core::CustomOp1 for Depthwise<'_> {
+    fn name(&self) -> &'static str {
+        "vipo-depthwise3x3"
+    }
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("depthwise: f32 only") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("depthwise: contiguous only") };
+        let xin = &v[start..end];
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let stride = self.stride;
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let mut out = vec![0f32; b * c * oh * ow];
+        let (pw, ph) = (w + 2, h + 2);
+        par_planes(&mut out, oh * ow, |p, o| {
+            // Zero-padded copy of the plane so the 3×3 loop needs no bounds tests.
+            let mut pad = vec![0f32; ph * pw];
+            let src = &xin[p * h * w..(p + 1) * h * w];
+            for y in 0..h {
+                pad[(y + 1) * pw + 1..(y + 1) * pw + 1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+            }
+            let ch = p % c;
+            let kk: &[f32; 9] = self.k[ch * 9..ch * 9 + 9].try_into().unwrap_or(&[0.0; 9]);
+            let bb = self.bias[ch];
+            for oy in 0..oh {
+                let r0 = &pad[(oy * stride) * pw..][..pw];
+                let r1 = &pad[(oy * stride + 1) * pw..][..pw];
+                let r2 = &pad[(oy * stride + 2) * pw..][..pw];
+                let orow = &mut o[oy * ow..(oy + 1) * ow];
+                for (ox, dst) in orow.iter_mut().enumerate() {
+                    let i = ox * stride;
+                    let v = bb
+                        + kk[0] * r0[i]
+                        + kk[1] * r0[i + 1]
+                        + kk[2] * r0[i + 2]
+                        + kk[3] * r1[i]
+                        + kk[4] * r1[i + 1]
+                        + kk[5] * r1[i + 2]
+                        + kk[6] * r2[i]
+                        + kk[7] * r2[i + 1]
+                        + kk[8] * r2[i + 2];
+                    *dst = if self.relu6 { v.clamp(0.0, 6.0) } else { v };
+                }
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((b, c, oh, ow))))
+    }
+}
+
+/// Splits a `(B, C, h, w)` tensor into per-image feature maps (`data[(y·w + x)·C + k]`).
+pub fn nchw_to_maps(x: &Tensor) -> Result<Vec<crate::backbone::FeatureMap>> {
+    let (b, c, h, w) = x.dims4()?;
+    let v = x.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.chunks(h * w * c).take(b).map(|d| crate::backbone::FeatureMap { h, w, d: c, data: d.to_vec() }).collect())
+}
+
+/// Splits a `(B, N, D)` token tensor laid out on an `h × w` grid into feature maps.
+pub fn tokens_to_maps(x: &Tensor, h: usize, w: usize) -> Result<Vec<crate::backbone::FeatureMap>> {
+    let (b, n, d) = x.dims3()?;
+    if n != h * w {
+        bail!("{n} tokens do not form a {h}×{w} grid");
+    }
+    let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>().context("tokens to feature maps")?;
+    Ok(v.chunks(n * d).take(b).map(|c| crate::backbone::FeatureMap { h, w, d, data: c.to_vec() }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsampling_matches_bilinear_align_corners_false() {
+        // 2 → 4: torch gives [a, .75a+.25b, .25a+.75b, b].
+        let mut im = Image::new(1, 2);
+        for c in 0..3 {
+            im.set(c, 0, 0, 0.0);
+            im.set(c, 0, 1, 1.0);
+        }
+        let r = resize_bilinear(&im, 1, 4);
+        let row: Vec<f32> = (0..4).map(|x| r.get(0, 0, x)).collect();
+        for (a, b) in row.iter().zip([0.0, 0.25, 0.75, 1.0]) {
+            assert!((a - b).abs() < 1e-6, "{row:?}");
+        }
+    }
+
+    #[test]
+    fn downsampling_is_antialiased_and_preserves_constants() {
+        // A 1-px checkerboard shrunk 4× must average to grey, not alias to black or white.
+        let mut im = Image::new(16, 16);
+        for y in 0..16 {
+            for x in 0..16 {
+                for c in 0..3 {
+                    im.set(c, y, x, ((x + y) % 2) as f32);
+                }
+            }
+        }
+        let r = resize_bilinear(&im, 4, 4);
+        assert!(r.data.iter().all(|v| (v - 0.5).abs() < 0.05), "{:?}", &r.data[..16]);
+        let k = resize_bilinear(&Image::filled(7, 9, [0.2, 0.4, 0.6]), 23, 5);
+        assert!(k.data[..23 * 5].iter().all(|v| (v - 0.2).abs() < 1e-6));
+    }
+
+    #[test]
+    fn depthwise_matches_candle_grouped_conv() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (3, 1, 3, 3), &dev).unwrap();
+        let kv = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bias = [0.1f32, -0.2, 0.3];
+        for stride in [1, 2] {
+            let ours = depthwise3x3(&x, &kv, &bias, stride, false).unwrap();
+            let reference = x
+                .conv2d(&k, 1, stride, 1, 3)
+                .unwrap()
+                .broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "stride {stride}: {d}");
+        }
+    }
+}
