@@ -40,6 +40,8 @@ enum Cmd {
     Sample(SampleArgs),
     /// The main job on the embedded default: pretrain (cached) and sample.
     Demo(DemoArgs),
+    /// Print the resolved config (defaults + file + --set) as TOML.
+    Config(ConfigArgs),
     /// Speed benchmarks (release build recommended).
     Bench(BenchArgs),
 }
@@ -136,6 +138,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Train(a) => train_cmd(a),
+        Cmd::Config(a) => {
+            print!("{}", config::to_toml(&load_config(&a)?)?);
+            Ok(())
+        }
         Cmd::Sample(a) => sample_cmd(a),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters),

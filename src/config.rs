@@ -354,10 +354,15 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
             .split_once('=')
             .with_context(|| format!("--set {ov}: expected key=value"))?;
         let key = key.trim();
-        if lookup(&defaults, key).is_none() {
+        // Optional fields (absent from the defaults) are allowed when their table exists;
+        // deserialization (deny_unknown_fields) then rejects names that do not exist.
+        let parent = key.rsplit_once('.').map(|(p, _)| p);
+        let known = lookup(&defaults, key).is_some() || parent.map_or(false, |p| lookup(&defaults, p).map_or(false, |v| v.is_table()));
+        if !known {
             bail!("--set {key}: unknown config field");
         }
-        let parsed = parse_value(raw.trim(), lookup(&defaults, key).unwrap());
+        let like = lookup(&defaults, key).cloned().unwrap_or(toml::Value::String(String::new()));
+        let parsed = parse_value(raw.trim(), &like);
         set_path(&mut merged, key, parsed);
     }
     value = merged;
