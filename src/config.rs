@@ -30,6 +30,10 @@ pub struct Config {
     pub train: TrainConfig,
     /// ViPO: allocation maps and the per-position objective (used when train.algo = "vipo").
     pub vipo: VipoConfig,
+    /// The Perceptual Structuring Module: PCA components, aggregation, smoothing.
+    pub psm: crate::psm::PsmConfig,
+    /// The frozen backbone whose features the PSM uses.
+    pub backbone: crate::backbone::BackboneConfig,
 }
 
 impl Default for Config {
@@ -44,6 +48,8 @@ impl Default for Config {
             sample: SampleConfig::default(),
             train: TrainConfig::default(),
             vipo: VipoConfig::default(),
+            psm: crate::psm::PsmConfig::default(),
+            backbone: crate::backbone::BackboneConfig::default(),
         }
     }
 }
@@ -465,7 +471,9 @@ mod tests {
         let e = from_toml_str::<Config>("[pretrain]\nsteps = \"many\"\n", "f.toml", &[]).unwrap_err().to_string();
         assert!(e.contains("f.toml"), "{e}");
         let e = from_toml_str::<Config>("", "f.toml", &["pretrain.nope=1".into()]).unwrap_err().to_string();
-        assert!(e.contains("pretrain.nope"), "{e}");
+        assert!(e.contains("nope"), "{e}");
+        let e = from_toml_str::<Config>("", "f.toml", &["nosuch.field=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("nosuch.field"), "{e}");
         let e = from_toml_str::<Config>("seed = [", "bad.toml", &[]).unwrap_err().to_string();
         assert!(e.contains("bad.toml"), "{e}");
     }

@@ -116,3 +116,52 @@ pub fn grid(images: &[Image], cols: usize) -> Image {
     }
     out
 }
+
+/// A heat-map image of `values` (h×w, expected in [0, 1]): dark blue → yellow.
+pub fn heatmap(values: &[f32], h: usize, w: usize) -> Image {
+    let mut out = Image::new(h, w);
+    for y in 0..h {
+        for x in 0..w {
+            let v = values[y * w + x].clamp(0.0, 1.0);
+            // A compact perceptual ramp (approximately viridis at 3 stops).
+            let c = if v < 0.5 {
+                let t = v / 0.5;
+                [0.27 * (1.0 - t) + 0.13 * t, 0.0 + 0.57 * t, 0.33 * (1.0 - t) + 0.55 * t]
+            } else {
+                let t = (v - 0.5) / 0.5;
+                [0.13 * (1.0 - t) + 0.99 * t, 0.57 * (1.0 - t) + 0.91 * t, 0.55 * (1.0 - t) + 0.14 * t]
+            };
+            for (ch, cv) in c.iter().enumerate() {
+                out.set(ch, y, x, *cv);
+            }
+        }
+    }
+    out
+}
+
+/// Blend a heat map of `values` over `img` (same h×w) with opacity `alpha`.
+pub fn overlay(img: &Image, values: &[f32], alpha: f32) -> Image {
+    let hm = heatmap(values, img.h, img.w);
+    let mut out = img.clone();
+    for (o, m) in out.data.iter_mut().zip(&hm.data) {
+        *o = (1.0 - alpha) * *o + alpha * m;
+    }
+    out
+}
+
+/// Signed overlay: red where `values` > 0 (pushed up), blue where < 0 (pushed down),
+/// intensity ∝ |value| / `scale`, over a dimmed copy of `img`.
+pub fn signed_overlay(img: &Image, values: &[f32], scale: f32) -> Image {
+    let mut out = img.clone();
+    let n = img.h * img.w;
+    for i in 0..n {
+        let a = (values[i] / scale.max(1e-8)).clamp(-1.0, 1.0);
+        let col = if a >= 0.0 { [1.0, 0.1, 0.1] } else { [0.1, 0.3, 1.0] };
+        let t = a.abs() * 0.8;
+        for c in 0..3 {
+            let base = img.data[c * n + i] * 0.5;
+            out.data[c * n + i] = (1.0 - t) * base + t * col[c];
+        }
+    }
+    out
+}

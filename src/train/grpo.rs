@@ -24,7 +24,7 @@ use crate::policy::{ImagePolicy, Policy};
 use crate::reward::set::RewardSet;
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
-use crate::train::maps::MapSource;
+use crate::train::maps::{MapBatch, MapSource};
 use crate::train::optim::{lr_at, AdamW, AdamWConfig};
 use crate::train::run;
 use crate::world::{self, PromptSpec, Split};
@@ -296,6 +296,13 @@ impl Trainer {
             m.object_area_frac = mb.object_area_frac;
         }
 
+        if let Some(mb) = &maps {
+            let every = self.cfg.vipo.map_grid_every;
+            if every > 0 && (m.step == 1 || m.step % every == 0) {
+                self.write_map_grid(m.step, &images, mb, &scores)?;
+            }
+        }
+
         // 4. Group-relative advantages, one set per reward.
         let mut advs = Vec::new();
         for s in &scores {
@@ -481,6 +488,22 @@ impl Trainer {
         let big: Vec<Image> = imgs.iter().map(|im| im.upscale(4)).collect();
         crate::image::grid(&big, 8).save_png(&self.run_dir.join("samples").join(format!("step_{step:05}.png")))?;
         Ok(())
+    }
+
+    /// For the first two prompt groups: sample | allocation map | signed advantage overlay
+    /// (red = pushed up, blue = pushed down), one row per sample.
+    fn write_map_grid(&self, step: usize, images: &[Image], mb: &MapBatch, scores: &[Vec<f32>]) -> Result<()> {
+        let t = &self.cfg.train;
+        let ga = group_advantages(&scores[0], t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?;
+        let n = images.len().min(2 * t.group_size);
+        let mut tiles = Vec::new();
+        for i in 0..n {
+            let pa: Vec<f32> = mb.maps[i].iter().map(|m| m * ga.adv[i]).collect();
+            tiles.push(images[i].upscale(4));
+            tiles.push(crate::image::overlay(&images[i], &mb.maps[i], 0.7).upscale(4));
+            tiles.push(crate::image::signed_overlay(&images[i], &pa, t.adv_clip as f32 / 2.0).upscale(4));
+        }
+        crate::image::grid(&tiles, 6).save_png(&self.run_dir.join("maps").join(format!("step_{step:05}.png")))
     }
 
     fn named(vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {
@@ -768,5 +791,58 @@ mod tests {
         std::fs::remove_dir_all(tr.run_dir.join("checkpoints")).unwrap();
         let e = format!("{:#}", Trainer::new(&cfg, &tr.run_dir, true).err().unwrap());
         assert!(e.contains("no complete checkpoint"), "{e}");
+    }
+
+    /// DESIGN.md §1.4: with an all-ones map and one ratio per sample, ViPO is exactly GRPO.
+    #[test]
+    fn vipo_with_ones_map_and_per_sample_ratio_equals_grpo() {
+        let d = tempfile::tempdir().unwrap();
+        let mut g = setup(d.path());
+        g.train.steps = 1;
+        let mut v = g.clone();
+        v.train.algo = Algo::Vipo;
+        v.vipo.map = crate::config::MapKind::Ones;
+        v.vipo.ratio = RatioMode::PerSample;
+        let (tg, mg) = run(&g, "g");
+        let (tv, mv) = run(&v, "v");
+        let (lg, lv) = (mg[0].loss, mv[0].loss);
+        // The loss is a mean of O(1) terms ρ·A that nearly cancel within each group, so
+        // "equal to floating-point precision" is an absolute bound at f32 resolution.
+        assert!((lg - lv).abs() <= 1e-6, "loss grpo {lg} vs vipo {lv}");
+        // Gradients agree too (weights are not compared: Adam's normalisation turns f32
+        // rounding in near-zero gradient entries into O(lr) weight differences).
+        let (gg, gv) = (mg[0].grad_norm, mv[0].grad_norm);
+        assert!((gg - gv).abs() <= 1e-4 * gg, "grad norm grpo {gg} vs vipo {gv}");
+        let _ = (&tg, &tv);
+        // The per-position ratio is a different objective (sum over channels per position).
+        let mut p = v.clone();
+        p.vipo.ratio = RatioMode::PerPosition;
+        let (_, mp) = run(&p, "p");
+        assert!(mp[0].ratio_dev_first < 1e-5, "per-position parity {}", mp[0].ratio_dev_first);
+    }
+
+    #[test]
+    fn vipo_with_psm_maps_trains_and_writes_map_grids() {
+        let d = tempfile::tempdir().unwrap();
+        let mut v = setup(d.path());
+        v.train.steps = 1;
+        v.train.algo = Algo::Vipo;
+        v.backbone.input_size = 64;
+        v.backbone.tap = "features.6".into();
+        v.vipo.map_grid_every = 1;
+        let (tr, ms) = run(&v, "psm");
+        let m = &ms[0];
+        assert!(m.time_map_s > 0.0);
+        assert!((0.0..=1.0).contains(&m.map_object_mass) && (0.0..=1.0).contains(&m.object_area_frac));
+        assert!(m.ratio_dev_first < 1e-5);
+        assert!(tr.run_dir.join("maps/step_00001.png").is_file());
+        for (set, needle) in [("psm.k=100000", "psm.k"), ("psm.sigma=-1", "psm.sigma"), ("backbone.tap=features.99", "features.99"), ("backbone.name=vgg", "vgg")] {
+            let mut c = v.clone();
+            let (k, val) = set.split_once('=').unwrap();
+            let text = crate::config::to_toml(&c).unwrap();
+            c = crate::config::from_toml_str(&text, "t", &[format!("{k}={val}")]).unwrap();
+            let e = format!("{:#}", Trainer::new(&c, &d.path().join("x"), false).err().unwrap());
+            assert!(e.contains(needle), "{set}: {e}");
+        }
     }
 }

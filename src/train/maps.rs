@@ -4,9 +4,10 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
+use crate::backbone::Backbone;
 use crate::config::{Config, MapKind};
 use crate::image::Image;
-
+use crate::psm::{self, PsmConfig};
 use crate::world::PromptSpec;
 
 /// Maps for a batch of samples on the policy's latent grid (h × w), plus quality stats.
@@ -51,7 +52,7 @@ pub fn foreground_mask(im: &Image) -> Vec<f32> {
 fn stats(maps: &[Vec<f32>], images: &[Image]) -> (f64, f64) {
     let (mut mass, mut area) = (0.0, 0.0);
     for (m, im) in maps.iter().zip(images) {
-        let (a, b) = object_mass_tmp(m, &foreground_mask(im));
+        let (a, b) = psm::map_object_mass(m, &foreground_mask(im));
         mass += a as f64;
         area += b as f64;
     }
@@ -73,16 +74,38 @@ impl MapSource for OnesMap {
     }
 }
 
+/// The Perceptual Structuring Module: frozen backbone features → per-image PCA → map.
+pub struct PsmMap {
+    pub backbone: Box<dyn Backbone>,
+    pub cfg: PsmConfig,
+}
+
+impl MapSource for PsmMap {
+    fn name(&self) -> String {
+        format!("psm:{}", self.backbone.name())
+    }
+    fn maps(&self, images: &[Image], _: &[PromptSpec]) -> Result<MapBatch> {
+        let (h, w) = (images[0].h, images[0].w);
+        let feats = self.backbone.features(images)?;
+        let (maps, fallbacks) = psm::allocation_maps(&feats, h, w, &self.cfg);
+        let (object_mass, object_area_frac) = stats(&maps, images);
+        Ok(MapBatch { maps, h, w, fallbacks, object_mass, object_area_frac })
+    }
+}
+
 /// Build the configured map source, validating backbone and PSM settings up front.
 pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
     Ok(match cfg.vipo.map {
         MapKind::Ones => Box::new(OnesMap),
-        MapKind::Psm => anyhow::bail!("vipo.map = \"psm\": PSM not merged yet"),
+        MapKind::Psm => {
+            let backbone = crate::backbone::load(&cfg.backbone)?;
+            // Probe once so K > D or K > N is reported before training starts.
+            let s = cfg.model.image_size;
+            let probe = backbone.features(&[Image::filled(s, s, crate::world::BACKGROUND)])?;
+            let f = &probe[0];
+            cfg.psm.validate(f.d)?;
+            anyhow::ensure!(cfg.psm.k <= f.n(), "psm.k = {} exceeds the {} patches of the {} feature grid", cfg.psm.k, f.n(), backbone.name());
+            Box::new(PsmMap { backbone, cfg: cfg.psm.clone() })
+        }
     })
-}
-
-fn object_mass_tmp(m: &[f32], o: &[f32]) -> (f32, f32) {
-    let tot: f32 = m.iter().sum();
-    let on: f32 = m.iter().zip(o).map(|(a, b)| a * b).sum();
-    (on / tot.max(1e-12), o.iter().sum::<f32>() / o.len() as f32)
 }
