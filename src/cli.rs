@@ -40,6 +40,8 @@ enum Cmd {
     Sample(SampleArgs),
     /// The main job on the embedded default: pretrain (cached) and sample.
     Demo(DemoArgs),
+    /// Allocation maps (PSM) for image files or a run's samples: overlays + every stage.
+    Map(MapArgs),
     /// Print the resolved config (defaults + file + --set) as TOML.
     Config(ConfigArgs),
     /// Speed benchmarks (release build recommended).
@@ -76,6 +78,24 @@ struct SampleArgs {
     /// Noise seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+struct MapArgs {
+    /// PNG/JPEG RGB images (repeatable) ...
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// ... or a run directory: maps of its model's samples on eval prompts.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// Number of samples with --run.
+    #[arg(long, default_value_t = 8)]
+    n: usize,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
     #[command(flatten)]
     cfg: ConfigArgs,
 }
@@ -138,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Train(a) => train_cmd(a),
+        Cmd::Map(a) => map_cmd(a),
         Cmd::Config(a) => {
             print!("{}", config::to_toml(&load_config(&a)?)?);
             Ok(())
@@ -208,6 +229,31 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             crate::train::grpo::train_cli(&cfg, dir, true, false)
         }
     }
+}
+
+fn map_cmd(a: MapArgs) -> Result<()> {
+    let (cfg, images) = match (&a.run, a.image.is_empty()) {
+        (None, false) => {
+            let cfg = load_config(&a.cfg)?;
+            let imgs = crate::mapview::load_images(&a.image, cfg.model.patch)?;
+            (cfg, imgs)
+        }
+        (Some(run), true) => {
+            crate::train::run::require_run_dir(run)?;
+            let mut ca = a.cfg.clone();
+            ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
+            let cfg = load_config(&ca)?;
+            let device = crate::runtime::device()?;
+            let policy = crate::policy::ImagePolicy::load(&cfg.model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, cfg.seed)?;
+            let prompts = crate::world::prompts(crate::world::Split::Eval, a.n, 7);
+            let imgs = crate::eval::generate(&policy, &prompts, 0, &cfg.sample)?;
+            (cfg, imgs.into_iter().enumerate().map(|(i, im)| (format!("sample_{i:03}"), im)).collect())
+        }
+        _ => anyhow::bail!("give --image FILE (repeatable) or --run DIR, not both"),
+    };
+    let outs = crate::mapview::write_maps(&cfg, &images, &a.out)?;
+    println!("wrote {} maps to {} (<name>_overlay.png, <name>_stages.safetensors)", outs.len(), a.out.display());
+    Ok(())
 }
 
 fn sample_cmd(a: SampleArgs) -> Result<()> {

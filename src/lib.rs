@@ -18,6 +18,7 @@ pub mod config;
 pub mod eval;
 pub mod image;
 pub mod io;
+pub mod mapview;
 pub mod objective;
 pub mod policy;
 pub mod psm;

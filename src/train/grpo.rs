@@ -253,7 +253,32 @@ impl Trainer {
             all.push(m);
         }
         bar.finish_and_clear();
+        self.export_final()?;
         Ok(all)
+    }
+
+    /// Write `model.safetensors`: the full policy weights (EMA when on) in the base layout,
+    /// with LoRA adapters merged (W + s·B·A), so `vipo sample/map/eval --run` work on any run.
+    pub fn export_final(&self) -> Result<PathBuf> {
+        let path = self.run_dir.join(run::FINAL_WEIGHTS);
+        self.with_ema(|p| {
+            let mut out: HashMap<String, Tensor> = crate::policy::sorted_vars(&p.base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            if let Some(l) = &p.lora {
+                let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+                let s = self.cfg.train.lora_alpha / self.cfg.train.lora_rank as f64;
+                for (name, a) in &lv {
+                    if let Some(prefix) = name.strip_suffix(".lora_a") {
+                        let b = &lv[&format!("{prefix}.lora_b")];
+                        let wname = format!("{prefix}.weight");
+                        let w = out.get(&wname).with_context(|| format!("LoRA adapter {prefix} has no base weight"))?;
+                        let merged = (w + (b.matmul(a)? * s)?)?;
+                        out.insert(wname, merged);
+                    }
+                }
+            }
+            save_tensors(&out, &path)
+        })?;
+        Ok(path)
     }
 
     /// One GRPO/ViPO step. On a reward error (e.g. NaN) it returns before touching weights.
@@ -730,6 +755,14 @@ mod tests {
             if rank > 0 {
                 assert!(tr.policy.trainable().iter().all(|(n, _)| n.contains("lora_")));
             }
+            // The exported model (LoRA merged) reproduces the trained policy's output.
+            let merged = ImagePolicy::load(&cfg.model, &dir.join(run::FINAL_WEIGHTS), None, &candle_core::Device::Cpu, 0).unwrap();
+            let prompts = world::prompts(Split::Train, 2, 3);
+            let cond = tr.policy.condition(&prompts).unwrap();
+            let z = Tensor::ones((2, 3, 16, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+            let sig = Tensor::full(0.5f32, 2, &candle_core::Device::Cpu).unwrap();
+            let d = (tr.policy.velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "rank {rank}: exported model differs by {d}");
         }
     }
 
