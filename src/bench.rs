@@ -1,3 +1,207 @@
-//! Benchmarks (`vipo bench`). (Being written.)
-/// TEMP until the ops branch lands.
-pub fn run_cli(_what: &str, _iters: usize) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! Benchmarks (`vipo bench`): wall-clock timings of the DiT block, forward and
+//! forward + backward, for the reference and fused paths.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::policy::block::{BlockConfig, DitBlock};
+
+/// Timings of one DiT block (median milliseconds over the measured iterations).
+#[derive(Clone, Debug)]
+pub struct BlockBench {
+    pub fwd_ms: f64,
+    pub fwd_bwd_ms: f64,
+    pub fused: bool,
+    pub batch: usize,
+    pub tokens: usize,
+    pub dim: usize,
+    pub heads: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Time one DiT block (MLP ratio 4, f32, CPU) on random inputs: a warm-up run, then the
+/// median over `iters` of the forward alone and of forward + backward (gradients for all
+/// parameters and for the input tokens, as inside a stack of blocks).
+pub fn bench_block(batch: usize, tokens: usize, dim: usize, heads: usize, fused: bool, iters: usize) -> anyhow::Result<BlockBench> {
+    anyhow::ensure!(iters >= 1, "bench_block: iters must be >= 1");
+    anyhow::ensure!(batch >= 1 && tokens >= 1, "bench_block: batch and tokens must be >= 1");
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let cfg = BlockConfig { dim, heads, mlp_ratio: 4, fused };
+    let blk = DitBlock::new(&vb.pp("blk"), &cfg, None).context("bench_block: building the block")?;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, tokens, dim), &dev)?)?;
+    let c = Tensor::randn(0f32, 1.0, (batch, dim), &dev)?;
+
+    let fwd = || -> anyhow::Result<Tensor> { Ok(blk.forward(x.as_tensor(), &c)?) };
+    let fwd_bwd = || -> anyhow::Result<()> {
+        let y = blk.forward(x.as_tensor(), &c)?;
+        let grads = y.sum_all()?.backward()?;
+        // Touch one gradient so the work cannot be considered dead.
+        anyhow::ensure!(grads.get(x.as_tensor()).is_some(), "bench_block: no input gradient");
+        Ok(())
+    };
+    fwd()?;
+    fwd_bwd()?;
+    let mut tf = Vec::with_capacity(iters);
+    let mut tb = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        let y = fwd()?;
+        drop(y);
+        tf.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        fwd_bwd()?;
+        tb.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(BlockBench { fwd_ms: median(tf), fwd_bwd_ms: median(tb), fused, batch, tokens, dim, heads })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_block_runs_small() {
+        for fused in [false, true] {
+            let b = bench_block(1, 8, 16, 2, fused, 3).unwrap();
+            assert!(b.fwd_ms > 0.0 && b.fwd_bwd_ms >= 0.0 && b.fwd_ms.is_finite());
+            assert_eq!((b.batch, b.tokens, b.dim, b.heads, b.fused), (1, 8, 16, 2, fused));
+        }
+        assert!(bench_block(1, 8, 16, 2, false, 0).is_err());
+    }
+}
+
+/// Whole-policy timings at a config: forward and forward+backward of one training batch.
+pub struct PolicyBench {
+    pub batch: usize,
+    pub fwd_ms: f64,
+    pub fwd_bwd_ms: f64,
+    pub params: usize,
+}
+
+pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
+    use crate::policy::{ImagePolicy, Policy};
+    anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
+    let dev = crate::runtime::device()?;
+    let p = ImagePolicy::new(cfg, &dev, 0)?;
+    let prompts = crate::world::prompts(crate::world::Split::Train, batch, 0);
+    let cond = p.condition(&prompts)?;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let z = crate::sampler::randn(&[batch, 3, cfg.image_size, cfg.image_size], &mut rng, &dev)?;
+    let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
+    let params = p.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+    let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?; // warm-up
+        let mut t = Vec::new();
+        for _ in 0..iters {
+            let s = std::time::Instant::now();
+            f()?;
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(t[t.len() / 2])
+    };
+    let fwd_ms = time(&|| {
+        p.velocity(&z, &sigma, &cond)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let fwd_bwd_ms = time(&|| {
+        let g = p.velocity(&z, &sigma, &cond)?.sqr()?.mean_all()?.backward()?;
+        anyhow::ensure!(!g.get_ids().collect::<Vec<_>>().is_empty());
+        Ok(())
+    })?;
+    Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
+}
+
+/// `vipo bench [block|policy|all]`.
+pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
+    let known = ["block", "policy", "all"];
+    anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
+    println!("threads: {} (CANDLE_NUM_THREADS={})", candle_core::utils::get_num_threads(), std::env::var("CANDLE_NUM_THREADS").unwrap_or_default());
+    if what == "block" || what == "all" {
+        for fused in [false, true] {
+            let b = bench_block(8, 256, 256, 4, fused, iters)?;
+            println!(
+                "block b={} n={} d={} h={} {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms",
+                b.batch, b.tokens, b.dim, b.heads, if fused { "fused" } else { "reference" }, b.fwd_ms, b.fwd_bwd_ms
+            );
+        }
+    }
+    if what == "policy" || what == "all" {
+        let cfg = crate::policy::dit::DitConfig::default();
+        for fused in [false, true] {
+            let c = crate::policy::dit::DitConfig { fused, ..cfg.clone() };
+            let b = bench_policy(&c, 32, iters)?;
+            println!(
+                "policy (default config, {} params, batch {}) {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms   ({:.1} train images/s)",
+                b.params, b.batch, if fused { "fused" } else { "reference" }, b.fwd_ms, b.fwd_bwd_ms, b.batch as f64 / (b.fwd_bwd_ms / 1e3)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// PSM quality and cost per backbone tap on ground-truth ShapeWorld renders: mean share
+/// of map mass on object pixels (vs. their area share) and ms per image for the backbone
+/// and for the PCA→map stages.
+pub struct PsmBench {
+    pub tap: String,
+    pub input_size: usize,
+    pub grid: (usize, usize),
+    pub object_mass: f64,
+    pub area_frac: f64,
+    pub backbone_ms: f64,
+    pub psm_ms: f64,
+}
+
+pub fn bench_psm(taps: &[&str], input_size: usize, n_images: usize) -> anyhow::Result<Vec<PsmBench>> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let prompts = crate::world::prompts(crate::world::Split::Eval, n_images, 11);
+    let mut images = Vec::new();
+    let mut masks = Vec::new();
+    for p in &prompts {
+        let r = crate::world::render(&crate::world::sample_scene(p, &mut rng), 32);
+        let mut m = vec![0f32; 32 * 32];
+        for om in &r.masks {
+            for (a, b) in m.iter_mut().zip(om) {
+                *a = a.max(*b);
+            }
+        }
+        images.push(r.image);
+        masks.push(m);
+    }
+    let mut out = Vec::new();
+    for tap in taps {
+        let cfg = crate::backbone::BackboneConfig { tap: tap.to_string(), input_size, ..Default::default() };
+        let bb = crate::backbone::load(&cfg)?;
+        let _ = bb.features(&images[..1])?; // warm-up
+        let t0 = std::time::Instant::now();
+        let feats = bb.features(&images)?;
+        let backbone_ms = t0.elapsed().as_secs_f64() * 1e3 / n_images as f64;
+        let t1 = std::time::Instant::now();
+        let (maps, _) = crate::psm::allocation_maps(&feats, 32, 32, &crate::psm::PsmConfig::default());
+        let psm_ms = t1.elapsed().as_secs_f64() * 1e3 / n_images as f64;
+        let (mut mass, mut area) = (0.0, 0.0);
+        for (m, o) in maps.iter().zip(&masks) {
+            let (a, b) = crate::psm::map_object_mass(m, o);
+            mass += a as f64;
+            area += b as f64;
+        }
+        out.push(PsmBench { tap: tap.to_string(), input_size, grid: (feats[0].h, feats[0].w), object_mass: mass / n_images as f64, area_frac: area / n_images as f64, backbone_ms, psm_ms });
+    }
+    Ok(out)
+}
