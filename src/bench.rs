@@ -128,7 +128,7 @@ pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: us
 
 /// `vipo bench [block|policy|all]`.
 pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
-    let known = ["block", "policy", "all"];
+    let known = ["block", "policy", "psm", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
     println!("threads: {} (CANDLE_NUM_THREADS={})", candle_core::utils::get_num_threads(), std::env::var("CANDLE_NUM_THREADS").unwrap_or_default());
     if what == "block" || what == "all" {
@@ -138,6 +138,16 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
                 "block b={} n={} d={} h={} {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms",
                 b.batch, b.tokens, b.dim, b.heads, if fused { "fused" } else { "reference" }, b.fwd_ms, b.fwd_bwd_ms
             );
+        }
+    }
+    if what == "psm" || what == "all" {
+        for input in [224usize, 112] {
+            for b in bench_psm(&["features.3", "features.6", "features.13"], input, 32)? {
+                println!(
+                    "psm mobilenet_v2 {:<12} @{:3} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
+                    b.tap, b.input_size, b.grid.0, b.grid.1, b.object_mass, b.area_frac, b.backbone_ms, b.psm_ms
+                );
+            }
         }
     }
     if what == "policy" || what == "all" {

@@ -111,7 +111,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: block | policy | all
+    /// What to measure: block | policy | psm | all
     #[arg(default_value = "all")]
     what: String,
     /// Timed iterations (median reported).

@@ -80,6 +80,11 @@ pub struct PretrainConfig {
     pub grid_prompts: usize,
     /// Prompts per split for the base-model score recorded at the end (0 = skip).
     pub eval_prompts: usize,
+    /// EMA decay of the weights; the EMA is what gets saved and sampled (0 = off).
+    /// Under-trained flow models sample far more cleanly from an EMA.
+    pub ema_decay: f64,
+    /// Cosine-decay the learning rate to 0 after warm-up (else constant).
+    pub cosine: bool,
 }
 
 impl Default for PretrainConfig {
@@ -96,6 +101,8 @@ impl Default for PretrainConfig {
             log_every: 10,
             grid_prompts: 16,
             eval_prompts: 64,
+            ema_decay: 0.99,
+            cosine: true,
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct BackboneConfig {
 
 impl Default for BackboneConfig {
     fn default() -> Self {
-        Self { name: "mobilenet_v2".into(), tap: "features.13".into(), weights: None, input_size: 224 }
+        Self { name: "mobilenet_v2".into(), tap: "features.6".into(), weights: None, input_size: 112 }
     }
 }
 

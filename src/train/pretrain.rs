@@ -32,6 +32,18 @@ pub struct PretrainOutcome {
     pub scores: Option<(f64, f64)>,
 }
 
+/// Save the policy's weights, or the EMA copy when one is kept.
+fn save_weights(policy: &ImagePolicy, ema: Option<&[Tensor]>, path: &Path) -> Result<()> {
+    match ema {
+        None => policy.save(path),
+        Some(e) => {
+            let names = crate::policy::sorted_vars(&policy.base);
+            let map: std::collections::HashMap<String, Tensor> = names.into_iter().map(|(k, _)| k).zip(e.iter().cloned()).collect();
+            crate::train::checkpoint::save_tensors(&map, path)
+        }
+    }
+}
+
 pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     let p = &cfg.pretrain;
     anyhow::ensure!(p.steps >= 1, "pretrain.steps: must be ≥ 1");
@@ -44,6 +56,12 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
         policy.trainable(),
         AdamWConfig { lr: p.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: p.weight_decay },
     )?;
+    anyhow::ensure!((0.0..1.0).contains(&p.ema_decay), "pretrain.ema_decay: must be in [0, 1)");
+    let mut ema: Option<Vec<Tensor>> = if p.ema_decay > 0.0 {
+        Some(opt.vars().iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
+    } else {
+        None
+    };
     let pool = world::prompts(Split::Train, p.prompt_pool, cfg.seed);
     let mut data_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xda7a);
     let mut noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0015e);
@@ -74,8 +92,17 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
         anyhow::ensure!(loss_v.is_finite(), "pretraining diverged at step {step} (loss {loss_v}); lower pretrain.lr");
         let grads = loss.backward()?;
         let g = opt.collect_grads(&grads)?;
-        let lr = lr_at(step, p.lr, p.warmup_steps);
+        let mut lr = lr_at(step, p.lr, p.warmup_steps);
+        if p.cosine && step >= p.warmup_steps {
+            let t = (step - p.warmup_steps) as f64 / (p.steps - p.warmup_steps).max(1) as f64;
+            lr = p.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+        }
         let gn = opt.apply(&g, lr, p.grad_clip)?;
+        if let Some(e) = &mut ema {
+            for (ei, (_, v)) in e.iter_mut().zip(opt.vars()) {
+                *ei = ((&*ei * p.ema_decay)? + (v.as_tensor() * (1.0 - p.ema_decay))?)?;
+            }
+        }
         if step == 0 {
             first_loss = loss_v;
         }
@@ -88,10 +115,16 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
             crate::io::append_jsonl(&metrics, &json!({"step": step, "loss": loss_v, "lr": lr, "grad_norm": gn, "images_per_s": ips, "elapsed_s": el}))?;
         }
         if p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0 && step + 1 < p.steps {
-            policy.save(&run_dir.join("checkpoints").join(format!("step_{}.safetensors", step + 1)))?;
+            save_weights(&policy, ema.as_deref(), &run_dir.join("checkpoints").join(format!("step_{}.safetensors", step + 1)))?;
         }
     }
     bar.finish_and_clear();
+    // From here on the policy holds the EMA weights (what is saved, sampled and scored).
+    if let Some(e) = &ema {
+        for ((_, v), t) in opt.vars().iter().zip(e) {
+            v.set(t)?;
+        }
+    }
     let train_secs = started.elapsed().as_secs_f64();
     let weights = run_dir.join(run::FINAL_WEIGHTS);
     policy.save(&weights)?;
