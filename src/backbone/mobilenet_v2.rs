@@ -10,7 +10,7 @@
 //! ImageNet-normalised. The forward stops at the tap block `features.K`, whose output is the
 //! feature map: at 224, K = 1 → 112², 2–3 → 56², 4–6 → 28², 7–13 → 14², 14–18 → 7².
 
-use super::ops::{self, depthwise3x3, fold_bn, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
+use super::ops::{self, depthwise3x3, fold_bn, Act, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
 use super::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
@@ -136,15 +136,15 @@ impl MobileNetV2 {
         let mut x = x.clone();
         for block in self.blocks.iter().take(upto + 1) {
             x = match block {
-                Block::Stem(c) => c.conv(&x, 2, 1, true)?,
-                Block::Head(c) => c.pointwise(&x, true)?,
+                Block::Stem(c) => c.conv(&x, 2, 1, Act::Relu6)?,
+                Block::Head(c) => c.pointwise(&x, Act::Relu6)?,
                 Block::Inverted { expand, dw, project, residual } => {
                     let h = match expand {
-                        Some(e) => e.pointwise(&x, true)?,
+                        Some(e) => e.pointwise(&x, Act::Relu6)?,
                         None => x.clone(),
                     };
                     let h = depthwise3x3(&h, &dw.k, &dw.b, dw.stride, true)?;
-                    let y = project.pointwise(&h, false)?;
+                    let y = project.pointwise(&h, Act::None)?;
                     if *residual {
                         (y + &x)?
                     } else {

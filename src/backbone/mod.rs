@@ -4,6 +4,7 @@
 pub mod mobilenet_v2;
 pub mod ops;
 pub mod pth;
+pub mod resnet;
 
 use crate::image::Image;
 use anyhow::{bail, Result};
@@ -75,7 +76,21 @@ pub fn default_weights(file: &str) -> PathBuf {
 /// every tensor of the weights file (name and shape), so a wrong architecture fails here,
 /// naming the file and the tensor, before any image is processed.
 pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
+    let need_weights = || -> Result<PathBuf> {
+        match &cfg.weights {
+            Some(p) => Ok(p.clone()),
+            None => bail!(
+                "backbone `{}` has no bundled weights: set backbone.weights to its .safetensors or .pth file",
+                cfg.name
+            ),
+        }
+    };
     match cfg.name.as_str() {
+        name if resnet::Depth::from_name(name).is_some() => {
+            let depth = resnet::Depth::from_name(name).unwrap_or(resnet::Depth::R18);
+            let tap = resnet::parse_tap(&cfg.tap)?;
+            Ok(Box::new(resnet::ResNet::load(&need_weights()?, depth, tap, cfg.input_size)?))
+        }
         "mobilenet_v2" => {
             let tap = mobilenet_v2::parse_tap(&cfg.tap)?;
             let path = cfg.weights.clone().unwrap_or_else(|| default_weights("mobilenet_v2.safetensors"));
@@ -111,6 +126,10 @@ mod tests {
         assert!(e.contains("vgg16") && e.contains("mobilenet_v2"), "{e}");
         let e = err(BackboneConfig { tap: "layer3".into(), ..cfg.clone() });
         assert!(e.contains("layer3") && e.contains("features.18"), "{e}");
+        let e = err(BackboneConfig { name: "resnet50".into(), tap: "layer3".into(), ..cfg.clone() });
+        assert!(e.contains("resnet50") && e.contains("weights"), "{e}");
+        let e = err(BackboneConfig { name: "resnet50".into(), ..cfg.clone() });
+        assert!(e.contains("features.13") && e.contains("layer4"), "{e}");
         let e = err(BackboneConfig { weights: Some("/nonexistent/w.safetensors".into()), ..cfg.clone() });
         assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
 

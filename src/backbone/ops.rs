@@ -146,23 +146,18 @@ pub fn fold_bn(weights: &crate::backbone::pth::Weights, w: Tensor, bn: &str, cou
 }
 
 impl FoldedConv {
-    /// Dense convolution (groups = 1) plus bias and optional ReLU6, NCHW.
-    pub fn conv(&self, x: &Tensor, stride: usize, padding: usize, relu6: bool) -> Result<Tensor> {
+    /// Dense convolution (groups = 1) plus bias and activation, NCHW.
+    pub fn conv(&self, x: &Tensor, stride: usize, padding: usize, act: Act) -> Result<Tensor> {
         let y = x.conv2d(&self.w, padding, stride, 1, 1)?;
-        bias_act(y, &self.bv, relu6)
+        bias_act(y, &self.bv, act)
     }
-    /// 1×1 convolution (one matmul per image) plus bias and optional ReLU6, NCHW.
-    pub fn pointwise(&self, x: &Tensor, relu6: bool) -> Result<Tensor> {
+    /// 1×1 convolution (one matmul per image) plus bias and activation, NCHW.
+    pub fn pointwise(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let (b, cin, h, w) = x.dims4()?;
         let cout = self.w2.dim(0)?;
         let y = self.w2.broadcast_matmul(&x.reshape((b, cin, h * w))?)?;
-        bias_act(y.reshape((b, cout, h, w))?, &self.bv, relu6)
+        bias_act(y.reshape((b, cout, h, w))?, &self.bv, act)
     }
-}
-
-/// ReLU6 (MobileNetV2's activation).
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    Ok(x.clamp(0f32, 6f32)?)
 }
 
 /// Runs `f(plane_index, plane)` over consecutive `plane`-sized chunks of `data` on all cores.
@@ -182,12 +177,20 @@ fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sy
     });
 }
 
-/// In place: per-channel bias then optional ReLU6 on a contiguous (B, C, …) f32 tensor, in one
+/// Activation fused into the bias pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    None,
+    Relu,
+    Relu6,
+}
+
+/// In place: per-channel bias then activation on a contiguous (B, C, …) f32 tensor, in one
 /// pass. candle's broadcast_add + clamp take three passes and two fresh allocations, which
 /// dominated MobileNetV2's run time at 224×224.
 struct BiasAct<'a> {
     bias: &'a [f32],
-    relu6: bool,
+    act: Act,
 }
 
 impl candle_core::InplaceOp1 for BiasAct<'_> {
@@ -205,20 +208,20 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
         let plane: usize = dims[2..].iter().product();
         par_planes(&mut v[start..end], plane, |p, xs| {
             let b = self.bias[p % c];
-            if self.relu6 {
-                xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0));
-            } else {
-                xs.iter_mut().for_each(|x| *x += b);
+            match self.act {
+                Act::Relu6 => xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0)),
+                Act::Relu => xs.iter_mut().for_each(|x| *x = (*x + b).max(0.0)),
+                Act::None => xs.iter_mut().for_each(|x| *x += b),
             }
         });
         Ok(())
     }
 }
 
-/// Adds a per-channel bias (and ReLU6) to a freshly computed (B, C, …) tensor, in place.
-pub fn bias_act(x: Tensor, bias: &[f32], relu6: bool) -> Result<Tensor> {
+/// Adds a per-channel bias and applies `act` to a freshly computed (B, C, …) tensor, in place.
+pub fn bias_act(x: Tensor, bias: &[f32], act: Act) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.inplace_op1(&BiasAct { bias, relu6 })?;
+    x.inplace_op1(&BiasAct { bias, act })?;
     Ok(x)
 }
 
@@ -339,6 +342,41 @@ mod tests {
         assert!(r.data.iter().all(|v| (v - 0.5).abs() < 0.05), "{:?}", &r.data[..16]);
         let k = resize_bilinear(&Image::filled(7, 9, [0.2, 0.4, 0.6]), 23, 5);
         assert!(k.data[..23 * 5].iter().all(|v| (v - 0.2).abs() < 1e-6));
+    }
+
+    #[test]
+    fn folded_batch_norm_matches_conv_then_bn() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 5), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        let g = Tensor::new(&[1.5f32, 0.5, 1.0, 2.0], &dev).unwrap();
+        let beta = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
+        let mean = Tensor::new(&[0.2f32, 0.0, -0.5, 1.0], &dev).unwrap();
+        let var = Tensor::new(&[0.5f32, 2.0, 1.0, 0.1], &dev).unwrap();
+        let wts = crate::backbone::pth::Weights::from_map(
+            std::path::Path::new("bn"),
+            [("bn.weight", &g), ("bn.bias", &beta), ("bn.running_mean", &mean), ("bn.running_var", &var)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        );
+        let f = fold_bn(&wts, w.clone(), "bn", 4, 1e-5).unwrap();
+        let ours = f.conv(&x, 2, 1, Act::Relu).unwrap();
+        let r = |t: &Tensor| t.reshape((1, 4, 1, 1)).unwrap();
+        let y = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+        let reference = y
+            .broadcast_sub(&r(&mean))
+            .unwrap()
+            .broadcast_div(&r(&(var + 1e-5).unwrap().sqrt().unwrap()))
+            .unwrap()
+            .broadcast_mul(&r(&g))
+            .unwrap()
+            .broadcast_add(&r(&beta))
+            .unwrap()
+            .relu()
+            .unwrap();
+        let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]
