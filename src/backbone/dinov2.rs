@@ -55,9 +55,15 @@ impl Variant {
 }
 
 enum Mlp {
-    Gelu { fc1: Linear, fc2: Linear },
+    Gelu {
+        fc1: Linear,
+        fc2: Linear,
+    },
     /// ViT-g: `weights_in` → split → silu(x1)·x2 → `weights_out`.
-    SwiGlu { w_in: Linear, w_out: Linear },
+    SwiGlu {
+        w_in: Linear,
+        w_out: Linear,
+    },
 }
 
 struct Layer {
@@ -91,11 +97,18 @@ pub struct Dinov2 {
 }
 
 fn linear(w: &Weights, p: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(w.get(&format!("{p}.weight"), &[out, inp])?, Some(w.get(&format!("{p}.bias"), &[out])?)))
+    Ok(Linear::new(
+        w.get(&format!("{p}.weight"), &[out, inp])?,
+        Some(w.get(&format!("{p}.bias"), &[out])?),
+    ))
 }
 
 fn layer_norm(w: &Weights, p: &str, d: usize) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(w.get(&format!("{p}.weight"), &[d])?, w.get(&format!("{p}.bias"), &[d])?, LN_EPS))
+    Ok(LayerNorm::new(
+        w.get(&format!("{p}.weight"), &[d])?,
+        w.get(&format!("{p}.bias"), &[d])?,
+        LN_EPS,
+    ))
 }
 
 impl Dinov2 {
@@ -104,7 +117,7 @@ impl Dinov2 {
     /// e.g. ViT-B weights configured as `dinov2_s` fail here; `heads` is used otherwise.
     pub fn new(w: &Weights, name: &str, expect: Option<Variant>, heads: usize, input_size: usize) -> Result<Self> {
         let file = w.path.display();
-        if input_size == 0 || input_size % PATCH != 0 {
+        if input_size == 0 || !input_size.is_multiple_of(PATCH) {
             bail!("{name}: input_size {input_size} must be a positive multiple of the patch size 14 (e.g. 224)");
         }
         let cls = w.get_any("embeddings.cls_token")?;
@@ -112,7 +125,9 @@ impl Dinov2 {
             [1, 1, d] => *d,
             s => bail!("{file}: tensor `embeddings.cls_token` has shape {s:?}, expected [1, 1, D]"),
         };
-        let layers_n = (0..).take_while(|i| w.contains(&format!("encoder.layer.{i}.norm1.weight"))).count();
+        let layers_n = (0..)
+            .take_while(|i| w.contains(&format!("encoder.layer.{i}.norm1.weight")))
+            .count();
         let heads = match expect {
             Some(v) => {
                 let (d, l, h) = v.dims();
@@ -168,7 +183,10 @@ impl Dinov2 {
                 }
             } else {
                 let hid = w.get_any(&format!("{p}.mlp.fc1.weight"))?.dim(0)?;
-                Mlp::Gelu { fc1: linear(w, &format!("{p}.mlp.fc1"), hid, dim)?, fc2: linear(w, &format!("{p}.mlp.fc2"), dim, hid)? }
+                Mlp::Gelu {
+                    fc1: linear(w, &format!("{p}.mlp.fc1"), hid, dim)?,
+                    fc2: linear(w, &format!("{p}.mlp.fc2"), dim, hid)?,
+                }
             };
             let a = format!("{p}.attention");
             layers.push(Layer {
@@ -226,7 +244,9 @@ impl Dinov2 {
     pub fn forward_patches(&self, x: &Tensor) -> Result<(Tensor, usize)> {
         let (b, _, s, _) = x.dims4()?;
         let g = s / PATCH;
-        let p = x.conv2d(&self.proj_w, 0, PATCH, 1, 1)?.broadcast_add(&self.proj_b.reshape((1, (), 1, 1))?)?;
+        let p = x
+            .conv2d(&self.proj_w, 0, PATCH, 1, 1)?
+            .broadcast_add(&self.proj_b.reshape((1, (), 1, 1))?)?;
         let p = p.flatten_from(2)?.transpose(1, 2)?; // (B, g², D)
         let cls = self.cls.broadcast_as((b, 1, self.dim))?;
         let mut h = Tensor::cat(&[cls, p], 1)?.broadcast_add(&self.pos_embed(g)?)?;
@@ -292,7 +312,17 @@ fn cubic_weights(t: f64) -> [f64; 4] {
 /// Bicubic resampling of an `h × w × c` (channels-last) grid to `oh × ow × c`, matching
 /// `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)` where the source
 /// coordinate is `scale·(dst + 0.5) − 0.5` (not clamped) and out-of-range taps clamp to the edge.
-pub fn bicubic_resize_hwc(v: &[f32], h: usize, w: usize, c: usize, oh: usize, ow: usize, scale_h: f64, scale_w: f64) -> Vec<f32> {
+#[allow(clippy::too_many_arguments)] // two shapes and two scales; a struct would add nothing
+pub fn bicubic_resize_hwc(
+    v: &[f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    oh: usize,
+    ow: usize,
+    scale_h: f64,
+    scale_w: f64,
+) -> Vec<f32> {
     let taps = |n_in: usize, n_out: usize, scale: f64| -> Vec<([usize; 4], [f64; 4])> {
         (0..n_out)
             .map(|o| {
@@ -317,7 +347,10 @@ pub fn bicubic_resize_hwc(v: &[f32], h: usize, w: usize, c: usize, oh: usize, ow
                     acc.iter_mut().zip(src).for_each(|(s, &x)| *s += wgt * x as f64);
                 }
             }
-            out[(oy * ow + ox) * c..][..c].iter_mut().zip(&acc).for_each(|(o, &a)| *o = a as f32);
+            out[(oy * ow + ox) * c..][..c]
+                .iter_mut()
+                .zip(&acc)
+                .for_each(|(o, &a)| *o = a as f32);
         }
     }
     out
@@ -337,9 +370,18 @@ mod tests {
         let mut m = HashMap::new();
         m.insert("embeddings.cls_token".to_string(), r(&[1, 1, dim], 1.0));
         m.insert("embeddings.mask_token".to_string(), r(&[1, dim], 0.0));
-        m.insert("embeddings.position_embeddings".to_string(), r(&[1, 1 + 37 * 37, dim], 0.5));
-        m.insert("embeddings.patch_embeddings.projection.weight".to_string(), r(&[dim, 3, 14, 14], 0.05));
-        m.insert("embeddings.patch_embeddings.projection.bias".to_string(), r(&[dim], 0.1));
+        m.insert(
+            "embeddings.position_embeddings".to_string(),
+            r(&[1, 1 + 37 * 37, dim], 0.5),
+        );
+        m.insert(
+            "embeddings.patch_embeddings.projection.weight".to_string(),
+            r(&[dim, 3, 14, 14], 0.05),
+        );
+        m.insert(
+            "embeddings.patch_embeddings.projection.bias".to_string(),
+            r(&[dim], 0.1),
+        );
         let lin = |m: &mut HashMap<String, Tensor>, p: String, o: usize, i: usize| {
             m.insert(format!("{p}.weight"), r(&[o, i], 1.0 / (i as f64).sqrt()));
             m.insert(format!("{p}.bias"), r(&[o], 0.1));
@@ -347,8 +389,14 @@ mod tests {
         for l in 0..layers {
             let p = format!("encoder.layer.{l}");
             for n in ["norm1", "norm2"] {
-                m.insert(format!("{p}.{n}.weight"), Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap());
-                m.insert(format!("{p}.{n}.bias"), Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap());
+                m.insert(
+                    format!("{p}.{n}.weight"),
+                    Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap(),
+                );
+                m.insert(
+                    format!("{p}.{n}.bias"),
+                    Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap(),
+                );
             }
             for n in ["query", "key", "value"] {
                 lin(&mut m, format!("{p}.attention.attention.{n}"), dim, dim);
@@ -361,11 +409,23 @@ mod tests {
                 lin(&mut m, format!("{p}.mlp.fc1"), 4 * dim, dim);
                 lin(&mut m, format!("{p}.mlp.fc2"), dim, 4 * dim);
             }
-            m.insert(format!("{p}.layer_scale1.lambda1"), Tensor::full(0.5f32, dim, &dev).unwrap());
-            m.insert(format!("{p}.layer_scale2.lambda1"), Tensor::full(0.5f32, dim, &dev).unwrap());
+            m.insert(
+                format!("{p}.layer_scale1.lambda1"),
+                Tensor::full(0.5f32, dim, &dev).unwrap(),
+            );
+            m.insert(
+                format!("{p}.layer_scale2.lambda1"),
+                Tensor::full(0.5f32, dim, &dev).unwrap(),
+            );
         }
-        m.insert("layernorm.weight".to_string(), Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap());
-        m.insert("layernorm.bias".to_string(), Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap());
+        m.insert(
+            "layernorm.weight".to_string(),
+            Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap(),
+        );
+        m.insert(
+            "layernorm.bias".to_string(),
+            Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap(),
+        );
         m
     }
 
@@ -433,13 +493,27 @@ mod tests {
     fn wrong_sizes_and_missing_tensors_are_named() {
         let sd = random_checkpoint(32, 2, false);
         let w = Weights::from_map(Path::new("d.safetensors"), sd.clone());
-        let e = format!("{:#}", Dinov2::new(&w, "dinov2_s", Some(Variant::S), 6, 224).err().unwrap());
-        assert!(e.contains("d.safetensors") && e.contains("embeddings.cls_token") && e.contains("384"), "{e}");
+        let e = format!(
+            "{:#}",
+            Dinov2::new(&w, "dinov2_s", Some(Variant::S), 6, 224).err().unwrap()
+        );
+        assert!(
+            e.contains("d.safetensors") && e.contains("embeddings.cls_token") && e.contains("384"),
+            "{e}"
+        );
         let e = format!("{:#}", Dinov2::new(&w, "dinov2_test", None, 2, 100).err().unwrap());
         assert!(e.contains("multiple of the patch size"), "{e}");
         let mut bad = sd;
         bad.remove("encoder.layer.1.attention.attention.value.bias");
-        let e = format!("{:#}", Dinov2::new(&Weights::from_map(Path::new("d.pth"), bad), "t", None, 2, 224).err().unwrap());
-        assert!(e.contains("d.pth") && e.contains("encoder.layer.1.attention.attention.value.bias"), "{e}");
+        let e = format!(
+            "{:#}",
+            Dinov2::new(&Weights::from_map(Path::new("d.pth"), bad), "t", None, 2, 224)
+                .err()
+                .unwrap()
+        );
+        assert!(
+            e.contains("d.pth") && e.contains("encoder.layer.1.attention.attention.value.bias"),
+            "{e}"
+        );
     }
 }

@@ -98,7 +98,7 @@ pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
             if cfg.tap != "last" {
                 bail!("{name}: unknown tap `{}` (DINOv2 exposes `last`: final-layernormed last-layer patch tokens)", cfg.tap);
             }
-            if cfg.input_size == 0 || cfg.input_size % 14 != 0 {
+            if cfg.input_size == 0 || !cfg.input_size.is_multiple_of(14) {
                 bail!("{name}: input_size {} must be a multiple of the patch size 14 (e.g. 224)", cfg.input_size);
             }
             Ok(Box::new(dinov2::Dinov2::load(&need_weights()?, variant, name, cfg.input_size)?))

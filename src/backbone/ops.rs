@@ -91,7 +91,10 @@ pub fn center_crop(img: &Image, h: usize, w: usize) -> Result<Image> {
 /// torchvision's eval transform: resize the shorter side to `resize`, centre-crop `crop`.
 pub fn imagenet_eval_transform(img: &Image, resize: usize, crop: usize) -> Result<Image> {
     let s = resize as f64 / img.h.min(img.w) as f64;
-    let (h, w) = (((img.h as f64 * s).round() as usize).max(resize), ((img.w as f64 * s).round() as usize).max(resize));
+    let (h, w) = (
+        ((img.h as f64 * s).round() as usize).max(resize),
+        ((img.w as f64 * s).round() as usize).max(resize),
+    );
     center_crop(&resize_bilinear(img, h, w), crop, crop)
 }
 
@@ -109,7 +112,11 @@ pub fn batch_tensor(images: &[Image], size: usize, mean: [f32; 3], std: [f32; 3]
         }
         let r = resize_bilinear(im, size, size);
         for c in 0..3 {
-            data.extend(r.data[c * size * size..(c + 1) * size * size].iter().map(|v| (v - mean[c]) / std[c]));
+            data.extend(
+                r.data[c * size * size..(c + 1) * size * size]
+                    .iter()
+                    .map(|v| (v - mean[c]) / std[c]),
+            );
         }
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
@@ -129,7 +136,13 @@ pub struct FoldedConv {
 
 /// Folds batch norm `bn` (prefix of `.weight/.bias/.running_mean/.running_var`) into conv weight
 /// `w` (shape `(Cout, …)`), checking every shape against `cout`.
-pub fn fold_bn(weights: &crate::backbone::pth::Weights, w: Tensor, bn: &str, cout: usize, eps: f64) -> Result<FoldedConv> {
+pub fn fold_bn(
+    weights: &crate::backbone::pth::Weights,
+    w: Tensor,
+    bn: &str,
+    cout: usize,
+    eps: f64,
+) -> Result<FoldedConv> {
     let g = weights.get(&format!("{bn}.weight"), &[cout])?;
     let beta = weights.get(&format!("{bn}.bias"), &[cout])?;
     let mean = weights.get(&format!("{bn}.running_mean"), &[cout])?;
@@ -163,7 +176,11 @@ impl FoldedConv {
 /// Runs `f(plane_index, plane)` over consecutive `plane`-sized chunks of `data` on all cores.
 fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let planes = data.len() / plane.max(1);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(planes).max(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(planes)
+        .max(1);
     let per = planes.div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for (t, chunk) in data.chunks_mut(per * plane).enumerate() {
@@ -198,8 +215,12 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
         "vipo-bias-act"
     }
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
-        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("bias-act: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("bias-act: contiguous only") };
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("bias-act: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bias-act: contiguous only")
+        };
         let dims = layout.dims();
         let c = self.bias.len();
         if dims.len() < 2 || dims[1] != c {
@@ -231,9 +252,14 @@ pub fn bias_act(x: Tensor, bias: &[f32], act: Act) -> Result<Tensor> {
 pub fn depthwise3x3(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, relu6: bool) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if k.len() != c * 9 || bias.len() != c || !(stride == 1 || stride == 2) {
-        bail!("depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}", bias.len());
+        bail!(
+            "depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}",
+            bias.len()
+        );
     }
-    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Depthwise { k, bias, stride, relu6 })?)
+    Ok(x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&Depthwise { k, bias, stride, relu6 })?)
 }
 
 struct Depthwise<'a> {
@@ -247,9 +273,17 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
     fn name(&self) -> &'static str {
         "vipo-depthwise3x3"
     }
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("depthwise: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("depthwise: contiguous only") };
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("depthwise: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("depthwise: contiguous only")
+        };
         let xin = &v[start..end];
         let (b, c, h, w) = layout.shape().dims4()?;
         let stride = self.stride;
@@ -287,7 +321,10 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
                 }
             }
         });
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((b, c, oh, ow))))
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, c, oh, ow)),
+        ))
     }
 }
 
@@ -295,7 +332,15 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
 pub fn nchw_to_maps(x: &Tensor) -> Result<Vec<crate::backbone::FeatureMap>> {
     let (b, c, h, w) = x.dims4()?;
     let v = x.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(v.chunks(h * w * c).take(b).map(|d| crate::backbone::FeatureMap { h, w, d: c, data: d.to_vec() }).collect())
+    Ok(v.chunks(h * w * c)
+        .take(b)
+        .map(|d| crate::backbone::FeatureMap {
+            h,
+            w,
+            d: c,
+            data: d.to_vec(),
+        })
+        .collect())
 }
 
 /// Splits a `(B, N, D)` token tensor laid out on an `h × w` grid into feature maps.
@@ -304,8 +349,20 @@ pub fn tokens_to_maps(x: &Tensor, h: usize, w: usize) -> Result<Vec<crate::backb
     if n != h * w {
         bail!("{n} tokens do not form a {h}×{w} grid");
     }
-    let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>().context("tokens to feature maps")?;
-    Ok(v.chunks(n * d).take(b).map(|c| crate::backbone::FeatureMap { h, w, d, data: c.to_vec() }).collect())
+    let v = x
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()
+        .context("tokens to feature maps")?;
+    Ok(v.chunks(n * d)
+        .take(b)
+        .map(|c| crate::backbone::FeatureMap {
+            h,
+            w,
+            d,
+            data: c.to_vec(),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -355,10 +412,15 @@ mod tests {
         let var = Tensor::new(&[0.5f32, 2.0, 1.0, 0.1], &dev).unwrap();
         let wts = crate::backbone::pth::Weights::from_map(
             std::path::Path::new("bn"),
-            [("bn.weight", &g), ("bn.bias", &beta), ("bn.running_mean", &mean), ("bn.running_var", &var)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            [
+                ("bn.weight", &g),
+                ("bn.bias", &beta),
+                ("bn.running_mean", &mean),
+                ("bn.running_var", &var),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
         );
         let f = fold_bn(&wts, w.clone(), "bn", 4, 1e-5).unwrap();
         let ours = f.conv(&x, 2, 1, Act::Relu).unwrap();
@@ -375,7 +437,14 @@ mod tests {
             .unwrap()
             .relu()
             .unwrap();
-        let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-5, "{d}");
     }
 
@@ -394,7 +463,14 @@ mod tests {
                 .broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(ours.dims(), reference.dims());
-            let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "stride {stride}: {d}");
         }
     }

@@ -81,7 +81,11 @@ impl ResBlock {
         let n = self.convs.len();
         for (i, (c, stride, pad)) in self.convs.iter().enumerate() {
             let act = if i + 1 < n { Act::Relu } else { Act::None };
-            h = if c.w.dim(2)? == 1 && *stride == 1 { c.pointwise(&h, act)? } else { c.conv(&h, *stride, *pad, act)? };
+            h = if c.w.dim(2)? == 1 && *stride == 1 {
+                c.pointwise(&h, act)?
+            } else {
+                c.conv(&h, *stride, *pad, act)?
+            };
         }
         let id = match &self.downsample {
             Some((c, 1)) => c.pointwise(x, Act::None)?,
@@ -128,14 +132,34 @@ impl ResNet {
                 let stride = if li > 0 && bi == 0 { 2 } else { 1 };
                 let convs = if depth.bottleneck() {
                     vec![
-                        (conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 1, 1])?, 1, 0),
-                        (conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?, stride, 1),
-                        (conv_bn(&format!("{p}.conv3"), &format!("{p}.bn3"), [planes * 4, planes, 1, 1])?, 1, 0),
+                        (
+                            conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 1, 1])?,
+                            1,
+                            0,
+                        ),
+                        (
+                            conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?,
+                            stride,
+                            1,
+                        ),
+                        (
+                            conv_bn(&format!("{p}.conv3"), &format!("{p}.bn3"), [planes * 4, planes, 1, 1])?,
+                            1,
+                            0,
+                        ),
                     ]
                 } else {
                     vec![
-                        (conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 3, 3])?, stride, 1),
-                        (conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?, 1, 1),
+                        (
+                            conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 3, 3])?,
+                            stride,
+                            1,
+                        ),
+                        (
+                            conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?,
+                            1,
+                            1,
+                        ),
                     ]
                 };
                 let downsample = if bi == 0 && (stride != 1 || inplanes != planes * expansion) {
@@ -170,7 +194,14 @@ impl ResNet {
                 );
             }
         }
-        Ok(Self { depth, stem, stages, tap, input_size, device: Device::Cpu })
+        Ok(Self {
+            depth,
+            stem,
+            stages,
+            tap,
+            input_size,
+            device: Device::Cpu,
+        })
     }
 
     /// Loads a weights file (`.safetensors` or `.pth`) and builds the model.
@@ -182,7 +213,10 @@ impl ResNet {
     pub fn forward_to(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
         let x = self.stem.conv(x, 2, 3, Act::Relu)?;
         // Max-pool 3×3/2 with padding 1: inputs are ≥ 0 after ReLU, so zero padding equals -∞.
-        let mut x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.max_pool2d_with_stride(3, 2)?;
+        let mut x = x
+            .pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?;
         for stage in self.stages.iter().take(upto) {
             for block in stage {
                 x = block.forward(&x)?;
@@ -221,8 +255,14 @@ pub(crate) mod tests {
             let dev = Device::Cpu;
             m.insert(format!("{name}.weight"), Tensor::rand(0.5f32, 1.0, c, &dev).unwrap());
             m.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
-            m.insert(format!("{name}.running_mean"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
-            m.insert(format!("{name}.running_var"), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
+            m.insert(
+                format!("{name}.running_mean"),
+                Tensor::randn(0f32, 0.1, c, &dev).unwrap(),
+            );
+            m.insert(
+                format!("{name}.running_var"),
+                Tensor::rand(0.5f32, 1.5, c, &dev).unwrap(),
+            );
             m.insert(format!("{name}.num_batches_tracked"), Tensor::new(0i64, &dev).unwrap());
         };
         conv(&mut m, "conv1", [64, 3, 7, 7]);
@@ -253,8 +293,14 @@ pub(crate) mod tests {
                 inp = pl * e;
             }
         }
-        m.insert("fc.weight".into(), Tensor::randn(0f32, 0.01, (1000, inp), &dev).unwrap());
-        m.insert("fc.bias".into(), Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap());
+        m.insert(
+            "fc.weight".into(),
+            Tensor::randn(0f32, 0.01, (1000, inp), &dev).unwrap(),
+        );
+        m.insert(
+            "fc.bias".into(),
+            Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap(),
+        );
         m
     }
 
@@ -277,7 +323,10 @@ pub(crate) mod tests {
             let m = ResNet::new(&w, Depth::R18, tap, 64).unwrap();
             let f = m.features(&[img(2), img(12)]).unwrap();
             assert_eq!((f.len(), f[0].h, f[0].w, f[0].d), (2, grid, grid, d), "layer{tap}");
-            assert!(f[0].data.iter().all(|v| v.is_finite() && *v >= 0.0), "post-ReLU features");
+            assert!(
+                f[0].data.iter().all(|v| v.is_finite() && *v >= 0.0),
+                "post-ReLU features"
+            );
             assert_ne!(f[0], f[1]);
         }
         let sd50 = random_state_dict(Depth::R50);
@@ -292,10 +341,18 @@ pub(crate) mod tests {
         let e = format!("{:#}", ResNet::new(&w50, Depth::R18, 3, 64).err().unwrap());
         assert!(e.contains("r50.pth") && e.contains("layer1.0.conv1.weight"), "{e}");
         let e = format!("{:#}", ResNet::new(&w, Depth::R50, 3, 64).err().unwrap());
-        assert!(e.contains("r18.safetensors") && e.contains("layer1.0.conv1.weight"), "{e}");
+        assert!(
+            e.contains("r18.safetensors") && e.contains("layer1.0.conv1.weight"),
+            "{e}"
+        );
         let mut bad = sd18;
         bad.remove("layer3.1.bn2.running_var");
-        let e = format!("{:#}", ResNet::new(&Weights::from_map(Path::new("r18.pth"), bad), Depth::R18, 1, 64).err().unwrap());
+        let e = format!(
+            "{:#}",
+            ResNet::new(&Weights::from_map(Path::new("r18.pth"), bad), Depth::R18, 1, 64)
+                .err()
+                .unwrap()
+        );
         assert!(e.contains("r18.pth") && e.contains("layer3.1.bn2.running_var"), "{e}");
         assert!(parse_tap("layer5").is_err() && parse_tap("features.3").is_err());
     }
