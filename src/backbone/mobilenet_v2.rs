@@ -369,6 +369,148 @@ pub(crate) mod tests {
         }
     }
 
+    /// A ShapeWorld-like 32×32 scene (1–3 discs/squares/triangles on a plain background) and
+    /// its union object mask; deterministic in `seed`.
+    fn toy_scene(seed: u64) -> (Image, Vec<bool>) {
+        let mut st = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rnd = move || {
+            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((st >> 33) as f32) / (1u64 << 31) as f32
+        };
+        let bg = [0.75 + 0.2 * rnd(), 0.75 + 0.2 * rnd(), 0.75 + 0.2 * rnd()];
+        let mut im = Image::filled(32, 32, bg);
+        let mut mask = vec![false; 32 * 32];
+        let n = 1 + (rnd() * 3.0) as usize % 3;
+        for _ in 0..n {
+            let (cx, cy, r) = (6.0 + 20.0 * rnd(), 6.0 + 20.0 * rnd(), 3.0 + 4.0 * rnd());
+            let kind = (rnd() * 3.0) as usize;
+            let col = [0.7 * rnd(), 0.7 * rnd(), 0.7 * rnd()];
+            for y in 0..32 {
+                for x in 0..32 {
+                    let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+                    let inside = match kind {
+                        0 => dx * dx + dy * dy <= r * r,
+                        1 => dx.abs() <= r && dy.abs() <= r,
+                        _ => dy <= r && dy >= -r && dx.abs() <= (dy + r) * 0.5,
+                    };
+                    if inside {
+                        mask[y * 32 + x] = true;
+                        for (c, v) in col.iter().enumerate() {
+                            im.set(c, y, x, *v);
+                        }
+                    }
+                }
+            }
+        }
+        (im, mask)
+    }
+
+    /// First principal component scores of an N×D feature matrix (power iteration).
+    fn pc1(f: &FeatureMap) -> Vec<f32> {
+        let (n, d) = (f.n(), f.d);
+        let mut mean = vec![0f64; d];
+        for i in 0..n {
+            for (m, v) in mean.iter_mut().zip(f.row(i)) {
+                *m += *v as f64 / n as f64;
+            }
+        }
+        let mut cov = vec![0f64; d * d];
+        for i in 0..n {
+            let r: Vec<f64> = f.row(i).iter().zip(&mean).map(|(v, m)| *v as f64 - m).collect();
+            for a in 0..d {
+                for b in 0..d {
+                    cov[a * d + b] += r[a] * r[b];
+                }
+            }
+        }
+        let mut v = vec![1.0f64; d];
+        for _ in 0..200 {
+            let mut w = vec![0f64; d];
+            for a in 0..d {
+                w[a] = (0..d).map(|b| cov[a * d + b] * v[b]).sum();
+            }
+            let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
+            v = w.into_iter().map(|x| x / norm).collect();
+        }
+        (0..n)
+            .map(|i| {
+                f.row(i)
+                    .iter()
+                    .zip(&mean)
+                    .zip(&v)
+                    .map(|((x, m), e)| (*x as f64 - m) * e)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
+    /// Sign-free ROC AUC of `score` for separating `pos` cells from the rest.
+    fn auc(score: &[f32], pos: &[bool]) -> f64 {
+        let (p, q): (Vec<f32>, Vec<f32>) = {
+            let p = score.iter().zip(pos).filter(|(_, &m)| m).map(|(s, _)| *s).collect();
+            let q = score.iter().zip(pos).filter(|(_, &m)| !m).map(|(s, _)| *s).collect();
+            (p, q)
+        };
+        if p.is_empty() || q.is_empty() {
+            return f64::NAN;
+        }
+        let mut wins = 0f64;
+        for a in &p {
+            for b in &q {
+                wins += if a > b {
+                    1.0
+                } else if a == b {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+        let a = wins / (p.len() * q.len()) as f64;
+        a.max(1.0 - a)
+    }
+
+    /// Which tap suits the PSM: mean AUC of each image's own first principal component for
+    /// object-vs-background cells, on 48 toy scenes.
+    /// `cargo test --lib mobilenet_v2::tests::tap_quality -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn tap_quality() {
+        let w = Weights::open(&committed_weights()).unwrap();
+        let scenes: Vec<(Image, Vec<bool>)> = (0..48).map(toy_scene).collect();
+        let images: Vec<Image> = scenes.iter().map(|s| s.0.clone()).collect();
+        for size in [224, 112] {
+            for tap in [3, 6, 13, 17] {
+                let m = MobileNetV2::new(&w, tap, size).unwrap();
+                let mut total = 0.0;
+                let mut count = 0;
+                let mut grid = 0;
+                for (chunk, sc) in images.chunks(16).zip(scenes.chunks(16)) {
+                    for (f, (_, mask)) in m.features(chunk).unwrap().iter().zip(sc) {
+                        grid = f.h;
+                        // Object label of a cell: the mask at the cell centre in the 32×32 image.
+                        let pos: Vec<bool> = (0..f.n())
+                            .map(|i| {
+                                let (y, x) = (i / f.w, i % f.w);
+                                let (py, px) = ((y * 32 + 16) / f.h, (x * 32 + 16) / f.w);
+                                mask[py.min(31) * 32 + px.min(31)]
+                            })
+                            .collect();
+                        let a = auc(&pc1(f), &pos);
+                        if a.is_finite() {
+                            total += a;
+                            count += 1;
+                        }
+                    }
+                }
+                println!(
+                    "input {size}: features.{tap} ({grid}×{grid}): PC1 object AUC {:.3} over {count} scenes",
+                    total / count as f64
+                );
+            }
+        }
+    }
+
     /// The committed weights, converted once from torchvision's file (weights/PROVENANCE.md).
     pub(crate) fn committed_weights() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/mobilenet_v2.safetensors")
