@@ -516,4 +516,24 @@ mod tests {
             "{e}"
         );
     }
+
+    /// Forward timing of a random ViT-S/14 (real size) at 224 on a batch of 16:
+    /// `cargo test --release --lib dinov2::tests::timings -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn timings() {
+        let w = Weights::from_map(Path::new("random"), random_checkpoint(384, 12, false));
+        let images: Vec<Image> = (0..16).map(|i| img(i % 20)).collect();
+        for size in [224, 112] {
+            let m = Dinov2::new(&w, "dinov2_s", Some(Variant::S), 6, size).unwrap();
+            m.features(&images).unwrap();
+            let t = std::time::Instant::now();
+            m.features(&images).unwrap();
+            println!(
+                "{}: {:.0} ms per batch of 16",
+                m.name(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
 }

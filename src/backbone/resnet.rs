@@ -81,15 +81,10 @@ impl ResBlock {
         let n = self.convs.len();
         for (i, (c, stride, pad)) in self.convs.iter().enumerate() {
             let act = if i + 1 < n { Act::Relu } else { Act::None };
-            h = if c.w.dim(2)? == 1 && *stride == 1 {
-                c.pointwise(&h, act)?
-            } else {
-                c.conv(&h, *stride, *pad, act)?
-            };
+            h = c.conv_cfirst(&h, *stride, *pad, act)?;
         }
         let id = match &self.downsample {
-            Some((c, 1)) => c.pointwise(x, Act::None)?,
-            Some((c, s)) => c.conv(x, *s, 0, Act::None)?,
+            Some((c, s)) => c.conv_cfirst(x, *s, 0, Act::None)?,
             None => x.clone(),
         };
         Ok((h + id)?.relu()?)
@@ -209,9 +204,12 @@ impl ResNet {
         Self::new(&Weights::open(path)?, depth, tap, input_size)
     }
 
-    /// Runs the stem and stages `layer1..=upto` on a normalised `(B, 3, S, S)` batch.
+    /// Runs the stem and stages `layer1..=upto` on a normalised `(B, 3, S, S)` batch; returns
+    /// channels-first `(C, B, h, w)` activations (every conv is one batched matmul).
     pub fn forward_to(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
-        let x = self.stem.conv(x, 2, 3, Act::Relu)?;
+        let x = self
+            .stem
+            .conv_cfirst(&x.transpose(0, 1)?.contiguous()?, 2, 3, Act::Relu)?;
         // Max-pool 3×3/2 with padding 1: inputs are ≥ 0 after ReLU, so zero padding equals -∞.
         let mut x = x
             .pad_with_zeros(2, 1, 1)?
@@ -232,7 +230,7 @@ impl Backbone for ResNet {
     }
     fn features(&self, images: &[Image]) -> Result<Vec<FeatureMap>> {
         let x = ops::batch_tensor(images, self.input_size, IMAGENET_MEAN, IMAGENET_STD, &self.device)?;
-        ops::nchw_to_maps(&self.forward_to(&x, self.tap)?)
+        ops::nchw_to_maps(&self.forward_to(&x, self.tap)?.transpose(0, 1)?)
     }
 }
 
@@ -355,5 +353,29 @@ pub(crate) mod tests {
         );
         assert!(e.contains("r18.pth") && e.contains("layer3.1.bn2.running_var"), "{e}");
         assert!(parse_tap("layer5").is_err() && parse_tap("features.3").is_err());
+    }
+
+    /// Forward timings with random weights (batch of 16 ShapeWorld-sized images):
+    /// `cargo test --release --lib resnet::tests::timings -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn timings() {
+        let images: Vec<Image> = (0..16).map(|i| img(i % 20)).collect();
+        for depth in [Depth::R18, Depth::R50] {
+            let w = Weights::from_map(Path::new("random"), random_state_dict(depth));
+            for size in [224, 112] {
+                for tap in [2, 3, 4] {
+                    let m = ResNet::new(&w, depth, tap, size).unwrap();
+                    m.features(&images).unwrap();
+                    let t = std::time::Instant::now();
+                    m.features(&images).unwrap();
+                    println!(
+                        "{}: {:.0} ms per batch of 16",
+                        m.name(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+            }
+        }
     }
 }
