@@ -531,6 +531,34 @@ pub(crate) mod tests {
         }
     }
 
+    /// End to end through the file loaders: the same random state dict saved as a zip `.pth`,
+    /// a legacy `.pth` and a safetensors file gives identical features.
+    #[test]
+    fn loads_random_checkpoints_from_pth_and_safetensors_files() {
+        let sd = random_state_dict();
+        let dir = tempfile::tempdir().unwrap();
+        let zip = dir.path().join("mnv2_zip.pth");
+        let legacy = dir.path().join("mnv2_legacy.pth");
+        let st = dir.path().join("mnv2.safetensors");
+        std::fs::write(&zip, crate::backbone::pth::tests::torch_checkpoint_bytes(&sd, false)).unwrap();
+        std::fs::write(&legacy, crate::backbone::pth::tests::torch_checkpoint_bytes(&sd, true)).unwrap();
+        candle_core::safetensors::save(&sd, &st).unwrap();
+        let images = [shape_image(3)];
+        let reference = MobileNetV2::new(&Weights::from_map(Path::new("mem"), sd), 6, 64)
+            .unwrap()
+            .features(&images)
+            .unwrap();
+        for p in [&zip, &legacy, &st] {
+            let f = MobileNetV2::load(p, 6, 64).unwrap().features(&images).unwrap();
+            assert_eq!(f, reference, "{}", p.display());
+        }
+        // A truncated .pth fails at load, naming the file.
+        let bytes = std::fs::read(&legacy).unwrap();
+        std::fs::write(&legacy, &bytes[..bytes.len() / 2]).unwrap();
+        let e = format!("{:#}", MobileNetV2::load(&legacy, 6, 64).err().unwrap());
+        assert!(e.contains("mnv2_legacy.pth") && e.contains("truncated"), "{e}");
+    }
+
     /// The committed weights, converted once from torchvision's file (weights/PROVENANCE.md).
     pub(crate) fn committed_weights() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/mobilenet_v2.safetensors")

@@ -953,7 +953,7 @@ fn load_legacy(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     // --- a tiny pickle writer emitting the same opcodes torch does -------------------------------
@@ -1000,8 +1000,8 @@ mod tests {
     }
 
     struct T {
-        name: &'static str,
-        storage: &'static str,
+        name: String,
+        storage: String,
         storage_type: &'static str,
         offset: usize,
         shape: Vec<usize>,
@@ -1009,7 +1009,7 @@ mod tests {
     }
 
     /// A state-dict pickle like torch's: OrderedDict of _rebuild_tensor_v2 calls.
-    fn state_pickle(ts: &[T], numel: &HashMap<&str, usize>, legacy: bool) -> Vec<u8> {
+    fn state_pickle(ts: &[T], numel: &HashMap<String, usize>, legacy: bool) -> Vec<u8> {
         let mut p = P::new();
         p.global("collections", "OrderedDict")
             .op(b'q')
@@ -1018,7 +1018,7 @@ mod tests {
             .op(b'R')
             .op(b'(');
         for (i, t) in ts.iter().enumerate() {
-            p.s(t.name);
+            p.s(&t.name);
             // Exercise the memo: the first tensor stores the global, later ones fetch it.
             if i == 0 {
                 p.global("torch._utils", "_rebuild_tensor_v2").op(b'q').op(1);
@@ -1029,9 +1029,9 @@ mod tests {
                 .op(b'(')
                 .s("storage")
                 .global("torch", t.storage_type)
-                .s(t.storage)
+                .s(&t.storage)
                 .s("cpu")
-                .int(numel[t.storage]);
+                .int(numel[&t.storage]);
             if legacy {
                 p.op(b'N');
             }
@@ -1087,60 +1087,63 @@ mod tests {
 
     /// Storage "0": 12 f32 (0..12) shared by a contiguous 2×3 at offset 2 and a transposed view;
     /// "1": f16; "2": bf16; "3": i64.
-    type Fixture = (Vec<T>, HashMap<&'static str, usize>, HashMap<&'static str, Vec<u8>>);
+    type Fixture = (Vec<T>, HashMap<String, usize>, HashMap<String, Vec<u8>>);
 
     fn fixture() -> Fixture {
         let ts = vec![
             T {
-                name: "a.weight",
-                storage: "0",
+                name: "a.weight".into(),
+                storage: "0".into(),
                 storage_type: "FloatStorage",
                 offset: 2,
                 shape: vec![2, 3],
                 stride: vec![3, 1],
             },
             T {
-                name: "a.t",
-                storage: "0",
+                name: "a.t".into(),
+                storage: "0".into(),
                 storage_type: "FloatStorage",
                 offset: 0,
                 shape: vec![3, 2],
                 stride: vec![1, 3],
             },
             T {
-                name: "h",
-                storage: "1",
+                name: "h".into(),
+                storage: "1".into(),
                 storage_type: "HalfStorage",
                 offset: 1,
                 shape: vec![2],
                 stride: vec![1],
             },
             T {
-                name: "b",
-                storage: "2",
+                name: "b".into(),
+                storage: "2".into(),
                 storage_type: "BFloat16Storage",
                 offset: 0,
                 shape: vec![2],
                 stride: vec![1],
             },
             T {
-                name: "n",
-                storage: "3",
+                name: "n".into(),
+                storage: "3".into(),
                 storage_type: "LongStorage",
                 offset: 0,
                 shape: vec![],
                 stride: vec![],
             },
         ];
-        let numel = HashMap::from([("0", 12), ("1", 3), ("2", 2), ("3", 1)]);
+        let numel = HashMap::from([("0", 12), ("1", 3), ("2", 2), ("3", 1)].map(|(k, n)| (k.to_string(), n)));
         // f16 bits of 9.0, 0.5, -2.0 and bf16 bits of 1.5, -3.0 (no `half` dependency here).
         let h = |bits: u16| bits.to_le_bytes();
-        let data = HashMap::from([
-            ("0", f32_bytes(&(0..12).map(|i| i as f32).collect::<Vec<_>>())),
-            ("1", [h(0x4880), h(0x3800), h(0xc000)].concat()),
-            ("2", [h(0x3fc0), h(0xc040)].concat()),
-            ("3", 42i64.to_le_bytes().to_vec()),
-        ]);
+        let data = HashMap::from(
+            [
+                ("0", f32_bytes(&(0..12).map(|i| i as f32).collect::<Vec<_>>())),
+                ("1", [h(0x4880), h(0x3800), h(0xc000)].concat()),
+                ("2", [h(0x3fc0), h(0xc040)].concat()),
+                ("3", 42i64.to_le_bytes().to_vec()),
+            ]
+            .map(|(k, d)| (k.to_string(), d)),
+        );
         (ts, numel, data)
     }
 
@@ -1168,23 +1171,21 @@ mod tests {
         assert_eq!(m["n"].to_vec0::<i64>().unwrap(), 42);
     }
 
-    fn zip_bytes() -> Vec<u8> {
-        let (ts, numel, data) = fixture();
-        let pkl = state_pickle(&ts, &numel, false);
+    fn zip_from((ts, numel, data): &Fixture, keys: &[&str]) -> Vec<u8> {
+        let pkl = state_pickle(ts, numel, false);
         let mut files: Vec<(String, Vec<u8>)> = vec![
             ("model/data.pkl".into(), pkl),
             ("model/byteorder".into(), b"little".to_vec()),
         ];
-        for k in ["0", "1", "2", "3"] {
-            files.push((format!("model/data/{k}"), data[k].clone()));
+        for k in keys {
+            files.push((format!("model/data/{k}"), data[*k].clone()));
         }
         files.push(("model/version".into(), b"3\n".to_vec()));
         let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
         stored_zip(&refs)
     }
 
-    fn legacy_bytes() -> Vec<u8> {
-        let (ts, numel, data) = fixture();
+    fn legacy_from((ts, numel, data): &Fixture, order: &[&str]) -> Vec<u8> {
         let mut out = vec![0x80, 2, 0x8a, 10];
         out.extend_from_slice(&LEGACY_MAGIC);
         out.push(b'.');
@@ -1199,8 +1200,7 @@ mod tests {
             .op(b'u')
             .op(b'.');
         out.extend_from_slice(&sys.0);
-        out.extend_from_slice(&state_pickle(&ts, &numel, true));
-        let order = ["3", "0", "2", "1"]; // storage order is the key list's, not sorted
+        out.extend_from_slice(&state_pickle(ts, numel, true));
         let mut keys = P::new();
         keys.op(b']').op(b'(');
         for k in order {
@@ -1209,14 +1209,68 @@ mod tests {
         keys.op(b'e').op(b'.');
         out.extend_from_slice(&keys.0);
         for k in order {
-            out.extend_from_slice(&(numel[k] as u64).to_le_bytes());
-            out.extend_from_slice(&data[k]);
+            out.extend_from_slice(&(numel[*k] as u64).to_le_bytes());
+            out.extend_from_slice(&data[*k]);
         }
         out
     }
 
-    /// One-off conversion of a real checkpoint (how weights/mobilenet_v2.safetensors was made):
-    /// `VIPO_CONVERT_SRC=x.pth VIPO_CONVERT_DST=y.safetensors cargo test --lib convert_real -- --ignored`
+    fn zip_bytes() -> Vec<u8> {
+        zip_from(&fixture(), &["0", "1", "2", "3"])
+    }
+
+    fn legacy_bytes() -> Vec<u8> {
+        legacy_from(&fixture(), &["3", "0", "2", "1"]) // storage order is the key list's, not sorted
+    }
+
+    /// A torch checkpoint (zip or legacy format, one storage per tensor, as `torch.save` of a
+    /// state dict writes it) holding `tensors` (f32 or i64), for loader tests elsewhere.
+    pub(crate) fn torch_checkpoint_bytes(tensors: &HashMap<String, Tensor>, legacy: bool) -> Vec<u8> {
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let (mut ts, mut numel, mut data) = (Vec::new(), HashMap::new(), HashMap::new());
+        for (i, name) in names.iter().enumerate() {
+            let t = &tensors[*name];
+            let flat = t.flatten_all().unwrap();
+            let (ty, bytes): (&'static str, Vec<u8>) = match t.dtype() {
+                DType::F32 => ("FloatStorage", f32_bytes(&flat.to_vec1::<f32>().unwrap())),
+                DType::I64 => (
+                    "LongStorage",
+                    flat.to_vec1::<i64>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+                other => panic!("torch_checkpoint_bytes: unsupported dtype {other:?}"),
+            };
+            let dims = t.dims().to_vec();
+            let mut stride = vec![1usize; dims.len()];
+            for d in (0..dims.len().saturating_sub(1)).rev() {
+                stride[d] = stride[d + 1] * dims[d + 1];
+            }
+            let key = i.to_string();
+            numel.insert(key.clone(), t.elem_count());
+            data.insert(key.clone(), bytes);
+            ts.push(T {
+                name: (*name).clone(),
+                storage: key,
+                storage_type: ty,
+                offset: 0,
+                shape: dims,
+                stride,
+            });
+        }
+        let keys: Vec<String> = (0..names.len()).map(|i| i.to_string()).collect();
+        let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let fx = (ts, numel, data);
+        if legacy {
+            legacy_from(&fx, &keys)
+        } else {
+            zip_from(&fx, &keys)
+        }
+    }
+
     #[test]
     #[ignore]
     fn convert_real_checkpoint() {
