@@ -1,9 +1,11 @@
 //! Frozen vision backbones for the PSM: batch of RGB images → spatial feature maps.
 //! One file per backbone; none of them is ever in the autograd graph.
 
+pub mod dinov2;
 pub mod mobilenet_v2;
 pub mod ops;
 pub mod pth;
+pub mod resnet;
 
 use crate::image::Image;
 use anyhow::{bail, Result};
@@ -45,7 +47,8 @@ pub struct BackboneConfig {
     /// "dinov2_l", "dinov2_g" (Hugging Face `facebook/dinov2-*` layout).
     pub name: String,
     /// Layer whose output is the feature map: "features.K" (K = 0..=18) for MobileNetV2,
-    /// "layer1".."layer4" for ResNet, "last" for DINOv2 (final-layernormed patch tokens).
+    /// "layer1".."layer4" for ResNet, "last" for DINOv2 (final-layernormed last-layer patch
+    /// tokens, CLS and register tokens dropped).
     pub tap: String,
     /// Weights file (.safetensors or .pth). Default for mobilenet_v2: `mobilenet_v2.safetensors`
     /// in `$VIPO_WEIGHTS` if set, else in the crate's `weights/` directory; required otherwise.
@@ -75,7 +78,31 @@ pub fn default_weights(file: &str) -> PathBuf {
 /// every tensor of the weights file (name and shape), so a wrong architecture fails here,
 /// naming the file and the tensor, before any image is processed.
 pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
+    let need_weights = || -> Result<PathBuf> {
+        match &cfg.weights {
+            Some(p) => Ok(p.clone()),
+            None => bail!(
+                "backbone `{}` has no bundled weights: set backbone.weights to its .safetensors or .pth file",
+                cfg.name
+            ),
+        }
+    };
     match cfg.name.as_str() {
+        name if resnet::Depth::from_name(name).is_some() => {
+            let depth = resnet::Depth::from_name(name).unwrap_or(resnet::Depth::R18);
+            let tap = resnet::parse_tap(&cfg.tap)?;
+            Ok(Box::new(resnet::ResNet::load(&need_weights()?, depth, tap, cfg.input_size)?))
+        }
+        name if dinov2::Variant::from_name(name).is_some() => {
+            let variant = dinov2::Variant::from_name(name).unwrap_or(dinov2::Variant::S);
+            if cfg.tap != "last" {
+                bail!("{name}: unknown tap `{}` (DINOv2 exposes `last`: final-layernormed last-layer patch tokens)", cfg.tap);
+            }
+            if cfg.input_size == 0 || !cfg.input_size.is_multiple_of(14) {
+                bail!("{name}: input_size {} must be a multiple of the patch size 14 (e.g. 224)", cfg.input_size);
+            }
+            Ok(Box::new(dinov2::Dinov2::load(&need_weights()?, variant, name, cfg.input_size)?))
+        }
         "mobilenet_v2" => {
             let tap = mobilenet_v2::parse_tap(&cfg.tap)?;
             let path = cfg.weights.clone().unwrap_or_else(|| default_weights("mobilenet_v2.safetensors"));
@@ -111,6 +138,16 @@ mod tests {
         assert!(e.contains("vgg16") && e.contains("mobilenet_v2"), "{e}");
         let e = err(BackboneConfig { tap: "layer3".into(), ..cfg.clone() });
         assert!(e.contains("layer3") && e.contains("features.18"), "{e}");
+        let e = err(BackboneConfig { name: "resnet50".into(), tap: "layer3".into(), ..cfg.clone() });
+        assert!(e.contains("resnet50") && e.contains("weights"), "{e}");
+        let e = err(BackboneConfig { name: "resnet50".into(), ..cfg.clone() });
+        assert!(e.contains("features.13") && e.contains("layer4"), "{e}");
+        let e = err(BackboneConfig { name: "dinov2_b".into(), ..cfg.clone() });
+        assert!(e.contains("features.13") && e.contains("last"), "{e}");
+        let e = err(BackboneConfig { name: "dinov2_b".into(), tap: "last".into(), input_size: 100, ..cfg.clone() });
+        assert!(e.contains("multiple"), "{e}");
+        let e = err(BackboneConfig { name: "dinov2_g".into(), tap: "last".into(), ..cfg.clone() });
+        assert!(e.contains("dinov2_g") && e.contains("weights"), "{e}");
         let e = err(BackboneConfig { weights: Some("/nonexistent/w.safetensors".into()), ..cfg.clone() });
         assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
 

@@ -91,7 +91,10 @@ pub fn center_crop(img: &Image, h: usize, w: usize) -> Result<Image> {
 /// torchvision's eval transform: resize the shorter side to `resize`, centre-crop `crop`.
 pub fn imagenet_eval_transform(img: &Image, resize: usize, crop: usize) -> Result<Image> {
     let s = resize as f64 / img.h.min(img.w) as f64;
-    let (h, w) = (((img.h as f64 * s).round() as usize).max(resize), ((img.w as f64 * s).round() as usize).max(resize));
+    let (h, w) = (
+        ((img.h as f64 * s).round() as usize).max(resize),
+        ((img.w as f64 * s).round() as usize).max(resize),
+    );
     center_crop(&resize_bilinear(img, h, w), crop, crop)
 }
 
@@ -109,7 +112,11 @@ pub fn batch_tensor(images: &[Image], size: usize, mean: [f32; 3], std: [f32; 3]
         }
         let r = resize_bilinear(im, size, size);
         for c in 0..3 {
-            data.extend(r.data[c * size * size..(c + 1) * size * size].iter().map(|v| (v - mean[c]) / std[c]));
+            data.extend(
+                r.data[c * size * size..(c + 1) * size * size]
+                    .iter()
+                    .map(|v| (v - mean[c]) / std[c]),
+            );
         }
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
@@ -129,7 +136,13 @@ pub struct FoldedConv {
 
 /// Folds batch norm `bn` (prefix of `.weight/.bias/.running_mean/.running_var`) into conv weight
 /// `w` (shape `(Cout, …)`), checking every shape against `cout`.
-pub fn fold_bn(weights: &crate::backbone::pth::Weights, w: Tensor, bn: &str, cout: usize, eps: f64) -> Result<FoldedConv> {
+pub fn fold_bn(
+    weights: &crate::backbone::pth::Weights,
+    w: Tensor,
+    bn: &str,
+    cout: usize,
+    eps: f64,
+) -> Result<FoldedConv> {
     let g = weights.get(&format!("{bn}.weight"), &[cout])?;
     let beta = weights.get(&format!("{bn}.bias"), &[cout])?;
     let mean = weights.get(&format!("{bn}.running_mean"), &[cout])?;
@@ -146,29 +159,80 @@ pub fn fold_bn(weights: &crate::backbone::pth::Weights, w: Tensor, bn: &str, cou
 }
 
 impl FoldedConv {
-    /// Dense convolution (groups = 1) plus bias and optional ReLU6, NCHW.
-    pub fn conv(&self, x: &Tensor, stride: usize, padding: usize, relu6: bool) -> Result<Tensor> {
+    /// Dense convolution (groups = 1) plus bias and activation, NCHW.
+    pub fn conv(&self, x: &Tensor, stride: usize, padding: usize, act: Act) -> Result<Tensor> {
         let y = x.conv2d(&self.w, padding, stride, 1, 1)?;
-        bias_act(y, &self.bv, relu6)
+        bias_act(y, &self.bv, act)
     }
-    /// 1×1 convolution (one matmul per image) plus bias and optional ReLU6, NCHW.
-    pub fn pointwise(&self, x: &Tensor, relu6: bool) -> Result<Tensor> {
+    /// Dense k×k convolution plus bias and activation on a channels-first (C, B, H, W) tensor,
+    /// as a parallel im2col and one (Cout × Cin·k²)·(Cin·k² × B·h·w) matmul. candle's conv2d
+    /// does the im2col single-threaded per image and then transposes; this was 5× slower.
+    pub fn conv_cfirst(&self, x: &Tensor, stride: usize, pad: usize, act: Act) -> Result<Tensor> {
+        let (cout, cin_w, k, k2) = self.w.dims4()?;
+        let (cin, b, h, w) = x.dims4()?;
+        if cin != cin_w || k != k2 {
+            bail!("conv: weight {:?} applied to {cin} channels", self.w.dims());
+        }
+        if k == 1 && stride == 1 && pad == 0 {
+            return self.pointwise_cfirst(x, act);
+        }
+        if h + 2 * pad < k || w + 2 * pad < k {
+            bail!("conv: {h}×{w} input too small for a {k}×{k} kernel");
+        }
+        let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+        let xin = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let n = b * oh * ow;
+        let mut cols = vec![0f32; cin * k * k * n];
+        par_planes(&mut cols, n, |r, row| {
+            let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+            for bi in 0..b {
+                let plane = &xin[(ci * b + bi) * h * w..][..h * w];
+                for oy in 0..oh {
+                    let iy = (oy * stride + ky) as isize - pad as isize;
+                    let dst = &mut row[(bi * oh + oy) * ow..][..ow];
+                    if iy < 0 || iy >= h as isize {
+                        continue; // stays zero: padding
+                    }
+                    let src = &plane[iy as usize * w..][..w];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * stride + kx) as isize - pad as isize;
+                        if ix >= 0 && (ix as usize) < w {
+                            *d = src[ix as usize];
+                        }
+                    }
+                }
+            }
+        });
+        let cols = Tensor::from_vec(cols, (cin * k * k, n), x.device())?;
+        let y = self.w2.matmul(&cols)?;
+        bias_act_cfirst(y.reshape((cout, b, oh, ow))?, &self.bv, act)
+    }
+
+    /// 1×1 convolution plus bias and activation on a channels-first (C, B, H, W) tensor: a
+    /// single (Cout × Cin)·(Cin × B·H·W) matmul, far faster than B small ones.
+    pub fn pointwise_cfirst(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let (cin, b, h, w) = x.dims4()?;
+        let cout = self.w2.dim(0)?;
+        let y = self.w2.matmul(&x.reshape((cin, b * h * w))?)?;
+        bias_act_cfirst(y.reshape((cout, b, h, w))?, &self.bv, act)
+    }
+    /// 1×1 convolution (one matmul per image) plus bias and activation, NCHW.
+    pub fn pointwise(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let (b, cin, h, w) = x.dims4()?;
         let cout = self.w2.dim(0)?;
         let y = self.w2.broadcast_matmul(&x.reshape((b, cin, h * w))?)?;
-        bias_act(y.reshape((b, cout, h, w))?, &self.bv, relu6)
+        bias_act(y.reshape((b, cout, h, w))?, &self.bv, act)
     }
-}
-
-/// ReLU6 (MobileNetV2's activation).
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    Ok(x.clamp(0f32, 6f32)?)
 }
 
 /// Runs `f(plane_index, plane)` over consecutive `plane`-sized chunks of `data` on all cores.
 fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let planes = data.len() / plane.max(1);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(planes).max(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(planes)
+        .max(1);
     let per = planes.div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for (t, chunk) in data.chunks_mut(per * plane).enumerate() {
@@ -182,12 +246,22 @@ fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sy
     });
 }
 
-/// In place: per-channel bias then optional ReLU6 on a contiguous (B, C, …) f32 tensor, in one
+/// Activation fused into the bias pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    None,
+    Relu,
+    Relu6,
+}
+
+/// In place: per-channel bias then activation on a contiguous (B, C, …) f32 tensor, in one
 /// pass. candle's broadcast_add + clamp take three passes and two fresh allocations, which
 /// dominated MobileNetV2's run time at 224×224.
 struct BiasAct<'a> {
     bias: &'a [f32],
-    relu6: bool,
+    act: Act,
+    /// Channels on dim 0 (C, B, …) instead of dim 1 (B, C, …).
+    cfirst: bool,
 }
 
 impl candle_core::InplaceOp1 for BiasAct<'_> {
@@ -195,30 +269,50 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
         "vipo-bias-act"
     }
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
-        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("bias-act: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("bias-act: contiguous only") };
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("bias-act: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bias-act: contiguous only")
+        };
         let dims = layout.dims();
         let c = self.bias.len();
-        if dims.len() < 2 || dims[1] != c {
+        if dims.len() < 2 || dims[if self.cfirst { 0 } else { 1 }] != c {
             candle_core::bail!("bias-act: {} biases for shape {:?}", c, dims);
         }
         let plane: usize = dims[2..].iter().product();
+        let d1 = dims[1];
         par_planes(&mut v[start..end], plane, |p, xs| {
-            let b = self.bias[p % c];
-            if self.relu6 {
-                xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0));
-            } else {
-                xs.iter_mut().for_each(|x| *x += b);
+            let b = self.bias[if self.cfirst { p / d1 } else { p % c }];
+            match self.act {
+                Act::Relu6 => xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0)),
+                Act::Relu => xs.iter_mut().for_each(|x| *x = (*x + b).max(0.0)),
+                Act::None => xs.iter_mut().for_each(|x| *x += b),
             }
         });
         Ok(())
     }
 }
 
-/// Adds a per-channel bias (and ReLU6) to a freshly computed (B, C, …) tensor, in place.
-pub fn bias_act(x: Tensor, bias: &[f32], relu6: bool) -> Result<Tensor> {
+/// Adds a per-channel bias and applies `act` to a freshly computed (B, C, …) tensor, in place.
+pub fn bias_act(x: Tensor, bias: &[f32], act: Act) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.inplace_op1(&BiasAct { bias, relu6 })?;
+    x.inplace_op1(&BiasAct {
+        bias,
+        act,
+        cfirst: false,
+    })?;
+    Ok(x)
+}
+
+/// [`bias_act`] for a channels-first (C, B, …) tensor.
+pub fn bias_act_cfirst(x: Tensor, bias: &[f32], act: Act) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.inplace_op1(&BiasAct {
+        bias,
+        act,
+        cfirst: true,
+    })?;
     Ok(x)
 }
 
@@ -226,11 +320,29 @@ pub fn bias_act(x: Tensor, bias: &[f32], relu6: bool) -> Result<Tensor> {
 /// on plain slices: candle's grouped conv2d splits into one conv per channel, which is ~100×
 /// slower for depthwise layers. Parallel over (image, channel) planes.
 pub fn depthwise3x3(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, relu6: bool) -> Result<Tensor> {
-    let (_, c, _, _) = x.dims4()?;
+    depthwise3x3_impl(x, k, bias, stride, relu6, false)
+}
+
+/// [`depthwise3x3`] on a channels-first (C, B, H, W) tensor.
+pub fn depthwise3x3_cfirst(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, relu6: bool) -> Result<Tensor> {
+    depthwise3x3_impl(x, k, bias, stride, relu6, true)
+}
+
+fn depthwise3x3_impl(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, relu6: bool, cfirst: bool) -> Result<Tensor> {
+    let c = x.dim(if cfirst { 0 } else { 1 })?;
     if k.len() != c * 9 || bias.len() != c || !(stride == 1 || stride == 2) {
-        bail!("depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}", bias.len());
+        bail!(
+            "depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}",
+            bias.len()
+        );
     }
-    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Depthwise { k, bias, stride, relu6 })?)
+    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Depthwise {
+        k,
+        bias,
+        stride,
+        relu6,
+        cfirst,
+    })?)
 }
 
 struct Depthwise<'a> {
@@ -238,15 +350,24 @@ struct Depthwise<'a> {
     bias: &'a [f32],
     stride: usize,
     relu6: bool,
+    cfirst: bool,
 }
 
 impl candle_core::CustomOp1 for Depthwise<'_> {
     fn name(&self) -> &'static str {
         "vipo-depthwise3x3"
     }
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("depthwise: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("depthwise: contiguous only") };
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("depthwise: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("depthwise: contiguous only")
+        };
         let xin = &v[start..end];
         let (b, c, h, w) = layout.shape().dims4()?;
         let stride = self.stride;
@@ -260,7 +381,8 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
             for y in 0..h {
                 pad[(y + 1) * pw + 1..(y + 1) * pw + 1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
             }
-            let ch = p % c;
+            // (B, C, H, W): plane p is channel p % C; (C, B, H, W): channel p / B (named b and c below).
+            let ch = if self.cfirst { p / c } else { p % c };
             let kk: &[f32; 9] = self.k[ch * 9..ch * 9 + 9].try_into().unwrap_or(&[0.0; 9]);
             let bb = self.bias[ch];
             for oy in 0..oh {
@@ -284,7 +406,10 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
                 }
             }
         });
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((b, c, oh, ow))))
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, c, oh, ow)),
+        ))
     }
 }
 
@@ -292,7 +417,15 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
 pub fn nchw_to_maps(x: &Tensor) -> Result<Vec<crate::backbone::FeatureMap>> {
     let (b, c, h, w) = x.dims4()?;
     let v = x.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(v.chunks(h * w * c).take(b).map(|d| crate::backbone::FeatureMap { h, w, d: c, data: d.to_vec() }).collect())
+    Ok(v.chunks(h * w * c)
+        .take(b)
+        .map(|d| crate::backbone::FeatureMap {
+            h,
+            w,
+            d: c,
+            data: d.to_vec(),
+        })
+        .collect())
 }
 
 /// Splits a `(B, N, D)` token tensor laid out on an `h × w` grid into feature maps.
@@ -301,8 +434,20 @@ pub fn tokens_to_maps(x: &Tensor, h: usize, w: usize) -> Result<Vec<crate::backb
     if n != h * w {
         bail!("{n} tokens do not form a {h}×{w} grid");
     }
-    let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>().context("tokens to feature maps")?;
-    Ok(v.chunks(n * d).take(b).map(|c| crate::backbone::FeatureMap { h, w, d, data: c.to_vec() }).collect())
+    let v = x
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()
+        .context("tokens to feature maps")?;
+    Ok(v.chunks(n * d)
+        .take(b)
+        .map(|c| crate::backbone::FeatureMap {
+            h,
+            w,
+            d,
+            data: c.to_vec(),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -342,6 +487,103 @@ mod tests {
     }
 
     #[test]
+    fn folded_batch_norm_matches_conv_then_bn() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 5), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        let g = Tensor::new(&[1.5f32, 0.5, 1.0, 2.0], &dev).unwrap();
+        let beta = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
+        let mean = Tensor::new(&[0.2f32, 0.0, -0.5, 1.0], &dev).unwrap();
+        let var = Tensor::new(&[0.5f32, 2.0, 1.0, 0.1], &dev).unwrap();
+        let wts = crate::backbone::pth::Weights::from_map(
+            std::path::Path::new("bn"),
+            [
+                ("bn.weight", &g),
+                ("bn.bias", &beta),
+                ("bn.running_mean", &mean),
+                ("bn.running_var", &var),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        );
+        let f = fold_bn(&wts, w.clone(), "bn", 4, 1e-5).unwrap();
+        let ours = f.conv(&x, 2, 1, Act::Relu).unwrap();
+        let r = |t: &Tensor| t.reshape((1, 4, 1, 1)).unwrap();
+        let y = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+        let reference = y
+            .broadcast_sub(&r(&mean))
+            .unwrap()
+            .broadcast_div(&r(&(var + 1e-5).unwrap().sqrt().unwrap()))
+            .unwrap()
+            .broadcast_mul(&r(&g))
+            .unwrap()
+            .broadcast_add(&r(&beta))
+            .unwrap()
+            .relu()
+            .unwrap();
+        let d = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{d}"); // outputs are O(10): f32 rounding of two evaluation orders
+    }
+
+    #[test]
+    fn channels_first_convs_match_candle() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();
+        let xc = x.transpose(0, 1).unwrap().contiguous().unwrap();
+        for (k, stride, pad) in [(3, 2, 1), (3, 1, 1), (7, 2, 3), (1, 2, 0), (1, 1, 0)] {
+            let w = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
+            let bias = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
+            let f = FoldedConv {
+                w2: w.flatten_from(1).unwrap().contiguous().unwrap(),
+                bv: bias.to_vec1().unwrap(),
+                w: w.clone(),
+                b: bias.clone(),
+            };
+            let ours = f
+                .conv_cfirst(&xc, stride, pad, Act::None)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap();
+            let reference = f.conv(&x, stride, pad, Act::None).unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "k{k} s{stride}");
+            let d = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "k{k} s{stride} p{pad}: {d}");
+        }
+        // Depthwise in both layouts agrees.
+        let kv: Vec<f32> = (0..27).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bias = [0.5f32, -0.5, 0.1];
+        let a = depthwise3x3(&x, &kv, &bias, 2, true).unwrap();
+        let c = depthwise3x3_cfirst(&xc, &kv, &bias, 2, true)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        let d = (a - c)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
     fn depthwise_matches_candle_grouped_conv() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &dev).unwrap();
@@ -356,7 +598,14 @@ mod tests {
                 .broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(ours.dims(), reference.dims());
-            let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "stride {stride}: {d}");
         }
     }
