@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(toml_cfg, BackboneConfig { input_size: 112, ..cfg.clone() });
         assert!(toml::from_str::<BackboneConfig>("inputsize = 112").is_err());
 
-        let b = load(&BackboneConfig { input_size: 64, ..cfg.clone() }).unwrap();
+        let b = load(&BackboneConfig { input_size: 64, tap: "features.13".into(), ..cfg.clone() }).unwrap();
         assert_eq!(b.name(), "mobilenet_v2:features.13@64");
         let f = b.features(&[Image::filled(32, 32, [0.5, 0.2, 0.1])]).unwrap();
         assert_eq!((f[0].h, f[0].w, f[0].d), (4, 4, 96));
@@ -141,9 +141,9 @@ mod tests {
         let e = err(BackboneConfig { name: "resnet50".into(), tap: "layer3".into(), ..cfg.clone() });
         assert!(e.contains("resnet50") && e.contains("weights"), "{e}");
         let e = err(BackboneConfig { name: "resnet50".into(), ..cfg.clone() });
-        assert!(e.contains("features.13") && e.contains("layer4"), "{e}");
+        assert!(e.contains("features.6") && e.contains("layer4"), "{e}");
         let e = err(BackboneConfig { name: "dinov2_b".into(), ..cfg.clone() });
-        assert!(e.contains("features.13") && e.contains("last"), "{e}");
+        assert!(e.contains("features.6") && e.contains("last"), "{e}");
         let e = err(BackboneConfig { name: "dinov2_b".into(), tap: "last".into(), input_size: 100, ..cfg.clone() });
         assert!(e.contains("multiple"), "{e}");
         let e = err(BackboneConfig { name: "dinov2_g".into(), tap: "last".into(), ..cfg.clone() });
