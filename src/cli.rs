@@ -42,6 +42,14 @@ enum Cmd {
     Demo(DemoArgs),
     /// Allocation maps (PSM) for image files or a run's samples: overlays + every stage.
     Map(MapArgs),
+    /// Convert a torch .pth (zip or legacy pickle; never executed) to safetensors.
+    ConvertWeights {
+        src: PathBuf,
+        dst: PathBuf,
+        /// Store as f16 (halves the size; how weights/mobilenet_v2.safetensors was made).
+        #[arg(long)]
+        f16: bool,
+    },
     /// Print the resolved config (defaults + file + --set) as TOML.
     Config(ConfigArgs),
     /// Speed benchmarks (release build recommended).
@@ -159,6 +167,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Train(a) => train_cmd(a),
         Cmd::Map(a) => map_cmd(a),
+        Cmd::ConvertWeights { src, dst, f16 } => {
+            let n = crate::backbone::pth::convert_pth_to_safetensors(&src, &dst, f16)?;
+            println!("wrote {n} tensors to {}", dst.display());
+            Ok(())
+        }
         Cmd::Config(a) => {
             print!("{}", config::to_toml(&load_config(&a)?)?);
             Ok(())
