@@ -90,14 +90,14 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
-            steps: 1500,
+            steps: 600,
             batch_size: 32,
             lr: 1e-3,
-            warmup_steps: 100,
+            warmup_steps: 50,
             weight_decay: 0.0,
             grad_clip: 1.0,
             prompt_pool: 2000,
-            checkpoint_every: 500,
+            checkpoint_every: 200,
             log_every: 10,
             grid_prompts: 16,
             eval_prompts: 64,
@@ -232,7 +232,7 @@ impl Default for TrainConfig {
         Self {
             algo: Algo::Grpo,
             base: String::new(),
-            steps: 40,
+            steps: 30,
             prompts_per_step: 4,
             group_size: 8,
             micro_batch: 8,
@@ -469,6 +469,19 @@ mod tests {
         let text = to_toml(&c).unwrap();
         let back: Config = from_toml_str(&text, "resolved", &[]).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_default_toml_is_the_defaults() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let d: Config = load(Some(&dir.join("default.toml")), &[]).unwrap();
+        assert_eq!(d, Config::default(), "configs/default.toml drifted from the built-in defaults");
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let p = f.unwrap().path();
+            let c: Config = load(Some(&p), &[]).unwrap();
+            c.train.validate().unwrap();
+            c.model.validate().unwrap();
+        }
     }
 
     #[test]
