@@ -225,6 +225,9 @@ pub struct TrainConfig {
     pub grid_prompts: usize,
     /// Distinct train prompts cycled through (shuffled per epoch).
     pub prompt_pool: usize,
+    /// Prompts per split (eval, ood) scored with ODE sampling on fixed noise before the
+    /// first and after the last step, into eval.json (0 = skip).
+    pub eval_prompts: usize,
 }
 
 impl Default for TrainConfig {
@@ -232,7 +235,7 @@ impl Default for TrainConfig {
         Self {
             algo: Algo::Grpo,
             base: String::new(),
-            steps: 30,
+            steps: 40,
             prompts_per_step: 4,
             group_size: 8,
             micro_batch: 8,
@@ -248,7 +251,7 @@ impl Default for TrainConfig {
             adv_std: crate::advantage::StdKind::Sample,
             global_std: false,
             shared_group_noise: true,
-            lr: 1e-4,
+            lr: 1e-3,
             warmup_steps: 0,
             weight_decay: 1e-4,
             grad_clip: 1.0,
@@ -263,6 +266,7 @@ impl Default for TrainConfig {
             grid_every: 10,
             grid_prompts: 8,
             prompt_pool: 512,
+            eval_prompts: 64,
         }
     }
 }

@@ -236,6 +236,7 @@ impl Trainer {
         if self.state.step == 0 && self.cfg.train.grid_every > 0 {
             self.write_grid(0)?;
         }
+        let base_scores = if self.state.step == 0 { self.evaluate()? } else { None };
         while self.state.step < total {
             let m = self.train_step()?;
             bar.inc(1);
@@ -254,7 +255,33 @@ impl Trainer {
         }
         bar.finish_and_clear();
         self.export_final()?;
+        if let Some(fin) = self.evaluate()? {
+            // Keep the base scores of the first session when a run was resumed.
+            let path = self.run_dir.join("eval.json");
+            let base = match base_scores {
+                Some(b) => serde_json::to_value(b)?,
+                None => std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).map(|v| v["base"].clone()).unwrap_or(serde_json::Value::Null),
+            };
+            let v = serde_json::json!({"reward": "compositional", "n": self.cfg.train.eval_prompts, "sample_steps": self.cfg.sample.steps, "base": base, "final": fin, "step": self.state.step});
+            crate::io::atomic_write(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        }
         Ok(all)
+    }
+
+    /// Compositional score on fixed eval/ood prompts and noise (EMA weights when on).
+    fn evaluate(&self) -> Result<Option<HashMap<String, f64>>> {
+        let n = self.cfg.train.eval_prompts;
+        if n == 0 {
+            return Ok(None);
+        }
+        let reward = crate::reward::compositional::Compositional::new();
+        let mut out = HashMap::new();
+        for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
+            let prompts = world::prompts(split, n, 0xe7a1);
+            let imgs = self.with_ema(|p| crate::eval::generate(p, &prompts, 0xe7a1, &self.cfg.sample))?;
+            out.insert(name.to_string(), crate::eval::mean_score(&reward, &imgs, &prompts)?);
+        }
+        Ok(Some(out))
     }
 
     /// Write `model.safetensors`: the full policy weights (EMA when on) in the base layout,
@@ -681,6 +708,7 @@ mod tests {
         t.checkpoint_every = 1;
         t.grid_every = 0;
         t.prompt_pool = 16;
+        t.eval_prompts = 2;
         // Redness varies smoothly with any pixel change, so a random tiny policy gets
         // non-zero advantages.
         t.rewards = vec![crate::config::RewardEntry { name: "redness".into(), weight: 1.0 }];
@@ -877,5 +905,32 @@ mod tests {
             let e = format!("{:#}", Trainer::new(&c, &d.path().join("x"), false).err().unwrap());
             assert!(e.contains(needle), "{set}: {e}");
         }
+    }
+
+    /// End-to-end direction check: GRPO on the rule-based redness reward must make the
+    /// policy's samples redder (same prompts and noise before and after).
+    #[test]
+    fn grpo_raises_the_redness_reward() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = setup(d.path());
+        cfg.train.steps = 20;
+        cfg.train.prompts_per_step = 2;
+        cfg.train.group_size = 4;
+        cfg.train.micro_batch = 4;
+        cfg.train.grad_accum = 2;
+        cfg.train.lr = 3e-3;
+        cfg.train.checkpoint_every = 0;
+        let dir = d.path().join("red");
+        run::create_run_dir(&dir, &cfg, false).unwrap();
+        let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
+        let prompts = world::prompts(Split::Train, 8, 5);
+        let redness = |tr: &Trainer| {
+            let imgs = crate::eval::generate(&tr.policy, &prompts, 5, &cfg.sample).unwrap();
+            crate::eval::mean_score(&crate::reward::redness::Redness, &imgs, &prompts).unwrap()
+        };
+        let before = redness(&tr);
+        tr.train().unwrap();
+        let after = redness(&tr);
+        assert!(after > before + 0.03, "redness {before:.3} → {after:.3}");
     }
 }
