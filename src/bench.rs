@@ -144,8 +144,8 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
         for input in [224usize, 112] {
             for b in bench_psm(&["features.3", "features.6", "features.13"], input, 32)? {
                 println!(
-                    "psm mobilenet_v2 {:<12} @{:3} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
-                    b.tap, b.input_size, b.grid.0, b.grid.1, b.object_mass, b.area_frac, b.backbone_ms, b.psm_ms
+                    "psm mobilenet_v2 {:<12} @{:3} {:<9} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
+                    b.tap, b.input_size, format!("{:?}", b.orient).to_lowercase(), b.grid.0, b.grid.1, b.object_mass, b.area_frac, b.backbone_ms, b.psm_ms
                 );
             }
         }
@@ -169,6 +169,7 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
 /// and for the PCA→map stages.
 pub struct PsmBench {
     pub tap: String,
+    pub orient: crate::psm::Orient,
     pub input_size: usize,
     pub grid: (usize, usize),
     pub object_mass: f64,
@@ -202,16 +203,19 @@ pub fn bench_psm(taps: &[&str], input_size: usize, n_images: usize) -> anyhow::R
         let t0 = std::time::Instant::now();
         let feats = bb.features(&images)?;
         let backbone_ms = t0.elapsed().as_secs_f64() * 1e3 / n_images as f64;
-        let t1 = std::time::Instant::now();
-        let (maps, _) = crate::psm::allocation_maps(&feats, 32, 32, &crate::psm::PsmConfig::default());
-        let psm_ms = t1.elapsed().as_secs_f64() * 1e3 / n_images as f64;
-        let (mut mass, mut area) = (0.0, 0.0);
-        for (m, o) in maps.iter().zip(&masks) {
-            let (a, b) = crate::psm::map_object_mass(m, o);
-            mass += a as f64;
-            area += b as f64;
+        for orient in [crate::psm::Orient::Sklearn, crate::psm::Orient::Minority] {
+            let t1 = std::time::Instant::now();
+            let pc = crate::psm::PsmConfig { orient, ..Default::default() };
+            let (maps, _) = crate::psm::allocation_maps(&feats, 32, 32, &pc);
+            let psm_ms = t1.elapsed().as_secs_f64() * 1e3 / n_images as f64;
+            let (mut mass, mut area) = (0.0, 0.0);
+            for (m, o) in maps.iter().zip(&masks) {
+                let (a, b) = crate::psm::map_object_mass(m, o);
+                mass += a as f64;
+                area += b as f64;
+            }
+            out.push(PsmBench { tap: tap.to_string(), orient, input_size, grid: (feats[0].h, feats[0].w), object_mass: mass / n_images as f64, area_frac: area / n_images as f64, backbone_ms, psm_ms });
         }
-        out.push(PsmBench { tap: tap.to_string(), input_size, grid: (feats[0].h, feats[0].w), object_mass: mass / n_images as f64, area_frac: area / n_images as f64, backbone_ms, psm_ms });
     }
     Ok(out)
 }

@@ -31,6 +31,21 @@ pub enum Aggregation {
     First,
 }
 
+/// How each principal component's arbitrary sign is fixed before the released code's
+/// reverse min–max remap ("more negative = subject").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Orient {
+    /// scikit-learn ≥ 1.5 (`svd_flip`, loadings-based): each component's largest-|loading|
+    /// entry is positive. Comparable with the released code; the default.
+    #[default]
+    Sklearn,
+    /// After the sklearn convention, flip a component whose remapped values average above
+    /// 0.5, so the high end of the map is the minority of patches (subjects usually cover
+    /// less of the image than the background).
+    Minority,
+}
+
 /// PSM settings (the `[psm]` table of the config).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +56,8 @@ pub struct PsmConfig {
     pub aggregation: Aggregation,
     /// Gaussian smoothing σ_s on the patch grid, in patches (paper: 1.0; 0 = off).
     pub sigma: f64,
+    /// Component sign convention (`"sklearn"` or `"minority"`).
+    pub orient: Orient,
 }
 
 impl Default for PsmConfig {
@@ -48,7 +65,7 @@ impl Default for PsmConfig {
         PsmConfig {
             k: 3,
             aggregation: Aggregation::Weighted,
-            sigma: 1.0,
+            sigma: 1.0, orient: Orient::Sklearn
         }
     }
 }
@@ -871,7 +888,12 @@ pub fn allocation_map(
     let mut remapped = vec![0f32; n * k];
     for j in 0..k {
         let z: Vec<f32> = (0..n).map(|i| p.projections[i * k + j]).collect();
-        for (i, v) in remap_component(&z).into_iter().enumerate() {
+        let mut r = remap_component(&z);
+        if cfg.orient == Orient::Minority && r.iter().map(|&v| v as f64).sum::<f64>() > 0.5 * n as f64 {
+            // Remapping −z gives exactly 1 − z'.
+            r.iter_mut().for_each(|v| *v = 1.0 - *v);
+        }
+        for (i, v) in r.into_iter().enumerate() {
             remapped[i * k + j] = v;
         }
     }
@@ -1428,7 +1450,7 @@ mod tests {
             let cfg = PsmConfig {
                 k: 3,
                 aggregation: agg,
-                sigma: 1.0,
+                sigma: 1.0, orient: Orient::Sklearn
             };
             let s = allocation_map(&feat, 16, 16, &cfg).unwrap();
             assert_eq!(
@@ -1463,7 +1485,7 @@ mod tests {
         let cfg = PsmConfig {
             k: 1,
             aggregation: Aggregation::First,
-            sigma: 0.0,
+            sigma: 0.0, orient: Orient::Sklearn
         };
         let s = allocation_map(&feat, 8, 8, &cfg).unwrap();
         let obj: Vec<f32> = s
@@ -1553,7 +1575,7 @@ mod tests {
             PsmConfig {
                 k: 2,
                 aggregation: Aggregation::Average,
-                sigma: 1.0
+                sigma: 1.0, orient: Orient::Sklearn
             }
         );
         assert!(toml::from_str::<PsmConfig>("aggregation = \"median\"").is_err());
@@ -1630,5 +1652,34 @@ mod tests {
                 t.elapsed().as_secs_f64() * 1e3 / reps as f64
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod orient_tests {
+    use super::*;
+
+    /// Two clusters of patches: a small "object" (4 patches) and a large background.
+    /// With `minority`, the map is high on the object whatever sign the PCA returned.
+    #[test]
+    fn minority_orientation_puts_the_small_cluster_high() {
+        let (h, w, d) = (4usize, 4usize, 3usize);
+        for flip in [1f32, -1.0] {
+            let mut data = Vec::new();
+            for i in 0..h * w {
+                let obj = i == 5 || i == 6 || i == 9 || i == 10;
+                let base = if obj { [3.0 * flip, 0.0, 1.0] } else { [0.0, 0.0, 1.0] };
+                data.extend(base.iter().enumerate().map(|(c, v)| v + 0.01 * ((i * 7 + c * 3) % 5) as f32));
+            }
+            let feat = FeatureMap { h, w, d, data };
+            let cfg = PsmConfig { k: 1, aggregation: Aggregation::First, sigma: 0.0, orient: Orient::Minority };
+            let s = allocation_map(&feat, h, w, &cfg).unwrap();
+            for i in [5, 6, 9, 10] {
+                assert!(s.map[i] > 0.9, "flip {flip}: object patch {i} = {}", s.map[i]);
+            }
+            assert!(s.map[0] < 0.1, "flip {flip}: background = {}", s.map[0]);
+        }
+        let c: PsmConfig = toml::from_str("orient = \"minority\"").unwrap();
+        assert_eq!(c.orient, Orient::Minority);
     }
 }
