@@ -90,14 +90,14 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
-            steps: 600,
+            steps: 1200,
             batch_size: 32,
             lr: 1e-3,
             warmup_steps: 50,
             weight_decay: 0.0,
             grad_clip: 1.0,
             prompt_pool: 2000,
-            checkpoint_every: 200,
+            checkpoint_every: 400,
             log_every: 10,
             grid_prompts: 16,
             eval_prompts: 64,

@@ -37,7 +37,7 @@ pub fn cache_dir() -> PathBuf {
 /// The base model for `cfg` (keyed by a hash of the model + pretrain config and seed):
 /// pretrained once, then reused unless `fresh`.
 pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
-    let key = crate::config::to_toml(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))?;
+    let key = serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))?;
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     let dir = cache_dir().join(format!("base-{hash:016x}"));
     let weights = dir.join(crate::train::run::FINAL_WEIGHTS);

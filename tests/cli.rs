@@ -111,3 +111,24 @@ fn train_grpo_then_resume_from_the_cli() {
     assert!(e.contains("group_size"), "{e}");
     assert!(!d.path().join("runs/bad").exists(), "a rejected run must not leave a directory");
 }
+
+#[test]
+fn demo_pretrains_once_then_uses_the_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["demo"];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_vipo")).args(&args).current_dir(d.path()).env("CI", "1").env("VIPO_CACHE", &cache).output().unwrap()
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pretraining the base model"));
+    assert!(d.path().join("runs/demo/base_samples/grid.png").is_file());
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("using cached base model"));
+    let o = run(&["--fresh"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pretraining the base model"));
+}
