@@ -512,7 +512,7 @@ impl Trainer {
         let d = self.cfg.train.ema_decay;
         if let Some(ema) = &mut self.ema {
             for (e, (_, v)) in ema.iter_mut().zip(self.policy.trainable()) {
-                *e = ((&*e * d)? + (v.as_tensor() * (1.0 - d))?)?;
+                *e = ((&*e * d)? + (v.as_tensor() * (1.0 - d))?)?.detach(); // no graph chain across steps
             }
         }
         Ok(())
@@ -919,6 +919,7 @@ mod tests {
         cfg.train.micro_batch = 4;
         cfg.train.grad_accum = 2;
         cfg.train.lr = 3e-3;
+        cfg.train.lora_rank = 0; // full fine-tuning: the strongest, fastest signal for a direction check
         cfg.train.checkpoint_every = 0;
         let dir = d.path().join("red");
         run::create_run_dir(&dir, &cfg, false).unwrap();

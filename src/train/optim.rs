@@ -37,7 +37,7 @@ impl AdamW {
     pub fn collect_grads(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
         self.vars
             .iter()
-            .map(|(_, v)| Ok(grads.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.zeros_like())?))
+            .map(|(_, v)| Ok(grads.get(v.as_tensor()).map(|g| g.detach()).map(Ok).unwrap_or_else(|| v.zeros_like())?))
             .collect()
     }
 
@@ -68,8 +68,9 @@ impl AdamW {
             let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
             var.set(&(decayed - (upd * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            // Detached so the moments never keep earlier steps' graphs alive.
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(norm)
     }

@@ -100,7 +100,9 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
         let gn = opt.apply(&g, lr, p.grad_clip)?;
         if let Some(e) = &mut ema {
             for (ei, (_, v)) in e.iter_mut().zip(opt.vars()) {
-                *ei = ((&*ei * p.ema_decay)? + (v.as_tensor() * (1.0 - p.ema_decay))?)?;
+                // detach: ops on a Var record a graph edge, which would chain every
+                // previous EMA tensor and leak memory without bound.
+                *ei = ((&*ei * p.ema_decay)? + (v.as_tensor() * (1.0 - p.ema_decay))?)?.detach();
             }
         }
         if step == 0 {
