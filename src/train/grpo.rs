@@ -25,7 +25,7 @@ use crate::reward::set::RewardSet;
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
 use crate::train::maps::{MapBatch, MapSource};
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::run;
 use crate::world::{self, PromptSpec, Split};
 
@@ -139,11 +139,7 @@ impl Trainer {
             policy.trainable(),
             AdamWConfig { lr: t.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: t.weight_decay },
         )?;
-        let ema = if t.ema_decay > 0.0 {
-            Some(policy.trainable().iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?)
-        } else {
-            None
-        };
+        let ema = ema_init(&policy.trainable(), t.ema_decay)?;
         let pool = world::prompts(Split::Train, t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
         let mut rng_prompts = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9701);
         let mut order: Vec<usize> = (0..pool.len()).collect();
@@ -509,11 +505,8 @@ impl Trainer {
     }
 
     fn update_ema(&mut self) -> Result<()> {
-        let d = self.cfg.train.ema_decay;
         if let Some(ema) = &mut self.ema {
-            for (e, (_, v)) in ema.iter_mut().zip(self.policy.trainable()) {
-                *e = ((&*e * d)? + (v.as_tensor() * (1.0 - d))?)?.detach(); // no graph chain across steps
-            }
+            ema_update(ema, self.opt.vars(), self.cfg.train.ema_decay)?;
         }
         Ok(())
     }

@@ -107,3 +107,22 @@ pub fn lr_at(step: usize, lr: f64, warmup: usize) -> f64 {
         lr * (step + 1) as f64 / warmup as f64
     }
 }
+
+/// An exponential moving average of a set of variables (the weights that get sampled and
+/// saved). `None` when `decay` is 0.
+pub fn ema_init(vars: &[(String, Var)], decay: f64) -> Result<Option<Vec<Tensor>>> {
+    if decay <= 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?))
+}
+
+/// ema ← decay·ema + (1 − decay)·var, for each variable.
+pub fn ema_update(ema: &mut [Tensor], vars: &[(String, Var)], decay: f64) -> Result<()> {
+    for (e, (_, v)) in ema.iter_mut().zip(vars) {
+        // detach: ops on a Var record a graph edge, which would chain every previous EMA
+        // tensor and leak memory without bound.
+        *e = ((&*e * decay)? + (v.as_tensor() * (1.0 - decay))?)?.detach();
+    }
+    Ok(())
+}

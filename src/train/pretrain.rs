@@ -17,7 +17,7 @@ use crate::image::grid;
 use crate::policy::dit::images_to_latents;
 use crate::policy::{ImagePolicy, Policy};
 use crate::reward::compositional::Compositional;
-use crate::train::optim::{lr_at, AdamW, AdamWConfig};
+use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::run;
 use crate::world::{self, Split};
 
@@ -57,11 +57,7 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
         AdamWConfig { lr: p.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: p.weight_decay },
     )?;
     anyhow::ensure!((0.0..1.0).contains(&p.ema_decay), "pretrain.ema_decay: must be in [0, 1)");
-    let mut ema: Option<Vec<Tensor>> = if p.ema_decay > 0.0 {
-        Some(opt.vars().iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
-    } else {
-        None
-    };
+    let mut ema = ema_init(opt.vars(), p.ema_decay)?;
     let pool = world::prompts(Split::Train, p.prompt_pool, cfg.seed);
     let mut data_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xda7a);
     let mut noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0015e);
@@ -99,11 +95,7 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
         }
         let gn = opt.apply(&g, lr, p.grad_clip)?;
         if let Some(e) = &mut ema {
-            for (ei, (_, v)) in e.iter_mut().zip(opt.vars()) {
-                // detach: ops on a Var record a graph edge, which would chain every
-                // previous EMA tensor and leak memory without bound.
-                *ei = ((&*ei * p.ema_decay)? + (v.as_tensor() * (1.0 - p.ema_decay))?)?.detach();
-            }
+            ema_update(e, opt.vars(), p.ema_decay)?;
         }
         if step == 0 {
             first_loss = loss_v;
