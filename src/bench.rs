@@ -141,7 +141,7 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
         }
     }
     if what == "psm" || what == "all" {
-        for input in [224usize, 112] {
+        for input in [224usize, 112, 64] {
             for b in bench_psm(&["features.3", "features.6", "features.13"], input, 32)? {
                 println!(
                     "psm mobilenet_v2 {:<12} @{:3} {:<9} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",

@@ -38,8 +38,20 @@ enum Cmd {
     Train(TrainArgs),
     /// Sample images from a checkpoint with the Euler ODE sampler.
     Sample(SampleArgs),
-    /// The main job on the embedded default: pretrain (cached) and sample.
+    /// The main job: pretrain the base (cached), compare GRPO vs ViPO from it, evaluate, write report.html.
     Demo(DemoArgs),
+    /// GRPO vs ViPO (and ablations) × seeds from one base; results tables and report.html.
+    Compare(CompareArgs),
+    /// Write report.html for a run or a comparison directory.
+    Report {
+        /// A `vipo train` run or a `vipo compare` directory.
+        dir: PathBuf,
+        /// Then load it in headless chromium: fail on console messages or images that do not load.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Evaluate a run on fixed eval/ood prompts and noise: rewards with 95% CIs, per-criterion breakdown, OOD gap.
+    Eval(EvalArgs),
     /// Allocation maps (PSM) for image files or a run's samples: overlays + every stage.
     Map(MapArgs),
     /// Convert a torch .pth (zip or legacy pickle; never executed) to safetensors.
@@ -109,10 +121,45 @@ struct MapArgs {
 }
 
 #[derive(Args)]
+struct CompareArgs {
+    /// Runs per method (overrides compare.seeds).
+    #[arg(long)]
+    seeds: Option<usize>,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The run directory (`vipo pretrain` or `vipo train`).
+    #[arg(long)]
+    run: PathBuf,
+    /// Evaluate this checkpoint step instead of the final weights.
+    #[arg(long)]
+    checkpoint: Option<usize>,
+    /// Prompts per split (default: the run's train.eval_prompts).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Override [sample] fields, e.g. --set sample.steps=40 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Replace an existing evaluation of the same weights.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// Ignore the cached base model and pretrain again.
     #[arg(long)]
     fresh: bool,
+    /// Seeds per method (the BENCHMARKS comparison uses 3).
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// RL steps per run (fewer than train.steps' 30 so that the demo, pretraining
+    /// included, stays under 15 minutes on 2 cores).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
     #[command(flatten)]
     cfg: ConfigArgs,
 }
@@ -178,6 +225,45 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Sample(a) => sample_cmd(a),
         Cmd::Demo(a) => demo(a),
+        Cmd::Compare(a) => {
+            let mut cfg = load_config(&a.cfg)?;
+            if let Some(n) = a.seeds {
+                cfg.compare.seeds = n;
+            }
+            let out = crate::compare::compare(&cfg, a.cfg.force)?;
+            for l in out.results.summary() {
+                println!("{l}");
+            }
+            println!("{} runs trained, {} reused; results: {}", out.trained, out.reused, out.dir.join("results.md").display());
+            println!("report: {}", out.dir.join("report.html").display());
+            Ok(())
+        }
+        Cmd::Report { dir, check } => {
+            let path = dir.join("report.html");
+            if dir.join(crate::compare::COMPARE_FILE).is_file() {
+                crate::compare::rewrite_report(&dir)?;
+            } else {
+                crate::report::write_report(&crate::run_report::run_report_input(&dir)?, &path)?;
+            }
+            println!("report: {}", path.display());
+            if check {
+                let browser = crate::report::browser::find_browser()
+                    .ok_or_else(|| anyhow::anyhow!("--check needs a headless browser: apt-get install chromium, or set VIPO_CHROMIUM"))?;
+                let c = crate::report::browser::check(&browser, &path)?;
+                println!("browser check ({}): {} images, {} broken, {} console messages", browser.display(), c.images, c.broken_images, c.console.len());
+                for l in &c.console {
+                    println!("  {l}");
+                }
+                anyhow::ensure!(c.ok(), "{}: failed the browser check", path.display());
+            }
+            Ok(())
+        }
+        Cmd::Eval(a) => {
+            let (out, rep) = crate::eval::run::eval_run(&a.run, &a.set, a.checkpoint, a.n, a.force)?;
+            crate::eval::run::print_report(&rep);
+            println!("wrote {}", out.join("eval.json").display());
+            Ok(())
+        }
         Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters),
     }
 }
@@ -289,16 +375,22 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
 }
 
 fn demo(a: DemoArgs) -> Result<()> {
-    let cfg = load_config(&a.cfg)?;
+    let started = std::time::Instant::now();
+    let mut cfg = load_config(&a.cfg)?;
+    if cfg.run_name.is_empty() {
+        cfg.run_name = "demo".into();
+    }
+    cfg.compare.seeds = a.seeds;
+    cfg.train.steps = a.steps;
+    // Pretrain (or reuse) the cached base, then compare GRPO and ViPO from it.
     let base = crate::sample::cached_base(&cfg, a.fresh)?;
-    let out_dir = run_dir_for(&cfg, "demo");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
-    let device = crate::runtime::device()?;
-    let policy = crate::policy::ImagePolicy::load(&cfg.model, &base, None, &device, cfg.seed)?;
-    let prompts = crate::world::prompts(crate::world::Split::Eval, 16, 7);
-    crate::sample::write_samples(&policy, &prompts, 0, &cfg.sample, &out_dir.join("base_samples"))?;
+    cfg.train.base = base.display().to_string();
+    let out = crate::compare::compare(&cfg, a.cfg.force)?;
     println!("base model: {}", base.display());
-    println!("samples: {}", out_dir.join("base_samples").join("grid.png").display());
+    for l in out.results.summary() {
+        println!("{l}");
+    }
+    println!("report: {}  ({:.1} min)", out.dir.join("report.html").display(), started.elapsed().as_secs_f64() / 60.0);
     Ok(())
 }
 

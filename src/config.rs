@@ -34,6 +34,8 @@ pub struct Config {
     pub psm: crate::psm::PsmConfig,
     /// The frozen backbone whose features the PSM uses.
     pub backbone: crate::backbone::BackboneConfig,
+    /// `vipo compare`: methods (GRPO, ViPO, ablations) × seeds from one base.
+    pub compare: CompareConfig,
 }
 
 impl Default for Config {
@@ -50,7 +52,38 @@ impl Default for Config {
             vipo: VipoConfig::default(),
             psm: crate::psm::PsmConfig::default(),
             backbone: crate::backbone::BackboneConfig::default(),
+            compare: CompareConfig::default(),
         }
+    }
+}
+
+/// `vipo compare`: every method trains from the same base checkpoint on the same prompts
+/// with the same seeds and step budget (`[train]`), then is evaluated on identical noise.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Seeds per method: seed, seed+1, … (`--seeds` overrides).
+    pub seeds: usize,
+    /// Prompts per split in every evaluation (base and each run).
+    pub eval_prompts: usize,
+    /// The methods; the first is the reference for "steps to reach its final reward".
+    pub methods: Vec<MethodSpec>,
+}
+
+/// One method of a comparison: a name (its run directories are `NAME-sSEED`) and the
+/// `--set` overrides that define it on top of the shared config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MethodSpec {
+    pub name: String,
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        let m = |name: &str, set: &[&str]| MethodSpec { name: name.into(), set: set.iter().map(|s| s.to_string()).collect() };
+        Self { seeds: 3, eval_prompts: 64, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])] }
     }
 }
 

@@ -22,3 +22,14 @@ pub fn dtype(device: &Device) -> DType {
         _ => DType::F32, // the embedded testbed is tiny; f32 everywhere keeps parity checks exact
     }
 }
+
+/// Resident memory of this process in MiB (`VmRSS`), and its peak so far (`VmHWM`), from
+/// /proc/self/status; `None` where that file does not exist.
+pub fn memory_mb() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}

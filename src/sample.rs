@@ -34,13 +34,20 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("VIPO_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".vipo-cache"))
 }
 
+/// Where the cached base model for `cfg` lives (it may not exist yet): keyed by a hash
+/// of the model + pretrain config, the seed and the sample config.
+pub fn cached_base_path(cfg: &Config) -> PathBuf {
+    let key = serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample)).expect("config serializes");
+    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    cache_dir().join(format!("base-{hash:016x}")).join(crate::train::run::FINAL_WEIGHTS)
+}
+
 /// The base model for `cfg` (keyed by a hash of the model + pretrain config and seed):
 /// pretrained once, then reused unless `fresh`.
 pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
-    let key = serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))?;
-    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    let dir = cache_dir().join(format!("base-{hash:016x}"));
-    let weights = dir.join(crate::train::run::FINAL_WEIGHTS);
+    let weights = cached_base_path(cfg);
+    let dir = weights.parent().expect("cache path has a parent").to_path_buf();
+    let hash = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("base-")).unwrap_or("x").to_string();
     if weights.is_file() && !fresh {
         eprintln!("using cached base model {}", weights.display());
         return Ok(weights);
@@ -48,7 +55,7 @@ pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
     eprintln!("pretraining the base model into {} (cached for later runs)", dir.display());
     // Pretrain into a temp dir, then rename, so an interrupted pretraining never leaves a
     // half-trained model where the cache expects a finished one.
-    let tmp = cache_dir().join(format!(".tmp-base-{hash:016x}"));
+    let tmp = cache_dir().join(format!(".tmp-base-{hash}"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
     }

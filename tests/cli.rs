@@ -112,23 +112,145 @@ fn train_grpo_then_resume_from_the_cli() {
     assert!(!d.path().join("runs/bad").exists(), "a rejected run must not leave a directory");
 }
 
+const TRAIN_TINY: &[&str] = &[
+    "--set", "train.steps=2", "--set", "train.prompts_per_step=2", "--set", "train.group_size=2", "--set", "train.micro_batch=2",
+    "--set", "train.grad_accum=1", "--set", "train.sample_steps=3", "--set", "train.checkpoint_every=1", "--set", "train.grid_every=1",
+    "--set", "train.grid_prompts=2", "--set", "vipo.map_grid_every=1", "--set", "compare.eval_prompts=3",
+];
+
 #[test]
-fn demo_pretrains_once_then_uses_the_cache() {
+fn demo_pretrains_once_compares_and_reports_then_uses_the_cache() {
     let d = tempfile::tempdir().unwrap();
     let cache = d.path().join("cache");
     let run = |extra: &[&str]| {
-        let mut args = vec!["demo"];
+        let mut args = vec!["demo", "--steps", "2"];
         args.extend_from_slice(TINY);
+        args.extend_from_slice(TRAIN_TINY);
         args.extend_from_slice(extra);
         Command::new(env!("CARGO_BIN_EXE_vipo")).args(&args).current_dir(d.path()).env("CI", "1").env("VIPO_CACHE", &cache).output().unwrap()
     };
     let o = run(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("pretraining the base model"));
-    assert!(d.path().join("runs/demo/base_samples/grid.png").is_file());
+    let demo = d.path().join("runs/demo");
+    for f in ["compare.toml", "results.json", "results.md", "report.html", "base_eval/eval/final/eval.json", "grpo-s0/eval/final/eval.json", "vipo-s0/eval/final/eval.json", "vipo-s0/maps/step_00001.png"] {
+        assert!(demo.join(f).is_file(), "{f} missing");
+    }
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("report: ") && out.contains("vipo − grpo on eval") && out.contains("one seed, CI over prompts only"), "{out}");
+    let res: serde_json::Value = serde_json::from_slice(&std::fs::read(demo.join("results.json")).unwrap()).unwrap();
+    let rows = res["rows"].as_array().unwrap();
+    for m in ["base", "grpo", "vipo"] {
+        for split in ["eval", "ood"] {
+            let r = rows.iter().find(|r| r["method"] == m && r["split"] == split && r["reward"] == "compositional").unwrap_or_else(|| panic!("{m}/{split} missing"));
+            let (lo, mu, hi) = (r["ci_low"].as_f64().unwrap(), r["mean"].as_f64().unwrap(), r["ci_high"].as_f64().unwrap());
+            assert!(lo <= mu && mu <= hi && (0.0..=1.0).contains(&mu), "{r}");
+        }
+    }
+    check_report(&demo.join("report.html"), &["grpo", "vipo", "base — eval prompts", "vs wall-clock", "mean seconds per RL step", "signed advantage"]);
+    // Second run: cached base, finished runs reused (nothing retrained, report rewritten).
     let o = run(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("using cached base model"));
     let o = run(&["--fresh"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("pretraining the base model"));
+}
+
+#[test]
+fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
+    let d = tempfile::tempdir().unwrap();
+    let run = pretrain_tiny(d.path());
+    let base_set = format!("train.base={}", run.join("model.safetensors").display());
+    let cf = d.path().join("cmp.toml");
+    std::fs::write(
+        &cf,
+        "[[compare.methods]]\nname = \"grpo\"\nset = [\"train.algo=grpo\"]\n[[compare.methods]]\nname = \"vipo-ones\"\nset = [\"train.algo=vipo\", \"vipo.map=ones\"]\n",
+    )
+    .unwrap();
+    let mut args = vec!["compare", "--config", cf.to_str().unwrap(), "--seeds", "2", "--set", "run_name=cmp", "--set", &base_set];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(TRAIN_TINY);
+    let o = vipo(&args, d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("4 runs trained, 0 reused"), "{}", String::from_utf8_lossy(&o.stdout));
+    let cmp = d.path().join("runs/cmp");
+    let md = std::fs::read_to_string(cmp.join("results.md")).unwrap();
+    assert!(md.contains("| vipo-ones | eval | compositional |") && md.contains("| 2 |"), "{md}");
+    // Interrupt one run (no final weights, no evaluation) and rerun: only it is trained again.
+    std::fs::remove_file(cmp.join("vipo-ones-s1/model.safetensors")).unwrap();
+    std::fs::remove_dir_all(cmp.join("vipo-ones-s1/eval")).unwrap();
+    let keep = std::fs::read(cmp.join("grpo-s0/model.safetensors")).unwrap();
+    let o = vipo(&args, d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 runs trained, 3 reused"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(std::fs::read(cmp.join("grpo-s0/model.safetensors")).unwrap(), keep);
+    // A different comparison into the same directory is refused without --force.
+    let mut other = args.clone();
+    other.extend_from_slice(&["--set", "train.lr=0.01"]);
+    let e = err(&vipo(&other, d.path()));
+    assert!(e.contains("different comparison") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(cmp.join("grpo-s0/model.safetensors")).unwrap(), keep);
+    // --seeds 0; two methods with one name; a method that changes the budget.
+    let mut zero = args.clone();
+    zero[4] = "0";
+    let e = err(&vipo(&zero, d.path()));
+    assert!(e.contains("seeds"), "{e}");
+    let dup = d.path().join("dup.toml");
+    std::fs::write(&dup, "[[compare.methods]]\nname = \"a\"\n[[compare.methods]]\nname = \"a\"\n").unwrap();
+    let e = err(&vipo(&["compare", "--config", dup.to_str().unwrap(), "--set", "run_name=dup"], d.path()));
+    assert!(e.contains("\"a\"") && e.contains("twice"), "{e}");
+    assert!(!d.path().join("runs/dup").exists());
+    let budget = d.path().join("budget.toml");
+    std::fs::write(&budget, "[[compare.methods]]\nname = \"a\"\n[[compare.methods]]\nname = \"b\"\nset = [\"train.steps=99\"]\n").unwrap();
+    let e = err(&vipo(&["compare", "--config", budget.to_str().unwrap(), "--set", "run_name=budget"], d.path()));
+    assert!(e.contains("budget"), "{e}");
+
+    // vipo eval: a checkpoint, a missing checkpoint, not a run, no overwrite without --force.
+    let g = cmp.join("grpo-s0");
+    let o = vipo(&["eval", "--run", g.to_str().unwrap(), "--checkpoint", "1"], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&std::fs::read(g.join("eval/step_1/eval.json")).unwrap()).unwrap();
+    let row = ev["rows"].as_array().unwrap().iter().find(|r| r["split"] == "ood" && r["reward"] == "compositional").unwrap().clone();
+    for k in ["mean", "ci_low", "ci_high", "n"] {
+        assert!(row[k].is_number(), "{k} missing in {row}");
+    }
+    assert!(g.join("eval/step_1/grid_eval.png").is_file() && g.join("eval/step_1/grid_ood.png").is_file());
+    let e = err(&vipo(&["eval", "--run", g.to_str().unwrap(), "--checkpoint", "7"], d.path()));
+    assert!(e.contains("step 7") && e.contains("[1, 2]"), "{e}");
+    let e = err(&vipo(&["eval", "--run", g.to_str().unwrap(), "--checkpoint", "1"], d.path()));
+    assert!(e.contains("--force"), "{e}");
+    let e = err(&vipo(&["eval", "--run", d.path().to_str().unwrap()], d.path()));
+    assert!(e.contains("not a vipo run"), "{e}");
+    // A single run's report.
+    let o = vipo(&["report", g.to_str().unwrap()], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check_report(&g.join("report.html"), &["grpo-s0", "rollout reward vs step", "[train]"]);
+    // The comparison's report: curves with a band over the two seeds.
+    check_report(&cmp.join("report.html"), &["vipo-ones (2 seeds)", "<polygon"]);
+}
+
+/// A report parses, inlines every image (no reference to a file or the network), shows
+/// `must`, and — where chromium is installed — loads in it with no console message and
+/// no broken image.
+fn check_report(path: &Path, must: &[&str]) {
+    let html = std::fs::read_to_string(path).unwrap();
+    let n = vipo::report::check_well_formed(&html).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(n > 20, "{n} elements");
+    for key in ["src=\"", "href=\""] {
+        for part in html.split(key).skip(1) {
+            assert!(part.starts_with("data:"), "{}: external reference {key}{}", path.display(), &part[..40.min(part.len())]);
+        }
+    }
+    assert!(html.contains("<img src=\"data:image/png;base64,"), "no images in {}", path.display());
+    for m in must {
+        assert!(html.contains(m), "{} lacks {m:?}", path.display());
+    }
+    if vipo::report::browser::find_browser().is_none() {
+        eprintln!("SKIPPED browser check of {}: no chromium on PATH", path.display());
+        return;
+    }
+    let o = vipo(&["report", path.parent().unwrap().to_str().unwrap(), "--check"], path.parent().unwrap());
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(" 0 broken, 0 console messages"), "{}", String::from_utf8_lossy(&o.stdout));
 }

@@ -89,6 +89,8 @@ pub struct StepMetrics {
     pub map_fallbacks: usize,
     pub map_object_mass: f64,
     pub object_area_frac: f64,
+    /// Resident memory at the end of the step (MiB); the per-run peak is the max over steps.
+    pub rss_mb: f64,
 }
 
 pub struct Trainer {
@@ -273,8 +275,8 @@ impl Trainer {
         let reward = crate::reward::compositional::Compositional::new();
         let mut out = HashMap::new();
         for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
-            let prompts = world::prompts(split, n, 0xe7a1);
-            let imgs = self.with_ema(|p| crate::eval::generate(p, &prompts, 0xe7a1, &self.cfg.sample))?;
+            let prompts = world::prompts(split, n, crate::eval::run::EVAL_SEED);
+            let imgs = self.with_ema(|p| crate::eval::generate(p, &prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample))?;
             out.insert(name.to_string(), crate::eval::mean_score(&reward, &imgs, &prompts)?);
         }
         Ok(Some(out))
@@ -380,6 +382,7 @@ impl Trainer {
         let t3 = Instant::now();
         self.update(&traj, &cond, &adv_tensors, &mut m)?;
         m.time_update_s = t3.elapsed().as_secs_f64();
+        m.rss_mb = crate::runtime::memory_mb().map_or(0.0, |(rss, _)| rss);
         self.state.step += 1;
         Ok(m)
     }

@@ -1,0 +1,586 @@
+//! `vipo compare`: GRPO vs ViPO (and any ablation) from the same base checkpoint, the
+//! same prompts, the same seeds and the same step budget; each run evaluated on identical
+//! prompts and noise; results as JSON + markdown + a self-contained HTML report.
+//!
+//! Layout of a comparison directory (`out_dir/run_name`, default `runs/compare`):
+//! `compare.toml` (the shared config), `base_eval/eval.json`, one train run per method and
+//! seed (`NAME-sSEED/`, with `eval/final/eval.json`), `results.json`, `results.md`,
+//! `report.html`. It is resumable: finished runs are kept, a run with a checkpoint is
+//! resumed from it, and only the rest is trained.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, Config, MethodSpec};
+use crate::eval::run::{self as eval_run, EvalReport};
+use crate::eval::stats::{bootstrap_ci, mean, t_ci};
+use crate::train::grpo::Trainer;
+use crate::train::run;
+
+pub const COMPARE_FILE: &str = "compare.toml";
+/// Trailing window (steps) of the smoothed rollout-reward curves.
+const SMOOTH: usize = 5;
+
+/// The resolved config of one method and seed.
+pub fn method_config(common: &Config, m: &MethodSpec, index: usize, seed: usize, dir: &Path, base: &str) -> Result<Config> {
+    let origin = format!("compare.methods[{index}] ({})", m.name);
+    for s in &m.set {
+        let key = s.split_once('=').map_or(s.as_str(), |(k, _)| k).trim();
+        anyhow::ensure!(
+            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base") && !key.starts_with("compare.") && !key.starts_with("model.") && !key.starts_with("pretrain."),
+            "{origin}: may not set {key} (every method shares the base model, seeds and directory)"
+        );
+    }
+    let mut c: Config = config::from_toml_str(&config::to_toml(common)?, &origin, &m.set)?;
+    c.seed = common.seed + seed as u64;
+    c.train.base = base.to_string();
+    c.out_dir = dir.to_path_buf();
+    c.run_name = run_name(m, seed);
+    c.train.eval_prompts = 0; // evaluated afterwards by the shared evaluator
+    c.train.validate().with_context(|| origin.clone())?;
+    Ok(c)
+}
+
+pub fn run_name(m: &MethodSpec, seed: usize) -> String {
+    format!("{}-s{seed}", m.name)
+}
+
+/// Every check that can fail, before any work.
+fn validate(cfg: &Config, dir: &Path) -> Result<()> {
+    let cc = &cfg.compare;
+    anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
+    anyhow::ensure!(cc.eval_prompts >= 1, "compare.eval_prompts: must be ≥ 1");
+    anyhow::ensure!(!cc.methods.is_empty(), "compare.methods: list at least one method");
+    let mut seen = std::collections::HashSet::new();
+    for (i, m) in cc.methods.iter().enumerate() {
+        anyhow::ensure!(
+            !m.name.is_empty() && m.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') && m.name != "base_eval",
+            "compare.methods[{i}].name: {:?} must be a non-empty name of letters, digits, '-' or '_'",
+            m.name
+        );
+        anyhow::ensure!(seen.insert(m.name.clone()), "compare.methods[{i}].name: {:?} is used twice; each method needs its own run directory name", m.name);
+    }
+    let first = method_config(cfg, &cc.methods[0], 0, 0, dir, "<base>")?;
+    for (i, m) in cc.methods.iter().enumerate() {
+        let c = method_config(cfg, m, i, 0, dir, "<base>")?;
+        let (a, b) = (&first.train, &c.train);
+        anyhow::ensure!(
+            (a.steps, a.prompts_per_step, a.group_size, a.sample_steps) == (b.steps, b.prompts_per_step, b.group_size, b.sample_steps),
+            "compare.methods[{i}] ({}): changes the step budget (train.steps/prompts_per_step/group_size/sample_steps); every method must get the same budget",
+            m.name
+        );
+        if c.train.algo == config::Algo::Vipo {
+            crate::train::maps::build(&c).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Prepare the comparison directory: fresh, resumed (same config) or replaced (`force`).
+fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<()> {
+    let saved = dir.join(COMPARE_FILE);
+    let text = config::to_toml(cfg)?;
+    if saved.is_file() {
+        let old: Config = config::load(Some(&saved), &[])?;
+        let mut a = old.clone();
+        let mut b = cfg.clone();
+        a.progress = false;
+        b.progress = false;
+        // More (or fewer) seeds extend the same comparison: finished runs are reused.
+        a.compare.seeds = b.compare.seeds;
+        if a == b {
+            return crate::io::atomic_write(&saved, text.as_bytes()); // resume
+        }
+        if !force {
+            bail!("{}: holds a different comparison ({} differs); pass --force to replace it or choose another run_name", dir.display(), saved.display());
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
+    } else if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{}: exists and is not a vipo comparison (no {COMPARE_FILE}); refusing to touch it", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    crate::io::atomic_write(&saved, text.as_bytes())
+}
+
+/// Evaluate the weights of a finished run (or the base) once; reuse the result after.
+fn evaluate_once(run_dir: &Path, n: usize) -> Result<EvalReport> {
+    let path = eval_run::eval_dir(run_dir, "final").join("eval.json");
+    if path.is_file() {
+        return eval_run::read_report(&path);
+    }
+    Ok(eval_run::eval_run(run_dir, &[], None, Some(n), true)?.1)
+}
+
+/// One train run of the comparison, resumed from its checkpoint when it has one.
+fn train_one(c: &Config, rd: &Path) -> Result<()> {
+    if rd.join(run::FINAL_WEIGHTS).is_file() {
+        return Ok(());
+    }
+    let same_config = config::load::<Config>(Some(&rd.join(run::CONFIG_FILE)), &[]).map_or(false, |saved| {
+        let (mut a, mut b) = (saved, c.clone());
+        a.progress = false;
+        b.progress = false;
+        a == b
+    });
+    let resume = same_config && Trainer::latest_checkpoint(rd).is_some();
+    if !resume {
+        run::create_run_dir(rd, c, true)?;
+    }
+    let mut tr = Trainer::new(c, rd, resume)?;
+    tr.train()?;
+    Ok(())
+}
+
+/// What `vipo compare` returns.
+pub struct CompareOutcome {
+    pub dir: PathBuf,
+    pub results: Results,
+    pub trained: usize,
+    pub reused: usize,
+}
+
+/// `vipo compare`.
+pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
+    let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { "compare" } else { cfg.run_name.as_str() });
+    validate(cfg, &dir)?;
+    prepare_dir(cfg, &dir, force)?;
+    let base = if cfg.train.base.is_empty() { crate::sample::cached_base(cfg, false)? } else { PathBuf::from(&cfg.train.base) };
+    anyhow::ensure!(base.is_file(), "train.base: {} does not exist", base.display());
+    let base_str = std::fs::canonicalize(&base).unwrap_or(base.clone()).display().to_string();
+
+    // The base, evaluated once in a run-shaped folder so `vipo eval` can read it.
+    let base_dir = dir.join("base_eval");
+    if !base_dir.join(run::CONFIG_FILE).is_file() {
+        std::fs::create_dir_all(&base_dir)?;
+        crate::io::atomic_write(&base_dir.join(run::CONFIG_FILE), config::to_toml(cfg)?.as_bytes())?;
+    }
+    if !base_dir.join(run::FINAL_WEIGHTS).is_file() {
+        std::fs::copy(&base, base_dir.join(run::FINAL_WEIGHTS)).with_context(|| format!("{}: cannot copy the base weights", base.display()))?;
+    }
+    evaluate_once(&base_dir, cfg.compare.eval_prompts)?;
+
+    let (mut trained, mut reused) = (0, 0);
+    let total = cfg.compare.seeds * cfg.compare.methods.len();
+    // Seed-major: an interrupted comparison already holds every method for the first seeds.
+    for seed in 0..cfg.compare.seeds {
+        for (i, m) in cfg.compare.methods.iter().enumerate() {
+            let c = method_config(cfg, m, i, seed, &dir, &base_str)?;
+            let rd = dir.join(&c.run_name);
+            let done = rd.join(run::FINAL_WEIGHTS).is_file() && eval_run::eval_dir(&rd, "final").join("eval.json").is_file();
+            if done {
+                reused += 1;
+                continue;
+            }
+            eprintln!("[{}/{}] {} (seed {})", trained + reused + 1, total, m.name, c.seed);
+            train_one(&c, &rd).with_context(|| format!("{}: training failed", rd.display()))?;
+            evaluate_once(&rd, cfg.compare.eval_prompts)?;
+            trained += 1;
+        }
+    }
+    let results = aggregate(cfg, &dir)?;
+    crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+    crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
+    crate::report::write_report(&report_input(cfg, &dir, &results)?, &dir.join("report.html"))?;
+    Ok(CompareOutcome { dir, results, trained, reused })
+}
+
+/// One line of the comparison table: a method's reward on a split over seeds.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResultRow {
+    pub method: String,
+    pub split: String,
+    pub reward: String,
+    pub mean: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    /// Seeds (the base row: prompts, its interval being a bootstrap over prompts).
+    pub n: usize,
+    pub per_seed: Vec<f64>,
+}
+
+/// A method's difference to the reference method, paired by seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiffRow {
+    pub method: String,
+    pub reference: String,
+    pub split: String,
+    pub mean: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    /// Seeds paired.
+    pub n: usize,
+    /// What the interval is over: "seeds" (Student t over paired seeds), or with one
+    /// seed "prompts" (paired bootstrap over the eval prompts: same prompts and noise,
+    /// so it measures prompt-level noise only, not training-seed variance).
+    pub over: String,
+}
+
+/// Training-side facts of a method (means over seeds).
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodStats {
+    pub method: String,
+    /// First step at which the smoothed mean rollout reward reaches the reference's final
+    /// smoothed value (`None`: not reached within the budget).
+    pub steps_to_reference_final: Option<usize>,
+    pub final_rollout_reward: f64,
+    pub time_sample_s: f64,
+    pub time_reward_s: f64,
+    pub time_map_s: f64,
+    pub time_update_s: f64,
+    /// PSM share of the step time (0 for GRPO).
+    pub map_overhead: f64,
+    pub peak_rss_mb: f64,
+    /// Mean `map_object_mass` / `object_area_frac` over steps (PSM methods).
+    pub map_object_mass: Option<f64>,
+    pub object_area_frac: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub methods: Vec<String>,
+    pub seeds: usize,
+    pub steps: usize,
+    pub eval_prompts: usize,
+    pub rows: Vec<ResultRow>,
+    pub diffs: Vec<DiffRow>,
+    pub stats: Vec<MethodStats>,
+    /// Per method: per seed (step, cumulative wall seconds, rollout reward).
+    #[serde(skip)]
+    pub curves: BTreeMap<String, Vec<Vec<(f64, f64, f64)>>>,
+    #[serde(skip)]
+    pub mass_curves: BTreeMap<String, Vec<Vec<(f64, f64, f64)>>>,
+}
+
+/// A run's metrics.jsonl as JSON values.
+fn read_metrics(rd: &Path) -> Result<Vec<serde_json::Value>> {
+    let path = rd.join(run::METRICS_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("{}: corrupt line", path.display()))).collect()
+}
+
+fn smooth(v: &[f64]) -> Vec<f64> {
+    (0..v.len()).map(|i| mean(&v[i.saturating_sub(SMOOTH - 1)..=i])).collect()
+}
+
+/// Mean over seeds at each step index all seeds reached.
+fn mean_curve(seeds: &[Vec<(f64, f64, f64)>]) -> Vec<f64> {
+    let len = seeds.iter().map(|s| s.len()).min().unwrap_or(0);
+    (0..len).map(|i| mean(&seeds.iter().map(|s| s[i].2).collect::<Vec<_>>())).collect()
+}
+
+fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
+    let cc = &cfg.compare;
+    let names: Vec<String> = cc.methods.iter().map(|m| m.name.clone()).collect();
+    let mut rows = Vec::new();
+    let base = evaluate_once(&dir.join("base_eval"), cc.eval_prompts)?;
+    for r in &base.rows {
+        rows.push(ResultRow { method: "base".into(), split: r.split.clone(), reward: r.reward.clone(), mean: r.mean, ci_low: r.ci_low, ci_high: r.ci_high, n: r.n, per_seed: vec![r.mean] });
+    }
+    let mut evals: BTreeMap<String, Vec<EvalReport>> = BTreeMap::new();
+    let mut curves = BTreeMap::new();
+    let mut mass_curves = BTreeMap::new();
+    let mut stats = Vec::new();
+    for m in &cc.methods {
+        let mut reps = Vec::new();
+        let mut cs = Vec::new();
+        let mut ms = Vec::new();
+        let (mut ts, mut tr, mut tm, mut tu, mut rss) = (vec![], vec![], vec![], vec![], 0f64);
+        let (mut mass, mut area) = (vec![], vec![]);
+        for seed in 0..cc.seeds {
+            let rd = dir.join(run_name(m, seed));
+            reps.push(eval_run::read_report(&eval_run::eval_dir(&rd, "final").join("eval.json"))?);
+            let mut wall = 0.0;
+            let mut curve = Vec::new();
+            let mut mc = Vec::new();
+            for v in read_metrics(&rd)? {
+                let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+                wall += f("time_sample_s") + f("time_reward_s") + f("time_map_s") + f("time_update_s");
+                curve.push((f("step"), wall, f("reward_mean")));
+                ts.push(f("time_sample_s"));
+                tr.push(f("time_reward_s"));
+                tm.push(f("time_map_s"));
+                tu.push(f("time_update_s"));
+                rss = rss.max(f("rss_mb"));
+                if f("object_area_frac") > 0.0 {
+                    mass.push(f("map_object_mass"));
+                    area.push(f("object_area_frac"));
+                    mc.push((f("step"), wall, f("map_object_mass")));
+                }
+            }
+            cs.push(curve);
+            ms.push(mc);
+        }
+        let total = mean(&ts) + mean(&tr) + mean(&tm) + mean(&tu);
+        let fin = smooth(&mean_curve(&cs)).last().copied().unwrap_or(f64::NAN);
+        stats.push(MethodStats {
+            method: m.name.clone(),
+            steps_to_reference_final: None,
+            final_rollout_reward: fin,
+            time_sample_s: mean(&ts),
+            time_reward_s: mean(&tr),
+            time_map_s: mean(&tm),
+            time_update_s: mean(&tu),
+            map_overhead: if total > 0.0 { mean(&tm) / total } else { 0.0 },
+            peak_rss_mb: rss,
+            map_object_mass: (!mass.is_empty()).then(|| mean(&mass)),
+            object_area_frac: (!area.is_empty()).then(|| mean(&area)),
+        });
+        evals.insert(m.name.clone(), reps);
+        curves.insert(m.name.clone(), cs);
+        if ms.iter().any(|c| !c.is_empty()) {
+            mass_curves.insert(m.name.clone(), ms);
+        }
+    }
+    // Steps to reach the reference method's final smoothed rollout reward.
+    let target = stats[0].final_rollout_reward;
+    for s in &mut stats {
+        let sm = smooth(&mean_curve(&curves[&s.method]));
+        s.steps_to_reference_final = sm.iter().position(|&v| v >= target).map(|i| i + 1);
+    }
+    // Eval rows: mean and 95 % t-interval over seeds (one seed: the bootstrap over prompts).
+    for m in &names {
+        let reps = &evals[m];
+        for r0 in &reps[0].rows {
+            let per_seed: Vec<f64> = reps.iter().filter_map(|rep| rep.row(&r0.split, &r0.reward).map(|r| r.mean)).collect();
+            let (mu, lo, hi) = if per_seed.len() >= 2 { t_ci(&per_seed) } else { (r0.mean, r0.ci_low, r0.ci_high) };
+            rows.push(ResultRow { method: m.clone(), split: r0.split.clone(), reward: r0.reward.clone(), mean: mu, ci_low: lo, ci_high: hi, n: per_seed.len(), per_seed });
+        }
+    }
+    // Paired (by seed) differences to the reference on the compositional reward.
+    let mut diffs = Vec::new();
+    for m in names.iter().skip(1) {
+        for split in ["eval", "ood"] {
+            let get = |name: &str| -> Vec<f64> { evals[name].iter().filter_map(|r| r.row(split, "compositional").map(|x| x.mean)).collect() };
+            let d: Vec<f64> = get(m).iter().zip(get(&names[0])).map(|(a, b)| a - b).collect();
+            let (mu, lo, hi, over) = if d.len() >= 2 {
+                let (mu, lo, hi) = t_ci(&d);
+                (mu, lo, hi, "seeds")
+            } else {
+                let per_prompt = |name: &str| evals[name][0].scores.get(split).and_then(|s| s.get("compositional")).cloned().unwrap_or_default();
+                let pd: Vec<f64> = per_prompt(m).iter().zip(per_prompt(&names[0])).map(|(a, b)| a - b).collect();
+                let (lo, hi) = if pd.is_empty() { (d[0], d[0]) } else { bootstrap_ci(&pd, 2000, crate::eval::run::EVAL_SEED) };
+                (d[0], lo, hi, "prompts")
+            };
+            diffs.push(DiffRow { method: m.clone(), reference: names[0].clone(), split: split.into(), mean: mu, ci_low: lo, ci_high: hi, n: d.len(), over: over.into() });
+        }
+    }
+    Ok(Results { methods: names, seeds: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, rows, diffs, stats, curves, mass_curves })
+}
+
+impl Results {
+    pub fn row(&self, method: &str, split: &str, reward: &str) -> Option<&ResultRow> {
+        self.rows.iter().find(|r| r.method == method && r.split == split && r.reward == reward)
+    }
+
+    /// Three lines for the terminal.
+    pub fn summary(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let fmt = |m: &str| -> String {
+            let e = self.row(m, "eval", "compositional");
+            let o = self.row(m, "ood", "compositional");
+            match (e, o) {
+                (Some(e), Some(o)) => format!("{m}: eval {:.3} [{:.3}, {:.3}], ood {:.3} [{:.3}, {:.3}]", e.mean, e.ci_low, e.ci_high, o.mean, o.ci_low, o.ci_high),
+                _ => format!("{m}: no evaluation"),
+            }
+        };
+        out.push(format!("compositional reward, {} seed(s) × {} steps, {} prompts/split — {}", self.seeds, self.steps, self.eval_prompts, fmt("base")));
+        out.push(self.methods.iter().map(|m| fmt(m)).collect::<Vec<_>>().join("; "));
+        let d: Vec<String> = self
+            .diffs
+            .iter()
+            .map(|d| {
+                let verdict = if d.ci_low > 0.0 { "better" } else if d.ci_high < 0.0 { "worse" } else { "no significant difference" };
+                let over = if d.over == "seeds" { format!("{} seeds", d.n) } else { "one seed, CI over prompts only".into() };
+                format!("{} − {} on {}: {:+.3} [{:+.3}, {:+.3}] ({verdict}; {over})", d.method, d.reference, d.split, d.mean, d.ci_low, d.ci_high)
+            })
+            .collect();
+        out.push(if d.is_empty() { "one method: nothing to compare".into() } else { d.join("; ") });
+        out
+    }
+
+    /// The comparison as markdown tables.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "# vipo compare\n\n{} seed(s) per method, {} RL steps, {} prompts per split (identical prompts and noise for every run). \
+             Intervals: 95 % Student-t over seeds (the base row, and any single-seed row: 95 % bootstrap over prompts).\n\n",
+            self.seeds, self.steps, self.eval_prompts
+        ));
+        for l in self.summary() {
+            s.push_str(&format!("- {l}\n"));
+        }
+        s.push_str("\n## Rewards\n\n| method | split | reward | mean | 95 % CI | n |\n|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            s.push_str(&format!("| {} | {} | {} | {:.3} | [{:.3}, {:.3}] | {} |\n", r.method, r.split, r.reward, r.mean, r.ci_low, r.ci_high, r.n));
+        }
+        if !self.diffs.is_empty() {
+            s.push_str("\n## Difference to the reference (compositional, paired by seed)\n\n| method | reference | split | mean diff | 95 % CI | seeds | CI over |\n|---|---|---|---|---|---|---|\n");
+            for d in &self.diffs {
+                s.push_str(&format!("| {} | {} | {} | {:+.3} | [{:+.3}, {:+.3}] | {} | {} |\n", d.method, d.reference, d.split, d.mean, d.ci_low, d.ci_high, d.n, d.over));
+            }
+        }
+        s.push_str(&format!(
+            "\n## Training\n\n| method | final rollout reward (smoothed) | steps to reach {}'s final | sample s | reward s | map s | update s | PSM share of step | peak RSS MB | map_object_mass | object_area_frac |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            self.methods[0]
+        ));
+        for st in &self.stats {
+            let opt = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.3}"));
+            s.push_str(&format!(
+                "| {} | {:.3} | {} | {:.2} | {:.3} | {:.3} | {:.2} | {:.1} % | {:.0} | {} | {} |\n",
+                st.method,
+                st.final_rollout_reward,
+                st.steps_to_reference_final.map_or("not reached".into(), |v| v.to_string()),
+                st.time_sample_s,
+                st.time_reward_s,
+                st.time_map_s,
+                st.time_update_s,
+                100.0 * st.map_overhead,
+                st.peak_rss_mb,
+                opt(st.map_object_mass),
+                opt(st.object_area_frac)
+            ));
+        }
+        s
+    }
+}
+
+/// PNG files of a folder whose names start with `prefix`, sorted.
+fn pngs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().map_or(false, |e| e == "png") && p.file_name().map_or(false, |n| n.to_string_lossy().starts_with(prefix)))
+        .collect();
+    v.sort();
+    v
+}
+
+fn series(curves: &BTreeMap<String, Vec<Vec<(f64, f64, f64)>>>) -> Vec<crate::report::Series> {
+    let mut out = Vec::new();
+    for (m, seeds) in curves {
+        for (s, c) in seeds.iter().enumerate() {
+            out.push(crate::report::Series {
+                method: m.clone(),
+                seed: s as u64,
+                step: c.iter().map(|p| p.0).collect(),
+                wall_s: c.iter().map(|p| p.1).collect(),
+                value: c.iter().map(|p| p.2).collect(),
+            });
+        }
+    }
+    out
+}
+
+/// The comparison's report: curves, tables, grids on identical prompts and noise, maps,
+/// timings and the resolved configs.
+fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report::ReportInput> {
+    use crate::report::{EvalRow, Figure, ReportInput, Timing};
+    let mut curves = vec![("rollout reward (train prompts, SDE samples)".to_string(), series(&res.curves))];
+    if !res.mass_curves.is_empty() {
+        curves.push(("map_object_mass (share of allocation-map mass on object pixels)".to_string(), series(&res.mass_curves)));
+    }
+    let eval_rows = res
+        .rows
+        .iter()
+        .filter(|r| !r.reward.contains('.'))
+        .map(|r| EvalRow { method: r.method.clone(), split: r.split.clone(), reward: r.reward.clone(), mean: r.mean, ci_low: r.ci_low, ci_high: r.ci_high, n: r.n })
+        .collect();
+    let mut extra = Vec::new();
+    let crit: Vec<Vec<String>> = res
+        .rows
+        .iter()
+        .filter(|r| r.reward.starts_with("compositional."))
+        .map(|r| vec![r.method.clone(), r.split.clone(), r.reward.trim_start_matches("compositional.").to_string(), format!("{:.3}", r.mean), format!("[{:.3}, {:.3}]", r.ci_low, r.ci_high)])
+        .collect();
+    extra.push(("Compositional reward by criterion".to_string(), ["method", "split", "criterion", "mean", "95 % CI"].map(String::from).to_vec(), crit));
+    if !res.diffs.is_empty() {
+        let rows = res
+            .diffs
+            .iter()
+            .map(|d| vec![d.method.clone(), d.reference.clone(), d.split.clone(), format!("{:+.3}", d.mean), format!("[{:+.3}, {:+.3}]", d.ci_low, d.ci_high), d.n.to_string(), d.over.clone()])
+            .collect();
+        extra.push(("Difference to the reference (compositional, paired by seed)".to_string(), ["method", "reference", "split", "mean diff", "95 % CI", "seeds", "CI over"].map(String::from).to_vec(), rows));
+    }
+    let rows = res
+        .stats
+        .iter()
+        .map(|s| {
+            vec![
+                s.method.clone(),
+                format!("{:.3}", s.final_rollout_reward),
+                s.steps_to_reference_final.map_or("not reached".into(), |v| v.to_string()),
+                format!("{:.1} %", 100.0 * s.map_overhead),
+                s.map_object_mass.map_or("–".into(), |v| format!("{v:.3}")),
+                s.object_area_frac.map_or("–".into(), |v| format!("{v:.3}")),
+            ]
+        })
+        .collect();
+    extra.push((
+        format!("Training (steps to reach {}'s final smoothed rollout reward)", res.methods[0]),
+        ["method", "final rollout reward", "steps to reference final", "PSM share of step", "map_object_mass", "object_area_frac"].map(String::from).to_vec(),
+        rows,
+    ));
+    let mut sample_grids = Vec::new();
+    for split in ["eval", "ood"] {
+        let base = eval_run::eval_dir(&dir.join("base_eval"), "final").join(format!("grid_{split}.png"));
+        if base.is_file() {
+            sample_grids.push(Figure { caption: format!("base — {split} prompts"), path: base });
+        }
+        for m in &cfg.compare.methods {
+            let p = eval_run::eval_dir(&dir.join(run_name(m, 0)), "final").join(format!("grid_{split}.png"));
+            if p.is_file() {
+                sample_grids.push(Figure { caption: format!("{} (seed 0) — {split} prompts, same noise", m.name), path: p });
+            }
+        }
+    }
+    for m in &cfg.compare.methods {
+        for p in pngs(&dir.join(run_name(m, 0)).join("samples"), "step_") {
+            let step = p.file_stem().unwrap().to_string_lossy().trim_start_matches("step_").trim_start_matches('0').to_string();
+            sample_grids.push(Figure { caption: format!("{} (seed 0) at step {} — training grid prompts", m.name, if step.is_empty() { "0".into() } else { step }), path: p });
+        }
+    }
+    let mut map_grids = Vec::new();
+    for m in &cfg.compare.methods {
+        let all = pngs(&dir.join(run_name(m, 0)).join("maps"), "step_");
+        for p in all.first().into_iter().chain(all.last().filter(|_| all.len() > 1)) {
+            map_grids.push(Figure {
+                caption: format!("{} (seed 0) {}: sample | allocation map | signed advantage (red up, blue down)", m.name, p.file_stem().unwrap().to_string_lossy()),
+                path: p.clone(),
+            });
+        }
+    }
+    let timings = res
+        .stats
+        .iter()
+        .map(|s| Timing { method: s.method.clone(), sample_s: s.time_sample_s, reward_s: s.time_reward_s, map_s: s.time_map_s, update_s: s.time_update_s, peak_rss_mb: s.peak_rss_mb })
+        .collect();
+    let mut configs = vec![("compare.toml (shared)".to_string(), std::fs::read_to_string(dir.join(COMPARE_FILE)).unwrap_or_default())];
+    for m in &cfg.compare.methods {
+        let p = dir.join(run_name(m, 0)).join(run::CONFIG_FILE);
+        configs.push((format!("{} (seed 0)", m.name), std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?));
+    }
+    Ok(ReportInput {
+        title: format!("vipo compare — {}", res.methods.join(" vs ")),
+        summary: res.summary(),
+        curves,
+        eval_rows,
+        extra_tables: extra,
+        sample_grids,
+        map_grids,
+        timings,
+        configs,
+    })
+}
+
+/// Re-aggregate a finished comparison directory and rewrite its results and report.
+pub fn rewrite_report(dir: &Path) -> Result<()> {
+    let cfg: Config = config::load(Some(&dir.join(COMPARE_FILE)), &[])?;
+    let results = aggregate(&cfg, dir)?;
+    crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+    crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
+    crate::report::write_report(&report_input(&cfg, dir, &results)?, &dir.join("report.html"))
+}

@@ -1,0 +1,236 @@
+//! `vipo eval --run DIR [--checkpoint STEP]`: ODE samples (EMA weights where the run kept
+//! them) on fixed `eval` and `ood` prompts with fixed per-prompt noise, every reward's mean
+//! with a 95 % bootstrap interval, the compositional reward term by term, and the OOD gap.
+//! Two runs evaluated with the same `n` see identical prompts and noise.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::stats::{bootstrap_ci, mean};
+use crate::config::Config;
+use crate::image::Image;
+use crate::policy::{ImagePolicy, Policy};
+use crate::reward::compositional::Compositional;
+use crate::train::run;
+use crate::world::{self, PromptSpec, Split};
+
+/// Prompt and noise seed of every evaluation (the trainer's before/after `eval.json` too).
+pub const EVAL_SEED: u64 = 0xe7a1;
+const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// One line of `eval.json`: a reward (or a compositional term, `compositional.count` …)
+/// on one split.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalRow {
+    pub split: String,
+    pub reward: String,
+    pub mean: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    pub n: usize,
+}
+
+/// Everything `vipo eval` writes into `eval.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub run: String,
+    /// Weights evaluated: "final" or "step_N".
+    pub checkpoint: String,
+    pub sample_steps: usize,
+    pub seed: u64,
+    pub n: usize,
+    pub rows: Vec<EvalRow>,
+    /// eval mean − ood mean, per reward.
+    pub ood_gap: HashMap<String, f64>,
+    /// Per-prompt scores: split → reward → scores (prompt order as generated).
+    pub scores: HashMap<String, HashMap<String, Vec<f64>>>,
+}
+
+impl EvalReport {
+    pub fn row(&self, split: &str, reward: &str) -> Option<&EvalRow> {
+        self.rows.iter().find(|r| r.split == split && r.reward == reward)
+    }
+}
+
+/// The rewards an evaluation reports: the compositional reward always, then the run's own.
+fn reward_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["compositional".to_string()];
+    for e in &cfg.train.rewards {
+        if !names.contains(&e.name) {
+            names.push(e.name.clone());
+        }
+    }
+    names
+}
+
+fn row(split: &str, reward: &str, v: &[f64]) -> EvalRow {
+    let (lo, hi) = bootstrap_ci(v, BOOTSTRAP_RESAMPLES, 0xb007);
+    EvalRow { split: split.into(), reward: reward.into(), mean: mean(v), ci_low: lo, ci_high: hi, n: v.len() }
+}
+
+/// Score generated images: every reward, plus the compositional terms.
+fn score_split(cfg: &Config, split: &str, images: &[Image], prompts: &[PromptSpec], rows: &mut Vec<EvalRow>) -> Result<HashMap<String, Vec<f64>>> {
+    let mut out = HashMap::new();
+    for name in reward_names(cfg) {
+        let r = crate::reward::build(&name)?;
+        let s: Vec<f64> = r.score(images, prompts)?.into_iter().map(|x| x as f64).collect();
+        anyhow::ensure!(s.iter().all(|x| x.is_finite()), "reward {name}: non-finite score on split {split}");
+        rows.push(row(split, &name, &s));
+        out.insert(name, s);
+    }
+    let comp = Compositional::new();
+    let bd: Vec<_> = images.iter().zip(prompts).map(|(im, p)| (comp.breakdown(im, p), p.relation.is_some() && p.groups.len() == 2)).collect();
+    let terms: [(&str, fn(&crate::reward::compositional::Breakdown) -> f32); 5] =
+        [("count", |b| b.count), ("color", |b| b.color), ("shape", |b| b.shape), ("position", |b| b.position), ("quality", |b| b.quality)];
+    for (term, get) in terms {
+        // Position only means something for prompts with a relation.
+        let v: Vec<f64> = bd.iter().filter(|(_, rel)| term != "position" || *rel).map(|(b, _)| get(b) as f64).collect();
+        if !v.is_empty() {
+            rows.push(row(split, &format!("compositional.{term}"), &v));
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluate a policy on `n` fixed prompts per split; also returns the images (for grids).
+pub fn evaluate_policy(policy: &ImagePolicy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<(String, Vec<Image>)>)> {
+    anyhow::ensure!(n >= 1, "eval: the number of prompts must be ≥ 1");
+    let mut rows = Vec::new();
+    let mut scores = HashMap::new();
+    let mut grids = Vec::new();
+    for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
+        let prompts = world::prompts(split, n, EVAL_SEED);
+        let images = super::generate(policy, &prompts, EVAL_SEED, &cfg.sample)?;
+        scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
+        grids.push((name.to_string(), images));
+    }
+    let mut ood_gap = HashMap::new();
+    for name in reward_names(cfg) {
+        let m = |s: &str| mean(&scores[s][&name]);
+        ood_gap.insert(name.clone(), m("eval") - m("ood"));
+    }
+    let rep = EvalReport { run: String::new(), checkpoint: String::new(), sample_steps: cfg.sample.steps, seed: EVAL_SEED, n, rows, ood_gap, scores };
+    Ok((rep, grids))
+}
+
+/// The resolved base weights of a train run without pretraining anything.
+fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
+    if !cfg.train.base.is_empty() {
+        let p = PathBuf::from(&cfg.train.base);
+        anyhow::ensure!(p.is_file(), "{}: train.base {} does not exist", run_dir.join(run::CONFIG_FILE).display(), p.display());
+        return Ok(p);
+    }
+    let p = crate::sample::cached_base_path(cfg);
+    anyhow::ensure!(p.is_file(), "{}: the run's base model (the cached demo base {}) is missing; run `vipo demo` with the same config to rebuild it", run_dir.display(), p.display());
+    Ok(p)
+}
+
+/// Checkpoint steps a run holds (sorted).
+pub fn checkpoint_steps(run_dir: &Path) -> Vec<usize> {
+    let mut v: Vec<usize> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let stem = name.strip_prefix("step_")?;
+            let stem = stem.strip_suffix(".safetensors").unwrap_or(stem);
+            let ok = e.path().is_file() || e.path().join("state.json").is_file();
+            ok.then(|| stem.parse().ok()).flatten()
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Load a run's weights: the final model, or checkpoint `step` (EMA copy when kept).
+/// Works for `vipo pretrain` runs (checkpoints/step_N.safetensors) and `vipo train` runs
+/// (checkpoints/step_NNNNNN/ with trainable/ema tensors on top of the base).
+pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Result<(ImagePolicy, String)> {
+    let device = crate::runtime::device()?;
+    let final_w = run_dir.join(run::FINAL_WEIGHTS);
+    let Some(step) = step else {
+        if final_w.is_file() {
+            return Ok((ImagePolicy::load(&cfg.model, &final_w, None, &device, cfg.seed)?, "final".into()));
+        }
+        let Some(&last) = checkpoint_steps(run_dir).last() else {
+            bail!("{}: run has no final weights ({}) and no checkpoint", run_dir.display(), run::FINAL_WEIGHTS);
+        };
+        return load_run_policy(run_dir, cfg, Some(last));
+    };
+    let flat = run_dir.join("checkpoints").join(format!("step_{step}.safetensors"));
+    if flat.is_file() {
+        return Ok((ImagePolicy::load(&cfg.model, &flat, None, &device, cfg.seed)?, format!("step_{step}")));
+    }
+    let dir = run_dir.join("checkpoints").join(format!("step_{step:06}"));
+    if !dir.join("state.json").is_file() {
+        let have = checkpoint_steps(run_dir);
+        bail!("{}: no checkpoint for step {step} (available: {})", run_dir.display(), if have.is_empty() { "none".into() } else { format!("{have:?}") });
+    }
+    let t = &cfg.train;
+    let lora = (t.lora_rank > 0).then(|| crate::policy::layers::LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
+    let policy = ImagePolicy::load(&cfg.model, &train_base(cfg, run_dir)?, lora.as_ref(), &device, cfg.seed)?;
+    let file = if dir.join("ema.safetensors").is_file() { dir.join("ema.safetensors") } else { dir.join("trainable.safetensors") };
+    let w = crate::train::checkpoint::read_tensors(&file, &device)?;
+    for (name, v) in policy.trainable() {
+        let t = w.get(&name).with_context(|| format!("{}: tensor {name} missing", file.display()))?;
+        anyhow::ensure!(t.dims() == v.dims(), "{}: tensor {name} has shape {:?}, expected {:?}", file.display(), t.dims(), v.dims());
+        v.set(t)?;
+    }
+    Ok((policy, format!("step_{step}")))
+}
+
+/// Where `vipo eval` writes: DIR/eval/final or DIR/eval/step_N.
+pub fn eval_dir(run_dir: &Path, checkpoint: &str) -> PathBuf {
+    run_dir.join("eval").join(checkpoint)
+}
+
+/// Read a finished evaluation back.
+pub fn read_report(path: &Path) -> Result<EvalReport> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a vipo eval.json", path.display()))
+}
+
+/// `vipo eval`: evaluate a run (its saved config, `overrides` applied to `[sample]` only)
+/// and write `eval.json` plus one sample grid per split. Returns the output folder.
+pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Option<usize>, force: bool) -> Result<(PathBuf, EvalReport)> {
+    run::require_run_dir(run_dir)?;
+    let saved_path = run_dir.join(run::CONFIG_FILE);
+    let saved: Config = crate::config::load(Some(&saved_path), &[])?;
+    let cfg: Config = crate::config::load(Some(&saved_path), overrides)?;
+    let mut only_sample = cfg.clone();
+    only_sample.sample = saved.sample.clone();
+    anyhow::ensure!(only_sample == saved, "--set with vipo eval may only change [sample] fields (the run's config is {})", saved_path.display());
+    let n = n.unwrap_or(if cfg.train.eval_prompts > 0 { cfg.train.eval_prompts } else { 64 });
+    let (policy, ck) = load_run_policy(run_dir, &saved, step)?;
+    let out = eval_dir(run_dir, &ck);
+    if out.join("eval.json").exists() && !force {
+        bail!("{}: an evaluation already exists; pass --force to replace it", out.join("eval.json").display());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let (mut rep, grids) = evaluate_policy(&policy, &cfg, n)?;
+    rep.run = run_dir.display().to_string();
+    rep.checkpoint = ck;
+    for (split, images) in &grids {
+        let big: Vec<Image> = images.iter().take(32).map(|im| im.upscale(4)).collect();
+        crate::image::grid(&big, 8).save_png(&out.join(format!("grid_{split}.png")))?;
+    }
+    crate::io::atomic_write(&out.join("eval.json"), serde_json::to_string_pretty(&rep)?.as_bytes())?;
+    Ok((out, rep))
+}
+
+/// Print an evaluation as a short table.
+pub fn print_report(rep: &EvalReport) {
+    println!("{:<24} {:>6} {:>8} {:>18}", "reward", "split", "mean", "95% CI");
+    for r in &rep.rows {
+        println!("{:<24} {:>6} {:>8.3} {:>8.3} – {:<8.3}", r.reward, r.split, r.mean, r.ci_low, r.ci_high);
+    }
+    let mut gaps: Vec<_> = rep.ood_gap.iter().collect();
+    gaps.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, g) in gaps {
+        println!("OOD gap ({k}): {g:+.3} (eval − ood)");
+    }
+}
