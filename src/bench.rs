@@ -126,9 +126,45 @@ pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: us
     Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
 }
 
-/// `vipo bench [block|policy|all]`.
+/// Forward and forward+backward of the video policy at one layout (random weights and
+/// inputs; the prompt is 12 tokens). Used to choose the attention layout (issue 6).
+pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
+    use crate::policy::video_dit::VideoDit;
+    anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
+    cfg.validate()?;
+    let dev = crate::runtime::device()?;
+    let map = candle_nn::VarMap::new();
+    let m = VideoDit::new(&crate::policy::seeded_var_builder(&map, 0, &dev), cfg, 48, 12, None)?;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let [c, t, h, w] = cfg.latent_shape();
+    let z = crate::sampler::randn(&[batch, c, t, h, w], &mut rng, &dev)?;
+    let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
+    let tok = candle_core::Tensor::from_vec((0..batch * 12).map(|i| (i % 48) as u32).collect::<Vec<_>>(), (batch, 12), &dev)?;
+    let params = map.all_vars().iter().map(|v| v.elem_count()).sum();
+    let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?; // warm-up
+        let mut t = Vec::new();
+        for _ in 0..iters {
+            let s = std::time::Instant::now();
+            f()?;
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(median(t))
+    };
+    let fwd_ms = time(&|| {
+        m.forward(&z, &sigma, &tok)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let fwd_bwd_ms = time(&|| {
+        m.forward(&z, &sigma, &tok)?.sqr()?.mean_all()?.backward()?;
+        Ok(())
+    })?;
+    Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
+}
+
+/// `vipo bench [block|policy|psm|video|all]`.
 pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
-    let known = ["block", "policy", "psm", "all"];
+    let known = ["block", "policy", "psm", "video", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
     println!("threads: {} (CANDLE_NUM_THREADS={})", candle_core::utils::get_num_threads(), std::env::var("CANDLE_NUM_THREADS").unwrap_or_default());
     if what == "block" || what == "all" {
@@ -146,6 +182,19 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
                 println!(
                     "psm mobilenet_v2 {:<12} @{:3} {:<9} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
                     b.tap, b.input_size, format!("{:?}", b.orient).to_lowercase(), b.grid.0, b.grid.1, b.object_mass, b.area_frac, b.backbone_ms, b.psm_ms
+                );
+            }
+        }
+    }
+    if what == "video" || what == "all" {
+        use crate::policy::video_dit::{VideoAttention, VideoDitConfig};
+        for attention in [VideoAttention::Full, VideoAttention::Factorised] {
+            for t_patch in [1usize, 2] {
+                let cfg = VideoDitConfig { attention, t_patch, ..Default::default() };
+                let b = bench_video(&cfg, 8, iters)?;
+                println!(
+                    "video policy 8×32×32 {:<10} t_patch {t_patch} ({:4} tokens, {} params, batch {}): fwd {:7.1} ms   fwd+bwd {:7.1} ms   ({:.1} train clips/s)",
+                    format!("{attention:?}").to_lowercase(), cfg.tokens(), b.params, b.batch, b.fwd_ms, b.fwd_bwd_ms, b.batch as f64 / (b.fwd_bwd_ms / 1e3)
                 );
             }
         }

@@ -264,6 +264,15 @@ fn smooth(v: &[f64]) -> Vec<f64> {
     (0..v.len()).map(|i| mean(&v[i.saturating_sub(SMOOTH - 1)..=i])).collect()
 }
 
+/// First step (1-based) at which the trailing mean of `curve` reaches `target`. Only full
+/// smoothing windows count: a partial window at the start is one or two noisy rollouts
+/// and would often "reach" the target at step 1.
+fn steps_to_reach(curve: &[f64], target: f64) -> Option<usize> {
+    let sm = smooth(curve);
+    let first = if sm.len() >= SMOOTH { SMOOTH - 1 } else { 0 };
+    sm.iter().skip(first).position(|&v| v >= target).map(|i| i + first + 1)
+}
+
 /// Mean over seeds at each step index all seeds reached.
 fn mean_curve(seeds: &[Vec<(f64, f64, f64)>]) -> Vec<f64> {
     let len = seeds.iter().map(|s| s.len()).min().unwrap_or(0);
@@ -336,8 +345,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
     // Steps to reach the reference method's final smoothed rollout reward.
     let target = stats[0].final_rollout_reward;
     for s in &mut stats {
-        let sm = smooth(&mean_curve(&curves[&s.method]));
-        s.steps_to_reference_final = sm.iter().position(|&v| v >= target).map(|i| i + 1);
+        s.steps_to_reference_final = steps_to_reach(&mean_curve(&curves[&s.method]), target);
     }
     // Eval rows: mean and 95 % t-interval over seeds (one seed: the bootstrap over prompts).
     for m in &names {
@@ -583,4 +591,21 @@ pub fn rewrite_report(dir: &Path) -> Result<()> {
     crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
     crate::report::write_report(&report_input(&cfg, dir, &results)?, &dir.join("report.html"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_to_reach_ignores_partial_windows() {
+        // A lucky first rollout must not count as reaching the target.
+        let c = [0.9, 0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5];
+        let target = smooth(&c).last().copied().unwrap();
+        assert_eq!(target, 0.5);
+        assert_eq!(steps_to_reach(&c, target), Some(10));
+        assert_eq!(steps_to_reach(&c, 0.3), Some(8)); // steps 4..8: (0.1·2 + 0.5·3)/5 = 0.34
+        assert_eq!(steps_to_reach(&c, 0.6), None);
+        assert_eq!(steps_to_reach(&[0.2, 0.4], 0.3), Some(2)); // shorter than a window: partial means
+    }
 }

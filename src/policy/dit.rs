@@ -62,8 +62,8 @@ impl DitConfig {
 }
 
 /// One pre-LN transformer layer of the prompt encoder (composed, differentiable ops; the
-/// prompt is ≤ a dozen tokens so speed does not matter here).
-struct TextLayer {
+/// prompt is ≤ a dozen tokens so speed does not matter here). Shared with the video DiT.
+pub(crate) struct TextLayer {
     ln1: LayerNorm,
     qkv: Linear,
     proj: Linear,
@@ -74,7 +74,7 @@ struct TextLayer {
 }
 
 impl TextLayer {
-    fn new(vb: &VarBuilder, dim: usize, heads: usize, lora: Option<&LoraCtx>) -> Result<Self> {
+    pub(crate) fn new(vb: &VarBuilder, dim: usize, heads: usize, lora: Option<&LoraCtx>) -> Result<Self> {
         Ok(Self {
             ln1: LayerNorm::new(&vb.pp("ln1"), dim)?,
             qkv: Linear::new(&vb.pp("attn.qkv"), dim, 3 * dim, true, lora)?,
@@ -85,7 +85,7 @@ impl TextLayer {
             heads,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let dh = d / self.heads;
         let qkv = self.qkv.forward(&self.ln1.forward(x)?)?.reshape((b, n, 3, self.heads, dh))?.permute((2, 0, 3, 1, 4))?;

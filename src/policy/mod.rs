@@ -5,6 +5,7 @@ pub mod block;
 pub mod dit;
 pub mod layers;
 pub mod ops;
+pub mod video_dit;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
