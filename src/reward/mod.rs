@@ -4,6 +4,7 @@
 pub mod compositional;
 pub mod redness;
 pub mod set;
+pub mod video;
 
 use crate::image::Image;
 use crate::world::PromptSpec;
