@@ -206,7 +206,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Pretrain(a) => {
             let cfg = load_config(&a)?;
-            cfg.model.validate()?;
+            match cfg.modality {
+                config::Modality::Image => cfg.model.validate()?,
+                config::Modality::Video => {
+                    cfg.video_model.validate()?;
+                    crate::world::video::check_clip_dims(cfg.video_model.frames, cfg.video_model.image_size).context("video_model")?;
+                }
+            }
             let dir = crate::train::run::create_run_dir(&run_dir_for(&cfg, "pretrain"), &cfg, a.force)?;
             let out = crate::train::pretrain::pretrain(&cfg, &dir)?;
             print_pretrain(&out);
@@ -270,9 +276,9 @@ fn run(cli: Cli) -> Result<()> {
 
 fn print_pretrain(out: &crate::train::pretrain::PretrainOutcome) {
     println!("run: {}", out.run_dir.display());
-    println!("loss {:.4} → {:.4}, {:.1} images/s", out.first_loss, out.final_loss, out.images_per_s);
+    println!("loss {:.4} → {:.4}, {:.1} samples/s", out.first_loss, out.final_loss, out.images_per_s);
     if let Some((e, o)) = out.scores {
-        println!("base compositional score: eval {e:.3}, ood {o:.3}");
+        println!("base score ({}): eval {e:.3}, ood {o:.3}", out.score_name);
     }
     println!("weights: {}", out.weights.display());
 }

@@ -8,6 +8,14 @@ use std::path::{Path, PathBuf};
 
 use crate::policy::dit::DitConfig;
 
+/// What a run generates.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Modality {
+    Image,
+    Video,
+}
+
 /// Everything a run needs. Each command reads the sections it uses.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -20,8 +28,14 @@ pub struct Config {
     pub run_name: String,
     /// Show progress bars (false in CI / logs).
     pub progress: bool,
-    /// The policy architecture.
+    /// What is generated: "image" (ShapeWorld, `[model]`) or "video" (ShapeWorld-Video,
+    /// `[video_model]`). Video so far: `vipo pretrain` (GRPO/ViPO training on video is
+    /// not wired in yet).
+    pub modality: Modality,
+    /// The image policy architecture.
     pub model: DitConfig,
+    /// The video policy architecture (modality = "video").
+    pub video_model: crate::policy::video_dit::VideoDitConfig,
     /// `vipo pretrain`: rectified-flow pretraining on rendered ShapeWorld scenes.
     pub pretrain: PretrainConfig,
     /// Sampling for `vipo sample`, sample grids and evaluation.
@@ -45,7 +59,9 @@ impl Default for Config {
             out_dir: PathBuf::from("runs"),
             run_name: String::new(),
             progress: true,
+            modality: Modality::Image,
             model: DitConfig::default(),
+            video_model: Default::default(),
             pretrain: PretrainConfig::default(),
             sample: SampleConfig::default(),
             train: TrainConfig::default(),

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 
 use crate::config::SampleConfig;
 use crate::image::Image;
-use crate::policy::Policy;
+use crate::policy::{FlowModel, Policy};
 use crate::reward::Reward;
 use crate::sampler::{self, LogProbReduction, SdeKind};
 use crate::world::PromptSpec;
@@ -22,23 +22,24 @@ pub fn eval_noise(seed: u64, index: usize, shape: &[usize], device: &candle_core
     Ok(sampler::randn(shape, &mut rng, device)?)
 }
 
-/// Generate one image per prompt with Euler ODE sampling.
-pub fn generate(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
+/// Euler ODE sampling of any flow model: one sample per row of `cond` (token ids), the
+/// initial noise of sample i from [`eval_noise`]`(seed, i)`, in batches of
+/// `cfg.batch_size`. Returns the final latents (N, ...).
+pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: u64, cfg: &SampleConfig) -> Result<Tensor> {
     let sigmas = sampler::sigmas(cfg.steps, cfg.shift);
-    let shape = policy.latent_shape();
-    let mut out = Vec::with_capacity(prompts.len());
+    let total = cond.dim(0)?;
+    let bs = cfg.batch_size.max(1);
+    let mut out = Vec::new();
     let mut dummy = rand_chacha::ChaCha8Rng::seed_from_u64(0); // ODE draws no noise
-    for (ci, chunk) in prompts.chunks(cfg.batch_size.max(1)).enumerate() {
-        let noises = (0..chunk.len())
-            .map(|j| eval_noise(seed, ci * cfg.batch_size.max(1) + j, &shape, policy.device()))
-            .collect::<Result<Vec<_>>>()?;
+    for start in (0..total).step_by(bs) {
+        let n = bs.min(total - start);
+        let noises = (start..start + n).map(|i| eval_noise(seed, i, shape, model.flow_device())).collect::<Result<Vec<_>>>()?;
         let z0 = Tensor::stack(&noises, 0)?;
-        let cond = policy.condition(chunk)?;
-        let n = chunk.len();
+        let c = cond.narrow(0, start, n)?;
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(policy.velocity(z, &sig, &cond)?)
+                Ok(model.flow_velocity(z, &sig, &c)?)
             },
             z0,
             &sigmas,
@@ -46,9 +47,18 @@ pub fn generate(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &Sa
             &mut dummy,
             LogProbReduction::MeanAll,
         )?;
-        out.extend(policy.decode(traj.latents.last().unwrap())?);
+        out.push(traj.latents.last().unwrap().clone());
     }
-    Ok(out)
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// Generate one image per prompt with Euler ODE sampling.
+pub fn generate(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cond = policy.condition(prompts)?;
+    policy.decode(&ode_latents(policy, &cond, &policy.latent_shape(), seed, cfg)?)
 }
 
 /// Mean of a reward over generated images.

@@ -17,8 +17,30 @@ use crate::world::PromptSpec;
 use dit::{Dit, DitConfig};
 use layers::{LoraCtx, LoraSpec};
 
-/// What the sampler and trainer need from a generator.
-pub trait Policy {
+/// What rectified-flow pretraining and ODE sampling need from any generator (image or
+/// video): a velocity for latents, the parameters to train, the device.
+pub trait FlowModel {
+    /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,).
+    fn flow_velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
+    /// Every base weight by name (what pretraining trains and saves).
+    fn base_vars(&self) -> Vec<(String, Var)>;
+    fn flow_device(&self) -> &Device;
+}
+
+impl FlowModel for ImagePolicy {
+    fn flow_velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.forward(z, sigma, cond)
+    }
+    fn base_vars(&self) -> Vec<(String, Var)> {
+        sorted_vars(&self.base)
+    }
+    fn flow_device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// What the sampler and trainer need from an image generator.
+pub trait Policy: FlowModel {
     /// Latent shape of one sample, e.g. (C, H, W).
     fn latent_shape(&self) -> Vec<usize>;
     /// Prompt conditioning for a batch (for the embedded policy: token ids).

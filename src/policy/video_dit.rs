@@ -218,6 +218,73 @@ impl VideoDit {
     }
 }
 
+/// The embedded ShapeWorld-Video policy: base weights in a VarMap, prompts tokenized with
+/// the video grammar ([`crate::world::video::tokenize_video`]).
+pub struct VideoPolicy {
+    pub cfg: VideoDitConfig,
+    pub base: candle_nn::VarMap,
+    pub model: VideoDit,
+    device: candle_core::Device,
+}
+
+impl VideoPolicy {
+    fn build(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64, weights: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        use crate::world::video::{video_vocab, MAX_VIDEO_TOKENS};
+        cfg.validate()?;
+        let base = candle_nn::VarMap::new();
+        let vb = super::seeded_var_builder(&base, seed, device);
+        let model = VideoDit::new(&vb, cfg, video_vocab().len(), MAX_VIDEO_TOKENS, None)?;
+        if let Some(w) = weights {
+            crate::train::checkpoint::load_varmap(&base, w)?;
+        }
+        Ok(Self { cfg: cfg.clone(), base, model, device: device.clone() })
+    }
+
+    /// Fresh, seeded weights.
+    pub fn new(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64) -> anyhow::Result<Self> {
+        Self::build(cfg, device, seed, None)
+    }
+
+    /// Weights from a safetensors checkpoint (names and shapes checked against the config).
+    pub fn load(cfg: &VideoDitConfig, weights: &std::path::Path, device: &candle_core::Device) -> anyhow::Result<Self> {
+        Self::build(cfg, device, 0, Some(weights))
+    }
+
+    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        crate::train::checkpoint::save_varmap(&self.base, path)
+    }
+
+    /// Token ids (B, MAX_VIDEO_TOKENS) for video prompts.
+    pub fn condition(&self, specs: &[crate::world::video::VideoSpec]) -> anyhow::Result<Tensor> {
+        let l = crate::world::video::MAX_VIDEO_TOKENS;
+        let mut ids = Vec::with_capacity(specs.len() * l);
+        for s in specs {
+            ids.extend(crate::world::video::tokenize_video(&s.text(), l)?);
+        }
+        Ok(Tensor::from_vec(ids, (specs.len(), l), &self.device)?)
+    }
+
+    pub fn latent_shape(&self) -> Vec<usize> {
+        self.cfg.latent_shape().to_vec()
+    }
+
+    pub fn decode(&self, z: &Tensor) -> anyhow::Result<Vec<Vec<Image>>> {
+        Ok(latents_to_clips(z)?)
+    }
+}
+
+impl super::FlowModel for VideoPolicy {
+    fn flow_velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        self.model.forward(z, sigma, cond)
+    }
+    fn base_vars(&self) -> Vec<(String, candle_core::Var)> {
+        super::sorted_vars(&self.base)
+    }
+    fn flow_device(&self) -> &candle_core::Device {
+        &self.device
+    }
+}
+
 /// Clips (each a list of frames) → latents in [-1, 1], (B, 3, T, H, W).
 pub fn clips_to_latents(clips: &[Vec<Image>], device: &candle_core::Device) -> Result<Tensor> {
     let (t, h, w) = (clips[0].len(), clips[0][0].h, clips[0][0].w);
