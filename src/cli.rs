@@ -283,11 +283,12 @@ fn print_pretrain(out: &crate::train::pretrain::PretrainOutcome) {
     println!("weights: {}", out.weights.display());
 }
 
-/// Parse prompts from the command line and/or a file; errors name the file and line.
-pub fn read_prompts(cli: &[String], file: Option<&Path>) -> Result<Vec<crate::world::PromptSpec>> {
+/// Parse prompts (with `parse`) from the command line and/or a file; errors name the
+/// file and line.
+fn read_prompts_with<T>(cli: &[String], file: Option<&Path>, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for p in cli {
-        out.push(crate::world::PromptSpec::parse(p).with_context(|| format!("--prompt {p:?}"))?);
+        out.push(parse(p).with_context(|| format!("--prompt {p:?}"))?);
     }
     if let Some(f) = file {
         let text = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read prompt file", f.display()))?;
@@ -296,17 +297,26 @@ pub fn read_prompts(cli: &[String], file: Option<&Path>) -> Result<Vec<crate::wo
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            out.push(crate::world::PromptSpec::parse(line).with_context(|| format!("{}:{}", f.display(), i + 1))?);
+            out.push(parse(line).with_context(|| format!("{}:{}", f.display(), i + 1))?);
         }
     }
     anyhow::ensure!(!out.is_empty(), "no prompts: give --prompt TEXT or --prompts FILE");
     Ok(out)
 }
 
+/// Image prompts from the command line and/or a file.
+pub fn read_prompts(cli: &[String], file: Option<&Path>) -> Result<Vec<crate::world::PromptSpec>> {
+    read_prompts_with(cli, file, crate::world::PromptSpec::parse)
+}
+
 fn train_cmd(a: TrainArgs) -> Result<()> {
     match &a.resume {
         None => {
             let cfg = load_config(&a.cfg)?;
+            anyhow::ensure!(
+                cfg.modality == config::Modality::Image,
+                "modality = \"video\": GRPO/ViPO training on video is not implemented yet (video so far: vipo pretrain and vipo sample)"
+            );
             let dir = run_dir_for(&cfg, &format!("{:?}", cfg.train.algo).to_lowercase());
             crate::train::grpo::train_cli(&cfg, &dir, false, a.cfg.force)
         }
@@ -372,8 +382,15 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         (None, Some(ck)) => (load_config(&a.cfg)?, ck.clone()),
         _ => anyhow::bail!("give exactly one of --run DIR or --checkpoint FILE"),
     };
-    let prompts = read_prompts(&a.prompt, a.prompts.as_deref())?;
     let device = crate::runtime::device()?;
+    if cfg.modality == config::Modality::Video {
+        let specs = read_prompts_with(&a.prompt, a.prompts.as_deref(), crate::world::video::VideoSpec::parse)?;
+        let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &weights, &device)?;
+        let n = crate::sample::write_clips(&policy, &specs, a.seed, &cfg.sample, &a.out)?;
+        println!("wrote {n} clips (frame strips) and grid.png to {} (VQ/MQ scores in samples.json)", a.out.display());
+        return Ok(());
+    }
+    let prompts = read_prompts(&a.prompt, a.prompts.as_deref())?;
     let policy = crate::policy::ImagePolicy::load(&cfg.model, &weights, None, &device, cfg.seed)?;
     let files = crate::sample::write_samples(&policy, &prompts, a.seed, &cfg.sample, &a.out)?;
     println!("wrote {} samples and grid.png to {} (scores in samples.json)", files, a.out.display());

@@ -534,6 +534,7 @@ mod tests {
             let c: Config = load(Some(&p), &[]).unwrap();
             c.train.validate().unwrap();
             c.model.validate().unwrap();
+            c.video_model.validate().unwrap();
         }
     }
 

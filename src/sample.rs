@@ -29,6 +29,27 @@ pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg
     Ok(images.len())
 }
 
+/// Generate one clip per video prompt into `out`: `clip_000.png`… (frames side by side),
+/// `grid.png` and `samples.json` (prompt → file → video_quality and motion_quality).
+pub fn write_clips(policy: &crate::policy::video_dit::VideoPolicy, specs: &[crate::world::video::VideoSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    let clips = crate::train::pretrain::generate_clips(policy, specs, seed, cfg)?;
+    let vq = crate::reward::video::build("video_quality")?.score(&clips, specs)?;
+    let mq = crate::reward::video::build("motion_quality")?.score(&clips, specs)?;
+    let mut listing = Vec::new();
+    let mut strips = Vec::new();
+    for (i, (c, s)) in clips.iter().zip(specs).enumerate() {
+        let name = format!("clip_{i:03}.png");
+        let strip = crate::train::pretrain::frame_strip(c);
+        strip.save_png(&out.join(&name))?;
+        strips.push(strip.upscale(2));
+        listing.push(json!({"prompt": s.text(), "file": name, "video_quality": vq[i], "motion_quality": mq[i]}));
+    }
+    crate::image::grid(&strips, 1).save_png(&out.join("grid.png"))?;
+    crate::io::atomic_write(&out.join("samples.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
+    Ok(clips.len())
+}
+
 /// Where cached base models live: `$VIPO_CACHE`, else `./.vipo-cache`.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("VIPO_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".vipo-cache"))

@@ -254,3 +254,37 @@ fn check_report(path: &Path, must: &[&str]) {
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains(" 0 broken, 0 console messages"), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+#[test]
+fn video_pretrain_sample_and_bad_input() {
+    let d = tempfile::tempdir().unwrap();
+    let vid: &[&str] = &[
+        "--set", "modality=video", "--set", "run_name=vbase", "--set", "video_model.image_size=16", "--set", "video_model.frames=4",
+        "--set", "video_model.dim=32", "--set", "video_model.depth=2", "--set", "video_model.heads=2", "--set", "video_model.text_layers=1",
+        "--set", "pretrain.steps=2", "--set", "pretrain.batch_size=2", "--set", "pretrain.eval_prompts=2", "--set", "pretrain.grid_prompts=2",
+        "--set", "sample.steps=2",
+    ];
+    let mut args = vec!["pretrain"];
+    args.extend_from_slice(vid);
+    let o = vipo(&args, d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("video_quality and motion_quality"));
+    let run = d.path().join("runs/vbase");
+    let out = d.path().join("clips");
+    let o = vipo(&["sample", "--run", run.to_str().unwrap(), "--prompt", "a red circle moving right fast", "--out", out.to_str().unwrap()], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listing: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("samples.json")).unwrap()).unwrap();
+    assert_eq!(listing[0]["prompt"], "a red circle moving right fast");
+    assert!(listing[0]["motion_quality"].is_number() && out.join("clip_000.png").is_file() && out.join("grid.png").is_file());
+    // A motion word outside the grammar; frames the policy cannot take; video training.
+    let e = err(&vipo(&["sample", "--run", run.to_str().unwrap(), "--prompt", "a red circle moving sideways", "--out", out.to_str().unwrap()], d.path()));
+    assert!(e.contains("sideways"), "{e}");
+    let mut bad = vec!["pretrain"];
+    bad.extend_from_slice(vid);
+    bad.extend_from_slice(&["--set", "video_model.frames=3", "--set", "run_name=bad"]);
+    let e = err(&vipo(&bad, d.path()));
+    assert!(e.contains("video_model.t_patch") || e.contains("frames"), "{e}");
+    assert!(!d.path().join("runs/bad").exists());
+    let e = err(&vipo(&["train", "--set", "modality=video"], d.path()));
+    assert!(e.contains("not implemented yet"), "{e}");
+}
