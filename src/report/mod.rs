@@ -187,13 +187,19 @@ pub fn render(input: &ReportInput) -> Result<String> {
     }
     if !input.curves.is_empty() {
         o.push_str("<h2>Training curves</h2><p class=\"note\">Line: mean over seeds; band: mean ± 1.96 standard errors over seeds (shown when a method has more than one seed). Wall-clock is the sum of the measured step phases (sample + reward + map + update).</p>");
+        let mut methods: Vec<String> = Vec::new();
+        for s in input.curves.iter().flat_map(|(_, v)| v) {
+            if !methods.contains(&s.method) {
+                methods.push(s.method.clone());
+            }
+        }
         for (name, series) in &input.curves {
             // "quantity (explanation)": the short quantity labels the axes, the whole name
             // is the caption.
             let short = name.split(" (").next().unwrap_or(name);
             let _ = write!(o, "<h3>{}</h3><div class=\"charts\">", escape(name));
-            o.push_str(&svg::line_chart(&format!("{short} vs step"), "step", short, &svg::aggregate(series, false)));
-            o.push_str(&svg::line_chart(&format!("{short} vs wall-clock"), "training seconds", short, &svg::aggregate(series, true)));
+            o.push_str(&svg::line_chart(&format!("{short} vs step"), "step", short, &svg::aggregate(series, false), &methods));
+            o.push_str(&svg::line_chart(&format!("{short} vs wall-clock"), "training seconds", short, &svg::aggregate(series, true), &methods));
             o.push_str("</div>");
         }
     }

@@ -98,6 +98,8 @@ fn fmt_tick(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
+    } else if (v - v.round()).abs() < 1e-9 && a < 1e6 {
+        format!("{v:.0}")
     } else if a >= 1000.0 || a < 0.001 {
         format!("{v:.1e}")
     } else if a >= 10.0 {
@@ -127,8 +129,10 @@ fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo, hi)
 }
 
-/// A line chart of aggregated bands. Returns a standalone `<svg>` element.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, bands: &[Band]) -> String {
+/// A line chart of aggregated bands. Returns a standalone `<svg>` element. Each band's
+/// colour is its label's position in `methods` (so a method keeps its colour across every
+/// chart of a report); labels not listed take the next free colours.
+pub fn line_chart(title: &str, x_label: &str, y_label: &str, bands: &[Band], methods: &[String]) -> String {
     let (x0, x1) = range(bands.iter().flat_map(|b| b.x.iter().copied()));
     let (y0, y1) = range(bands.iter().flat_map(|b| b.lo.iter().chain(b.hi.iter()).copied()));
     let pad = (y1 - y0) * 0.05;
@@ -162,7 +166,8 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, bands: &[Band]) -> 
         y = (MT + H - MB) / 2.0
     );
     for (i, b) in bands.iter().enumerate() {
-        let c = PALETTE[i % PALETTE.len()];
+        let ci = methods.iter().position(|m| *m == b.label).unwrap_or(methods.len() + i);
+        let c = PALETTE[ci % PALETTE.len()];
         if b.seeds > 1 && b.x.len() > 1 {
             let mut pts: Vec<String> = b.x.iter().zip(&b.hi).map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
             pts.extend(b.x.iter().zip(&b.lo).rev().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))));
@@ -259,10 +264,13 @@ mod tests {
 
     #[test]
     fn chart_draws_band_only_with_seeds_and_escapes_labels() {
-        let one = line_chart("r<1>", "step", "reward", &aggregate(&[ser("x&y", 0, &[0.1, 0.2, 0.3])], false));
+        let one = line_chart("r<1>", "step", "reward", &aggregate(&[ser("x&y", 0, &[0.1, 0.2, 0.3])], false), &[]);
         assert!(one.contains("r&lt;1&gt;") && one.contains("x&amp;y") && one.contains("<polyline") && !one.contains("<polygon"));
-        let two = line_chart("r", "step", "reward", &aggregate(&[ser("a", 0, &[0.1, 0.2]), ser("a", 1, &[0.2, 0.4])], false));
+        let two = line_chart("r", "step", "reward", &aggregate(&[ser("a", 0, &[0.1, 0.2]), ser("a", 1, &[0.2, 0.4])], false), &["z".into(), "a".into()]);
         assert!(two.contains("<polygon") && two.contains("(2 seeds)"));
+        assert!(two.contains(PALETTE[1]) && !two.contains(PALETTE[0]), "colour follows the method's global position");
+        assert_eq!(fmt_tick(5.0), "5");
+        assert_eq!(fmt_tick(0.25), "0.25");
         let bars = timing_chart(&[Timing { method: "vipo".into(), sample_s: 1.0, reward_s: 0.1, map_s: 0.2, update_s: 2.0, peak_rss_mb: 10.0 }]);
         assert!(bars.contains("3.30 s") && bars.matches("<rect").count() >= 1 + 4 + 4);
     }
