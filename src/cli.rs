@@ -313,10 +313,6 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     match &a.resume {
         None => {
             let cfg = load_config(&a.cfg)?;
-            anyhow::ensure!(
-                cfg.modality == config::Modality::Image,
-                "modality = \"video\": GRPO/ViPO training on video is not implemented yet (video so far: vipo pretrain and vipo sample)"
-            );
             let dir = run_dir_for(&cfg, &format!("{:?}", cfg.train.algo).to_lowercase());
             crate::train::grpo::train_cli(&cfg, &dir, false, a.cfg.force)
         }
@@ -385,7 +381,7 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     let device = crate::runtime::device()?;
     if cfg.modality == config::Modality::Video {
         let specs = read_prompts_with(&a.prompt, a.prompts.as_deref(), crate::world::video::VideoSpec::parse)?;
-        let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &weights, &device)?;
+        let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &weights, None, &device, 0)?;
         let n = crate::sample::write_clips(&policy, &specs, a.seed, &cfg.sample, &a.out)?;
         println!("wrote {n} clips (frame strips) and grid.png to {} (VQ/MQ scores in samples.json)", a.out.display());
         return Ok(());

@@ -392,11 +392,43 @@ pub struct VipoConfig {
     pub ratio: RatioMode,
     /// Write a sample | map | signed-advantage grid every N steps (0 = off).
     pub map_grid_every: usize,
+    /// Video: σ_t (in frames) of the 1-D Gaussian along time over the stacked per-frame
+    /// maps (DESIGN.md §1.3 step 7); 0 = off.
+    pub temporal_sigma: f64,
+    /// Video: min–max normalise the map over the whole volume or each frame on its own.
+    pub temporal_norm: TemporalNorm,
+    /// Video: compute PSM maps on every k-th frame only and resample to all frames
+    /// (k = 1: every frame; larger k trades map detail in time for backbone time).
+    pub frame_stride: usize,
+}
+
+/// How a video's allocation map is min–max normalised.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TemporalNorm {
+    Volume,
+    PerFrame,
 }
 
 impl Default for VipoConfig {
     fn default() -> Self {
-        Self { map: MapKind::Psm, map_times: MapTimes::Advantage, ratio: RatioMode::PerPosition, map_grid_every: 10 }
+        Self {
+            map: MapKind::Psm,
+            map_times: MapTimes::Advantage,
+            ratio: RatioMode::PerPosition,
+            map_grid_every: 10,
+            temporal_sigma: 0.3,
+            temporal_norm: TemporalNorm::Volume,
+            frame_stride: 1,
+        }
+    }
+}
+
+impl VipoConfig {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.temporal_sigma.is_finite() && self.temporal_sigma >= 0.0, "vipo.temporal_sigma: must be ≥ 0 (got {})", self.temporal_sigma);
+        anyhow::ensure!(self.frame_stride >= 1, "vipo.frame_stride: must be ≥ 1");
+        Ok(())
     }
 }
 

@@ -33,14 +33,14 @@ pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg
 /// `grid.png` and `samples.json` (prompt → file → video_quality and motion_quality).
 pub fn write_clips(policy: &crate::policy::video_dit::VideoPolicy, specs: &[crate::world::video::VideoSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
-    let clips = crate::train::pretrain::generate_clips(policy, specs, seed, cfg)?;
+    let clips = crate::policy::video_dit::generate_clips(policy, &crate::policy::TrainPolicy::latent_shape(policy), specs, seed, cfg)?;
     let vq = crate::reward::video::build("video_quality")?.score(&clips, specs)?;
     let mq = crate::reward::video::build("motion_quality")?.score(&clips, specs)?;
     let mut listing = Vec::new();
     let mut strips = Vec::new();
     for (i, (c, s)) in clips.iter().zip(specs).enumerate() {
         let name = format!("clip_{i:03}.png");
-        let strip = crate::train::pretrain::frame_strip(c);
+        let strip = crate::train::task::frame_strip(c);
         strip.save_png(&out.join(&name))?;
         strips.push(strip.upscale(2));
         listing.push(json!({"prompt": s.text(), "file": name, "video_quality": vq[i], "motion_quality": mq[i]}));
@@ -58,9 +58,13 @@ pub fn cache_dir() -> PathBuf {
 /// Where the cached base model for `cfg` lives (it may not exist yet): keyed by a hash
 /// of the model + pretrain config, the seed and the sample config.
 pub fn cached_base_path(cfg: &Config) -> PathBuf {
-    let key = serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample)).expect("config serializes");
-    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    cache_dir().join(format!("base-{hash:016x}")).join(crate::train::run::FINAL_WEIGHTS)
+    // Image keys are unchanged from before video existed, so existing caches stay valid.
+    let (prefix, key) = match cfg.modality {
+        crate::config::Modality::Image => ("base", serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))),
+        crate::config::Modality::Video => ("vbase", serde_json::to_string(&(&cfg.video_model, &cfg.pretrain, cfg.seed, &cfg.sample))),
+    };
+    let hash = key.expect("config serializes").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    cache_dir().join(format!("{prefix}-{hash:016x}")).join(crate::train::run::FINAL_WEIGHTS)
 }
 
 /// The base model for `cfg` (keyed by a hash of the model + pretrain config and seed):
@@ -68,7 +72,7 @@ pub fn cached_base_path(cfg: &Config) -> PathBuf {
 pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
     let weights = cached_base_path(cfg);
     let dir = weights.parent().expect("cache path has a parent").to_path_buf();
-    let hash = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("base-")).unwrap_or("x").to_string();
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("base").to_string();
     if weights.is_file() && !fresh {
         eprintln!("using cached base model {}", weights.display());
         return Ok(weights);
@@ -76,14 +80,14 @@ pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
     eprintln!("pretraining the base model into {} (cached for later runs)", dir.display());
     // Pretrain into a temp dir, then rename, so an interrupted pretraining never leaves a
     // half-trained model where the cache expects a finished one.
-    let tmp = cache_dir().join(format!(".tmp-base-{hash}"));
+    let tmp = cache_dir().join(format!(".tmp-{name}"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
     }
     crate::train::run::create_run_dir(&tmp, cfg, false)?;
     let out = crate::train::pretrain::pretrain(cfg, &tmp)?;
     if let Some((e, o)) = out.scores {
-        eprintln!("base compositional score: eval {e:.3}, ood {o:.3}");
+        eprintln!("base score ({}): eval {e:.3}, ood {o:.3}", out.score_name);
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot replace", dir.display()))?;

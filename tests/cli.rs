@@ -285,6 +285,7 @@ fn video_pretrain_sample_and_bad_input() {
     let e = err(&vipo(&bad, d.path()));
     assert!(e.contains("video_model.t_patch") || e.contains("frames"), "{e}");
     assert!(!d.path().join("runs/bad").exists());
-    let e = err(&vipo(&["train", "--set", "modality=video"], d.path()));
-    assert!(e.contains("not implemented yet"), "{e}");
+    // Video training with the image reward of the default config: a clear error.
+    let e = err(&vipo(&["train", "--set", "modality=video", "--set", &format!("train.base={}", run.join("model.safetensors").display())], d.path()));
+    assert!(e.contains("train.rewards[0]") && e.contains("video"), "{e}");
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::stats::{bootstrap_ci, mean};
 use crate::config::Config;
 use crate::image::Image;
-use crate::policy::{ImagePolicy, Policy};
+use crate::policy::{ImagePolicy, TrainPolicy};
 use crate::reward::compositional::Compositional;
 use crate::train::run;
 use crate::world::{self, PromptSpec, Split};

@@ -230,7 +230,7 @@ pub fn latents_to_images(z: &Tensor) -> Result<Vec<Image>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::{ImagePolicy, Policy};
+    use crate::policy::{ImagePolicy, Policy, TrainPolicy};
     use crate::world::{self, Split};
 
     pub(crate) fn tiny() -> DitConfig {

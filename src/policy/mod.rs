@@ -39,18 +39,27 @@ impl FlowModel for ImagePolicy {
     }
 }
 
-/// What the sampler and trainer need from an image generator.
-pub trait Policy: FlowModel {
-    /// Latent shape of one sample, e.g. (C, H, W).
+/// What GRPO/ViPO training needs from any generator beyond [`FlowModel`]: the trainable
+/// parameters (LoRA adapters or every weight), the base and adapter maps (to merge and
+/// export), and the latent shape. Conditioning and decoding are the task's business
+/// (`train::task`), so one trainer serves images and video.
+pub trait TrainPolicy: FlowModel {
+    /// Latent shape of one sample, e.g. (C, H, W) or (C, T, H, W).
     fn latent_shape(&self) -> Vec<usize>;
+    /// The parameters an optimizer updates (LoRA adapters only, or every weight), by name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    fn base_map(&self) -> &VarMap;
+    fn lora_map(&self) -> Option<&VarMap>;
+}
+
+/// What the sampler and trainer need from an image generator.
+pub trait Policy: TrainPolicy {
     /// Prompt conditioning for a batch (for the embedded policy: token ids).
     fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor>;
     /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,).
     fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
     /// Latents → RGB images.
     fn decode(&self, z: &Tensor) -> Result<Vec<Image>>;
-    /// The parameters an optimizer updates (LoRA adapters only, or every weight), by name.
-    fn trainable(&self) -> Vec<(String, Var)>;
     fn device(&self) -> &Device;
 }
 
@@ -104,10 +113,22 @@ impl ImagePolicy {
     }
 }
 
-impl Policy for ImagePolicy {
+impl TrainPolicy for ImagePolicy {
     fn latent_shape(&self) -> Vec<usize> {
         self.cfg.latent_shape().to_vec()
     }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+    }
+    fn base_map(&self) -> &VarMap {
+        &self.base
+    }
+    fn lora_map(&self) -> Option<&VarMap> {
+        self.lora.as_ref()
+    }
+}
+
+impl Policy for ImagePolicy {
     fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor> {
         let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
         dit::tokens_for(&texts, &self.device)
@@ -117,10 +138,6 @@ impl Policy for ImagePolicy {
     }
     fn decode(&self, z: &Tensor) -> Result<Vec<Image>> {
         Ok(dit::latents_to_images(z)?)
-    }
-    fn trainable(&self) -> Vec<(String, Var)> {
-        let map = self.lora.as_ref().unwrap_or(&self.base);
-        sorted_vars(map)
     }
     fn device(&self) -> &Device {
         &self.device

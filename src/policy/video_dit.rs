@@ -223,31 +223,43 @@ impl VideoDit {
 pub struct VideoPolicy {
     pub cfg: VideoDitConfig,
     pub base: candle_nn::VarMap,
+    pub lora: Option<candle_nn::VarMap>,
     pub model: VideoDit,
     device: candle_core::Device,
 }
 
 impl VideoPolicy {
-    fn build(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64, weights: Option<&std::path::Path>) -> anyhow::Result<Self> {
+    fn build(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64, weights: Option<&std::path::Path>, lora: Option<&super::layers::LoraSpec>) -> anyhow::Result<Self> {
         use crate::world::video::{video_vocab, MAX_VIDEO_TOKENS};
         cfg.validate()?;
+        let (vocab, max_tokens) = (video_vocab().len(), MAX_VIDEO_TOKENS);
         let base = candle_nn::VarMap::new();
         let vb = super::seeded_var_builder(&base, seed, device);
-        let model = VideoDit::new(&vb, cfg, video_vocab().len(), MAX_VIDEO_TOKENS, None)?;
+        let mut model = VideoDit::new(&vb, cfg, vocab, max_tokens, None)?;
         if let Some(w) = weights {
             crate::train::checkpoint::load_varmap(&base, w)?;
         }
-        Ok(Self { cfg: cfg.clone(), base, model, device: device.clone() })
+        let mut lora_map = None;
+        if let Some(spec) = lora {
+            // Same scheme as the image policy: adapters in their own map, bound to the base.
+            let lmap = candle_nn::VarMap::new();
+            let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
+            model = VideoDit::new(&vb, cfg, vocab, max_tokens, Some(&ctx))?;
+            anyhow::ensure!(!lmap.all_vars().is_empty(), "lora.targets {:?}: pattern matches no linear layer of the video policy", spec.targets);
+            lora_map = Some(lmap);
+        }
+        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, device: device.clone() })
     }
 
     /// Fresh, seeded weights.
     pub fn new(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64) -> anyhow::Result<Self> {
-        Self::build(cfg, device, seed, None)
+        Self::build(cfg, device, seed, None, None)
     }
 
-    /// Weights from a safetensors checkpoint (names and shapes checked against the config).
-    pub fn load(cfg: &VideoDitConfig, weights: &std::path::Path, device: &candle_core::Device) -> anyhow::Result<Self> {
-        Self::build(cfg, device, 0, Some(weights))
+    /// Weights from a safetensors checkpoint (names and shapes checked against the config),
+    /// optionally with fresh LoRA adapters (seeded by `seed`).
+    pub fn load(cfg: &VideoDitConfig, weights: &std::path::Path, lora: Option<&super::layers::LoraSpec>, device: &candle_core::Device, seed: u64) -> anyhow::Result<Self> {
+        Self::build(cfg, device, seed, Some(weights), lora)
     }
 
     pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
@@ -256,20 +268,26 @@ impl VideoPolicy {
 
     /// Token ids (B, MAX_VIDEO_TOKENS) for video prompts.
     pub fn condition(&self, specs: &[crate::world::video::VideoSpec]) -> anyhow::Result<Tensor> {
-        let l = crate::world::video::MAX_VIDEO_TOKENS;
-        let mut ids = Vec::with_capacity(specs.len() * l);
-        for s in specs {
-            ids.extend(crate::world::video::tokenize_video(&s.text(), l)?);
-        }
-        Ok(Tensor::from_vec(ids, (specs.len(), l), &self.device)?)
-    }
-
-    pub fn latent_shape(&self) -> Vec<usize> {
-        self.cfg.latent_shape().to_vec()
+        tokens_for_video(specs, &self.device)
     }
 
     pub fn decode(&self, z: &Tensor) -> anyhow::Result<Vec<Vec<Image>>> {
         Ok(latents_to_clips(z)?)
+    }
+}
+
+impl super::TrainPolicy for VideoPolicy {
+    fn latent_shape(&self) -> Vec<usize> {
+        self.cfg.latent_shape().to_vec()
+    }
+    fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        super::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+    }
+    fn base_map(&self) -> &candle_nn::VarMap {
+        &self.base
+    }
+    fn lora_map(&self) -> Option<&candle_nn::VarMap> {
+        self.lora.as_ref()
     }
 }
 
@@ -283,6 +301,26 @@ impl super::FlowModel for VideoPolicy {
     fn flow_device(&self) -> &candle_core::Device {
         &self.device
     }
+}
+
+/// Token ids for a batch of video prompts, (B, MAX_VIDEO_TOKENS) u32.
+pub fn tokens_for_video(specs: &[crate::world::video::VideoSpec], device: &candle_core::Device) -> anyhow::Result<Tensor> {
+    let l = crate::world::video::MAX_VIDEO_TOKENS;
+    let mut ids = Vec::with_capacity(specs.len() * l);
+    for s in specs {
+        ids.extend(crate::world::video::tokenize_video(&s.text(), l)?);
+    }
+    Ok(Tensor::from_vec(ids, (specs.len(), l), device)?)
+}
+
+/// ODE samples of any video flow model (EMA-swapped or not), one clip per prompt, with
+/// the noise of prompt i from `eval::eval_noise(seed, i)`.
+pub fn generate_clips(model: &dyn super::FlowModel, shape: &[usize], specs: &[crate::world::video::VideoSpec], seed: u64, sample: &crate::config::SampleConfig) -> anyhow::Result<Vec<Vec<Image>>> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cond = tokens_for_video(specs, model.flow_device())?;
+    Ok(latents_to_clips(&crate::eval::ode_latents(model, &cond, shape, seed, sample)?)?)
 }
 
 /// Clips (each a list of frames) → latents in [-1, 1], (B, 3, T, H, W).

@@ -52,12 +52,37 @@ pub trait VideoReward: Send + Sync {
     fn score(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>>;
 }
 
+/// The paper's rule-based redness reward r = R − ½(G + B), averaged over pixels and
+/// frames: a dense, prompt-free signal for checking that video training moves the policy.
+pub struct VideoRedness;
+
+impl VideoReward for VideoRedness {
+    fn info(&self) -> RewardInfo {
+        RewardInfo { name: "redness".into(), version: "1".into(), range: (-1.0, 1.0), higher_is_better: true }
+    }
+    fn score(&self, clips: &[Vec<Image>], _specs: &[VideoSpec]) -> Result<Vec<f32>> {
+        clips
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                anyhow::ensure!(!c.is_empty(), "redness: clip {i} has no frames");
+                let mut s = 0.0;
+                for f in c {
+                    s += crate::reward::redness::Redness::score_one(f).map_err(|e| e.context(format!("redness: clip {i}")))?;
+                }
+                Ok(s / c.len() as f32)
+            })
+            .collect()
+    }
+}
+
 /// A video reward by its config name ("video_quality" or "motion_quality").
 pub fn build(name: &str) -> Result<Box<dyn VideoReward>> {
     Ok(match name {
         "video_quality" => Box::new(VideoQuality::new()),
         "motion_quality" => Box::new(MotionQuality::new()),
-        other => bail!("unknown video reward {other:?} (known: video_quality, motion_quality)"),
+        "redness" => Box::new(VideoRedness),
+        other => bail!("unknown video reward {other:?} (known: video_quality, motion_quality, redness)"),
     })
 }
 

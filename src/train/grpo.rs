@@ -16,18 +16,16 @@ use std::time::Instant;
 
 use crate::advantage::group_advantages;
 use crate::advantage::{map_times_reward_advantages, pixel_advantages};
-use crate::config::{Algo, Config, MapTimes, RatioMode, SdeChoice};
-use crate::image::Image;
+use crate::config::{Algo, Config, MapTimes, Modality, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, kl_penalty};
 use crate::policy::layers::LoraSpec;
-use crate::policy::{ImagePolicy, Policy};
-use crate::reward::set::RewardSet;
+use crate::policy::video_dit::VideoPolicy;
+use crate::policy::{ImagePolicy, TrainPolicy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
-use crate::train::maps::{MapBatch, MapSource};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::run;
-use crate::world::{self, PromptSpec, Split};
+use crate::train::task::{self, Task};
 
 /// Saved state of a seeded ChaCha stream (seed, stream, position) for exact resume.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -96,13 +94,13 @@ pub struct StepMetrics {
 pub struct Trainer {
     pub cfg: Config,
     pub run_dir: PathBuf,
-    pub policy: ImagePolicy,
-    ref_policy: Option<ImagePolicy>,
+    /// The image or video policy being trained (LoRA adapters or every weight).
+    pub policy: Box<dyn TrainPolicy>,
+    ref_policy: Option<Box<dyn TrainPolicy>>,
     opt: AdamW,
     ema: Option<Vec<Tensor>>,
-    rewards: RewardSet,
-    maps: Option<Box<dyn MapSource>>,
-    pool: Vec<PromptSpec>,
+    /// Prompts, rewards, maps, grids and evaluation of the modality (`task.rs`).
+    task: Box<dyn Task>,
     state: TrainState,
     rng_prompts: ChaCha8Rng,
     rng_noise: ChaCha8Rng,
@@ -128,23 +126,24 @@ impl Trainer {
         let t = &cfg.train;
         t.validate()?;
         let device = crate::runtime::device()?;
-        let rewards = crate::reward::build_set(&t.rewards)?;
-        let maps: Option<Box<dyn MapSource>> = match t.algo {
-            Algo::Grpo => None,
-            Algo::Vipo => Some(crate::train::maps::build(cfg)?),
-        };
+        let task = task::build(cfg)?;
         let base = base_weights(cfg)?;
         let lora = (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
-        let policy = ImagePolicy::load(&cfg.model, &base, lora.as_ref(), &device, cfg.seed)?;
-        let ref_policy = if t.kl_beta > 0.0 { Some(ImagePolicy::load(&cfg.model, &base, None, &device, cfg.seed)?) } else { None };
+        let load = |lora: Option<&LoraSpec>| -> Result<Box<dyn TrainPolicy>> {
+            Ok(match cfg.modality {
+                Modality::Image => Box::new(ImagePolicy::load(&cfg.model, &base, lora, &device, cfg.seed)?),
+                Modality::Video => Box::new(VideoPolicy::load(&cfg.video_model, &base, lora, &device, cfg.seed)?),
+            })
+        };
+        let policy = load(lora.as_ref())?;
+        let ref_policy = if t.kl_beta > 0.0 { Some(load(None)?) } else { None };
         let opt = AdamW::new(
             policy.trainable(),
             AdamWConfig { lr: t.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: t.weight_decay },
         )?;
         let ema = ema_init(&policy.trainable(), t.ema_decay)?;
-        let pool = world::prompts(Split::Train, t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
         let mut rng_prompts = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9701);
-        let mut order: Vec<usize> = (0..pool.len()).collect();
+        let mut order: Vec<usize> = (0..task.pool_len()).collect();
         order.shuffle(&mut rng_prompts);
         let state = TrainState {
             step: 0,
@@ -161,9 +160,7 @@ impl Trainer {
             ref_policy,
             opt,
             ema,
-            rewards,
-            maps,
-            pool,
+            task,
             rng_prompts: state.rng_prompts.restore()?,
             rng_noise: state.rng_noise.restore()?,
             rng_timesteps: state.rng_timesteps.restore()?,
@@ -188,33 +185,33 @@ impl Trainer {
         self.state.step
     }
 
-    /// Next `prompts_per_step` prompts from the shuffled pool (reshuffled each epoch).
-    fn next_prompts(&mut self) -> Vec<PromptSpec> {
+    /// Next `prompts_per_step` pool indices from the shuffled pool (reshuffled each epoch).
+    fn next_prompts(&mut self) -> Vec<usize> {
         let mut out = Vec::new();
         for _ in 0..self.cfg.train.prompts_per_step {
             if self.state.cursor >= self.state.order.len() {
                 self.state.order.shuffle(&mut self.rng_prompts);
                 self.state.cursor = 0;
             }
-            out.push(self.pool[self.state.order[self.state.cursor]].clone());
+            out.push(self.state.order[self.state.cursor]);
             self.state.cursor += 1;
         }
         out
     }
 
-    /// Roll out the current policy for `specs` (one entry per sample).
-    fn rollout(&mut self, specs: &[PromptSpec]) -> Result<(Trajectory, Tensor)> {
+    /// Roll out the current policy for pool prompts `specs` (one entry per sample).
+    fn rollout(&mut self, specs: &[usize]) -> Result<(Trajectory, Tensor)> {
         let t = &self.cfg.train;
         let shape = self.policy.latent_shape();
-        let z0 = sampler::group_noise(t.prompts_per_step, t.group_size, &shape, t.shared_group_noise, &mut self.rng_noise, self.policy.device())?;
-        let cond = self.policy.condition(specs)?;
+        let z0 = sampler::group_noise(t.prompts_per_step, t.group_size, &shape, t.shared_group_noise, &mut self.rng_noise, self.policy.flow_device())?;
+        let cond = self.task.condition(specs, self.policy.flow_device())?;
         let n = specs.len();
         let policy = &self.policy;
         let kind = self.sde();
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(policy.velocity(z, &sig, &cond)?)
+                Ok(policy.flow_velocity(z, &sig, &cond)?)
             },
             z0,
             &self.sigmas,
@@ -257,29 +254,25 @@ impl Trainer {
             // Keep the base scores of the first session when a run was resumed.
             let path = self.run_dir.join("eval.json");
             let base = match base_scores {
-                Some(b) => serde_json::to_value(b)?,
+                Some((_, b)) => serde_json::to_value(b)?,
                 None => std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).map(|v| v["base"].clone()).unwrap_or(serde_json::Value::Null),
             };
-            let v = serde_json::json!({"reward": "compositional", "n": self.cfg.train.eval_prompts, "sample_steps": self.cfg.sample.steps, "base": base, "final": fin, "step": self.state.step});
+            let (reward, fin) = fin;
+            let v = serde_json::json!({"reward": reward, "n": self.cfg.train.eval_prompts, "sample_steps": self.cfg.sample.steps, "base": base, "final": fin, "step": self.state.step});
             crate::io::atomic_write(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
         }
         Ok(all)
     }
 
-    /// Compositional score on fixed eval/ood prompts and noise (EMA weights when on).
-    fn evaluate(&self) -> Result<Option<HashMap<String, f64>>> {
+    /// Held-out reward on fixed eval/ood prompts and noise (EMA weights when on): the
+    /// compositional reward for images, VQ/MQ for video.
+    fn evaluate(&self) -> Result<Option<(String, HashMap<String, f64>)>> {
         let n = self.cfg.train.eval_prompts;
         if n == 0 {
             return Ok(None);
         }
-        let reward = crate::reward::compositional::Compositional::new();
-        let mut out = HashMap::new();
-        for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
-            let prompts = world::prompts(split, n, crate::eval::run::EVAL_SEED);
-            let imgs = self.with_ema(|p| crate::eval::generate(p, &prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample))?;
-            out.insert(name.to_string(), crate::eval::mean_score(&reward, &imgs, &prompts)?);
-        }
-        Ok(Some(out))
+        let shape = self.policy.latent_shape();
+        Ok(Some(self.with_ema(|p| self.task.evaluate(p, &shape, n))?))
     }
 
     /// Write `model.safetensors`: the full policy weights (EMA when on) in the base layout,
@@ -287,8 +280,8 @@ impl Trainer {
     pub fn export_final(&self) -> Result<PathBuf> {
         let path = self.run_dir.join(run::FINAL_WEIGHTS);
         self.with_ema(|p| {
-            let mut out: HashMap<String, Tensor> = crate::policy::sorted_vars(&p.base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-            if let Some(l) = &p.lora {
+            let mut out: HashMap<String, Tensor> = crate::policy::sorted_vars(p.base_map()).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            if let Some(l) = p.lora_map() {
                 let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
                 let s = self.cfg.train.lora_alpha / self.cfg.train.lora_rank as f64;
                 for (name, a) in &lv {
@@ -314,32 +307,29 @@ impl Trainer {
         // 1. Rollout: G samples per prompt, dense per-element log-probs kept.
         let t0 = Instant::now();
         let prompts = self.next_prompts();
-        let specs: Vec<PromptSpec> = prompts.iter().flat_map(|p| std::iter::repeat(p.clone()).take(t.group_size)).collect();
+        let specs: Vec<usize> = prompts.iter().flat_map(|&p| std::iter::repeat(p).take(t.group_size)).collect();
         let (traj, cond) = self.rollout(&specs)?;
-        let images = self.policy.decode(traj.latents.last().unwrap())?;
+        let samples = self.task.decode(traj.latents.last().unwrap())?;
         m.time_sample_s = t0.elapsed().as_secs_f64();
 
         // 2. Rewards: one score per sample per reward; non-finite scores abort here.
         let t1 = Instant::now();
-        let scores = self.rewards.score(&images, &specs).with_context(|| format!("step {}: reward failed; weights left untouched", m.step))?;
+        let scores = self.task.score(&samples, &specs).with_context(|| format!("step {}: reward failed; weights left untouched", m.step))?;
         m.time_reward_s = t1.elapsed().as_secs_f64();
-        let total = self.rewards.weighted_total(&scores);
+        let weights = self.task.reward_weights();
+        let total: Vec<f32> = (0..specs.len()).map(|i| scores.iter().zip(&weights).map(|(s, w)| w * s[i]).sum()).collect();
         m.reward_mean = mean(&total);
         m.reward_std = std(&total);
-        for (info, s) in self.rewards.infos().iter().zip(&scores) {
+        for (info, s) in self.task.reward_infos().iter().zip(&scores) {
             m.rewards.insert(info.name.clone(), mean(s));
         }
 
         // 3. Allocation maps (ViPO only).
-        let maps = match &self.maps {
-            Some(src) => {
-                let t2 = Instant::now();
-                let mb = src.maps(&images, &specs)?;
-                m.time_map_s = t2.elapsed().as_secs_f64();
-                Some(mb)
-            }
-            None => None,
-        };
+        let t2 = Instant::now();
+        let maps = self.task.maps(&samples)?;
+        if maps.is_some() {
+            m.time_map_s = t2.elapsed().as_secs_f64();
+        }
         if let Some(mb) = &maps {
             m.map_fallbacks = mb.fallbacks;
             m.map_object_mass = mb.object_mass;
@@ -349,7 +339,7 @@ impl Trainer {
         if let Some(mb) = &maps {
             let every = self.cfg.vipo.map_grid_every;
             if every > 0 && (m.step == 1 || m.step % every == 0) {
-                self.write_map_grid(m.step, &images, mb, &scores)?;
+                self.write_map_grid(m.step, &samples, mb, &scores)?;
             }
         }
 
@@ -361,7 +351,7 @@ impl Trainer {
             advs.push(ga.adv);
         }
         // ViPO lifts each scalar advantage to a per-position map (DESIGN.md §1.4).
-        let device = self.policy.device().clone();
+        let device = self.policy.flow_device().clone();
         let adv_tensors = match &maps {
             None => advs.iter().map(|a| Tensor::from_vec(a.clone(), a.len(), &device)).collect::<candle_core::Result<Vec<_>>>()?,
             Some(mb) => {
@@ -372,7 +362,9 @@ impl Trainer {
                         MapTimes::Advantage => pixel_advantages(a, &mb.maps, t.adv_clip as f32),
                         MapTimes::Reward => map_times_reward_advantages(s, &mb.maps, t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?,
                     };
-                    out.push(Tensor::from_vec(pa, (mb.maps.len(), mb.h, mb.w), &device)?);
+                    let mut shape = vec![mb.maps.len()];
+                    shape.extend(mb.dims());
+                    out.push(Tensor::from_vec(pa, shape, &device)?);
                 }
                 out
             }
@@ -404,9 +396,9 @@ impl Trainer {
             .collect();
         let kind = self.sde();
         let sigma1 = self.sigmas[1];
-        let device = self.policy.device().clone();
+        let device = self.policy.flow_device().clone();
         let per_opt = t.micro_batch * t.grad_accum;
-        let weights: Vec<f64> = self.rewards.weights().iter().map(|&w| w as f64).collect();
+        let weights: Vec<f64> = self.task.reward_weights().iter().map(|&w| w as f64).collect();
         let (mut ratio_sum, mut ratio_cnt, mut clip_sum, mut loss_sum, mut kl_sum) = (0f64, 0usize, 0f64, 0f64, 0f64);
         let mut dev_first = 0f64;
         let mut grad_norms = Vec::new();
@@ -423,14 +415,14 @@ impl Trainer {
                     let z_next = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.latents[k + 1].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let old_dense = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.log_probs[k].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let sig = Tensor::from_vec(ks.iter().map(|&k| self.sigmas[k] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
-                    let v = self.policy.velocity(&z, &sig, &cond_mb)?;
+                    let v = self.policy.flow_velocity(&z, &sig, &cond_mb)?;
                     let mut new_dense = Vec::with_capacity(mb.len());
                     let mut kl_terms = Vec::new();
                     for (r, &k) in ks.iter().enumerate() {
                         let (mean_r, std_r) = sampler::transition(kind, &z.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                         new_dense.push(sampler::log_prob_dense(&z_next.narrow(0, r, 1)?, &mean_r, std_r)?);
                         if let Some(refp) = &self.ref_policy {
-                            let vr = refp.velocity(&z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?)?.detach();
+                            let vr = refp.flow_velocity(&z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?)?.detach();
                             let (mean_ref, _) = sampler::transition(kind, &z.narrow(0, r, 1)?, &vr, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                             kl_terms.push(kl_penalty(&mean_r, &mean_ref, std_r)?);
                         }
@@ -443,7 +435,11 @@ impl Trainer {
                         let (lp_new, lp_old) = if lp_new.rank() < adv_mb.rank() {
                             // Per-sample ratio broadcast over the map (the released FLUX code's variant).
                             let shape = adv_mb.shape();
-                            let lift = |x: &Tensor| x.reshape((x.dim(0)?, 1, 1))?.broadcast_as(shape)?.contiguous();
+                            let lift = |x: &Tensor| {
+                                let mut ones = vec![1usize; adv_mb.rank()];
+                                ones[0] = x.dim(0)?;
+                                x.reshape(ones)?.broadcast_as(shape)?.contiguous()
+                            };
                             (lift(&lp_new)?, lift(&lp_old)?)
                         } else {
                             (lp_new.clone(), lp_old.clone())
@@ -515,14 +511,14 @@ impl Trainer {
     }
 
     /// Run `f` with the EMA weights swapped in (if EMA is on).
-    pub fn with_ema<R>(&self, f: impl FnOnce(&ImagePolicy) -> Result<R>) -> Result<R> {
-        let Some(ema) = &self.ema else { return f(&self.policy) };
+    pub fn with_ema<R>(&self, f: impl FnOnce(&dyn TrainPolicy) -> Result<R>) -> Result<R> {
+        let Some(ema) = &self.ema else { return f(self.policy.as_ref()) };
         let vars = self.policy.trainable();
         let saved: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
         for ((_, v), e) in vars.iter().zip(ema) {
             v.set(e)?;
         }
-        let out = f(&self.policy);
+        let out = f(self.policy.as_ref());
         for ((_, v), s) in vars.iter().zip(&saved) {
             v.set(s)?;
         }
@@ -531,27 +527,18 @@ impl Trainer {
 
     /// Fixed prompts and noise every time, so grids across steps show progress.
     fn write_grid(&self, step: usize) -> Result<()> {
-        let prompts = world::prompts(Split::Train, self.cfg.train.grid_prompts, 0x9e1d);
-        let imgs = self.with_ema(|p| crate::eval::generate(p, &prompts, 0x9e1d, &self.cfg.sample))?;
-        let big: Vec<Image> = imgs.iter().map(|im| im.upscale(4)).collect();
-        crate::image::grid(&big, 8).save_png(&self.run_dir.join("samples").join(format!("step_{step:05}.png")))?;
-        Ok(())
+        let shape = self.policy.latent_shape();
+        let path = self.run_dir.join("samples").join(format!("step_{step:05}.png"));
+        self.with_ema(|p| self.task.write_grid(p, &shape, &path))
     }
 
     /// For the first two prompt groups: sample | allocation map | signed advantage overlay
     /// (red = pushed up, blue = pushed down), one row per sample.
-    fn write_map_grid(&self, step: usize, images: &[Image], mb: &MapBatch, scores: &[Vec<f32>]) -> Result<()> {
+    fn write_map_grid(&self, step: usize, samples: &task::Decoded, mb: &crate::train::maps::MapBatch, scores: &[Vec<f32>]) -> Result<()> {
         let t = &self.cfg.train;
         let ga = group_advantages(&scores[0], t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?;
-        let n = images.len().min(2 * t.group_size);
-        let mut tiles = Vec::new();
-        for i in 0..n {
-            let pa: Vec<f32> = mb.maps[i].iter().map(|m| m * ga.adv[i]).collect();
-            tiles.push(images[i].upscale(4));
-            tiles.push(crate::image::overlay(&images[i], &mb.maps[i], 0.7).upscale(4));
-            tiles.push(crate::image::signed_overlay(&images[i], &pa, t.adv_clip as f32 / 2.0).upscale(4));
-        }
-        crate::image::grid(&tiles, 6).save_png(&self.run_dir.join("maps").join(format!("step_{step:05}.png")))
+        let path = self.run_dir.join("maps").join(format!("step_{step:05}.png"));
+        self.task.write_map_grid(samples, mb, &ga.adv, 2 * t.group_size, t.adv_clip as f32 / 2.0, &path)
     }
 
     fn named(vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {
@@ -609,7 +596,7 @@ impl Trainer {
             &std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{origin}/state.json: cannot read"))?,
         )
         .with_context(|| format!("{origin}/state.json: corrupted checkpoint state"))?;
-        let device = self.policy.device().clone();
+        let device = self.policy.flow_device().clone();
         let w = read_tensors(&dir.join("trainable.safetensors"), &device)?;
         let vars = self.policy.trainable();
         for (name, v) in &vars {
@@ -630,7 +617,7 @@ impl Trainer {
         for (name, v) in &vars {
             v.set(&w[name])?;
         }
-        anyhow::ensure!(st.order.len() == self.pool.len(), "{origin}/state.json: prompt pool size differs from the config");
+        anyhow::ensure!(st.order.len() == self.task.pool_len(), "{origin}/state.json: prompt pool size differs from the config");
         self.rng_prompts = st.rng_prompts.restore()?;
         self.rng_noise = st.rng_noise.restore()?;
         self.rng_timesteps = st.rng_timesteps.restore()?;
@@ -679,7 +666,19 @@ pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Image;
+    use crate::policy::Policy;
+    use crate::reward::set::RewardSet;
     use crate::reward::{Reward, RewardInfo};
+    use crate::world::{self, PromptSpec, Split};
+
+    /// ODE images of the trainer's current policy (no EMA swap) for `prompts`.
+    fn gen_images(tr: &Trainer, prompts: &[PromptSpec], seed: u64, cfg: &Config) -> Vec<Image> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
+        let cond = crate::policy::dit::tokens_for(&texts, tr.policy.flow_device()).unwrap();
+        let z = crate::eval::ode_latents(tr.policy.as_ref(), &cond, &tr.policy.latent_shape(), seed, &cfg.sample).unwrap();
+        crate::policy::dit::latents_to_images(&z).unwrap()
+    }
 
     /// A tiny base model on disk and a config that trains it for a few cheap steps.
     fn setup(dir: &Path) -> Config {
@@ -782,10 +781,11 @@ mod tests {
             // The exported model (LoRA merged) reproduces the trained policy's output.
             let merged = ImagePolicy::load(&cfg.model, &dir.join(run::FINAL_WEIGHTS), None, &candle_core::Device::Cpu, 0).unwrap();
             let prompts = world::prompts(Split::Train, 2, 3);
-            let cond = tr.policy.condition(&prompts).unwrap();
+            let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
+            let cond = crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
             let z = Tensor::ones((2, 3, 16, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
             let sig = Tensor::full(0.5f32, 2, &candle_core::Device::Cpu).unwrap();
-            let d = (tr.policy.velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (tr.policy.flow_velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "rank {rank}: exported model differs by {d}");
         }
     }
@@ -807,7 +807,7 @@ mod tests {
         let dir = d.path().join("n");
         run::create_run_dir(&dir, &cfg, false).unwrap();
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
-        tr.rewards = RewardSet::new(vec![(Box::new(NanReward), 1.0)]).unwrap();
+        tr.task = Box::new(task::ImageTask::new(&cfg, RewardSet::new(vec![(Box::new(NanReward), 1.0)]).unwrap(), None));
         let before = weights(&tr);
         let e = format!("{:#}", tr.train_step().err().unwrap());
         assert!(e.contains("nan") && e.contains("untouched"), "{e}");
@@ -902,6 +902,110 @@ mod tests {
         }
     }
 
+    /// A tiny video base on disk and a config that trains it (4 frames of 16×16).
+    fn setup_video(dir: &Path) -> Config {
+        use crate::policy::video_dit::{VideoAttention, VideoDitConfig};
+        let mut cfg = setup(dir);
+        cfg.modality = Modality::Video;
+        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true };
+        let base = dir.join("vbase.safetensors");
+        if !base.exists() {
+            VideoPolicy::new(&cfg.video_model, &candle_core::Device::Cpu, 1).unwrap().save(&base).unwrap();
+        }
+        cfg.train.base = base.display().to_string();
+        // Redness is dense on a random policy (non-zero advantages); MQ is the second,
+        // separately normalised reward (DESIGN.md §1.5).
+        cfg.train.rewards = vec![
+            crate::config::RewardEntry { name: "redness".into(), weight: 1.0 },
+            crate::config::RewardEntry { name: "motion_quality".into(), weight: 0.5 },
+        ];
+        cfg.train.grid_every = 1;
+        cfg.train.grid_prompts = 2;
+        cfg
+    }
+
+    /// GRPO and ViPO (PSM maps per frame → temporal map → per-position ratio over
+    /// (t, h, w)) both train on video from the same loop, with on-policy parity, and write
+    /// frame-strip grids, map grids and a VQ/MQ evaluation.
+    #[test]
+    fn video_grpo_and_vipo_train() {
+        let d = tempfile::tempdir().unwrap();
+        let g = setup_video(d.path());
+        let (tr, ms) = run(&g, "vg");
+        assert_eq!(ms.len(), 2);
+        for m in &ms {
+            assert!(m.ratio_dev_first < 1e-5 && m.grad_norm > 0.0 && m.grad_norm.is_finite(), "{m:?}");
+            assert!(m.rewards.contains_key("redness") && m.rewards.contains_key("motion_quality"));
+        }
+        assert!(tr.run_dir.join("samples/step_00002.png").is_file() && tr.run_dir.join(run::FINAL_WEIGHTS).is_file());
+        let ev: serde_json::Value = serde_json::from_slice(&std::fs::read(tr.run_dir.join("eval.json")).unwrap()).unwrap();
+        assert!(ev["final"]["ood.motion_quality"].is_number() && ev["base"]["eval"].is_number(), "{ev}");
+        let mut v = g.clone();
+        v.train.algo = Algo::Vipo;
+        v.backbone.input_size = 64;
+        v.vipo.map_grid_every = 1;
+        v.vipo.frame_stride = 2;
+        let (tv, mv) = run(&v, "vv");
+        assert!(mv[0].time_map_s > 0.0 && mv[0].ratio_dev_first < 1e-5 && mv[0].grad_norm > 0.0);
+        assert!(tv.run_dir.join("maps/step_00001.png").is_file());
+        // The temporal map really is (t, h, w) and the per-position objective uses it:
+        // ones map + per-sample ratio reproduces GRPO's loss exactly, per-position differs.
+        let mut ones = v.clone();
+        ones.train.steps = 1;
+        ones.vipo.map = crate::config::MapKind::Ones;
+        ones.vipo.ratio = RatioMode::PerSample;
+        let mut g1 = g.clone();
+        g1.train.steps = 1;
+        let (_, a) = run(&g1, "g1");
+        let (_, b) = run(&ones, "o1");
+        assert!((a[0].loss - b[0].loss).abs() <= 1e-6, "grpo {} vs ones/per-sample {}", a[0].loss, b[0].loss);
+        let mut pp = ones.clone();
+        pp.vipo.ratio = RatioMode::PerPosition;
+        let (_, c) = run(&pp, "p1");
+        assert!(c[0].ratio_dev_first < 1e-5);
+        // Bad temporal settings fail before any work.
+        let mut bad = v.clone();
+        bad.vipo.temporal_sigma = -0.5;
+        let e = format!("{:#}", Trainer::new(&bad, &d.path().join("bad"), false).err().unwrap());
+        assert!(e.contains("vipo.temporal_sigma"), "{e}");
+        let mut img_reward = g.clone();
+        img_reward.train.rewards = vec![crate::config::RewardEntry { name: "compositional".into(), weight: 1.0 }];
+        let e = format!("{:#}", Trainer::new(&img_reward, &d.path().join("bad2"), false).err().unwrap());
+        assert!(e.contains("train.rewards[0]") && e.contains("video"), "{e}");
+    }
+
+    /// The temporal map stage on hand values: two frames [0,1] and [1,0] on a 1×2 grid,
+    /// resampled to 4 frames, no smoothing, volume min–max.
+    #[test]
+    fn temporal_maps_stack_frames_on_the_latent_time_axis() {
+        struct Fixed;
+        impl crate::train::maps::MapSource for Fixed {
+            fn name(&self) -> String {
+                "fixed".into()
+            }
+            fn maps(&self, images: &[Image], _: &[PromptSpec]) -> Result<crate::train::maps::MapBatch> {
+                // The map of a frame: its red channel at the two pixels.
+                let maps = images.iter().map(|im| vec![im.get(0, 0, 0), im.get(0, 0, 1)]).collect();
+                Ok(crate::train::maps::MapBatch { maps, h: 1, w: 2, t: None, fallbacks: 0, object_mass: 0.0, object_area_frac: 0.0 })
+            }
+        }
+        let frame = |a: f32, b: f32| {
+            let mut im = Image::new(1, 2);
+            im.set(0, 0, 0, a);
+            im.set(0, 0, 1, b);
+            im
+        };
+        let clip = vec![frame(0.0, 1.0), frame(0.2, 0.8), frame(1.0, 0.0), frame(0.6, 0.4)];
+        // stride 2 keeps frames 0 and 2 → [0,1], [1,0]; torch trilinear to 4 frames:
+        // t' = 0.5·(τ+0.5) − 0.5 → 0, 0.25, 0.75, 1 (clamped) → weights of frame 2: 0, .25, .75, 1.
+        let mb = task::temporal_maps(&Fixed, &[clip], 2, 0.0, crate::config::TemporalNorm::Volume).unwrap();
+        assert_eq!(mb.dims(), vec![4, 1, 2]);
+        let want = [0.0, 1.0, 0.25, 0.75, 0.75, 0.25, 1.0, 0.0];
+        for (a, b) in mb.maps[0].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{:?}", mb.maps[0]);
+        }
+    }
+
     /// End-to-end direction check: GRPO on the rule-based redness reward must make the
     /// policy's samples redder (same prompts and noise before and after).
     #[test]
@@ -921,7 +1025,7 @@ mod tests {
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
         let prompts = world::prompts(Split::Train, 8, 5);
         let redness = |tr: &Trainer| {
-            let imgs = crate::eval::generate(&tr.policy, &prompts, 5, &cfg.sample).unwrap();
+            let imgs = gen_images(tr, &prompts, 5, &cfg);
             crate::eval::mean_score(&crate::reward::redness::Redness, &imgs, &prompts).unwrap()
         };
         let before = redness(&tr);

@@ -10,12 +10,15 @@ use crate::image::Image;
 use crate::psm::{self, PsmConfig};
 use crate::world::PromptSpec;
 
-/// Maps for a batch of samples on the policy's latent grid (h × w), plus quality stats.
+/// Maps for a batch of samples on the policy's latent grid (h × w, or t × h × w for
+/// video), plus quality stats.
 #[derive(Clone, Debug)]
 pub struct MapBatch {
     pub maps: Vec<Vec<f32>>,
     pub h: usize,
     pub w: usize,
+    /// Frames per map (video); None for images.
+    pub t: Option<usize>,
     /// Samples whose extraction failed and got an all-ones map.
     pub fallbacks: usize,
     /// Mean share of map mass on foreground (object) pixels.
@@ -25,9 +28,19 @@ pub struct MapBatch {
 }
 
 impl MapBatch {
+    /// Shape of one map: [h, w] or [t, h, w].
+    pub fn dims(&self) -> Vec<usize> {
+        match self.t {
+            None => vec![self.h, self.w],
+            Some(t) => vec![t, self.h, self.w],
+        }
+    }
+    /// All maps as one (N, [t,] h, w) tensor.
     pub fn tensor(&self, device: &Device) -> Result<Tensor> {
         let flat: Vec<f32> = self.maps.iter().flatten().copied().collect();
-        Ok(Tensor::from_vec(flat, (self.maps.len(), self.h, self.w), device)?)
+        let mut shape = vec![self.maps.len()];
+        shape.extend(self.dims());
+        Ok(Tensor::from_vec(flat, shape, device)?)
     }
 }
 
@@ -70,7 +83,7 @@ impl MapSource for OnesMap {
         let (h, w) = (images[0].h, images[0].w);
         let maps = vec![vec![1.0; h * w]; images.len()];
         let (object_mass, object_area_frac) = stats(&maps, images);
-        Ok(MapBatch { maps, h, w, fallbacks: 0, object_mass, object_area_frac })
+        Ok(MapBatch { maps, h, w, t: None, fallbacks: 0, object_mass, object_area_frac })
     }
 }
 
@@ -89,7 +102,7 @@ impl MapSource for PsmMap {
         let feats = self.backbone.features(images)?;
         let (maps, fallbacks) = psm::allocation_maps(&feats, h, w, &self.cfg);
         let (object_mass, object_area_frac) = stats(&maps, images);
-        Ok(MapBatch { maps, h, w, fallbacks, object_mass, object_area_frac })
+        Ok(MapBatch { maps, h, w, t: None, fallbacks, object_mass, object_area_frac })
     }
 }
 
@@ -100,7 +113,10 @@ pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
         MapKind::Psm => {
             let backbone = crate::backbone::load(&cfg.backbone)?;
             // Probe once so K > D or K > N is reported before training starts.
-            let s = cfg.model.image_size;
+            let s = match cfg.modality {
+                crate::config::Modality::Image => cfg.model.image_size,
+                crate::config::Modality::Video => cfg.video_model.image_size,
+            };
             let probe = backbone.features(&[Image::filled(s, s, crate::world::BACKGROUND)])?;
             let f = &probe[0];
             cfg.psm.validate(f.d)?;

@@ -7,3 +7,4 @@ pub mod maps;
 pub mod optim;
 pub mod pretrain;
 pub mod run;
+pub mod task;

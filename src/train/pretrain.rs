@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::{Config, Modality};
-use crate::image::{grid, Image};
+use crate::image::grid;
 use crate::policy::dit::images_to_latents;
 use crate::policy::video_dit::{clips_to_latents, VideoPolicy};
-use crate::policy::{FlowModel, ImagePolicy, Policy};
+use crate::policy::{FlowModel, ImagePolicy, Policy, TrainPolicy};
 use crate::reward::compositional::Compositional;
 use crate::reward::video::VideoReward;
-use crate::world::video::{render_clip, sample_video_scene, video_prompts, VideoSpec};
+use crate::world::video::{render_clip, sample_video_scene, video_prompts};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::run;
 use crate::world::{self, Split};
@@ -196,31 +196,6 @@ fn pretrain_image(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     })
 }
 
-/// A clip as one image: its frames side by side.
-pub fn frame_strip(frames: &[Image]) -> Image {
-    let (h, w) = (frames[0].h, frames[0].w);
-    let mut out = Image::new(h, w * frames.len());
-    for (t, f) in frames.iter().enumerate() {
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    out.set(c, y, t * w + x, f.get(c, y, x));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// ODE samples of the video policy, one clip per prompt (noise from `eval_noise(seed, i)`).
-pub fn generate_clips(policy: &VideoPolicy, specs: &[VideoSpec], seed: u64, sample: &crate::config::SampleConfig) -> Result<Vec<Vec<Image>>> {
-    if specs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let cond = policy.condition(specs)?;
-    policy.decode(&crate::eval::ode_latents(policy, &cond, &policy.latent_shape(), seed, sample)?)
-}
-
 fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     let p = &cfg.pretrain;
     let vm = &cfg.video_model;
@@ -241,8 +216,8 @@ fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     policy.save(&weights)?;
     let grid_prompts: Vec<_> = pool.iter().take(p.grid_prompts).cloned().collect();
     if !grid_prompts.is_empty() {
-        let clips = generate_clips(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
-        let strips: Vec<_> = clips.iter().map(|c| frame_strip(c).upscale(2)).collect();
+        let clips = crate::policy::video_dit::generate_clips(&policy, &policy.latent_shape(), &grid_prompts, cfg.seed, &cfg.sample)?;
+        let strips: Vec<_> = clips.iter().map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
         grid(&strips, 1).save_png(&run_dir.join("samples").join("grid.png"))?;
         let listing: Vec<_> = grid_prompts.iter().map(|s| s.text()).collect();
         crate::io::atomic_write(&run_dir.join("samples").join("grid_prompts.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
@@ -253,7 +228,7 @@ fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
         let mut both = [0.0; 2];
         for (i, split) in [Split::Eval, Split::Ood].into_iter().enumerate() {
             let specs = video_prompts(split, p.eval_prompts, cfg.seed ^ 0xe7a1);
-            let clips = generate_clips(&policy, &specs, cfg.seed, &cfg.sample)?;
+            let clips = crate::policy::video_dit::generate_clips(&policy, &policy.latent_shape(), &specs, cfg.seed, &cfg.sample)?;
             for r in &rewards {
                 let s = r.score(&clips, &specs)?;
                 let m = s.iter().map(|&v| v as f64).sum::<f64>() / s.len() as f64;
@@ -349,7 +324,7 @@ mod tests {
         let b = run::create_run_dir(&dir.path().join("b"), &cfg, false).unwrap();
         assert_eq!(std::fs::read(&out.weights).unwrap(), std::fs::read(pretrain(&cfg, &b).unwrap().weights).unwrap());
         // The weights load back into a video policy.
-        let p = VideoPolicy::load(&cfg.video_model, &out.weights, &candle_core::Device::Cpu).unwrap();
+        let p = VideoPolicy::load(&cfg.video_model, &out.weights, None, &candle_core::Device::Cpu, 0).unwrap();
         assert_eq!(p.latent_shape(), vec![3, 4, 16, 16]);
     }
 
