@@ -240,6 +240,8 @@ pub struct MethodStats {
 #[derive(Clone, Debug, Serialize)]
 pub struct Results {
     pub methods: Vec<String>,
+    /// The reward methods are ranked by ("compositional"; video: "vq_mq_mean").
+    pub primary: String,
     pub seeds: usize,
     pub steps: usize,
     pub eval_prompts: usize,
@@ -356,17 +358,18 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             rows.push(ResultRow { method: m.clone(), split: r0.split.clone(), reward: r0.reward.clone(), mean: mu, ci_low: lo, ci_high: hi, n: per_seed.len(), per_seed });
         }
     }
-    // Paired (by seed) differences to the reference on the compositional reward.
+    // Paired (by seed) differences to the reference on the primary reward.
+    let primary = eval_run::primary_reward(cfg);
     let mut diffs = Vec::new();
     for m in names.iter().skip(1) {
         for split in ["eval", "ood"] {
-            let get = |name: &str| -> Vec<f64> { evals[name].iter().filter_map(|r| r.row(split, "compositional").map(|x| x.mean)).collect() };
+            let get = |name: &str| -> Vec<f64> { evals[name].iter().filter_map(|r| r.row(split, primary).map(|x| x.mean)).collect() };
             let d: Vec<f64> = get(m).iter().zip(get(&names[0])).map(|(a, b)| a - b).collect();
             let (mu, lo, hi, over) = if d.len() >= 2 {
                 let (mu, lo, hi) = t_ci(&d);
                 (mu, lo, hi, "seeds")
             } else {
-                let per_prompt = |name: &str| evals[name][0].scores.get(split).and_then(|s| s.get("compositional")).cloned().unwrap_or_default();
+                let per_prompt = |name: &str| evals[name][0].scores.get(split).and_then(|s| s.get(primary)).cloned().unwrap_or_default();
                 let pd: Vec<f64> = per_prompt(m).iter().zip(per_prompt(&names[0])).map(|(a, b)| a - b).collect();
                 let (lo, hi) = if pd.is_empty() { (d[0], d[0]) } else { bootstrap_ci(&pd, 2000, crate::eval::run::EVAL_SEED) };
                 (d[0], lo, hi, "prompts")
@@ -374,7 +377,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             diffs.push(DiffRow { method: m.clone(), reference: names[0].clone(), split: split.into(), mean: mu, ci_low: lo, ci_high: hi, n: d.len(), over: over.into() });
         }
     }
-    Ok(Results { methods: names, seeds: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, rows, diffs, stats, curves, mass_curves })
+    Ok(Results { methods: names, primary: primary.to_string(), seeds: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, rows, diffs, stats, curves, mass_curves })
 }
 
 impl Results {
@@ -386,14 +389,14 @@ impl Results {
     pub fn summary(&self) -> Vec<String> {
         let mut out = Vec::new();
         let fmt = |m: &str| -> String {
-            let e = self.row(m, "eval", "compositional");
-            let o = self.row(m, "ood", "compositional");
+            let e = self.row(m, "eval", &self.primary);
+            let o = self.row(m, "ood", &self.primary);
             match (e, o) {
                 (Some(e), Some(o)) => format!("{m}: eval {:.3} [{:.3}, {:.3}], ood {:.3} [{:.3}, {:.3}]", e.mean, e.ci_low, e.ci_high, o.mean, o.ci_low, o.ci_high),
                 _ => format!("{m}: no evaluation"),
             }
         };
-        out.push(format!("compositional reward, {} seed(s) × {} steps, {} prompts/split — {}", self.seeds, self.steps, self.eval_prompts, fmt("base")));
+        out.push(format!("{} reward, {} seed(s) × {} steps, {} prompts/split — {}", self.primary, self.seeds, self.steps, self.eval_prompts, fmt("base")));
         out.push(self.methods.iter().map(|m| fmt(m)).collect::<Vec<_>>().join("; "));
         let d: Vec<String> = self
             .diffs
@@ -424,7 +427,7 @@ impl Results {
             s.push_str(&format!("| {} | {} | {} | {:.3} | [{:.3}, {:.3}] | {} |\n", r.method, r.split, r.reward, r.mean, r.ci_low, r.ci_high, r.n));
         }
         if !self.diffs.is_empty() {
-            s.push_str("\n## Difference to the reference (compositional, paired by seed)\n\n| method | reference | split | mean diff | 95 % CI | seeds | CI over |\n|---|---|---|---|---|---|---|\n");
+            s.push_str(&format!("\n## Difference to the reference ({}, paired by seed)\n\n| method | reference | split | mean diff | 95 % CI | seeds | CI over |\n|---|---|---|---|---|---|---|\n", self.primary));
             for d in &self.diffs {
                 s.push_str(&format!("| {} | {} | {} | {:+.3} | [{:+.3}, {:+.3}] | {} | {} |\n", d.method, d.reference, d.split, d.mean, d.ci_low, d.ci_high, d.n, d.over));
             }
@@ -501,17 +504,17 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
     let crit: Vec<Vec<String>> = res
         .rows
         .iter()
-        .filter(|r| r.reward.starts_with("compositional."))
-        .map(|r| vec![r.method.clone(), r.split.clone(), r.reward.trim_start_matches("compositional.").to_string(), format!("{:.3}", r.mean), format!("[{:.3}, {:.3}]", r.ci_low, r.ci_high)])
+        .filter(|r| r.reward.contains('.'))
+        .map(|r| vec![r.method.clone(), r.split.clone(), r.reward.clone(), format!("{:.3}", r.mean), format!("[{:.3}, {:.3}]", r.ci_low, r.ci_high)])
         .collect();
-    extra.push(("Compositional reward by criterion".to_string(), ["method", "split", "criterion", "mean", "95 % CI"].map(String::from).to_vec(), crit));
+    extra.push(("Reward terms by criterion".to_string(), ["method", "split", "criterion", "mean", "95 % CI"].map(String::from).to_vec(), crit));
     if !res.diffs.is_empty() {
         let rows = res
             .diffs
             .iter()
             .map(|d| vec![d.method.clone(), d.reference.clone(), d.split.clone(), format!("{:+.3}", d.mean), format!("[{:+.3}, {:+.3}]", d.ci_low, d.ci_high), d.n.to_string(), d.over.clone()])
             .collect();
-        extra.push(("Difference to the reference (compositional, paired by seed)".to_string(), ["method", "reference", "split", "mean diff", "95 % CI", "seeds", "CI over"].map(String::from).to_vec(), rows));
+        extra.push((format!("Difference to the reference ({}, paired by seed)", res.primary), ["method", "reference", "split", "mean diff", "95 % CI", "seeds", "CI over"].map(String::from).to_vec(), rows));
     }
     let rows = res
         .stats

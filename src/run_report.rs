@@ -55,8 +55,10 @@ pub fn run_report_input(rd: &Path) -> Result<ReportInput> {
         for r in &rep.rows {
             eval_rows.push(EvalRow { method: name.clone(), split: r.split.clone(), reward: r.reward.clone(), mean: r.mean, ci_low: r.ci_low, ci_high: r.ci_high, n: r.n });
         }
-        if let (Some(e), Some(o)) = (rep.row("eval", "compositional"), rep.row("ood", "compositional")) {
-            summary.push(format!("final compositional reward: eval {:.3} [{:.3}, {:.3}], ood {:.3} [{:.3}, {:.3}] ({} prompts each)", e.mean, e.ci_low, e.ci_high, o.mean, o.ci_low, o.ci_high, e.n));
+        let cfg: crate::config::Config = crate::config::load(Some(&rd.join(run::CONFIG_FILE)), &[])?;
+        let primary = crate::eval::run::primary_reward(&cfg);
+        if let (Some(e), Some(o)) = (rep.row("eval", primary), rep.row("ood", primary)) {
+            summary.push(format!("final {primary} reward: eval {:.3} [{:.3}, {:.3}], ood {:.3} [{:.3}, {:.3}] ({} prompts each)", e.mean, e.ci_low, e.ci_high, o.mean, o.ci_low, o.ci_high, e.n));
         }
         for split in ["eval", "ood"] {
             let p = ev.parent().unwrap().join(format!("grid_{split}.png"));

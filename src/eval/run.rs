@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::stats::{bootstrap_ci, mean};
-use crate::config::Config;
+use crate::config::{Config, Modality};
 use crate::image::Image;
-use crate::policy::{ImagePolicy, TrainPolicy};
+use crate::policy::TrainPolicy;
 use crate::reward::compositional::Compositional;
 use crate::train::run;
+use crate::world::video::VideoSpec;
 use crate::world::{self, PromptSpec, Split};
 
 /// Prompt and noise seed of every evaluation (the trainer's before/after `eval.json` too).
@@ -94,20 +95,88 @@ fn score_split(cfg: &Config, split: &str, images: &[Image], prompts: &[PromptSpe
     Ok(out)
 }
 
-/// Evaluate a policy on `n` fixed prompts per split; also returns the images (for grids).
-pub fn evaluate_policy(policy: &ImagePolicy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<(String, Vec<Image>)>)> {
+/// The reward a comparison ranks methods by: the compositional reward for images; for
+/// video the per-clip mean of the VQ- and MQ-like rewards (reported as its own row).
+pub fn primary_reward(cfg: &Config) -> &'static str {
+    match cfg.modality {
+        Modality::Image => "compositional",
+        Modality::Video => VQ_MQ,
+    }
+}
+
+/// Name of the video evaluation's combined row: mean of video_quality and motion_quality.
+pub const VQ_MQ: &str = "vq_mq_mean";
+
+/// Video rewards an evaluation reports: VQ, MQ, their mean, then the run's own.
+fn video_reward_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["video_quality".to_string(), "motion_quality".to_string()];
+    for e in &cfg.train.rewards {
+        if !names.contains(&e.name) && crate::reward::video::build(&e.name).is_ok() {
+            names.push(e.name.clone());
+        }
+    }
+    names
+}
+
+/// Score generated clips: every video reward, the VQ/MQ mean, and the MQ terms.
+fn score_clips(cfg: &Config, split: &str, clips: &[Vec<Image>], specs: &[VideoSpec], rows: &mut Vec<EvalRow>) -> Result<HashMap<String, Vec<f64>>> {
+    let mut out = HashMap::new();
+    for name in video_reward_names(cfg) {
+        let r = crate::reward::video::build(&name)?;
+        let s: Vec<f64> = r.score(clips, specs)?.into_iter().map(|x| x as f64).collect();
+        anyhow::ensure!(s.iter().all(|x| x.is_finite()), "reward {name}: non-finite score on split {split}");
+        rows.push(row(split, &name, &s));
+        out.insert(name, s);
+    }
+    let both: Vec<f64> = out["video_quality"].iter().zip(&out["motion_quality"]).map(|(a, b)| 0.5 * (a + b)).collect();
+    rows.push(row(split, VQ_MQ, &both));
+    out.insert(VQ_MQ.to_string(), both);
+    let mq = crate::reward::video::MotionQuality::new();
+    let bd: Vec<_> = clips.iter().zip(specs).map(|(c, s)| mq.breakdown(c, s)).collect();
+    let terms: [(&str, fn(&crate::reward::video::MotionBreakdown) -> f32); 4] =
+        [("direction", |b| b.direction), ("speed", |b| b.speed), ("persistence", |b| b.persistence), ("flicker", |b| b.flicker)];
+    for (term, get) in terms {
+        let v: Vec<f64> = bd.iter().map(|b| get(b) as f64).collect();
+        rows.push(row(split, &format!("motion_quality.{term}"), &v));
+    }
+    Ok(out)
+}
+
+/// What an evaluation generated, for the grids.
+pub enum Generated {
+    Images(Vec<Image>),
+    Clips(Vec<Vec<Image>>),
+}
+
+/// Evaluate a policy (image or video, per `cfg.modality`) on `n` fixed prompts per split;
+/// also returns what it generated (for grids).
+pub fn evaluate_policy(policy: &dyn TrainPolicy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<(String, Generated)>)> {
     anyhow::ensure!(n >= 1, "eval: the number of prompts must be ≥ 1");
     let mut rows = Vec::new();
     let mut scores = HashMap::new();
     let mut grids = Vec::new();
+    let shape = policy.latent_shape();
     for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
-        let prompts = world::prompts(split, n, EVAL_SEED);
-        let images = super::generate(policy, &prompts, EVAL_SEED, &cfg.sample)?;
-        scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
-        grids.push((name.to_string(), images));
+        match cfg.modality {
+            Modality::Image => {
+                let prompts = world::prompts(split, n, EVAL_SEED);
+                let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
+                let cond = crate::policy::dit::tokens_for(&texts, policy.flow_device())?;
+                let images = crate::policy::dit::latents_to_images(&super::ode_latents(policy, &cond, &shape, EVAL_SEED, &cfg.sample)?)?;
+                scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
+                grids.push((name.to_string(), Generated::Images(images)));
+            }
+            Modality::Video => {
+                let specs = crate::world::video::video_prompts(split, n, EVAL_SEED);
+                let clips = crate::policy::video_dit::generate_clips(policy, &shape, &specs, EVAL_SEED, &cfg.sample)?;
+                scores.insert(name.to_string(), score_clips(cfg, name, &clips, &specs, &mut rows)?);
+                grids.push((name.to_string(), Generated::Clips(clips)));
+            }
+        }
     }
+    let names: Vec<String> = scores["eval"].keys().cloned().collect();
     let mut ood_gap = HashMap::new();
-    for name in reward_names(cfg) {
+    for name in names {
         let m = |s: &str| mean(&scores[s][&name]);
         ood_gap.insert(name.clone(), m("eval") - m("ood"));
     }
@@ -149,12 +218,12 @@ pub fn checkpoint_steps(run_dir: &Path) -> Vec<usize> {
 /// Load a run's weights: the final model, or checkpoint `step` (EMA copy when kept).
 /// Works for `vipo pretrain` runs (checkpoints/step_N.safetensors) and `vipo train` runs
 /// (checkpoints/step_NNNNNN/ with trainable/ema tensors on top of the base).
-pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Result<(ImagePolicy, String)> {
+pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Result<(Box<dyn TrainPolicy>, String)> {
     let device = crate::runtime::device()?;
     let final_w = run_dir.join(run::FINAL_WEIGHTS);
     let Some(step) = step else {
         if final_w.is_file() {
-            return Ok((ImagePolicy::load(&cfg.model, &final_w, None, &device, cfg.seed)?, "final".into()));
+            return Ok((crate::policy::load_policy(cfg, &final_w, None, &device, cfg.seed)?, "final".into()));
         }
         let Some(&last) = checkpoint_steps(run_dir).last() else {
             bail!("{}: run has no final weights ({}) and no checkpoint", run_dir.display(), run::FINAL_WEIGHTS);
@@ -163,7 +232,7 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
     };
     let flat = run_dir.join("checkpoints").join(format!("step_{step}.safetensors"));
     if flat.is_file() {
-        return Ok((ImagePolicy::load(&cfg.model, &flat, None, &device, cfg.seed)?, format!("step_{step}")));
+        return Ok((crate::policy::load_policy(cfg, &flat, None, &device, cfg.seed)?, format!("step_{step}")));
     }
     let dir = run_dir.join("checkpoints").join(format!("step_{step:06}"));
     if !dir.join("state.json").is_file() {
@@ -172,7 +241,7 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
     }
     let t = &cfg.train;
     let lora = (t.lora_rank > 0).then(|| crate::policy::layers::LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
-    let policy = ImagePolicy::load(&cfg.model, &train_base(cfg, run_dir)?, lora.as_ref(), &device, cfg.seed)?;
+    let policy = crate::policy::load_policy(cfg, &train_base(cfg, run_dir)?, lora.as_ref(), &device, cfg.seed)?;
     let file = if dir.join("ema.safetensors").is_file() { dir.join("ema.safetensors") } else { dir.join("trainable.safetensors") };
     let w = crate::train::checkpoint::read_tensors(&file, &device)?;
     for (name, v) in policy.trainable() {
@@ -211,15 +280,28 @@ pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Op
         bail!("{}: an evaluation already exists; pass --force to replace it", out.join("eval.json").display());
     }
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let (mut rep, grids) = evaluate_policy(&policy, &cfg, n)?;
+    let (mut rep, grids) = evaluate_policy(policy.as_ref(), &cfg, n)?;
     rep.run = run_dir.display().to_string();
     rep.checkpoint = ck;
-    for (split, images) in &grids {
-        let big: Vec<Image> = images.iter().take(32).map(|im| im.upscale(4)).collect();
-        crate::image::grid(&big, 8).save_png(&out.join(format!("grid_{split}.png")))?;
+    for (split, g) in &grids {
+        save_grid(g, &out.join(format!("grid_{split}.png")))?;
     }
     crate::io::atomic_write(&out.join("eval.json"), serde_json::to_string_pretty(&rep)?.as_bytes())?;
     Ok((out, rep))
+}
+
+/// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×).
+pub fn save_grid(g: &Generated, path: &Path) -> Result<()> {
+    match g {
+        Generated::Images(images) => {
+            let big: Vec<Image> = images.iter().take(32).map(|im| im.upscale(4)).collect();
+            crate::image::grid(&big, 8).save_png(path)
+        }
+        Generated::Clips(clips) => {
+            let strips: Vec<Image> = clips.iter().take(16).map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
+            crate::image::grid(&strips, 1).save_png(path)
+        }
+    }
 }
 
 /// Print an evaluation as a short table.

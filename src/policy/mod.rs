@@ -144,6 +144,15 @@ impl Policy for ImagePolicy {
     }
 }
 
+/// Load the configured modality's policy (image `[model]` or video `[video_model]`) from
+/// `weights`, optionally with fresh LoRA adapters.
+pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn TrainPolicy>> {
+    Ok(match cfg.modality {
+        crate::config::Modality::Image => Box::new(ImagePolicy::load(&cfg.model, weights, lora, device, seed)?),
+        crate::config::Modality::Video => Box::new(video_dit::VideoPolicy::load(&cfg.video_model, weights, lora, device, seed)?),
+    })
+}
+
 /// Variables of a map sorted by name (a stable order for optimizers and checkpoints).
 pub fn sorted_vars(map: &VarMap) -> Vec<(String, Var)> {
     let data = map.data().lock().unwrap();

@@ -16,11 +16,10 @@ use std::time::Instant;
 
 use crate::advantage::group_advantages;
 use crate::advantage::{map_times_reward_advantages, pixel_advantages};
-use crate::config::{Algo, Config, MapTimes, Modality, RatioMode, SdeChoice};
+use crate::config::{Algo, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, kl_penalty};
 use crate::policy::layers::LoraSpec;
-use crate::policy::video_dit::VideoPolicy;
-use crate::policy::{ImagePolicy, TrainPolicy};
+use crate::policy::TrainPolicy;
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
@@ -129,12 +128,7 @@ impl Trainer {
         let task = task::build(cfg)?;
         let base = base_weights(cfg)?;
         let lora = (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
-        let load = |lora: Option<&LoraSpec>| -> Result<Box<dyn TrainPolicy>> {
-            Ok(match cfg.modality {
-                Modality::Image => Box::new(ImagePolicy::load(&cfg.model, &base, lora, &device, cfg.seed)?),
-                Modality::Video => Box::new(VideoPolicy::load(&cfg.video_model, &base, lora, &device, cfg.seed)?),
-            })
-        };
+        let load = |lora: Option<&LoraSpec>| crate::policy::load_policy(cfg, &base, lora, &device, cfg.seed);
         let policy = load(lora.as_ref())?;
         let ref_policy = if t.kl_beta > 0.0 { Some(load(None)?) } else { None };
         let opt = AdamW::new(
@@ -666,8 +660,10 @@ pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Modality;
     use crate::image::Image;
-    use crate::policy::Policy;
+    use crate::policy::video_dit::VideoPolicy;
+    use crate::policy::{ImagePolicy, Policy};
     use crate::reward::set::RewardSet;
     use crate::reward::{Reward, RewardInfo};
     use crate::world::{self, PromptSpec, Split};
