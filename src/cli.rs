@@ -107,7 +107,14 @@ struct MapArgs {
     /// PNG/JPEG RGB images (repeatable) ...
     #[arg(long)]
     image: Vec<PathBuf>,
-    /// ... or a run directory: maps of its model's samples on eval prompts.
+    /// ... or clips given as frame strips (frames side by side; repeatable) ...
+    #[arg(long)]
+    clip: Vec<PathBuf>,
+    /// Frames per strip with --clip (default: video_model.frames).
+    #[arg(long)]
+    frames: Option<usize>,
+    /// ... or a run directory: maps of its model's samples on eval prompts (clips for a
+    /// video run).
     #[arg(long)]
     run: Option<PathBuf>,
     /// Number of samples with --run.
@@ -156,10 +163,14 @@ struct DemoArgs {
     /// Seeds per method (the BENCHMARKS comparison uses 3).
     #[arg(long, default_value_t = 1)]
     seeds: usize,
-    /// RL steps per run (fewer than train.steps' 30 so that the demo, pretraining
-    /// included, stays under 15 minutes on 2 cores).
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
+    /// RL steps per run (default 20 for images — fewer than train.steps' 30 so that the
+    /// demo, pretraining included, stays under 15 minutes on 2 cores — and 10 for video).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// The video demo: ShapeWorld-Video, the spatio-temporal policy, VQ/MQ rewards
+    /// (the embedded configs/video.toml unless --config is given).
+    #[arg(long)]
+    video: bool,
     #[command(flatten)]
     cfg: ConfigArgs,
 }
@@ -343,6 +354,40 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 }
 
 fn map_cmd(a: MapArgs) -> Result<()> {
+    // Clips: temporal maps (from strips, or a video run's samples).
+    let video_run = match &a.run {
+        Some(run) => {
+            crate::train::run::require_run_dir(run)?;
+            let saved: Config = config::load(Some(&run.join(crate::train::run::CONFIG_FILE)), &[])?;
+            saved.modality == config::Modality::Video
+        }
+        None => false,
+    };
+    if !a.clip.is_empty() || video_run {
+        anyhow::ensure!(a.image.is_empty() && (a.clip.is_empty() || a.run.is_none()), "give --image FILE, --clip STRIP or --run DIR, one kind only");
+        let (cfg, clips) = if let Some(run) = &a.run {
+            let mut ca = a.cfg.clone();
+            ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
+            let cfg = load_config(&ca)?;
+            let device = crate::runtime::device()?;
+            let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, 0)?;
+            let specs = crate::world::video::video_prompts(crate::world::Split::Eval, a.n, 7);
+            let clips = crate::policy::video_dit::generate_clips(&policy, &cfg.video_model.latent_shape(), &specs, 0, &cfg.sample)?;
+            (cfg, clips.into_iter().enumerate().map(|(i, c)| (format!("clip_{i:03}"), c)).collect::<Vec<_>>())
+        } else {
+            let cfg = load_config(&a.cfg)?;
+            let frames = a.frames.unwrap_or(cfg.video_model.frames);
+            let mut clips = Vec::new();
+            for p in &a.clip {
+                let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "clip".into());
+                clips.push((name, crate::mapview::split_strip(p, frames, cfg.video_model.patch)?));
+            }
+            (cfg, clips)
+        };
+        let n = crate::mapview::write_clip_maps(&cfg, &clips, &a.out)?;
+        println!("wrote {n} temporal maps to {} (<name>_frames.png, <name>_maps.safetensors)", a.out.display());
+        return Ok(());
+    }
     let (cfg, images) = match (&a.run, a.image.is_empty()) {
         (None, false) => {
             let cfg = load_config(&a.cfg)?;
@@ -393,14 +438,29 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// configs/video.toml, built in so `vipo demo --video` needs no files.
+const VIDEO_CONFIG: &str = include_str!("../configs/video.toml");
+
 fn demo(a: DemoArgs) -> Result<()> {
     let started = std::time::Instant::now();
-    let mut cfg = load_config(&a.cfg)?;
+    let mut cfg = if a.video && a.cfg.config.is_none() {
+        let mut c: Config = config::from_toml_str(VIDEO_CONFIG, "configs/video.toml (built in)", &a.cfg.set)?;
+        if a.cfg.quiet || std::env::var_os("CI").is_some() {
+            c.progress = false;
+        }
+        c
+    } else {
+        load_config(&a.cfg)?
+    };
+    if a.video {
+        anyhow::ensure!(cfg.modality == config::Modality::Video, "--video: the config sets modality = \"image\"");
+    }
+    let video = cfg.modality == config::Modality::Video;
     if cfg.run_name.is_empty() {
-        cfg.run_name = "demo".into();
+        cfg.run_name = if video { "demo-video".into() } else { "demo".into() };
     }
     cfg.compare.seeds = a.seeds;
-    cfg.train.steps = a.steps;
+    cfg.train.steps = a.steps.unwrap_or(if video { 10 } else { 20 });
     // Pretrain (or reuse) the cached base, then compare GRPO and ViPO from it.
     let base = crate::sample::cached_base(&cfg, a.fresh)?;
     cfg.train.base = base.display().to_string();

@@ -29,7 +29,7 @@ pub fn method_config(common: &Config, m: &MethodSpec, index: usize, seed: usize,
     for s in &m.set {
         let key = s.split_once('=').map_or(s.as_str(), |(k, _)| k).trim();
         anyhow::ensure!(
-            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base") && !key.starts_with("compare.") && !key.starts_with("model.") && !key.starts_with("pretrain."),
+            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base") && !key.starts_with("compare.") && !key.starts_with("model.") && !key.starts_with("video_model.") && key != "modality" && !key.starts_with("pretrain."),
             "{origin}: may not set {key} (every method shares the base model, seeds and directory)"
         );
     }
@@ -143,7 +143,8 @@ pub struct CompareOutcome {
 
 /// `vipo compare`.
 pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
-    let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { "compare" } else { cfg.run_name.as_str() });
+    let default_name = if cfg.modality == crate::config::Modality::Video { "compare-video" } else { "compare" };
+    let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() });
     validate(cfg, &dir)?;
     prepare_dir(cfg, &dir, force)?;
     let base = if cfg.train.base.is_empty() { crate::sample::cached_base(cfg, false)? } else { PathBuf::from(&cfg.train.base) };

@@ -76,6 +76,68 @@ pub fn write_maps(cfg: &Config, images: &[(String, Image)], out: &Path) -> Resul
     Ok(written)
 }
 
+/// Split a frame strip (frames side by side, as `vipo sample` writes clips) into frames.
+pub fn split_strip(path: &Path, frames: usize, min_side: usize) -> Result<Vec<Image>> {
+    let strip = Image::load(path)?;
+    anyhow::ensure!(frames >= 2, "{}: --frames must be ≥ 2", path.display());
+    if strip.w % frames != 0 {
+        bail!("{}: strip width {} is not a multiple of --frames {frames}", path.display(), strip.w);
+    }
+    let w = strip.w / frames;
+    if w < min_side || strip.h < min_side {
+        bail!("{}: frames are {}×{}, smaller than one patch ({min_side}×{min_side})", path.display(), w, strip.h);
+    }
+    Ok((0..frames)
+        .map(|f| {
+            let mut im = Image::new(strip.h, w);
+            for c in 0..3 {
+                for y in 0..strip.h {
+                    for x in 0..w {
+                        im.set(c, y, x, strip.get(c, y, f * w + x));
+                    }
+                }
+            }
+            im
+        })
+        .collect())
+}
+
+/// Temporal allocation maps of clips (DESIGN.md §1.3 step 7): per-frame PSM maps, stacked,
+/// resampled to the clip's frames, Gaussian along time (`vipo.temporal_sigma`), min–max
+/// over the volume (or per frame). Writes `<name>_frames.png` (rows: frames | map | overlay)
+/// and `<name>_maps.safetensors` (`frame_maps` and `map`, both (T, H, W)).
+pub fn write_clip_maps(cfg: &Config, clips: &[(String, Vec<Image>)], out: &Path) -> Result<usize> {
+    cfg.vipo.validate()?;
+    let backbone = crate::backbone::load(&cfg.backbone)?;
+    let mut all = Vec::new();
+    for (name, frames) in clips {
+        let feats = backbone.features(frames)?;
+        if let Some(f) = feats.first() {
+            cfg.psm.validate(f.d).with_context(|| format!("{name}: backbone {} gives D = {}", backbone.name(), f.d))?;
+        }
+        let (h, w) = (frames[0].h, frames[0].w);
+        let (per_frame, _) = crate::psm::allocation_maps(&feats, h, w, &cfg.psm);
+        let map = crate::psm::temporal_map(&per_frame, h, w, frames.len(), cfg.vipo.temporal_sigma, cfg.vipo.temporal_norm == crate::config::TemporalNorm::PerFrame);
+        all.push((name, frames, per_frame, map));
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    for (name, frames, per_frame, map) in &all {
+        let (t_, h, w) = (frames.len(), frames[0].h, frames[0].w);
+        let flat: Vec<f32> = per_frame.iter().flatten().copied().collect();
+        let mut tensors = HashMap::new();
+        tensors.insert("frame_maps".to_string(), t(&flat, &[t_, h, w])?);
+        tensors.insert("map".to_string(), t(map, &[t_, h, w])?);
+        crate::train::checkpoint::save_tensors(&tensors, &out.join(format!("{name}_maps.safetensors")))?;
+        let hw = h * w;
+        let heat: Vec<Image> = (0..t_).map(|f| crate::image::heatmap(&map[f * hw..(f + 1) * hw], h, w)).collect();
+        let over: Vec<Image> = frames.iter().enumerate().map(|(f, im)| crate::image::overlay(im, &map[f * hw..(f + 1) * hw], 0.6)).collect();
+        let scale = (64 / h.max(1)).max(1);
+        let rows = [crate::train::task::frame_strip(frames).upscale(scale), crate::train::task::frame_strip(&heat).upscale(scale), crate::train::task::frame_strip(&over).upscale(scale)];
+        crate::image::grid(&rows, 1).save_png(&out.join(format!("{name}_frames.png")))?;
+    }
+    Ok(all.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

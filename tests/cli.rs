@@ -285,6 +285,42 @@ fn video_pretrain_sample_and_bad_input() {
     let e = err(&vipo(&bad, d.path()));
     assert!(e.contains("video_model.t_patch") || e.contains("frames"), "{e}");
     assert!(!d.path().join("runs/bad").exists());
+    // Temporal maps: of a strip written by `vipo sample`, and of a video run's samples.
+    let maps = d.path().join("maps");
+    let o = vipo(&["map", "--clip", out.join("clip_000.png").to_str().unwrap(), "--frames", "4", "--out", maps.to_str().unwrap(), "--set", "backbone.input_size=64"], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(maps.join("clip_000_frames.png").is_file() && maps.join("clip_000_maps.safetensors").is_file());
+    let e = err(&vipo(&["map", "--clip", out.join("clip_000.png").to_str().unwrap(), "--frames", "3", "--out", maps.to_str().unwrap()], d.path()));
+    assert!(e.contains("clip_000.png") && e.contains("--frames 3"), "{e}");
+    let o = vipo(&["map", "--run", run.to_str().unwrap(), "--n", "1", "--out", d.path().join("rmaps").to_str().unwrap(), "--set", "backbone.input_size=64"], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.path().join("rmaps/clip_000_frames.png").is_file());
+    let bad_sigma = vipo(&["map", "--clip", out.join("clip_000.png").to_str().unwrap(), "--frames", "4", "--out", maps.to_str().unwrap(), "--set", "vipo.temporal_sigma=-1"], d.path());
+    assert!(err(&bad_sigma).contains("vipo.temporal_sigma"));
+
+    // The video demo (built-in configs/video.toml, tiny overrides): GRPO vs ViPO on clips,
+    // VQ/MQ evaluation, report with frame strips; then `vipo eval` of one of its runs.
+    let cache = d.path().join("cache");
+    let mut demo = vec!["demo", "--video", "--steps", "1"];
+    let vid_sets: Vec<&str> = vid.chunks(2).filter(|c| c[1] != "modality=video" && c[1] != "run_name=vbase").flat_map(|c| c.iter().copied()).collect();
+    demo.extend_from_slice(&vid_sets);
+    demo.extend_from_slice(&["--set", "train.prompts_per_step=2", "--set", "train.group_size=2", "--set", "train.micro_batch=2", "--set", "train.grad_accum=2",
+        "--set", "train.sample_steps=3", "--set", "train.grid_prompts=2", "--set", "vipo.map_grid_every=1", "--set", "compare.eval_prompts=2", "--set", "backbone.input_size=64"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_vipo")).args(&demo).current_dir(d.path()).env("CI", "1").env("VIPO_CACHE", &cache).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out_s = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out_s.contains("vq_mq_mean reward") && out_s.contains("vipo − grpo on eval"), "{out_s}");
+    let dv = d.path().join("runs/demo-video");
+    for f in ["results.md", "report.html", "vipo-s0/maps/step_00001.png", "grpo-s0/eval/final/grid_ood.png"] {
+        assert!(dv.join(f).is_file(), "{f} missing");
+    }
+    let md = std::fs::read_to_string(dv.join("results.md")).unwrap();
+    assert!(md.contains("| vipo | ood | motion_quality |") && md.contains("motion_quality.direction"), "{md}");
+    check_report(&dv.join("report.html"), &["vq_mq_mean", "motion_quality"]);
+    let o = vipo(&["eval", "--run", dv.join("vipo-s0").to_str().unwrap(), "--n", "2", "--force"], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("vq_mq_mean"));
+
     // Video training with the image reward of the default config: a clear error.
     let e = err(&vipo(&["train", "--set", "modality=video", "--set", &format!("train.base={}", run.join("model.safetensors").display())], d.path()));
     assert!(e.contains("train.rewards[0]") && e.contains("video"), "{e}");
