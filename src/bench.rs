@@ -103,17 +103,7 @@ pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: us
     let z = crate::sampler::randn(&[batch, 3, cfg.image_size, cfg.image_size], &mut rng, &dev)?;
     let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
     let params = p.trainable().iter().map(|(_, v)| v.elem_count()).sum();
-    let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        f()?; // warm-up
-        let mut t = Vec::new();
-        for _ in 0..iters {
-            let s = std::time::Instant::now();
-            f()?;
-            t.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        Ok(t[t.len() / 2])
-    };
+    let time = |f: &dyn Fn() -> anyhow::Result<()>| time_ms(iters, f);
     let fwd_ms = time(&|| {
         p.velocity(&z, &sigma, &cond)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
@@ -124,6 +114,18 @@ pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: us
         Ok(())
     })?;
     Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
+}
+
+/// Median milliseconds of `iters` runs of `f`, after one warm-up run.
+fn time_ms(iters: usize, f: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut t = Vec::new();
+    for _ in 0..iters {
+        let s = std::time::Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(t))
 }
 
 /// Forward and forward+backward of the video policy at one layout (random weights and
@@ -141,16 +143,7 @@ pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize,
     let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
     let tok = candle_core::Tensor::from_vec((0..batch * 12).map(|i| (i % 48) as u32).collect::<Vec<_>>(), (batch, 12), &dev)?;
     let params = map.all_vars().iter().map(|v| v.elem_count()).sum();
-    let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        f()?; // warm-up
-        let mut t = Vec::new();
-        for _ in 0..iters {
-            let s = std::time::Instant::now();
-            f()?;
-            t.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(median(t))
-    };
+    let time = |f: &dyn Fn() -> anyhow::Result<()>| time_ms(iters, f);
     let fwd_ms = time(&|| {
         m.forward(&z, &sigma, &tok)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())

@@ -267,13 +267,7 @@ pub(crate) mod tests {
             let (z, s, c) = batch(&p, 2);
             let loss = p.velocity(&z, &s, &c).unwrap().sqr().unwrap().mean_all().unwrap();
             let grads = loss.backward().unwrap();
-            let vars = p.trainable();
-            assert!(vars.len() > 20);
-            for (name, v) in vars {
-                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (fused={fused})"));
-                let a: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-                assert!(a.is_finite() && a > 0.0, "{name}: gradient sum |g| = {a} (fused={fused})");
-            }
+            crate::policy::assert_every_var_has_gradient(&grads, p.trainable(), &format!("fused={fused}"));
         }
     }
 

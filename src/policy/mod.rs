@@ -153,6 +153,18 @@ pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&Lo
     })
 }
 
+/// Test guard against candle ops that silently drop gradients: every variable got a
+/// finite, non-zero gradient from `grads`.
+#[cfg(test)]
+pub(crate) fn assert_every_var_has_gradient(grads: &candle_core::backprop::GradStore, vars: Vec<(String, Var)>, what: &str) {
+    assert!(vars.len() > 20, "{what}: only {} variables", vars.len());
+    for (name, v) in vars {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient ({what})"));
+        let a: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(a.is_finite() && a > 0.0, "{name}: gradient sum |g| = {a} ({what})");
+    }
+}
+
 /// Variables of a map sorted by name (a stable order for optimizers and checkpoints).
 pub fn sorted_vars(map: &VarMap) -> Vec<(String, Var)> {
     let data = map.data().lock().unwrap();

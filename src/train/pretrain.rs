@@ -64,6 +64,20 @@ struct LoopOutcome {
     secs: f64,
 }
 
+impl LoopOutcome {
+    fn outcome(&self, run_dir: &Path, weights: PathBuf, p: &crate::config::PretrainConfig, scores: Option<(f64, f64)>, score_name: &str) -> PretrainOutcome {
+        PretrainOutcome {
+            run_dir: run_dir.to_path_buf(),
+            weights,
+            final_loss: self.last_loss,
+            first_loss: self.first_loss,
+            images_per_s: (p.steps * p.batch_size) as f64 / self.secs,
+            scores,
+            score_name: score_name.into(),
+        }
+    }
+}
+
 /// The rectified-flow loop both modalities share: `batch` draws (clean latents x₀, token
 /// ids) from the data stream; σ ~ logit-normal and ε come from the noise stream. On return
 /// the model holds the EMA weights when an EMA is kept.
@@ -185,15 +199,7 @@ fn pretrain_image(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     } else {
         None
     };
-    Ok(PretrainOutcome {
-        run_dir: run_dir.to_path_buf(),
-        weights,
-        final_loss: lo.last_loss,
-        first_loss: lo.first_loss,
-        images_per_s: (p.steps * p.batch_size) as f64 / lo.secs,
-        scores,
-        score_name: "compositional".into(),
-    })
+    Ok(lo.outcome(run_dir, weights, p, scores, "compositional"))
 }
 
 fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
@@ -244,15 +250,7 @@ fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     } else {
         None
     };
-    Ok(PretrainOutcome {
-        run_dir: run_dir.to_path_buf(),
-        weights,
-        final_loss: lo.last_loss,
-        first_loss: lo.first_loss,
-        images_per_s: (p.steps * p.batch_size) as f64 / lo.secs,
-        scores,
-        score_name: "mean of video_quality and motion_quality".into(),
-    })
+    Ok(lo.outcome(run_dir, weights, p, scores, "mean of video_quality and motion_quality"))
 }
 
 #[cfg(test)]
