@@ -44,14 +44,20 @@ impl Default for DitConfig {
     }
 }
 
+/// Checks shared by the image and video policy configs; `section` names the config table
+/// in errors ("model" or "video_model").
+pub(crate) fn validate_dims(section: &str, image_size: usize, patch: usize, dim: usize, heads: usize, depth: usize, mlp_ratio: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(patch > 0 && image_size % patch == 0, "{section}.patch: {patch} must divide {section}.image_size {image_size}");
+    anyhow::ensure!(heads > 0 && dim % heads == 0, "{section}.heads: {heads} must divide {section}.dim {dim}");
+    anyhow::ensure!(dim % 2 == 0 && dim >= 8, "{section}.dim: must be even and ≥ 8 (got {dim})");
+    anyhow::ensure!(depth >= 1, "{section}.depth: must be ≥ 1");
+    anyhow::ensure!(mlp_ratio >= 1, "{section}.mlp_ratio: must be ≥ 1");
+    Ok(())
+}
+
 impl DitConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.patch > 0 && self.image_size % self.patch == 0, "model.patch: {} must divide model.image_size {}", self.patch, self.image_size);
-        anyhow::ensure!(self.heads > 0 && self.dim % self.heads == 0, "model.heads: {} must divide model.dim {}", self.heads, self.dim);
-        anyhow::ensure!(self.dim % 2 == 0 && self.dim >= 8, "model.dim: must be even and ≥ 8 (got {})", self.dim);
-        anyhow::ensure!(self.depth >= 1, "model.depth: must be ≥ 1");
-        anyhow::ensure!(self.mlp_ratio >= 1, "model.mlp_ratio: must be ≥ 1");
-        Ok(())
+        validate_dims("model", self.image_size, self.patch, self.dim, self.heads, self.depth, self.mlp_ratio)
     }
     pub fn grid(&self) -> usize {
         self.image_size / self.patch

@@ -63,13 +63,9 @@ impl Default for VideoDitConfig {
 
 impl VideoDitConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.patch > 0 && self.image_size % self.patch == 0, "model.patch: {} must divide model.image_size {}", self.patch, self.image_size);
-        anyhow::ensure!(self.frames >= 2, "model.frames: a clip needs at least 2 frames (got {})", self.frames);
-        anyhow::ensure!(self.t_patch > 0 && self.frames % self.t_patch == 0, "model.t_patch: {} must divide model.frames {}", self.t_patch, self.frames);
-        anyhow::ensure!(self.heads > 0 && self.dim % self.heads == 0, "model.heads: {} must divide model.dim {}", self.heads, self.dim);
-        anyhow::ensure!(self.dim % 2 == 0 && self.dim >= 8, "model.dim: must be even and ≥ 8 (got {})", self.dim);
-        anyhow::ensure!(self.depth >= 1, "model.depth: must be ≥ 1");
-        anyhow::ensure!(self.mlp_ratio >= 1, "model.mlp_ratio: must be ≥ 1");
+        super::dit::validate_dims("video_model", self.image_size, self.patch, self.dim, self.heads, self.depth, self.mlp_ratio)?;
+        anyhow::ensure!(self.frames >= 2, "video_model.frames: a clip needs at least 2 frames (got {})", self.frames);
+        anyhow::ensure!(self.t_patch > 0 && self.frames % self.t_patch == 0, "video_model.t_patch: {} must divide video_model.frames {}", self.t_patch, self.frames);
         Ok(())
     }
     pub fn grid(&self) -> usize {
@@ -459,8 +455,10 @@ mod tests {
     fn bad_shapes_are_clear_errors() {
         let mut c = VideoDitConfig::default();
         c.t_patch = 3;
-        assert!(c.validate().unwrap_err().to_string().contains("model.t_patch"));
+        assert!(c.validate().unwrap_err().to_string().contains("video_model.t_patch"));
         c = VideoDitConfig { frames: 1, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("model.frames"));
+        assert!(c.validate().unwrap_err().to_string().contains("video_model.frames"));
+        c = VideoDitConfig { heads: 3, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("video_model.heads"));
     }
 }
