@@ -105,22 +105,98 @@ impl TextLayer {
     }
 }
 
-/// The policy network v_θ(z, σ, prompt).
-pub struct Dit {
-    pub cfg: DitConfig,
-    tok_embed: Tensor,
-    tok_pos: Tensor,
-    text: Vec<TextLayer>,
-    text_ln: LayerNorm,
-    text_proj: Linear,
-    x_embed: Linear,
-    pos_embed: Tensor,
+/// The prompt encoder both policies share: token + position embeddings, a few
+/// [`TextLayer`]s, a final LayerNorm and a projection. Names: `text.embed`, `text.pos`,
+/// `text.layers.{i}.*`, `text.ln`, `text_proj`.
+pub(crate) struct TextEncoder {
+    embed: Tensor,
+    pos: Tensor,
+    layers: Vec<TextLayer>,
+    ln: LayerNorm,
+    proj: Linear,
+    dim: usize,
+}
+
+impl TextEncoder {
+    /// The transformer layers, built on their own: the seeded init draws parameters in
+    /// creation order, and the policies create these before their blocks and the rest.
+    pub(crate) fn layers(vb: &VarBuilder, n: usize, dim: usize, heads: usize, lora: Option<&LoraCtx>) -> Result<Vec<TextLayer>> {
+        let tvb = vb.pp("text");
+        (0..n).map(|i| TextLayer::new(&tvb.pp(format!("layers.{i}")), dim, heads, lora)).collect()
+    }
+
+    /// The rest of the encoder around already built `layers` (created in this order:
+    /// embed, pos, ln, proj).
+    pub(crate) fn new(vb: &VarBuilder, layers: Vec<TextLayer>, vocab: usize, max_tokens: usize, dim: usize, lora: Option<&LoraCtx>) -> Result<Self> {
+        let tvb = vb.pp("text");
+        let small = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let embed = tvb.get_with_hints((vocab, dim), "embed", small)?;
+        let pos = tvb.get_with_hints((max_tokens, dim), "pos", small)?;
+        let ln = LayerNorm::new(&tvb.pp("ln"), dim)?;
+        let proj = Linear::new(&vb.pp("text_proj"), dim, dim, true, lora)?;
+        Ok(Self { embed, pos, layers, ln, proj, dim })
+    }
+
+    /// Token ids (B, L) → (token features (B, L, D), pooled (B, D)).
+    pub(crate) fn forward(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l) = tokens.dims2()?;
+        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, l, self.dim))?;
+        x = x.broadcast_add(&self.pos.narrow(0, 0, l)?.unsqueeze(0)?)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        let x = self.ln.forward(&x)?;
+        let pooled = x.mean(1)?;
+        Ok((self.proj.forward(&x)?, pooled))
+    }
+}
+
+/// The conditioning and output head both policies share: timestep embedding + pooled
+/// prompt → conditioning vector (`t_embed.fc{1,2}`, `y_embed`), and the final adaLN
+/// modulation + linear projection back to patch values (`final.ada`, `final.linear`).
+pub(crate) struct AdaHead {
     t_fc1: Linear,
     t_fc2: Linear,
     y_embed: Linear,
-    blocks: Vec<DitBlock>,
     final_ada: Linear,
     final_linear: Linear,
+    dim: usize,
+}
+
+impl AdaHead {
+    /// Created in this order: t_embed.fc1, t_embed.fc2, y_embed, final.ada, final.linear.
+    pub(crate) fn new(vb: &VarBuilder, dim: usize, patch_dim: usize, lora: Option<&LoraCtx>) -> Result<Self> {
+        let t_fc1 = Linear::new(&vb.pp("t_embed.fc1"), 256, dim, true, lora)?;
+        let t_fc2 = Linear::new(&vb.pp("t_embed.fc2"), dim, dim, true, lora)?;
+        let y_embed = Linear::new(&vb.pp("y_embed"), dim, dim, true, lora)?;
+        let final_ada = Linear::new_with_init(&vb.pp("final.ada"), dim, 2 * dim, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?;
+        let final_linear = Linear::new_with_init(&vb.pp("final.linear"), dim, patch_dim, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?;
+        Ok(Self { t_fc1, t_fc2, y_embed, final_ada, final_linear, dim })
+    }
+
+    /// Conditioning (B, D) from noise levels σ (B,) and the pooled prompt (B, D).
+    pub(crate) fn cond(&self, sigma: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        let t = timestep_embedding(&(sigma * 1000.0)?, 256)?;
+        self.t_fc2.forward(&self.t_fc1.forward(&t)?.silu()?)? + self.y_embed.forward(pooled)?
+    }
+
+    /// Tokens (B, N, D) → patch values (B, N, patch_dim) under conditioning (B, D).
+    pub(crate) fn out(&self, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        let m = self.final_ada.forward(&cond.silu()?)?.unsqueeze(1)?;
+        let (shift, scale) = (m.narrow(2, 0, self.dim)?, m.narrow(2, self.dim, self.dim)?);
+        let x = layer_norm_plain(x, 1e-6)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        self.final_linear.forward(&x)
+    }
+}
+
+/// The policy network v_θ(z, σ, prompt).
+pub struct Dit {
+    pub cfg: DitConfig,
+    text: TextEncoder,
+    x_embed: Linear,
+    pos_embed: Tensor,
+    blocks: Vec<DitBlock>,
+    head: AdaHead,
 }
 
 impl Dit {
@@ -128,49 +204,23 @@ impl Dit {
     /// `text.*`, `x_embed`, `pos_embed`, `t_embed.fc{1,2}`, `y_embed`, `blocks.{i}.*`, `final.*`.
     pub fn new(vb: &VarBuilder, cfg: &DitConfig, lora: Option<&LoraCtx>) -> Result<Self> {
         let d = cfg.dim;
-        let vocab = crate::world::vocab().len();
-        let max_tokens = crate::world::MAX_TOKENS;
-        let tvb = vb.pp("text");
-        let text = (0..cfg.text_layers)
-            .map(|i| TextLayer::new(&tvb.pp(format!("layers.{i}")), d, cfg.heads, lora))
-            .collect::<Result<Vec<_>>>()?;
-        let pdim = 3 * cfg.patch * cfg.patch;
-        let n_img = cfg.grid() * cfg.grid();
+        // Creation order is part of the seeded init: text layers, blocks, the rest.
+        let layers = TextEncoder::layers(vb, cfg.text_layers, d, cfg.heads, lora)?;
         let bcfg = BlockConfig { dim: d, heads: cfg.heads, mlp_ratio: cfg.mlp_ratio, fused: cfg.fused };
         let blocks = (0..cfg.depth)
             .map(|i| DitBlock::new(&vb.pp(format!("blocks.{i}")), &bcfg, lora))
             .collect::<Result<Vec<_>>>()?;
-        let small = Init::Randn { mean: 0.0, stdev: 0.02 };
-        Ok(Self {
-            cfg: cfg.clone(),
-            tok_embed: tvb.get_with_hints((vocab, d), "embed", small)?,
-            tok_pos: tvb.get_with_hints((max_tokens, d), "pos", small)?,
-            text,
-            text_ln: LayerNorm::new(&tvb.pp("ln"), d)?,
-            text_proj: Linear::new(&vb.pp("text_proj"), d, d, true, lora)?,
-            x_embed: Linear::new(&vb.pp("x_embed"), pdim, d, true, lora)?,
-            pos_embed: vb.get_with_hints((n_img, d), "pos_embed", small)?,
-            t_fc1: Linear::new(&vb.pp("t_embed.fc1"), 256, d, true, lora)?,
-            t_fc2: Linear::new(&vb.pp("t_embed.fc2"), d, d, true, lora)?,
-            y_embed: Linear::new(&vb.pp("y_embed"), d, d, true, lora)?,
-            blocks,
-            final_ada: Linear::new_with_init(&vb.pp("final.ada"), d, 2 * d, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?,
-            final_linear: Linear::new_with_init(&vb.pp("final.linear"), d, pdim, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?,
-        })
+        let text = TextEncoder::new(vb, layers, crate::world::vocab().len(), crate::world::MAX_TOKENS, d, lora)?;
+        let pdim = 3 * cfg.patch * cfg.patch;
+        let x_embed = Linear::new(&vb.pp("x_embed"), pdim, d, true, lora)?;
+        let pos_embed = vb.get_with_hints((cfg.grid() * cfg.grid(), d), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 })?;
+        let head = AdaHead::new(vb, d, pdim, lora)?;
+        Ok(Self { cfg: cfg.clone(), text, x_embed, pos_embed, blocks, head })
     }
 
     /// Encode token ids (B, L) → (token features (B, L, D), pooled (B, D)).
     pub fn encode_text(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, l) = tokens.dims2()?;
-        let ids = tokens.flatten_all()?;
-        let mut x = self.tok_embed.index_select(&ids, 0)?.reshape((b, l, self.cfg.dim))?;
-        x = x.broadcast_add(&self.tok_pos.narrow(0, 0, l)?.unsqueeze(0)?)?;
-        for layer in &self.text {
-            x = layer.forward(&x)?;
-        }
-        let x = self.text_ln.forward(&x)?;
-        let pooled = x.mean(1)?;
-        Ok((self.text_proj.forward(&x)?, pooled))
+        self.text.forward(tokens)
     }
 
     /// Velocity for latents z (B, 3, H, W) at noise levels sigma (B,) given token ids (B, L).
@@ -184,20 +234,14 @@ impl Dit {
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, gh * gw, c * p * p))?;
         let x = self.x_embed.forward(&x)?.broadcast_add(&self.pos_embed.unsqueeze(0)?)?;
-        let (txt, pooled) = self.encode_text(tokens)?;
-        let t = timestep_embedding(&(sigma * 1000.0)?, 256)?;
-        let cond = (self.t_fc2.forward(&self.t_fc1.forward(&t)?.silu()?)? + self.y_embed.forward(&pooled)?)?;
+        let (txt, pooled) = self.text.forward(tokens)?;
+        let cond = self.head.cond(sigma, &pooled)?;
         let n_txt = txt.dim(1)?;
         let mut seq = Tensor::cat(&[&txt, &x], 1)?;
         for block in &self.blocks {
             seq = block.forward(&seq, &cond)?;
         }
-        let img = seq.narrow(1, n_txt, gh * gw)?;
-        let m = self.final_ada.forward(&cond.silu()?)?.unsqueeze(1)?;
-        let shift = m.narrow(2, 0, self.cfg.dim)?;
-        let scale = m.narrow(2, self.cfg.dim, self.cfg.dim)?;
-        let img = layer_norm_plain(&img, 1e-6)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
-        let out = self.final_linear.forward(&img)?;
+        let out = self.head.out(&seq.narrow(1, n_txt, gh * gw)?, &cond)?;
         // Unpatchify back to (B, C, H, W).
         out.reshape((b, gh, gw, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))
     }

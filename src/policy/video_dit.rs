@@ -20,8 +20,8 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::block::{BlockConfig, DitBlock};
-use super::dit::TextLayer;
-use super::layers::{layer_norm_plain, timestep_embedding, LayerNorm, Linear, LoraCtx};
+use super::dit::{AdaHead, TextEncoder};
+use super::layers::{Linear, LoraCtx};
 use crate::image::Image;
 
 /// Token grouping of the video blocks.
@@ -87,20 +87,12 @@ impl VideoDitConfig {
 /// The video policy network v_θ(z, σ, prompt) on (B, 3, T, H, W) latents.
 pub struct VideoDit {
     pub cfg: VideoDitConfig,
-    tok_embed: Tensor,
-    tok_pos: Tensor,
-    text: Vec<TextLayer>,
-    text_ln: LayerNorm,
-    text_proj: Linear,
+    text: TextEncoder,
     x_embed: Linear,
     pos_space: Tensor,
     pos_time: Tensor,
-    t_fc1: Linear,
-    t_fc2: Linear,
-    y_embed: Linear,
     blocks: Vec<DitBlock>,
-    final_ada: Linear,
-    final_linear: Linear,
+    head: AdaHead,
 }
 
 /// (B, D) → (B·k, D): each row repeated k times, consecutively.
@@ -115,42 +107,18 @@ impl VideoDit {
     /// `max_tokens` size the prompt encoder (the video grammar's vocabulary).
     pub fn new(vb: &VarBuilder, cfg: &VideoDitConfig, vocab: usize, max_tokens: usize, lora: Option<&LoraCtx>) -> Result<Self> {
         let d = cfg.dim;
-        let tvb = vb.pp("text");
-        let text = (0..cfg.text_layers).map(|i| TextLayer::new(&tvb.pp(format!("layers.{i}")), d, cfg.heads, lora)).collect::<Result<Vec<_>>>()?;
-        let pdim = 3 * cfg.t_patch * cfg.patch * cfg.patch;
+        // Same creation order as the image policy (it fixes the seeded init).
+        let layers = TextEncoder::layers(vb, cfg.text_layers, d, cfg.heads, lora)?;
         let bcfg = BlockConfig { dim: d, heads: cfg.heads, mlp_ratio: cfg.mlp_ratio, fused: cfg.fused };
         let blocks = (0..cfg.depth).map(|i| DitBlock::new(&vb.pp(format!("blocks.{i}")), &bcfg, lora)).collect::<Result<Vec<_>>>()?;
+        let text = TextEncoder::new(vb, layers, vocab, max_tokens, d, lora)?;
+        let pdim = 3 * cfg.t_patch * cfg.patch * cfg.patch;
         let small = Init::Randn { mean: 0.0, stdev: 0.02 };
-        Ok(Self {
-            cfg: cfg.clone(),
-            tok_embed: tvb.get_with_hints((vocab, d), "embed", small)?,
-            tok_pos: tvb.get_with_hints((max_tokens, d), "pos", small)?,
-            text,
-            text_ln: LayerNorm::new(&tvb.pp("ln"), d)?,
-            text_proj: Linear::new(&vb.pp("text_proj"), d, d, true, lora)?,
-            x_embed: Linear::new(&vb.pp("x_embed"), pdim, d, true, lora)?,
-            pos_space: vb.get_with_hints((cfg.grid() * cfg.grid(), d), "pos_space", small)?,
-            pos_time: vb.get_with_hints((cfg.t_grid(), d), "pos_time", small)?,
-            t_fc1: Linear::new(&vb.pp("t_embed.fc1"), 256, d, true, lora)?,
-            t_fc2: Linear::new(&vb.pp("t_embed.fc2"), d, d, true, lora)?,
-            y_embed: Linear::new(&vb.pp("y_embed"), d, d, true, lora)?,
-            blocks,
-            final_ada: Linear::new_with_init(&vb.pp("final.ada"), d, 2 * d, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?,
-            final_linear: Linear::new_with_init(&vb.pp("final.linear"), d, pdim, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?,
-        })
-    }
-
-    /// Token ids (B, L) → (token features (B, L, D), pooled (B, D)).
-    fn encode_text(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, l) = tokens.dims2()?;
-        let mut x = self.tok_embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, l, self.cfg.dim))?;
-        x = x.broadcast_add(&self.tok_pos.narrow(0, 0, l)?.unsqueeze(0)?)?;
-        for layer in &self.text {
-            x = layer.forward(&x)?;
-        }
-        let x = self.text_ln.forward(&x)?;
-        let pooled = x.mean(1)?;
-        Ok((self.text_proj.forward(&x)?, pooled))
+        let x_embed = Linear::new(&vb.pp("x_embed"), pdim, d, true, lora)?;
+        let pos_space = vb.get_with_hints((cfg.grid() * cfg.grid(), d), "pos_space", small)?;
+        let pos_time = vb.get_with_hints((cfg.t_grid(), d), "pos_time", small)?;
+        let head = AdaHead::new(vb, d, pdim, lora)?;
+        Ok(Self { cfg: cfg.clone(), text, x_embed, pos_space, pos_time, blocks, head })
     }
 
     /// (B, C, T, H, W) → (B, T'·gh·gw, C·tp·p·p), tokens ordered (time, row, column).
@@ -178,9 +146,8 @@ impl VideoDit {
         let (tt, s) = (t / self.cfg.t_patch, (h / self.cfg.patch) * (w / self.cfg.patch));
         let pos = self.pos_time.unsqueeze(1)?.broadcast_add(&self.pos_space.unsqueeze(0)?)?.reshape((tt * s, d))?;
         let x = self.x_embed.forward(&self.patchify(z)?)?.broadcast_add(&pos.unsqueeze(0)?)?;
-        let (txt, pooled) = self.encode_text(tokens)?;
-        let temb = timestep_embedding(&(sigma * 1000.0)?, 256)?;
-        let cond = (self.t_fc2.forward(&self.t_fc1.forward(&temb)?.silu()?)? + self.y_embed.forward(&pooled)?)?;
+        let (txt, pooled) = self.text.forward(tokens)?;
+        let cond = self.head.cond(sigma, &pooled)?;
         let n_txt = txt.dim(1)?;
         let vid = match self.cfg.attention {
             VideoAttention::Full => {
@@ -207,10 +174,7 @@ impl VideoDit {
                 x
             }
         };
-        let m = self.final_ada.forward(&cond.silu()?)?.unsqueeze(1)?;
-        let (shift, scale) = (m.narrow(2, 0, d)?, m.narrow(2, d, d)?);
-        let vid = layer_norm_plain(&vid, 1e-6)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
-        self.unpatchify(&self.final_linear.forward(&vid)?, b, c, t, h, w)
+        self.unpatchify(&self.head.out(&vid, &cond)?, b, c, t, h, w)
     }
 }
 
