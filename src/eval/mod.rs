@@ -54,11 +54,18 @@ pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: 
 
 /// Generate one image per prompt with Euler ODE sampling.
 pub fn generate(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
+    generate_images(policy, &policy.latent_shape(), prompts, seed, cfg)
+}
+
+/// [`generate`] for any image flow model (e.g. a trainer's policy with EMA weights swapped
+/// in): prompts tokenized with the ShapeWorld grammar, latents of `shape` decoded to images.
+pub fn generate_images(model: &dyn FlowModel, shape: &[usize], prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
-    let cond = policy.condition(prompts)?;
-    policy.decode(&ode_latents(policy, &cond, &policy.latent_shape(), seed, cfg)?)
+    let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
+    let cond = crate::policy::dit::tokens_for(&texts, model.flow_device())?;
+    Ok(crate::policy::dit::latents_to_images(&ode_latents(model, &cond, shape, seed, cfg)?)?)
 }
 
 /// Mean of a reward over generated images.

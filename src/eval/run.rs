@@ -160,9 +160,7 @@ pub fn evaluate_policy(policy: &dyn TrainPolicy, cfg: &Config, n: usize) -> Resu
         match cfg.modality {
             Modality::Image => {
                 let prompts = world::prompts(split, n, EVAL_SEED);
-                let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-                let cond = crate::policy::dit::tokens_for(&texts, policy.flow_device())?;
-                let images = crate::policy::dit::latents_to_images(&super::ode_latents(policy, &cond, &shape, EVAL_SEED, &cfg.sample)?)?;
+                let images = super::generate_images(policy, &shape, &prompts, EVAL_SEED, &cfg.sample)?;
                 scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
                 grids.push((name.to_string(), Generated::Images(images)));
             }

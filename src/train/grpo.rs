@@ -668,13 +668,6 @@ mod tests {
     use crate::reward::{Reward, RewardInfo};
     use crate::world::{self, PromptSpec, Split};
 
-    /// ODE images of the trainer's current policy (no EMA swap) for `prompts`.
-    fn gen_images(tr: &Trainer, prompts: &[PromptSpec], seed: u64, cfg: &Config) -> Vec<Image> {
-        let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-        let cond = crate::policy::dit::tokens_for(&texts, tr.policy.flow_device()).unwrap();
-        let z = crate::eval::ode_latents(tr.policy.as_ref(), &cond, &tr.policy.latent_shape(), seed, &cfg.sample).unwrap();
-        crate::policy::dit::latents_to_images(&z).unwrap()
-    }
 
     /// A tiny base model on disk and a config that trains it for a few cheap steps.
     fn setup(dir: &Path) -> Config {
@@ -1021,7 +1014,7 @@ mod tests {
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
         let prompts = world::prompts(Split::Train, 8, 5);
         let redness = |tr: &Trainer| {
-            let imgs = gen_images(tr, &prompts, 5, &cfg);
+            let imgs = crate::eval::generate_images(tr.policy.as_ref(), &tr.policy.latent_shape(), &prompts, 5, &cfg.sample).unwrap();
             crate::eval::mean_score(&crate::reward::redness::Redness, &imgs, &prompts).unwrap()
         };
         let before = redness(&tr);

@@ -106,9 +106,7 @@ impl ImageTask {
         idx.iter().map(|&i| self.pool[i].clone()).collect()
     }
     fn generate(&self, model: &dyn FlowModel, shape: &[usize], prompts: &[PromptSpec], seed: u64) -> Result<Vec<Image>> {
-        let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-        let cond = crate::policy::dit::tokens_for(&texts, model.flow_device())?;
-        Ok(crate::policy::dit::latents_to_images(&crate::eval::ode_latents(model, &cond, shape, seed, &self.cfg.sample)?)?)
+        crate::eval::generate_images(model, shape, prompts, seed, &self.cfg.sample)
     }
 }
 
