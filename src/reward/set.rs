@@ -57,15 +57,7 @@ impl RewardSet {
         for (reward, _) in &self.entries {
             let name = reward.info().name;
             let s = reward.score(images, prompts).map_err(|e| e.context(format!("reward '{name}' failed")))?;
-            ensure!(
-                s.len() == images.len(),
-                "reward '{name}' returned {} scores for {} images",
-                s.len(),
-                images.len()
-            );
-            if let Some(i) = s.iter().position(|x| !x.is_finite()) {
-                bail!("reward '{name}' gave a non-finite score ({}) for sample {i}", s[i]);
-            }
+            check_scores(&name, &s, images.len())?;
             out.push(s);
         }
         Ok(out)
@@ -83,6 +75,16 @@ impl RewardSet {
         }
         total
     }
+}
+
+/// One reward's scores must be one per sample and all finite (errors name the reward and
+/// the sample). Shared by image and video reward sets.
+pub fn check_scores(name: &str, s: &[f32], n: usize) -> Result<()> {
+    ensure!(s.len() == n, "reward '{name}' returned {} scores for {n} samples", s.len());
+    if let Some(i) = s.iter().position(|x| !x.is_finite()) {
+        bail!("reward '{name}' gave a non-finite score ({}) for sample {i}", s[i]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

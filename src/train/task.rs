@@ -73,15 +73,6 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
     })
 }
 
-/// Check one reward's scores: the right count, all finite (names reward and sample).
-fn check_scores(name: &str, s: &[f32], n: usize) -> Result<()> {
-    anyhow::ensure!(s.len() == n, "reward '{name}' returned {} scores for {n} samples", s.len());
-    if let Some(i) = s.iter().position(|x| !x.is_finite()) {
-        anyhow::bail!("reward '{name}' gave a non-finite score ({}) for sample {i}", s[i]);
-    }
-    Ok(())
-}
-
 fn mean(v: &[f32]) -> f64 {
     v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
 }
@@ -195,7 +186,7 @@ impl VideoTask {
         for (r, _) in &self.rewards {
             let name = r.info().name;
             let s = r.score(clips, specs).with_context(|| format!("reward '{name}' failed"))?;
-            check_scores(&name, &s, clips.len())?;
+            crate::reward::set::check_scores(&name, &s, clips.len())?;
             out.push(s);
         }
         Ok(out)
