@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, Config, MethodSpec};
-use crate::eval::run::{self as eval_run, EvalReport};
+use crate::eval::run::{self as eval_run, EvalReport, EvalRow};
 use crate::eval::stats::{bootstrap_ci, mean, t_ci};
 use crate::train::grpo::Trainer;
 use crate::train::run;
@@ -187,17 +187,13 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     Ok(CompareOutcome { dir, results, trained, reused })
 }
 
-/// One line of the comparison table: a method's reward on a split over seeds.
+/// One line of the comparison table: a method's reward on a split over seeds (`stat.n`:
+/// seeds; for the base row: prompts, its interval being a bootstrap over prompts).
 #[derive(Clone, Debug, Serialize)]
 pub struct ResultRow {
     pub method: String,
-    pub split: String,
-    pub reward: String,
-    pub mean: f64,
-    pub ci_low: f64,
-    pub ci_high: f64,
-    /// Seeds (the base row: prompts, its interval being a bootstrap over prompts).
-    pub n: usize,
+    #[serde(flatten)]
+    pub stat: EvalRow,
     pub per_seed: Vec<f64>,
 }
 
@@ -288,7 +284,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
     let mut rows = Vec::new();
     let base = evaluate_once(&dir.join("base_eval"), cc.eval_prompts)?;
     for r in &base.rows {
-        rows.push(ResultRow { method: "base".into(), split: r.split.clone(), reward: r.reward.clone(), mean: r.mean, ci_low: r.ci_low, ci_high: r.ci_high, n: r.n, per_seed: vec![r.mean] });
+        rows.push(ResultRow { method: "base".into(), stat: r.clone(), per_seed: vec![r.mean] });
     }
     let mut evals: BTreeMap<String, Vec<EvalReport>> = BTreeMap::new();
     let mut curves = BTreeMap::new();
@@ -356,7 +352,8 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
         for r0 in &reps[0].rows {
             let per_seed: Vec<f64> = reps.iter().filter_map(|rep| rep.row(&r0.split, &r0.reward).map(|r| r.mean)).collect();
             let (mu, lo, hi) = if per_seed.len() >= 2 { t_ci(&per_seed) } else { (r0.mean, r0.ci_low, r0.ci_high) };
-            rows.push(ResultRow { method: m.clone(), split: r0.split.clone(), reward: r0.reward.clone(), mean: mu, ci_low: lo, ci_high: hi, n: per_seed.len(), per_seed });
+            let stat = EvalRow { split: r0.split.clone(), reward: r0.reward.clone(), mean: mu, ci_low: lo, ci_high: hi, n: per_seed.len() };
+            rows.push(ResultRow { method: m.clone(), stat, per_seed });
         }
     }
     // Paired (by seed) differences to the reference on the primary reward.
@@ -382,8 +379,9 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
 }
 
 impl Results {
-    pub fn row(&self, method: &str, split: &str, reward: &str) -> Option<&ResultRow> {
-        self.rows.iter().find(|r| r.method == method && r.split == split && r.reward == reward)
+    /// The statistic of `method` on `split` for `reward`.
+    pub fn row(&self, method: &str, split: &str, reward: &str) -> Option<&EvalRow> {
+        self.rows.iter().map(|r| (&r.method, &r.stat)).find(|(m, t)| *m == method && t.split == split && t.reward == reward).map(|(_, t)| t)
     }
 
     /// Three lines for the terminal.
@@ -425,7 +423,8 @@ impl Results {
         }
         s.push_str("\n## Rewards\n\n| method | split | reward | mean | 95 % CI | n |\n|---|---|---|---|---|---|\n");
         for r in &self.rows {
-            s.push_str(&format!("| {} | {} | {} | {:.3} | [{:.3}, {:.3}] | {} |\n", r.method, r.split, r.reward, r.mean, r.ci_low, r.ci_high, r.n));
+            let t = &r.stat;
+            s.push_str(&format!("| {} | {} | {} | {:.3} | [{:.3}, {:.3}] | {} |\n", r.method, t.split, t.reward, t.mean, t.ci_low, t.ci_high, t.n));
         }
         if !self.diffs.is_empty() {
             s.push_str(&format!("\n## Difference to the reference ({}, paired by seed)\n\n| method | reference | split | mean diff | 95 % CI | seeds | CI over |\n|---|---|---|---|---|---|---|\n", self.primary));
@@ -490,7 +489,7 @@ fn series(curves: &BTreeMap<String, Vec<Vec<(f64, f64, f64)>>>) -> Vec<crate::re
 /// The comparison's report: curves, tables, grids on identical prompts and noise, maps,
 /// timings and the resolved configs.
 fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report::ReportInput> {
-    use crate::report::{EvalRow, Figure, ReportInput, Timing};
+    use crate::report::{EvalRow as ReportRow, Figure, ReportInput, Timing};
     let mut curves = vec![("rollout reward (train prompts, SDE samples)".to_string(), series(&res.curves))];
     if !res.mass_curves.is_empty() {
         curves.push(("map_object_mass (share of allocation-map mass on object pixels)".to_string(), series(&res.mass_curves)));
@@ -498,15 +497,18 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
     let eval_rows = res
         .rows
         .iter()
-        .filter(|r| !r.reward.contains('.'))
-        .map(|r| EvalRow { method: r.method.clone(), split: r.split.clone(), reward: r.reward.clone(), mean: r.mean, ci_low: r.ci_low, ci_high: r.ci_high, n: r.n })
+        .filter(|r| !r.stat.reward.contains('.'))
+        .map(|r| ReportRow { method: r.method.clone(), stat: r.stat.clone() })
         .collect();
     let mut extra = Vec::new();
     let crit: Vec<Vec<String>> = res
         .rows
         .iter()
-        .filter(|r| r.reward.contains('.'))
-        .map(|r| vec![r.method.clone(), r.split.clone(), r.reward.clone(), format!("{:.3}", r.mean), format!("[{:.3}, {:.3}]", r.ci_low, r.ci_high)])
+        .filter(|r| r.stat.reward.contains('.'))
+        .map(|r| {
+            let t = &r.stat;
+            vec![r.method.clone(), t.split.clone(), t.reward.clone(), format!("{:.3}", t.mean), format!("[{:.3}, {:.3}]", t.ci_low, t.ci_high)]
+        })
         .collect();
     extra.push(("Reward terms by criterion".to_string(), ["method", "split", "criterion", "mean", "95 % CI"].map(String::from).to_vec(), crit));
     if !res.diffs.is_empty() {

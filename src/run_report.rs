@@ -53,7 +53,7 @@ pub fn run_report_input(rd: &Path) -> Result<ReportInput> {
     if ev.is_file() {
         let rep = crate::eval::run::read_report(&ev)?;
         for r in &rep.rows {
-            eval_rows.push(EvalRow { method: name.clone(), split: r.split.clone(), reward: r.reward.clone(), mean: r.mean, ci_low: r.ci_low, ci_high: r.ci_high, n: r.n });
+            eval_rows.push(EvalRow { method: name.clone(), stat: r.clone() });
         }
         let cfg: crate::config::Config = crate::config::load(Some(&rd.join(run::CONFIG_FILE)), &[])?;
         let primary = crate::eval::run::primary_reward(&cfg);

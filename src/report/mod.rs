@@ -26,16 +26,11 @@ pub struct Series {
     pub value: Vec<f64>,
 }
 
-/// One line of the evaluation table.
+/// One line of the evaluation table: a method and its evaluation statistic.
 #[derive(Debug, Clone)]
 pub struct EvalRow {
     pub method: String,
-    pub split: String,
-    pub reward: String,
-    pub mean: f64,
-    pub ci_low: f64,
-    pub ci_high: f64,
-    pub n: usize,
+    pub stat: crate::eval::run::EvalRow,
 }
 
 /// An image file to inline, with its caption.
@@ -209,7 +204,10 @@ pub fn render(input: &ReportInput) -> Result<String> {
         let rows: Vec<Vec<String>> = input
             .eval_rows
             .iter()
-            .map(|r| vec![r.method.clone(), r.split.clone(), r.reward.clone(), format!("{:.4}", r.mean), format!("[{:.4}, {:.4}]", r.ci_low, r.ci_high), r.n.to_string()])
+            .map(|r| {
+                let t = &r.stat;
+                vec![r.method.clone(), t.split.clone(), t.reward.clone(), format!("{:.4}", t.mean), format!("[{:.4}, {:.4}]", t.ci_low, t.ci_high), t.n.to_string()]
+            })
             .collect();
         table(&mut o, &header, &rows);
     }

@@ -19,7 +19,10 @@ fn input(dir: &Path) -> ReportInput {
         title: "vipo <compare> & \"friends\"".into(),
         summary: vec!["ViPO − GRPO: +0.01".into()],
         curves: vec![("rollout reward".into(), vec![series("grpo", 0, 0.0), series("grpo", 1, 0.02), series("vipo", 0, 0.01)])],
-        eval_rows: vec![EvalRow { method: "vipo".into(), split: "ood".into(), reward: "compositional".into(), mean: 0.25, ci_low: 0.2, ci_high: 0.3, n: 64 }],
+        eval_rows: vec![EvalRow {
+            method: "vipo".into(),
+            stat: crate::eval::run::EvalRow { split: "ood".into(), reward: "compositional".into(), mean: 0.25, ci_low: 0.2, ci_high: 0.3, n: 64 },
+        }],
         extra_tables: vec![("steps".into(), vec!["method".into(), "steps".into()], vec![vec!["vipo".into(), "12".into()]])],
         sample_grids: vec![Figure { caption: "grid <eval>".into(), path: png(dir, "g.png") }],
         map_grids: vec![Figure { caption: "maps".into(), path: png(dir, "m.png") }],
