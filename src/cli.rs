@@ -201,7 +201,11 @@ pub fn main() -> i32 {
 }
 
 fn load_config(a: &ConfigArgs) -> Result<Config> {
-    let mut cfg: Config = config::load(a.config.as_deref(), &a.set)?;
+    quiet(config::load(a.config.as_deref(), &a.set)?, a)
+}
+
+/// No progress bars with --quiet or under CI.
+fn quiet(mut cfg: Config, a: &ConfigArgs) -> Result<Config> {
     if a.quiet || std::env::var_os("CI").is_some() {
         cfg.progress = false;
     }
@@ -444,11 +448,7 @@ const VIDEO_CONFIG: &str = include_str!("../configs/video.toml");
 fn demo(a: DemoArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let mut cfg = if a.video && a.cfg.config.is_none() {
-        let mut c: Config = config::from_toml_str(VIDEO_CONFIG, "configs/video.toml (built in)", &a.cfg.set)?;
-        if a.cfg.quiet || std::env::var_os("CI").is_some() {
-            c.progress = false;
-        }
-        c
+        quiet(config::from_toml_str(VIDEO_CONFIG, "configs/video.toml (built in)", &a.cfg.set)?, &a.cfg)?
     } else {
         load_config(&a.cfg)?
     };

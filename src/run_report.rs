@@ -55,7 +55,7 @@ pub fn run_report_input(rd: &Path) -> Result<ReportInput> {
         for r in &rep.rows {
             eval_rows.push(EvalRow { method: name.clone(), stat: r.clone() });
         }
-        let cfg: crate::config::Config = crate::config::load(Some(&rd.join(run::CONFIG_FILE)), &[])?;
+        let cfg: crate::config::Config = crate::config::from_toml_str(&cfg_text, &rd.join(run::CONFIG_FILE).display().to_string(), &[])?;
         let primary = crate::eval::run::primary_reward(&cfg);
         if let (Some(e), Some(o)) = (rep.row("eval", primary), rep.row("ood", primary)) {
             summary.push(format!("final {primary} reward: eval {:.3} [{:.3}, {:.3}], ood {:.3} [{:.3}, {:.3}] ({} prompts each)", e.mean, e.ci_low, e.ci_high, o.mean, o.ci_low, o.ci_high, e.n));

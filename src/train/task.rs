@@ -63,14 +63,20 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
                 let r = crate::reward::video::build(&e.name).with_context(|| format!("train.rewards[{i}]: video runs need video rewards"))?;
                 rewards.push((r, e.weight as f32));
             }
+            let (n, seed) = pool_size_seed(cfg);
             Box::new(VideoTask {
-                pool: video_prompts(Split::Train, t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41),
+                pool: video_prompts(Split::Train, n, seed),
                 rewards,
                 maps,
                 cfg: cfg.clone(),
             })
         }
     })
+}
+
+/// Size and seed of the RL training prompt pool (either modality).
+fn pool_size_seed(cfg: &Config) -> (usize, u64) {
+    (cfg.train.prompt_pool.max(cfg.train.prompts_per_step), cfg.seed ^ 0x7a41)
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -90,8 +96,8 @@ pub struct ImageTask {
 impl ImageTask {
     /// The ShapeWorld task with the given rewards and map source (the pool as in [`build`]).
     pub fn new(cfg: &Config, rewards: RewardSet, maps: Option<Box<dyn MapSource>>) -> Self {
-        let t = &cfg.train;
-        Self { pool: world::prompts(Split::Train, t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41), rewards, maps, cfg: cfg.clone() }
+        let (n, seed) = pool_size_seed(cfg);
+        Self { pool: world::prompts(Split::Train, n, seed), rewards, maps, cfg: cfg.clone() }
     }
     fn specs(&self, idx: &[usize]) -> Vec<PromptSpec> {
         idx.iter().map(|&i| self.pool[i].clone()).collect()
