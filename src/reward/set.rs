@@ -1,6 +1,6 @@
 //! A weighted set of rewards (DESIGN.md §1.5). Each reward keeps its own scores so that it
 //! gets its own group-normalised advantage and clipped loss downstream; the set never
-//! pre-sums them (only [`RewardSet::weighted_total`], for logging).
+//! pre-sums them (only [`weighted_total`], for logging).
 
 use super::{Reward, RewardInfo};
 use crate::image::Image;
@@ -62,19 +62,20 @@ impl RewardSet {
         }
         Ok(out)
     }
+}
 
-    /// Σ_k w_k·scores[k][i] per sample, for logging only (training uses one advantage per reward).
-    /// Rewards missing from `scores` contribute nothing; samples are those of the first reward.
-    pub fn weighted_total(&self, scores: &[Vec<f32>]) -> Vec<f32> {
-        let n = scores.first().map_or(0, |s| s.len());
-        let mut total = vec![0.0f32; n];
-        for ((_, w), s) in self.entries.iter().zip(scores) {
-            for (t, x) in total.iter_mut().zip(s) {
-                *t += w * x;
-            }
+/// Σ_k w_k·scores[k][i] per sample, for logging only (training uses one advantage per
+/// reward). Rewards missing from `scores` contribute nothing; samples are those of the
+/// first reward. Used for image and video reward sets alike.
+pub fn weighted_total(scores: &[Vec<f32>], weights: &[f32]) -> Vec<f32> {
+    let n = scores.first().map_or(0, |s| s.len());
+    let mut total = vec![0.0f32; n];
+    for (w, s) in weights.iter().zip(scores) {
+        for (t, x) in total.iter_mut().zip(s) {
+            *t += w * x;
         }
-        total
     }
+    total
 }
 
 /// One reward's scores must be one per sample and all finite (errors name the reward and
@@ -118,7 +119,7 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s[0], vec![1.0, -1.0]);
         assert_eq!(s[1], vec![0.5, 0.25]);
-        assert_eq!(set.weighted_total(&s), vec![1.5, -2.25]);
+        assert_eq!(weighted_total(&s, &set.weights()), vec![1.5, -2.25]);
         assert_eq!(set.weights(), vec![2.0, -1.0]);
         assert_eq!(set.infos()[0].name, "redness");
     }

@@ -311,7 +311,7 @@ impl Trainer {
         let scores = self.task.score(&samples, &specs).with_context(|| format!("step {}: reward failed; weights left untouched", m.step))?;
         m.time_reward_s = t1.elapsed().as_secs_f64();
         let weights = self.task.reward_weights();
-        let total: Vec<f32> = (0..specs.len()).map(|i| scores.iter().zip(&weights).map(|(s, w)| w * s[i]).sum()).collect();
+        let total = crate::reward::set::weighted_total(&scores, &weights);
         m.reward_mean = mean(&total);
         m.reward_std = std(&total);
         for (info, s) in self.task.reward_infos().iter().zip(&scores) {
