@@ -93,7 +93,7 @@ pub struct PolicyBench {
 }
 
 pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
-    use crate::policy::{ImagePolicy, Policy, TrainPolicy};
+    use crate::policy::{FlowModel, ImagePolicy, Policy, TrainPolicy};
     anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
     let dev = crate::runtime::device()?;
     let p = ImagePolicy::new(cfg, &dev, 0)?;

@@ -33,13 +33,13 @@ pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: 
     let mut dummy = rand_chacha::ChaCha8Rng::seed_from_u64(0); // ODE draws no noise
     for start in (0..total).step_by(bs) {
         let n = bs.min(total - start);
-        let noises = (start..start + n).map(|i| eval_noise(seed, i, shape, model.flow_device())).collect::<Result<Vec<_>>>()?;
+        let noises = (start..start + n).map(|i| eval_noise(seed, i, shape, model.device())).collect::<Result<Vec<_>>>()?;
         let z0 = Tensor::stack(&noises, 0)?;
         let c = cond.narrow(0, start, n)?;
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(model.flow_velocity(z, &sig, &c)?)
+                Ok(model.velocity(z, &sig, &c)?)
             },
             z0,
             &sigmas,
@@ -64,7 +64,7 @@ pub fn generate_images(model: &dyn FlowModel, shape: &[usize], prompts: &[Prompt
         return Ok(Vec::new());
     }
     let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-    let cond = crate::policy::dit::tokens_for(&texts, model.flow_device())?;
+    let cond = crate::policy::dit::tokens_for(&texts, model.device())?;
     Ok(crate::policy::dit::latents_to_images(&ode_latents(model, &cond, shape, seed, cfg)?)?)
 }
 

@@ -280,7 +280,7 @@ pub fn latents_to_images(z: &Tensor) -> Result<Vec<Image>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::{ImagePolicy, Policy, TrainPolicy};
+    use crate::policy::{FlowModel, ImagePolicy, Policy, TrainPolicy};
     use crate::world::{self, Split};
 
     pub(crate) fn tiny() -> DitConfig {

@@ -21,20 +21,20 @@ use layers::{LoraCtx, LoraSpec};
 /// video): a velocity for latents, the parameters to train, the device.
 pub trait FlowModel {
     /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,).
-    fn flow_velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
     /// Every base weight by name (what pretraining trains and saves).
     fn base_vars(&self) -> Vec<(String, Var)>;
-    fn flow_device(&self) -> &Device;
+    fn device(&self) -> &Device;
 }
 
 impl FlowModel for ImagePolicy {
-    fn flow_velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
         self.model.forward(z, sigma, cond)
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
         sorted_vars(&self.base)
     }
-    fn flow_device(&self) -> &Device {
+    fn device(&self) -> &Device {
         &self.device
     }
 }
@@ -56,11 +56,8 @@ pub trait TrainPolicy: FlowModel {
 pub trait Policy: TrainPolicy {
     /// Prompt conditioning for a batch (for the embedded policy: token ids).
     fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor>;
-    /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,).
-    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
     /// Latents → RGB images.
     fn decode(&self, z: &Tensor) -> Result<Vec<Image>>;
-    fn device(&self) -> &Device;
 }
 
 /// The embedded ShapeWorld policy: base weights in one VarMap, optional LoRA adapters in
@@ -133,14 +130,8 @@ impl Policy for ImagePolicy {
         let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
         dit::tokens_for(&texts, &self.device)
     }
-    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
-        self.model.forward(z, sigma, cond)
-    }
     fn decode(&self, z: &Tensor) -> Result<Vec<Image>> {
         Ok(dit::latents_to_images(z)?)
-    }
-    fn device(&self) -> &Device {
-        &self.device
     }
 }
 

@@ -252,13 +252,13 @@ impl super::TrainPolicy for VideoPolicy {
 }
 
 impl super::FlowModel for VideoPolicy {
-    fn flow_velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
         self.model.forward(z, sigma, cond)
     }
     fn base_vars(&self) -> Vec<(String, candle_core::Var)> {
         super::sorted_vars(&self.base)
     }
-    fn flow_device(&self) -> &candle_core::Device {
+    fn device(&self) -> &candle_core::Device {
         &self.device
     }
 }
@@ -279,7 +279,7 @@ pub fn generate_clips(model: &dyn super::FlowModel, shape: &[usize], specs: &[cr
     if specs.is_empty() {
         return Ok(Vec::new());
     }
-    let cond = tokens_for_video(specs, model.flow_device())?;
+    let cond = tokens_for_video(specs, model.device())?;
     Ok(latents_to_clips(&crate::eval::ode_latents(model, &cond, shape, seed, sample)?)?)
 }
 

@@ -197,15 +197,15 @@ impl Trainer {
     fn rollout(&mut self, specs: &[usize]) -> Result<(Trajectory, Tensor)> {
         let t = &self.cfg.train;
         let shape = self.policy.latent_shape();
-        let z0 = sampler::group_noise(t.prompts_per_step, t.group_size, &shape, t.shared_group_noise, &mut self.rng_noise, self.policy.flow_device())?;
-        let cond = self.task.condition(specs, self.policy.flow_device())?;
+        let z0 = sampler::group_noise(t.prompts_per_step, t.group_size, &shape, t.shared_group_noise, &mut self.rng_noise, self.policy.device())?;
+        let cond = self.task.condition(specs, self.policy.device())?;
         let n = specs.len();
         let policy = &self.policy;
         let kind = self.sde();
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(policy.flow_velocity(z, &sig, &cond)?)
+                Ok(policy.velocity(z, &sig, &cond)?)
             },
             z0,
             &self.sigmas,
@@ -345,7 +345,7 @@ impl Trainer {
             advs.push(ga.adv);
         }
         // ViPO lifts each scalar advantage to a per-position map (DESIGN.md §1.4).
-        let device = self.policy.flow_device().clone();
+        let device = self.policy.device().clone();
         let adv_tensors = match &maps {
             None => advs.iter().map(|a| Tensor::from_vec(a.clone(), a.len(), &device)).collect::<candle_core::Result<Vec<_>>>()?,
             Some(mb) => {
@@ -390,7 +390,7 @@ impl Trainer {
             .collect();
         let kind = self.sde();
         let sigma1 = self.sigmas[1];
-        let device = self.policy.flow_device().clone();
+        let device = self.policy.device().clone();
         let per_opt = t.micro_batch * t.grad_accum;
         let weights: Vec<f64> = self.task.reward_weights().iter().map(|&w| w as f64).collect();
         let (mut ratio_sum, mut ratio_cnt, mut clip_sum, mut loss_sum, mut kl_sum) = (0f64, 0usize, 0f64, 0f64, 0f64);
@@ -409,14 +409,14 @@ impl Trainer {
                     let z_next = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.latents[k + 1].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let old_dense = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.log_probs[k].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let sig = Tensor::from_vec(ks.iter().map(|&k| self.sigmas[k] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
-                    let v = self.policy.flow_velocity(&z, &sig, &cond_mb)?;
+                    let v = self.policy.velocity(&z, &sig, &cond_mb)?;
                     let mut new_dense = Vec::with_capacity(mb.len());
                     let mut kl_terms = Vec::new();
                     for (r, &k) in ks.iter().enumerate() {
                         let (mean_r, std_r) = sampler::transition(kind, &z.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                         new_dense.push(sampler::log_prob_dense(&z_next.narrow(0, r, 1)?, &mean_r, std_r)?);
                         if let Some(refp) = &self.ref_policy {
-                            let vr = refp.flow_velocity(&z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?)?.detach();
+                            let vr = refp.velocity(&z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?)?.detach();
                             let (mean_ref, _) = sampler::transition(kind, &z.narrow(0, r, 1)?, &vr, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                             kl_terms.push(kl_penalty(&mean_r, &mean_ref, std_r)?);
                         }
@@ -590,7 +590,7 @@ impl Trainer {
             &std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{origin}/state.json: cannot read"))?,
         )
         .with_context(|| format!("{origin}/state.json: corrupted checkpoint state"))?;
-        let device = self.policy.flow_device().clone();
+        let device = self.policy.device().clone();
         let w = read_tensors(&dir.join("trainable.safetensors"), &device)?;
         let vars = self.policy.trainable();
         for (name, v) in &vars {
@@ -663,7 +663,7 @@ mod tests {
     use crate::config::Modality;
     use crate::image::Image;
     use crate::policy::video_dit::VideoPolicy;
-    use crate::policy::{ImagePolicy, Policy};
+    use crate::policy::{FlowModel, ImagePolicy};
     use crate::reward::set::RewardSet;
     use crate::reward::{Reward, RewardInfo};
     use crate::world::{self, PromptSpec, Split};
@@ -774,7 +774,7 @@ mod tests {
             let cond = crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
             let z = Tensor::ones((2, 3, 16, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
             let sig = Tensor::full(0.5f32, 2, &candle_core::Device::Cpu).unwrap();
-            let d = (tr.policy.flow_velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (tr.policy.velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "rank {rank}: exported model differs by {d}");
         }
     }

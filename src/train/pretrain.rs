@@ -99,20 +99,20 @@ fn flow_matching_loop(
     for step in 0..p.steps {
         let (x0, cond) = batch(data_rng)?;
         let b = x0.dim(0)?;
-        let eps = crate::sampler::randn(x0.dims(), &mut noise_rng, model.flow_device())?;
+        let eps = crate::sampler::randn(x0.dims(), &mut noise_rng, model.device())?;
         let sig: Vec<f32> = (0..b)
             .map(|_| {
                 let n: f64 = StandardNormal.sample(&mut noise_rng);
                 (1.0 / (1.0 + (-n).exp())) as f32
             })
             .collect();
-        let sigma = Tensor::from_vec(sig, b, model.flow_device())?;
+        let sigma = Tensor::from_vec(sig, b, model.device())?;
         let mut bshape = vec![1usize; x0.rank()];
         bshape[0] = b;
         let sb = sigma.reshape(bshape)?;
         let z = (x0.broadcast_mul(&(1.0 - &sb)?)? + eps.broadcast_mul(&sb)?)?;
         let target = (&eps - &x0)?;
-        let v = model.flow_velocity(&z, &sigma, &cond)?;
+        let v = model.velocity(&z, &sigma, &cond)?;
         let loss = (v - target)?.sqr()?.mean_all()?;
         let loss_v = loss.to_scalar::<f32>()? as f64;
         anyhow::ensure!(loss_v.is_finite(), "pretraining diverged at step {step} (loss {loss_v}); lower pretrain.lr");
