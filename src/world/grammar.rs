@@ -391,12 +391,17 @@ pub fn vocab() -> Vec<&'static str> {
 /// `max_len`. Errors on an unknown word or a prompt longer than `max_len`.
 /// Only the vocabulary is checked here, not the grammar (use [`PromptSpec::parse`]).
 pub fn tokenize(text: &str, max_len: usize) -> Result<Vec<u32>> {
-    let voc = vocab();
+    tokenize_in(text, max_len, &vocab(), "ShapeWorld")
+}
+
+/// [`tokenize`] over any vocabulary whose id 0 is padding (the video grammar extends the
+/// image one); `name` names the vocabulary in errors.
+pub fn tokenize_in(text: &str, max_len: usize, voc: &[&str], name: &str) -> Result<Vec<u32>> {
     let lower = text.to_lowercase();
     let mut ids = Vec::with_capacity(max_len);
     for w in lower.split_whitespace() {
         let Some(i) = voc.iter().skip(1).position(|v| *v == w) else {
-            bail!("tokenize '{text}': unknown word '{w}' (not in the ShapeWorld vocabulary)");
+            bail!("tokenize '{text}': unknown word '{w}' (not in the {name} vocabulary)");
         };
         ids.push((i + 1) as u32);
     }

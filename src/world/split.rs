@@ -131,11 +131,17 @@ pub fn sample_spec(rng: &mut impl Rng) -> PromptSpec {
 /// `n` specs of `split`, drawn (with replacement) by rejection from [`sample_spec`]
 /// with a ChaCha8 stream seeded by `seed`: the same arguments always give the same list.
 pub fn prompts(split: Split, n: usize, seed: u64) -> Vec<PromptSpec> {
+    draw_split(split, n, seed, |rng| sample_spec(rng), split_of)
+}
+
+/// `n` draws of `sample` that `split_of` puts in `split`, by rejection from a ChaCha8 stream
+/// seeded by `seed` (image and video prompts alike).
+pub fn draw_split<T>(split: Split, n: usize, seed: u64, mut sample: impl FnMut(&mut ChaCha8Rng) -> T, split_of: impl Fn(&T) -> Split) -> Vec<T> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         // Every split holds ≥ ~5 % of the sampling mass, so this terminates quickly.
-        let spec = sample_spec(&mut rng);
+        let spec = sample(&mut rng);
         if split_of(&spec) == split {
             out.push(spec);
         }

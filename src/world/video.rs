@@ -45,8 +45,7 @@ use super::scene::{Object, Scene, EDGE, SIZES};
 use super::split::{fnv1a64, has_held_out_pair, Split};
 use crate::image::Image;
 use anyhow::{bail, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 /// Default number of frames per clip.
 pub const DEFAULT_FRAMES: usize = 8;
@@ -366,20 +365,7 @@ pub fn video_vocab() -> Vec<&'static str> {
 /// right-padded with 0 to `max_len`; errors on an unknown word or a text longer than
 /// `max_len`. Like [`super::grammar::tokenize`], only the vocabulary is checked.
 pub fn tokenize_video(text: &str, max_len: usize) -> Result<Vec<u32>> {
-    let voc = video_vocab();
-    let lower = text.to_lowercase();
-    let mut ids = Vec::with_capacity(max_len);
-    for w in lower.split_whitespace() {
-        let Some(i) = voc.iter().skip(1).position(|v| *v == w) else {
-            bail!("tokenize '{text}': unknown word '{w}' (not in the ShapeWorld-Video vocabulary)");
-        };
-        ids.push((i + 1) as u32);
-    }
-    if ids.len() > max_len {
-        bail!("tokenize '{text}': {} tokens, longer than max_len {max_len}", ids.len());
-    }
-    ids.resize(max_len, 0);
-    Ok(ids)
+    super::grammar::tokenize_in(text, max_len, &video_vocab(), "ShapeWorld-Video")
 }
 
 // ---------------------------------------------------------------------------------
@@ -452,16 +438,7 @@ pub fn sample_video_spec(rng: &mut impl Rng) -> VideoSpec {
 /// `n` video specs of `split`, drawn (with replacement) by rejection from
 /// [`sample_video_spec`] with a ChaCha8 stream seeded by `seed`: deterministic.
 pub fn video_prompts(split: Split, n: usize, seed: u64) -> Vec<VideoSpec> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        // Every split holds ≥ ~5 % of the sampling mass, so this terminates quickly.
-        let spec = sample_video_spec(&mut rng);
-        if video_split_of(&spec) == split {
-            out.push(spec);
-        }
-    }
-    out
+    super::split::draw_split(split, n, seed, |rng| sample_video_spec(rng), video_split_of)
 }
 
 // ---------------------------------------------------------------------------------
@@ -655,6 +632,8 @@ pub fn render_default_clip(scene: &VideoScene) -> Result<Clip> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
     use std::collections::HashSet;
 
     fn all_structures() -> Vec<VideoSpec> {
