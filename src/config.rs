@@ -134,6 +134,10 @@ pub struct PretrainConfig {
     pub ema_decay: f64,
     /// Cosine-decay the learning rate to 0 after warm-up (else constant).
     pub cosine: bool,
+    /// Probability that a training prompt is replaced by the empty (all-padding) prompt,
+    /// so the model also learns the unconditional velocity that classifier-free guidance
+    /// (`sample.guidance`) needs. 0 = off.
+    pub cond_dropout: f64,
 }
 
 impl Default for PretrainConfig {
@@ -152,6 +156,7 @@ impl Default for PretrainConfig {
             eval_prompts: 64,
             ema_decay: 0.99,
             cosine: true,
+            cond_dropout: 0.0,
         }
     }
 }
@@ -165,11 +170,24 @@ pub struct SampleConfig {
     pub shift: f64,
     /// Images per forward pass.
     pub batch_size: usize,
+    /// Classifier-free guidance scale w: v = v_null + w·(v_prompt − v_null), one forward
+    /// over [prompt; empty prompt]. 1 = off (one forward). Needs a base pretrained with
+    /// `pretrain.cond_dropout` > 0.
+    pub guidance: f64,
+}
+
+impl SampleConfig {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.steps >= 1, "sample.steps: must be ≥ 1");
+        anyhow::ensure!(self.shift.is_finite() && self.shift > 0.0, "sample.shift: must be > 0 (got {})", self.shift);
+        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "sample.guidance: must be ≥ 0 (got {}; 1 = off)", self.guidance);
+        Ok(())
+    }
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        Self { steps: 20, shift: 1.0, batch_size: 64 }
+        Self { steps: 20, shift: 1.0, batch_size: 64, guidance: 1.0 }
     }
 }
 
@@ -232,7 +250,11 @@ pub struct TrainConfig {
     pub eta: f64,
     /// Flow-SDE noise level a.
     pub flow_a: f64,
-    /// Share of the S−1 trainable transitions trained per sample, in (0, 1].
+    /// Stochastic (and trainable) transitions: the SDE runs on the first `sde_steps`
+    /// transitions and deterministic Euler after them (Flow-GRPO-Fast / MixGRPO); 0 = all
+    /// S (the published DanceGRPO/ViPO setting).
+    pub sde_steps: usize,
+    /// Share of the trainable transitions (min(S−1, sde_steps)) trained per sample, in (0, 1].
     pub timestep_fraction: f64,
     /// PPO clip range ε.
     pub clip_range: f64,
@@ -290,6 +312,7 @@ impl Default for TrainConfig {
             micro_batch: 8,
             grad_accum: 8,
             sample_steps: 10,
+            sde_steps: 0,
             shift: 1.0,
             sde: SdeChoice::Dance,
             eta: 0.3,
@@ -321,12 +344,23 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Transitions the update may train: the stochastic ones, never the last σ→0 step.
+    pub fn trainable_transitions(&self) -> usize {
+        let s = self.sample_steps - 1;
+        if self.sde_steps == 0 { s } else { self.sde_steps.min(s) }
+    }
+    /// Transitions the sampler runs stochastically.
+    pub fn stochastic_transitions(&self) -> usize {
+        if self.sde_steps == 0 { self.sample_steps } else { self.sde_steps }
+    }
+
     /// Reject impossible settings before any work, saying which numbers to change.
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.group_size >= 2, "train.group_size: must be ≥ 2 (got {}); group-relative advantages need at least two samples per prompt", self.group_size);
         anyhow::ensure!(self.prompts_per_step >= 1, "train.prompts_per_step: must be ≥ 1");
         anyhow::ensure!(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0, "train.timestep_fraction: must be in (0, 1] (got {})", self.timestep_fraction);
         anyhow::ensure!(self.sample_steps >= 2, "train.sample_steps: must be ≥ 2 (the last transition is never trained)");
+        anyhow::ensure!(self.sde_steps < self.sample_steps, "train.sde_steps: {} must be < train.sample_steps {} (0 = every step stochastic)", self.sde_steps, self.sample_steps);
         anyhow::ensure!(self.micro_batch >= 1 && self.grad_accum >= 1, "train.micro_batch and train.grad_accum: must be ≥ 1");
         let batch = self.prompts_per_step * self.group_size;
         anyhow::ensure!(

@@ -211,10 +211,27 @@ pub fn validate_sigmas(sigmas: &[f64]) -> Result<()> {
 /// (candle has no no-grad mode). The noise of step k is drawn after the velocity of step k
 /// is evaluated, one standard normal per element in row-major order.
 pub fn sample(
+    velocity: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+    init_noise: Tensor,
+    sigmas: &[f64],
+    kind: SdeKind,
+    rng: &mut ChaCha8Rng,
+    reduction: LogProbReduction,
+) -> Result<Trajectory> {
+    let steps = sigmas.len().saturating_sub(1);
+    sample_mixed(velocity, init_noise, sigmas, kind, steps, rng, reduction)
+}
+
+/// [`sample`] with `kind` on the first `sde_steps` transitions only and deterministic Euler
+/// after them (Flow-GRPO-Fast / MixGRPO style: all exploration, and so all credit, sits in
+/// the high-noise steps where layout is decided). `log_probs` then holds those
+/// `sde_steps` transitions; `sde_steps ≥ steps` is plain [`sample`].
+pub fn sample_mixed(
     mut velocity: impl FnMut(&Tensor, f64) -> Result<Tensor>,
     init_noise: Tensor,
     sigmas: &[f64],
     kind: SdeKind,
+    sde_steps: usize,
     rng: &mut ChaCha8Rng,
     reduction: LogProbReduction,
 ) -> Result<Trajectory> {
@@ -224,7 +241,7 @@ pub fn sample(
     let sigma1 = sigmas[1];
     let steps = sigmas.len() - 1;
     let mut latents = Vec::with_capacity(steps + 1);
-    let mut log_probs = Vec::with_capacity(if kind.is_stochastic() { steps } else { 0 });
+    let mut log_probs = Vec::with_capacity(if kind.is_stochastic() { steps.min(sde_steps) } else { 0 });
     latents.push(init_noise.clone());
     for k in 0..steps {
         let z = &latents[k];
@@ -236,8 +253,9 @@ pub fn sample(
             v.dims(),
             z.dims()
         );
-        let (mean, std) = transition(kind, z, &v, sigma, sigma_next, sigma1)?;
-        let next = if kind.is_stochastic() {
+        let step_kind = if k < sde_steps { kind } else { SdeKind::Ode };
+        let (mean, std) = transition(step_kind, z, &v, sigma, sigma_next, sigma1)?;
+        let next = if step_kind.is_stochastic() {
             let xi = randn(z.dims(), rng, z.device())?.to_dtype(z.dtype())?;
             let next = (&mean + xi.affine(std, 0.0)?)?.detach();
             let lp = log_prob_dense(&next, &mean, std)?;
@@ -461,6 +479,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// SDE on the first k transitions only: k log-probs (recomputable as before), and the
+    /// transitions after k are exact Euler steps drawing no noise.
+    #[test]
+    fn mixed_sampling_is_stochastic_only_in_the_window() {
+        let steps = 5;
+        let sig = sigmas(steps, 1.0);
+        let kind = SdeKind::Dance { eta: 0.3 };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let init = randn(&[2, 3, 4, 4], &mut rng, &Device::Cpu).unwrap();
+        let tr = sample_mixed(toy_velocity, init, &sig, kind, 2, &mut rng, LogProbReduction::MeanAll).unwrap();
+        assert_eq!((tr.latents.len(), tr.log_probs.len()), (steps + 1, 2));
+        for k in 0..steps {
+            let z = &tr.latents[k];
+            let v = toy_velocity(z, sig[k]).unwrap();
+            let step_kind = if k < 2 { kind } else { SdeKind::Ode };
+            let (mean, std) = transition(step_kind, z, &v, sig[k], sig[k + 1], sig[1]).unwrap();
+            if k < 2 {
+                let lp = reduce(&log_prob_dense(&tr.latents[k + 1], &mean, std).unwrap(), LogProbReduction::MeanAll).unwrap();
+                close(&flat(&lp), &flat(&tr.log_probs[k]).iter().map(|&x| x as f64).collect::<Vec<_>>(), 1e-6);
+                assert_ne!(flat(&mean), flat(&tr.latents[k + 1]), "step {k} must be noisy");
+            } else {
+                assert_eq!(flat(&mean), flat(&tr.latents[k + 1]), "step {k} must be Euler");
+            }
+        }
+        // sde_steps ≥ steps is plain `sample`.
+        let run = |f: &dyn Fn(&mut ChaCha8Rng, Tensor) -> Trajectory| {
+            let mut rng = ChaCha8Rng::seed_from_u64(4);
+            let init = randn(&[1, 3, 4, 4], &mut rng, &Device::Cpu).unwrap();
+            flat(f(&mut rng, init).last())
+        };
+        let a = run(&|r, i| sample(toy_velocity, i, &sig, kind, r, LogProbReduction::MeanAll).unwrap());
+        let b = run(&|r, i| sample_mixed(toy_velocity, i, &sig, kind, 99, r, LogProbReduction::MeanAll).unwrap());
+        assert_eq!(a, b);
     }
 
     #[test]

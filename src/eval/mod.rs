@@ -26,6 +26,7 @@ pub fn eval_noise(seed: u64, index: usize, shape: &[usize], device: &candle_core
 /// initial noise of sample i from [`eval_noise`]`(seed, i)`, in batches of
 /// `cfg.batch_size`. Returns the final latents (N, ...).
 pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: u64, cfg: &SampleConfig) -> Result<Tensor> {
+    cfg.validate()?;
     let sigmas = sampler::sigmas(cfg.steps, cfg.shift);
     let total = cond.dim(0)?;
     let bs = cfg.batch_size.max(1);
@@ -39,7 +40,7 @@ pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: 
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(model.velocity(z, &sig, &c)?)
+                Ok(crate::policy::guided_velocity(model, z, &sig, &c, cfg.guidance)?)
             },
             z0,
             &sigmas,
@@ -93,7 +94,7 @@ mod tests {
         a.save(&path).unwrap();
         let b = ImagePolicy::load(&tiny(), &path, None, &Device::Cpu, 77).unwrap(); // another "run", other rng seed
         let prompts = world::prompts(Split::Eval, 5, 11);
-        let cfg = |batch_size| SampleConfig { steps: 3, shift: 1.0, batch_size };
+        let cfg = |batch_size| SampleConfig { steps: 3, batch_size, ..Default::default() };
         let ia = generate(&a, &prompts, 42, &cfg(5)).unwrap();
         let ib = generate(&b, &prompts, 42, &cfg(2)).unwrap();
         assert_eq!(ia.len(), 5);

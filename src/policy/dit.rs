@@ -36,11 +36,45 @@ pub struct DitConfig {
     pub text_layers: usize,
     /// Use the fused custom ops (hand-written backward) instead of composed candle ops.
     pub fused: bool,
+    /// What the network outputs ([`Prediction`]); the policy always returns a velocity.
+    pub prediction: Prediction,
 }
 
 impl Default for DitConfig {
     fn default() -> Self {
-        Self { image_size: 32, patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, fused: true }
+        Self { image_size: 32, patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, fused: true, prediction: Prediction::V }
+    }
+}
+
+/// The network's output parametrisation. Either way the policy returns the velocity
+/// v = ε − x₀ that samplers, log-probs and the flow-matching loss use.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    /// The network outputs v directly.
+    #[default]
+    V,
+    /// The network outputs x̂₀ and v = (z − x̂₀)/max(σ, σ_min). A small pixel-space
+    /// transformer cannot reproduce the high-dimensional noise that v contains at high σ
+    /// (its x̂₀ = z − σv came out as patch-blocky noise); clean images are far easier to
+    /// output (the "let denoisers denoise" argument of JiT, Li & He 2025).
+    X,
+}
+
+/// σ floor in the x-prediction division; below it the velocity is (z − x̂₀)/σ_min
+/// (the pretraining target uses the same floor, so loss and sampler agree).
+pub const X_PRED_SIGMA_MIN: f64 = 0.05;
+
+/// Network output → velocity for latents z (B, ...) at noise levels σ (B,).
+pub(crate) fn output_to_velocity(pred: Prediction, out: Tensor, z: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    match pred {
+        Prediction::V => Ok(out),
+        Prediction::X => {
+            let mut shape = vec![1usize; z.rank()];
+            shape[0] = z.dim(0)?;
+            let denom = sigma.clamp(X_PRED_SIGMA_MIN, f64::MAX)?.reshape(shape)?;
+            (z - out)?.broadcast_div(&denom)
+        }
     }
 }
 
@@ -243,7 +277,8 @@ impl Dit {
         }
         let out = self.head.out(&seq.narrow(1, n_txt, gh * gw)?, &cond)?;
         // Unpatchify back to (B, C, H, W).
-        out.reshape((b, gh, gw, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))
+        let out = out.reshape((b, gh, gw, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?;
+        output_to_velocity(self.cfg.prediction, out, z, sigma)
     }
 }
 
@@ -284,7 +319,7 @@ pub(crate) mod tests {
     use crate::world::{self, Split};
 
     pub(crate) fn tiny() -> DitConfig {
-        DitConfig { image_size: 16, patch: 4, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, fused: true }
+        DitConfig { image_size: 16, patch: 4, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, fused: true, prediction: Prediction::V }
     }
 
     fn batch(p: &ImagePolicy, n: usize) -> (Tensor, Tensor, Tensor) {
@@ -309,15 +344,53 @@ pub(crate) mod tests {
 
     /// The guard against candle ops that silently drop gradients: one backward pass must
     /// reach every trainable tensor with a finite, non-zero gradient — for both paths.
+    /// x-prediction: v = (z − x̂₀)/max(σ, σ_min), on hand-made numbers.
+    #[test]
+    fn x_prediction_velocity_formula() {
+        let dev = Device::Cpu;
+        let z = Tensor::from_vec(vec![1.0f32, 2.0, -1.0, 0.5], (2, 2), &dev).unwrap();
+        let out = Tensor::from_vec(vec![0.5f32, 1.0, 0.0, 0.0], (2, 2), &dev).unwrap();
+        let sigma = Tensor::from_vec(vec![0.5f32, 0.01], 2, &dev).unwrap();
+        let v: Vec<f32> = output_to_velocity(Prediction::X, out.clone(), &z, &sigma).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = [1.0, 2.0, -1.0 / 0.05, 0.5 / 0.05];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4, "{v:?} vs {want:?}");
+        }
+        let v: Vec<f32> = output_to_velocity(Prediction::V, out, &z, &sigma).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![0.5, 1.0, 0.0, 0.0]);
+        // A policy with x-prediction returns a velocity whose Euler step to σ = 0 lands on x̂₀.
+        let p = ImagePolicy::new(&DitConfig { prediction: Prediction::X, ..tiny() }, &dev, 0).unwrap();
+        let (zb, s, c) = batch(&p, 2);
+        let v = p.velocity(&zb, &s, &c).unwrap();
+        assert_eq!(v.dims(), zb.dims());
+        assert!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+    }
+
+    /// Classifier-free guidance equals v_null + w·(v_cond − v_null) from two separate
+    /// forwards, and w = 1 is the plain velocity.
+    #[test]
+    fn guidance_combines_prompt_and_empty_prompt() {
+        let p = ImagePolicy::new(&tiny(), &Device::Cpu, 0).unwrap();
+        let (z, s, c) = batch(&p, 3);
+        let plain = p.velocity(&z, &s, &c).unwrap();
+        let w1 = crate::policy::guided_velocity(&p, &z, &s, &c, 1.0).unwrap();
+        assert_eq!(plain.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w1.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let vu = p.velocity(&z, &s, &c.zeros_like().unwrap()).unwrap();
+        let want = (&vu + ((&plain - &vu).unwrap() * 2.5).unwrap()).unwrap();
+        let got = crate::policy::guided_velocity(&p, &z, &s, &c, 2.5).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "guided velocity differs by {d}");
+    }
+
     #[test]
     fn every_parameter_gets_a_gradient() {
-        for fused in [false, true] {
-            let cfg = DitConfig { fused, ..tiny() };
+        for (fused, prediction) in [(false, Prediction::V), (true, Prediction::V), (true, Prediction::X)] {
+            let cfg = DitConfig { fused, prediction, ..tiny() };
             let p = ImagePolicy::new(&cfg, &Device::Cpu, 0).unwrap();
             let (z, s, c) = batch(&p, 2);
             let loss = p.velocity(&z, &s, &c).unwrap().sqr().unwrap().mean_all().unwrap();
             let grads = loss.backward().unwrap();
-            crate::policy::assert_every_var_has_gradient(&grads, p.trainable(), &format!("fused={fused}"));
+            crate::policy::assert_every_var_has_gradient(&grads, p.trainable(), &format!("fused={fused} {prediction:?}"));
         }
     }
 

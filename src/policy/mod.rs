@@ -27,6 +27,21 @@ pub trait FlowModel {
     fn device(&self) -> &Device;
 }
 
+/// Classifier-free guidance: v = v_null + w·(v_cond − v_null), where the null condition is
+/// the empty prompt (all-padding token ids, what `pretrain.cond_dropout` trains on). One
+/// forward over the batch stacked with its null copy; w = 1 is the plain velocity (one
+/// forward of the batch alone). Differentiable, so rollouts and updates use the same
+/// guided velocity and the on-policy parity check covers it.
+pub fn guided_velocity<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
+    if w == 1.0 {
+        return model.velocity(z, sigma, cond);
+    }
+    let b = z.dim(0)?;
+    let v = model.velocity(&Tensor::cat(&[z, z], 0)?, &Tensor::cat(&[sigma, sigma], 0)?, &Tensor::cat(&[cond, &cond.zeros_like()?], 0)?)?;
+    let (vc, vu) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
+    &vu + ((vc - &vu)? * w)?
+}
+
 impl FlowModel for ImagePolicy {
     fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
         self.model.forward(z, sigma, cond)

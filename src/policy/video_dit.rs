@@ -20,7 +20,7 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::block::{BlockConfig, DitBlock};
-use super::dit::{AdaHead, TextEncoder};
+use super::dit::{output_to_velocity, AdaHead, Prediction, TextEncoder};
 use super::layers::{Linear, LoraCtx};
 use crate::image::Image;
 
@@ -53,11 +53,13 @@ pub struct VideoDitConfig {
     pub attention: VideoAttention,
     /// Use the fused custom ops (hand-written backward) instead of composed candle ops.
     pub fused: bool,
+    /// Network output: velocity ("v") or clean clip ("x"), as `model.prediction`.
+    pub prediction: Prediction,
 }
 
 impl Default for VideoDitConfig {
     fn default() -> Self {
-        Self { image_size: 32, frames: 8, patch: 4, t_patch: 2, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, attention: VideoAttention::Factorised, fused: true }
+        Self { image_size: 32, frames: 8, patch: 4, t_patch: 2, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, attention: VideoAttention::Factorised, fused: true, prediction: Prediction::V }
     }
 }
 
@@ -174,7 +176,8 @@ impl VideoDit {
                 x
             }
         };
-        self.unpatchify(&self.head.out(&vid, &cond)?, b, c, t, h, w)
+        let out = self.unpatchify(&self.head.out(&vid, &cond)?, b, c, t, h, w)?;
+        output_to_velocity(self.cfg.prediction, out, z, sigma)
     }
 }
 
@@ -330,7 +333,7 @@ mod tests {
     use candle_nn::VarMap;
 
     fn tiny(attention: VideoAttention, fused: bool) -> VideoDitConfig {
-        VideoDitConfig { image_size: 8, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention, fused }
+        VideoDitConfig { image_size: 8, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention, fused, prediction: Prediction::V }
     }
 
     fn build(cfg: &VideoDitConfig) -> (VarMap, VideoDit) {
@@ -377,14 +380,14 @@ mod tests {
     #[test]
     fn every_parameter_gets_a_gradient() {
         for attention in [VideoAttention::Full, VideoAttention::Factorised] {
-            for fused in [false, true] {
-                let cfg = tiny(attention, fused);
+            for (fused, prediction) in [(false, Prediction::V), (true, Prediction::V), (true, Prediction::X)] {
+                let cfg = VideoDitConfig { prediction, ..tiny(attention, fused) };
                 let (map, m) = build(&cfg);
                 let (z, s, tok) = inputs(&cfg, 2);
                 let v = m.forward(&z, &s, &tok).unwrap();
                 assert_eq!(v.dims(), z.dims());
                 let grads = v.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-                crate::policy::assert_every_var_has_gradient(&grads, crate::policy::sorted_vars(&map), &format!("{attention:?}, fused={fused}"));
+                crate::policy::assert_every_var_has_gradient(&grads, crate::policy::sorted_vars(&map), &format!("{attention:?}, fused={fused}, {prediction:?}"));
             }
         }
     }

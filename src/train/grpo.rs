@@ -19,7 +19,7 @@ use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, kl_penalty};
 use crate::policy::layers::LoraSpec;
-use crate::policy::TrainPolicy;
+use crate::policy::{guided_velocity, TrainPolicy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
@@ -124,6 +124,7 @@ impl Trainer {
     pub fn new(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Self> {
         let t = &cfg.train;
         t.validate()?;
+        cfg.sample.validate()?;
         let device = crate::runtime::device()?;
         let task = task::build(cfg)?;
         let base = base_weights(cfg)?;
@@ -202,14 +203,16 @@ impl Trainer {
         let n = specs.len();
         let policy = &self.policy;
         let kind = self.sde();
-        let traj = sampler::sample(
+        let w = self.cfg.sample.guidance;
+        let traj = sampler::sample_mixed(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(policy.velocity(z, &sig, &cond)?)
+                Ok(guided_velocity(policy.as_ref(), z, &sig, &cond, w)?)
             },
             z0,
             &self.sigmas,
             kind,
+            t.stochastic_transitions(),
             &mut self.rng_noise,
             LogProbReduction::Dense,
         )?;
@@ -377,7 +380,7 @@ impl Trainer {
     fn update(&mut self, traj: &Trajectory, cond: &Tensor, advs: &[Tensor], m: &mut StepMetrics) -> Result<()> {
         let t = self.cfg.train.clone();
         let n = advs[0].dim(0)?;
-        let s_train = t.sample_steps - 1; // the last σ→0 transition is never trained
+        let s_train = t.trainable_transitions(); // the last σ→0 transition is never trained
         let k_train = ((t.timestep_fraction * s_train as f64).round() as usize).clamp(1, s_train);
         // Per sample: a random subset of trainable transitions, in random order.
         let chosen: Vec<Vec<usize>> = (0..n)
@@ -409,14 +412,14 @@ impl Trainer {
                     let z_next = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.latents[k + 1].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let old_dense = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.log_probs[k].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let sig = Tensor::from_vec(ks.iter().map(|&k| self.sigmas[k] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
-                    let v = self.policy.velocity(&z, &sig, &cond_mb)?;
+                    let v = guided_velocity(self.policy.as_ref(), &z, &sig, &cond_mb, self.cfg.sample.guidance)?;
                     let mut new_dense = Vec::with_capacity(mb.len());
                     let mut kl_terms = Vec::new();
                     for (r, &k) in ks.iter().enumerate() {
                         let (mean_r, std_r) = sampler::transition(kind, &z.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                         new_dense.push(sampler::log_prob_dense(&z_next.narrow(0, r, 1)?, &mean_r, std_r)?);
                         if let Some(refp) = &self.ref_policy {
-                            let vr = refp.velocity(&z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?)?.detach();
+                            let vr = guided_velocity(refp.as_ref(), &z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?, self.cfg.sample.guidance)?.detach();
                             let (mean_ref, _) = sampler::transition(kind, &z.narrow(0, r, 1)?, &vr, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                             kl_terms.push(kl_penalty(&mean_r, &mean_ref, std_r)?);
                         }
@@ -730,6 +733,28 @@ mod tests {
         assert!(Trainer::latest_checkpoint(&tr.run_dir).unwrap().ends_with("step_000002"));
     }
 
+    /// An SDE window, classifier-free guidance and x-prediction all go through the same
+    /// sampler/update path: parity holds and only window transitions are trained.
+    #[test]
+    fn sde_window_guidance_and_x_prediction_keep_parity() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = setup(d.path());
+        cfg.model.prediction = crate::policy::dit::Prediction::X;
+        let base = d.path().join("base_x.safetensors");
+        ImagePolicy::new(&cfg.model, &candle_core::Device::Cpu, 1).unwrap().save(&base).unwrap();
+        cfg.train.base = base.display().to_string();
+        cfg.train.sde_steps = 2;
+        cfg.sample.guidance = 2.0;
+        assert_eq!((cfg.train.trainable_transitions(), cfg.train.stochastic_transitions()), (2, 2));
+        let (_, ms) = run(&cfg, "w");
+        for m in &ms {
+            assert!(m.ratio_dev_first < 1e-5, "parity: {}", m.ratio_dev_first);
+            assert!(m.grad_norm > 0.0 && m.grad_norm.is_finite());
+        }
+        cfg.train.sde_steps = 0;
+        assert_eq!((cfg.train.trainable_transitions(), cfg.train.stochastic_transitions()), (3, 4));
+    }
+
     #[test]
     fn resume_is_bit_identical() {
         let d = tempfile::tempdir().unwrap();
@@ -814,6 +839,8 @@ mod tests {
             (Box::new(|c| c.train.micro_batch = 3), "micro_batch"),
             (Box::new(|c| { c.train.lora_rank = 2; c.train.lora_targets = vec!["nothing".into()]; }), "matches no linear layer"),
             (Box::new(|c| c.train.rewards[0].name = "beauty".into()), "unknown reward"),
+            (Box::new(|c| c.train.sde_steps = 4), "train.sde_steps"),
+            (Box::new(|c| c.sample.guidance = -1.0), "sample.guidance"),
         ];
         for (i, (f, needle)) in cases.iter().enumerate() {
             let mut cfg = base.clone();
@@ -896,7 +923,7 @@ mod tests {
         use crate::policy::video_dit::{VideoAttention, VideoDitConfig};
         let mut cfg = setup(dir);
         cfg.modality = Modality::Video;
-        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true };
+        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true, ..Default::default() };
         let base = dir.join("vbase.safetensors");
         if !base.exists() {
             VideoPolicy::new(&cfg.video_model, &candle_core::Device::Cpu, 1).unwrap().save(&base).unwrap();

@@ -54,6 +54,7 @@ fn validate(p: &crate::config::PretrainConfig) -> Result<()> {
     anyhow::ensure!(p.prompt_pool >= 1, "pretrain.prompt_pool: must be ≥ 1");
     anyhow::ensure!(p.lr > 0.0 && p.lr.is_finite(), "pretrain.lr: must be > 0");
     anyhow::ensure!((0.0..1.0).contains(&p.ema_decay), "pretrain.ema_decay: must be in [0, 1)");
+    anyhow::ensure!((0.0..1.0).contains(&p.cond_dropout), "pretrain.cond_dropout: must be in [0, 1) (got {})", p.cond_dropout);
     Ok(())
 }
 
@@ -99,6 +100,14 @@ fn flow_matching_loop(
     for step in 0..p.steps {
         let (x0, cond) = batch(data_rng)?;
         let b = x0.dim(0)?;
+        let cond = if p.cond_dropout > 0.0 {
+            // Empty prompt (all padding) for a random share of the batch, drawn from the data stream.
+            let keep: Vec<u32> = (0..b).map(|_| (data_rng.gen::<f64>() >= p.cond_dropout) as u32).collect();
+            let keep = Tensor::from_vec(keep, (b, 1), cond.device())?.to_dtype(cond.dtype())?;
+            cond.broadcast_mul(&keep)?
+        } else {
+            cond
+        };
         let eps = crate::sampler::randn(x0.dims(), &mut noise_rng, model.device())?;
         let sig: Vec<f32> = (0..b)
             .map(|_| {
@@ -298,7 +307,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny_cfg(dir.path());
         cfg.modality = Modality::Video;
-        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true };
+        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true, ..Default::default() };
         cfg.pretrain.steps = 20;
         cfg.pretrain.batch_size = 4;
         cfg.pretrain.checkpoint_every = 10;
