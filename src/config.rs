@@ -477,6 +477,7 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
     } else {
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {} {}", e.message().trim(), format_span(&e)))?
     };
+    legacy_prediction(&mut value);
     // Fill defaults first so `--set` can address any field, then check the override exists.
     let defaults = toml::Value::try_from(T::default())?;
     let mut merged = defaults.clone();
@@ -499,6 +500,18 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
     }
     value = merged;
     T::deserialize(value).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()))
+}
+
+/// Run directories written before `model.prediction` existed hold a complete `[model]`
+/// table without it, for a network that predicted v; the default is now "x", so such a
+/// table gets "v" (else their checkpoints would silently sample garbage).
+fn legacy_prediction(value: &mut toml::Value) {
+    const OLD_FIELDS: [&str; 8] = ["image_size", "patch", "dim", "depth", "heads", "mlp_ratio", "text_layers", "fused"];
+    if let Some(m) = value.get_mut("model").and_then(|m| m.as_table_mut()) {
+        if !m.contains_key("prediction") && OLD_FIELDS.iter().all(|k| m.contains_key(*k)) {
+            m.insert("prediction".into(), toml::Value::String("v".into()));
+        }
+    }
 }
 
 fn format_span(e: &toml::de::Error) -> String {
@@ -569,6 +582,19 @@ fn parse_value(raw: &str, like: &toml::Value) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolved config from before `model.prediction` keeps meaning "v"; a user config
+    /// that names only some model fields gets the current default.
+    #[test]
+    fn legacy_run_configs_keep_v_prediction() {
+        let old = "[model]\nimage_size = 32\npatch = 4\ndim = 128\ndepth = 4\nheads = 4\nmlp_ratio = 4\ntext_layers = 2\nfused = true\n";
+        let c: Config = from_toml_str(old, "old.toml", &[]).unwrap();
+        assert_eq!(c.model.prediction, crate::policy::dit::Prediction::V);
+        let c: Config = from_toml_str("[model]\ndim = 64\n", "user.toml", &[]).unwrap();
+        assert_eq!(c.model.prediction, crate::policy::dit::Prediction::X);
+        let c: Config = from_toml_str(&to_toml(&Config::default()).unwrap(), "new.toml", &[]).unwrap();
+        assert_eq!(c, Config::default());
+    }
 
     #[test]
     fn defaults_roundtrip_and_overrides() {
