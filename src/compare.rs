@@ -29,8 +29,8 @@ pub fn method_config(common: &Config, m: &MethodSpec, index: usize, seed: usize,
     for s in &m.set {
         let key = s.split_once('=').map_or(s.as_str(), |(k, _)| k).trim();
         anyhow::ensure!(
-            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base") && !key.starts_with("compare.") && !key.starts_with("model.") && !key.starts_with("video_model.") && key != "modality" && !key.starts_with("pretrain."),
-            "{origin}: may not set {key} (every method shares the base model, seeds and directory)"
+            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base") && !key.starts_with("compare.") && !key.starts_with("model.") && !key.starts_with("video_model.") && key != "modality" && !key.starts_with("pretrain.") && !key.starts_with("sample."),
+            "{origin}: may not set {key} (every method shares the base model, seeds, directory and evaluation sampler)"
         );
     }
     let mut c: Config = config::from_toml_str(&config::to_toml(common)?, &origin, &m.set)?;
@@ -602,6 +602,20 @@ pub fn rewrite_report(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Methods share the base, the seeds and the evaluation sampler: keys that would change
+    /// them are refused, naming the method and key.
+    #[test]
+    fn methods_may_not_change_shared_settings() {
+        let common = Config::default();
+        for key in ["sample.guidance=3", "model.dim=64", "pretrain.steps=5", "seed=3", "train.base=x"] {
+            let m = MethodSpec { name: "m".into(), set: vec![key.into()] };
+            let e = method_config(&common, &m, 1, 0, Path::new("/tmp"), "b").unwrap_err().to_string();
+            assert!(e.contains("compare.methods[1] (m)") && e.contains(key.split('=').next().unwrap()), "{e}");
+        }
+        let ok = MethodSpec { name: "m".into(), set: vec!["train.algo=vipo".into()] };
+        assert!(method_config(&common, &ok, 1, 0, Path::new("/tmp"), "b").is_ok());
+    }
 
     #[test]
     fn steps_to_reach_ignores_partial_windows() {

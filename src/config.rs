@@ -477,7 +477,7 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
     } else {
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {} {}", e.message().trim(), format_span(&e)))?
     };
-    legacy_prediction(&mut value);
+    legacy_prediction(&mut value, origin);
     // Fill defaults first so `--set` can address any field, then check the override exists.
     let defaults = toml::Value::try_from(T::default())?;
     let mut merged = defaults.clone();
@@ -505,10 +505,11 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
 /// Run directories written before `model.prediction` existed hold a complete `[model]`
 /// table without it, for a network that predicted v; the default is now "x", so such a
 /// table gets "v" (else their checkpoints would silently sample garbage).
-fn legacy_prediction(value: &mut toml::Value) {
+fn legacy_prediction(value: &mut toml::Value, origin: &str) {
     const OLD_FIELDS: [&str; 8] = ["image_size", "patch", "dim", "depth", "heads", "mlp_ratio", "text_layers", "fused"];
     if let Some(m) = value.get_mut("model").and_then(|m| m.as_table_mut()) {
         if !m.contains_key("prediction") && OLD_FIELDS.iter().all(|k| m.contains_key(*k)) {
+            eprintln!("note: {origin}: a complete [model] table without `prediction` (written before it existed) means model.prediction = \"v\"");
             m.insert("prediction".into(), toml::Value::String("v".into()));
         }
     }

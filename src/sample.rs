@@ -63,7 +63,14 @@ pub fn cached_base_path(cfg: &Config) -> PathBuf {
         crate::config::Modality::Image => ("base", serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))),
         crate::config::Modality::Video => ("vbase", serde_json::to_string(&(&cfg.video_model, &cfg.pretrain, cfg.seed, &cfg.sample))),
     };
-    let hash = key.expect("config serializes").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    // Fields added later are left out of the key at their old (default-equivalent) values,
+    // so caches written before they existed stay valid; they are the last field of their
+    // struct, so each is one exact substring.
+    let mut key = key.expect("config serializes");
+    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#] {
+        key = key.replacen(legacy, "", 1);
+    }
+    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     cache_dir().join(format!("{prefix}-{hash:016x}")).join(crate::train::run::FINAL_WEIGHTS)
 }
 
@@ -94,4 +101,25 @@ pub fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
     }
     std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move into place", dir.display()))?;
     Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Adding config fields must not orphan cached bases: at their legacy values the new
+    /// fields stay out of the key (these two hashes are real cache folders written before
+    /// `model.prediction`, `pretrain.cond_dropout` and `sample.guidance` existed).
+    #[test]
+    fn cache_keys_of_legacy_configs_are_unchanged() {
+        let mut cfg = Config::default();
+        cfg.model.prediction = crate::policy::dit::Prediction::V;
+        assert!(cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"), "{}", cached_base_path(&cfg).display());
+        let video: Config = crate::config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/video.toml"))), &[]).unwrap();
+        assert!(cached_base_path(&video).parent().unwrap().ends_with("vbase-2070df40716fb457"), "{}", cached_base_path(&video).display());
+        // The new default (x-prediction) is a different model, so a different key.
+        assert_ne!(cached_base_path(&Config::default()), cached_base_path(&cfg));
+        cfg.sample.guidance = 2.0;
+        assert!(!cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"));
+    }
 }

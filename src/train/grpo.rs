@@ -114,8 +114,33 @@ pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
     } else {
         let p = PathBuf::from(&cfg.train.base);
         anyhow::ensure!(p.is_file(), "train.base: {} does not exist", p.display());
+        check_base_prediction(cfg, &p)?;
         Ok(p)
     }
+}
+
+/// A weights file does not say whether its network predicts x̂₀ or v, and both have the
+/// same tensors, so a mismatch would sample garbage silently. When the base sits in a run
+/// directory (pretrain runs and the cache do), its `config.toml` says; refuse a mismatch.
+fn check_base_prediction(cfg: &Config, base: &Path) -> Result<()> {
+    let Some(saved_path) = base.parent().map(|d| d.join(run::CONFIG_FILE)).filter(|p| p.is_file()) else {
+        return Ok(());
+    };
+    let Ok(saved) = crate::config::load::<Config>(Some(&saved_path), &[]) else {
+        return Ok(()); // not a vipo config: nothing to compare against
+    };
+    let (section, mine, theirs) = match cfg.modality {
+        crate::config::Modality::Image => ("model", cfg.model.prediction, saved.model.prediction),
+        crate::config::Modality::Video => ("video_model", cfg.video_model.prediction, saved.video_model.prediction),
+    };
+    anyhow::ensure!(
+        mine == theirs,
+        "train.base {}: pretrained with {section}.prediction = {theirs:?} (its {}) but this run has {mine:?}; pass --set {section}.prediction={}",
+        base.display(),
+        saved_path.display(),
+        format!("{theirs:?}").to_lowercase()
+    );
+    Ok(())
 }
 
 impl Trainer {
@@ -753,6 +778,25 @@ mod tests {
         }
         cfg.train.sde_steps = 0;
         assert_eq!((cfg.train.trainable_transitions(), cfg.train.stochastic_transitions()), (3, 4));
+    }
+
+    /// A base from a run directory whose config says another prediction mode is refused
+    /// (same tensors, different meaning), naming the file, the field and the fix.
+    #[test]
+    fn base_with_another_prediction_mode_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = setup(d.path());
+        let run_dir = d.path().join("pre");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let mut saved = cfg.clone();
+        saved.model.prediction = crate::policy::dit::Prediction::X;
+        std::fs::write(run_dir.join(run::CONFIG_FILE), crate::config::to_toml(&saved).unwrap()).unwrap();
+        std::fs::copy(&cfg.train.base, run_dir.join("model.safetensors")).unwrap();
+        cfg.train.base = run_dir.join("model.safetensors").display().to_string();
+        let e = format!("{:#}", Trainer::new(&cfg, &d.path().join("r"), false).err().unwrap());
+        assert!(e.contains("model.prediction") && e.contains("pre/config.toml") && e.contains("--set model.prediction=x"), "{e}");
+        cfg.model.prediction = crate::policy::dit::Prediction::X;
+        assert!(base_weights(&cfg).is_ok());
     }
 
     #[test]

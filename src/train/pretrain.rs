@@ -79,6 +79,18 @@ impl LoopOutcome {
     }
 }
 
+/// Classifier-free-guidance training: each row of the token ids (B, L) becomes the empty
+/// prompt (all padding, id 0) with probability `p`, drawn from the data stream.
+fn drop_prompts(cond: Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(cond);
+    }
+    let b = cond.dim(0)?;
+    let keep: Vec<u32> = (0..b).map(|_| (rng.gen::<f64>() >= p) as u32).collect();
+    let keep = Tensor::from_vec(keep, (b, 1), cond.device())?.to_dtype(cond.dtype())?;
+    Ok(cond.broadcast_mul(&keep)?)
+}
+
 /// The rectified-flow loop both modalities share: `batch` draws (clean latents x₀, token
 /// ids) from the data stream; σ ~ logit-normal and ε come from the noise stream. On return
 /// the model holds the EMA weights when an EMA is kept.
@@ -100,14 +112,7 @@ fn flow_matching_loop(
     for step in 0..p.steps {
         let (x0, cond) = batch(data_rng)?;
         let b = x0.dim(0)?;
-        let cond = if p.cond_dropout > 0.0 {
-            // Empty prompt (all padding) for a random share of the batch, drawn from the data stream.
-            let keep: Vec<u32> = (0..b).map(|_| (data_rng.gen::<f64>() >= p.cond_dropout) as u32).collect();
-            let keep = Tensor::from_vec(keep, (b, 1), cond.device())?.to_dtype(cond.dtype())?;
-            cond.broadcast_mul(&keep)?
-        } else {
-            cond
-        };
+        let cond = drop_prompts(cond, p.cond_dropout, data_rng)?;
         let eps = crate::sampler::randn(x0.dims(), &mut noise_rng, model.device())?;
         let sig: Vec<f32> = (0..b)
             .map(|_| {
@@ -164,6 +169,7 @@ fn flow_matching_loop(
 /// `vipo pretrain` for the configured modality.
 pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     validate(&cfg.pretrain)?;
+    cfg.sample.validate()?; // the grid and base scores at the end sample with it
     match cfg.modality {
         Modality::Image => pretrain_image(cfg, run_dir),
         Modality::Video => pretrain_video(cfg, run_dir),
@@ -333,6 +339,29 @@ mod tests {
         // The weights load back into a video policy.
         let p = VideoPolicy::load(&cfg.video_model, &out.weights, None, &candle_core::Device::Cpu, 0).unwrap();
         assert_eq!(p.latent_shape(), vec![3, 4, 16, 16]);
+    }
+
+    /// Prompt dropout blanks whole rows (all padding) at about the asked rate, leaves the
+    /// other rows untouched, and is a no-op at p = 0 (drawing no randomness).
+    #[test]
+    fn prompt_dropout_blanks_whole_rows() {
+        let texts: Vec<String> = crate::world::prompts(crate::world::Split::Train, 400, 2).iter().map(|p| p.text()).collect();
+        let ids = crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let before = rng.clone();
+        assert_eq!(drop_prompts(ids.clone(), 0.0, &mut rng).unwrap().to_vec2::<u32>().unwrap(), ids.to_vec2::<u32>().unwrap());
+        assert_eq!(rng, before);
+        let out = drop_prompts(ids.clone(), 0.25, &mut rng).unwrap().to_vec2::<u32>().unwrap();
+        let orig = ids.to_vec2::<u32>().unwrap();
+        let mut blank = 0;
+        for (o, i) in out.iter().zip(&orig) {
+            if o.iter().all(|&t| t == 0) {
+                blank += 1;
+            } else {
+                assert_eq!(o, i, "a kept row must be unchanged");
+            }
+        }
+        assert!((70..=130).contains(&blank), "{blank} of 400 rows blanked at p = 0.25");
     }
 
     #[test]
