@@ -53,7 +53,8 @@ pub struct VideoDitConfig {
     pub attention: VideoAttention,
     /// Use the fused custom ops (hand-written backward) instead of composed candle ops.
     pub fused: bool,
-    /// Network output: velocity ("v") or clean clip ("x"), as `model.prediction`.
+    /// Network output: velocity ("v", default) or clean clip ("x"), as `model.prediction`;
+    /// x gave the video base no clear gain (BENCHMARKS.md §7).
     pub prediction: Prediction,
 }
 
