@@ -344,8 +344,6 @@ pub(crate) mod tests {
         assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (3, 16, 16));
     }
 
-    /// The guard against candle ops that silently drop gradients: one backward pass must
-    /// reach every trainable tensor with a finite, non-zero gradient — for both paths.
     /// x-prediction: v = (z − x̂₀)/max(σ, σ_min), on hand-made numbers.
     #[test]
     fn x_prediction_velocity_formula() {
@@ -360,12 +358,16 @@ pub(crate) mod tests {
         }
         let v: Vec<f32> = output_to_velocity(Prediction::V, out, &z, &sigma).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(v, vec![0.5, 1.0, 0.0, 0.0]);
-        // A policy with x-prediction returns a velocity whose Euler step to σ = 0 lands on x̂₀.
+        // A policy with x-prediction returns a velocity whose Euler step to σ = 0 lands on x̂₀:
+        // the same weights with prediction V return the raw network output x̂₀ (σ ≥ σ_min here).
         let p = ImagePolicy::new(&DitConfig { prediction: Prediction::X, ..tiny() }, &dev, 0).unwrap();
+        let raw = ImagePolicy::new(&tiny(), &dev, 0).unwrap();
         let (zb, s, c) = batch(&p, 2);
         let v = p.velocity(&zb, &s, &c).unwrap();
         assert_eq!(v.dims(), zb.dims());
-        assert!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        let landed = (&zb - v.broadcast_mul(&s.reshape((2, 1, 1, 1)).unwrap()).unwrap()).unwrap();
+        let d = (landed - raw.velocity(&zb, &s, &c).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "z − σ·v differs from x̂₀ by {d}");
     }
 
     /// Classifier-free guidance equals v_null + w·(v_cond − v_null) from two separate
@@ -384,6 +386,8 @@ pub(crate) mod tests {
         assert!(d < 1e-4, "guided velocity differs by {d}");
     }
 
+    /// The guard against candle ops that silently drop gradients: one backward pass must
+    /// reach every trainable tensor with a finite, non-zero gradient — for both paths.
     #[test]
     fn every_parameter_gets_a_gradient() {
         for (fused, prediction) in [(false, Prediction::V), (true, Prediction::V), (true, Prediction::X)] {
