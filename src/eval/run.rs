@@ -267,7 +267,8 @@ pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Op
     run::require_run_dir(run_dir)?;
     let saved_path = run_dir.join(run::CONFIG_FILE);
     let saved: Config = crate::config::load(Some(&saved_path), &[])?;
-    let cfg: Config = crate::config::load(Some(&saved_path), overrides)?;
+    // Overrides apply to the already parsed config (one read of the file, one legacy note).
+    let cfg: Config = crate::config::from_toml_str(&crate::config::to_toml(&saved)?, &saved_path.display().to_string(), overrides)?;
     let mut only_sample = cfg.clone();
     only_sample.sample = saved.sample.clone();
     anyhow::ensure!(only_sample == saved, "--set with vipo eval may only change [sample] fields (the run's config is {})", saved_path.display());
