@@ -245,7 +245,7 @@ pub fn bench_psm(taps: &[&str], input_size: usize, n_images: usize) -> anyhow::R
         let t0 = std::time::Instant::now();
         let feats = bb.features(&images)?;
         let backbone_ms = t0.elapsed().as_secs_f64() * 1e3 / n_images as f64;
-        for orient in [crate::psm::Orient::Sklearn, crate::psm::Orient::Minority] {
+        for orient in [crate::psm::Orient::Border, crate::psm::Orient::Minority, crate::psm::Orient::Sklearn] {
             let t1 = std::time::Instant::now();
             let pc = crate::psm::PsmConfig { orient, ..Default::default() };
             let (maps, _) = crate::psm::allocation_maps(&feats, 32, 32, &pc);

@@ -33,7 +33,7 @@ struct ConfigArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pretrain the base policy on rendered ShapeWorld scenes.
-    Pretrain(ConfigArgs),
+    Pretrain(PretrainArgs),
     /// Post-train with GRPO or ViPO (train.algo).
     Train(TrainArgs),
     /// Sample images from a checkpoint with the Euler ODE sampler.
@@ -72,6 +72,16 @@ enum Cmd {
 struct TrainArgs {
     /// Continue the run in this directory from its latest checkpoint (its saved config
     /// is used; --set may only change train.steps).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Continue the pretraining run in this directory from its latest checkpoint, exactly
+    /// (its saved config is used; no --config or --set).
     #[arg(long)]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -219,15 +229,18 @@ fn run_dir_for(cfg: &Config, default_name: &str) -> PathBuf {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Pretrain(a) => {
+        Cmd::Pretrain(PretrainArgs { resume: Some(dir), cfg: a }) => {
+            crate::train::run::require_run_dir(&dir)?;
+            anyhow::ensure!(a.config.is_none() && a.set.is_empty(), "--resume uses the run's saved config ({}); drop --config/--set", dir.join(crate::train::run::CONFIG_FILE).display());
+            let ca = ConfigArgs { config: Some(dir.join(crate::train::run::CONFIG_FILE)), ..a };
+            let cfg = load_config(&ca)?;
+            let out = crate::train::pretrain::pretrain_from(&cfg, &dir, true)?;
+            print_pretrain(&out);
+            Ok(())
+        }
+        Cmd::Pretrain(PretrainArgs { resume: None, cfg: a }) => {
             let cfg = load_config(&a)?;
-            match cfg.modality {
-                config::Modality::Image => cfg.model.validate()?,
-                config::Modality::Video => {
-                    cfg.video_model.validate()?;
-                    crate::world::video::check_clip_dims(cfg.video_model.frames, cfg.video_model.image_size).context("video_model")?;
-                }
-            }
+            crate::train::pretrain::validate_config(&cfg)?;
             let dir = crate::train::run::create_run_dir(&run_dir_for(&cfg, "pretrain"), &cfg, a.force)?;
             let out = crate::train::pretrain::pretrain(&cfg, &dir)?;
             print_pretrain(&out);

@@ -146,10 +146,17 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     let default_name = if cfg.modality == crate::config::Modality::Video { "compare-video" } else { "compare" };
     let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() });
     validate(cfg, &dir)?;
-    prepare_dir(cfg, &dir, force)?;
     let base = if cfg.train.base.is_empty() { crate::sample::cached_base(cfg, false)? } else { PathBuf::from(&cfg.train.base) };
     anyhow::ensure!(base.is_file(), "train.base: {} does not exist", base.display());
     let base_str = std::fs::canonicalize(&base).unwrap_or(base.clone()).display().to_string();
+    // Load what every method needs (base weights, prompts, rewards, backbone) before the
+    // comparison folder is made, so a start that fails leaves nothing behind.
+    for (i, m) in cfg.compare.methods.iter().enumerate() {
+        let c = method_config(cfg, m, i, 0, &dir, &base_str)?;
+        crate::train::task::build(&c).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
+        crate::policy::load_policy(&c, &base, None, &crate::runtime::device()?, c.seed).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
+    }
+    prepare_dir(cfg, &dir, force)?;
 
     // The base, evaluated once in a run-shaped folder so `vipo eval` can read it.
     let base_dir = dir.join("base_eval");

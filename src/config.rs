@@ -138,6 +138,11 @@ pub struct PretrainConfig {
     /// so the model also learns the unconditional velocity that classifier-free guidance
     /// (`sample.guidance`) needs. 0 = off.
     pub cond_dropout: f64,
+    /// Training noise levels σ = sigmoid(n), n ~ N(sigma_loc, sigma_scale²) (logit-normal,
+    /// the SD3 recipe at 0 / 1). A positive location trains more at high noise, where the
+    /// layout is decided (JiT's x-prediction recipe uses ≈ 0.8 / 0.8).
+    pub sigma_loc: f64,
+    pub sigma_scale: f64,
 }
 
 impl Default for PretrainConfig {
@@ -157,6 +162,8 @@ impl Default for PretrainConfig {
             ema_decay: 0.99,
             cosine: true,
             cond_dropout: 0.0,
+            sigma_loc: 0.0,
+            sigma_scale: 1.0,
         }
     }
 }

@@ -42,3 +42,17 @@ pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
         .with_context(|| format!("{}: cannot open for append", path.display()))?;
     writeln!(f, "{}", value).with_context(|| format!("{}: cannot append", path.display()))
 }
+
+/// Drop the lines of a metrics file whose `"step"` is ≥ `step` (what a resumed run redoes),
+/// keeping every other line byte for byte. A missing file is fine (nothing logged yet).
+pub fn truncate_jsonl_from_step(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).map_or(true, |s| (s as usize) < step)
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    atomic_write(path, kept.as_bytes())
+}

@@ -33,12 +33,21 @@ pub enum Aggregation {
 
 /// How each principal component's arbitrary sign is fixed before the released code's
 /// reverse min–max remap ("more negative = subject").
+///
+/// PCA signs are arbitrary, so a rule that looks at the loadings (`sklearn`) decides
+/// "subject" by the feature statistics, not by the image; on generated ShapeWorld samples it
+/// put the map on the background (BENCHMARKS.md §5). `border` (the default) and `minority`
+/// decide from where the component is high in the image, so they are invariant to the sign.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Orient {
-    /// scikit-learn ≥ 1.5 (`svd_flip`, loadings-based): each component's largest-|loading|
-    /// entry is positive. Comparable with the released code; the default.
+    /// Each component is oriented so that its remapped values are lower on the patches of the
+    /// grid's outer ring than inside it: the side that covers the image border is background
+    /// (subjects are framed, backgrounds touch the frame). A tie falls back to `minority`.
     #[default]
+    Border,
+    /// scikit-learn ≥ 1.5 (`svd_flip`, loadings-based): each component's largest-|loading|
+    /// entry is positive. What the released code gets (the ablation).
     Sklearn,
     /// After the sklearn convention, flip a component whose remapped values average above
     /// 0.5, so the high end of the map is the minority of patches (subjects usually cover
@@ -65,7 +74,44 @@ impl Default for PsmConfig {
         PsmConfig {
             k: 3,
             aggregation: Aggregation::Weighted,
-            sigma: 1.0, orient: Orient::Sklearn
+            sigma: 1.0, orient: Orient::Border
+        }
+    }
+}
+
+/// Should the remapped component `r` (h×w, row-major) be flipped (r → 1 − r) under `orient`?
+/// Decided from the image layout only, so that flipping the sign of the component (which turns
+/// r into exactly 1 − r) flips the decision too and the oriented result is the same.
+fn should_flip(r: &[f32], h: usize, w: usize, orient: Orient) -> bool {
+    let n = r.len();
+    let minority = || r.iter().map(|&v| v as f64).sum::<f64>() > 0.5 * n as f64;
+    match orient {
+        Orient::Sklearn => false,
+        Orient::Minority => minority(),
+        Orient::Border => {
+            if h < 3 || w < 3 {
+                return minority(); // no interior to compare the ring with
+            }
+            let (mut ring, mut n_ring, mut inner, mut n_inner) = (0f64, 0usize, 0f64, 0usize);
+            for y in 0..h {
+                for x in 0..w {
+                    let v = r[y * w + x] as f64;
+                    if y == 0 || x == 0 || y + 1 == h || x + 1 == w {
+                        ring += v;
+                        n_ring += 1;
+                    } else {
+                        inner += v;
+                        n_inner += 1;
+                    }
+                }
+            }
+            let (ring, inner) = (ring / n_ring as f64, inner / n_inner as f64);
+            // Rounding of 1 − r can move both means by ~1e-7; closer than that is a tie.
+            if (ring - inner).abs() <= 1e-6 {
+                minority()
+            } else {
+                ring > inner
+            }
         }
     }
 }
@@ -889,7 +935,7 @@ pub fn allocation_map(
     for j in 0..k {
         let z: Vec<f32> = (0..n).map(|i| p.projections[i * k + j]).collect();
         let mut r = remap_component(&z);
-        if cfg.orient == Orient::Minority && r.iter().map(|&v| v as f64).sum::<f64>() > 0.5 * n as f64 {
+        if should_flip(&r, h, w, cfg.orient) {
             // Remapping −z gives exactly 1 − z'.
             r.iter_mut().for_each(|v| *v = 1.0 - *v);
         }
@@ -1681,5 +1727,174 @@ mod orient_tests {
         }
         let c: PsmConfig = toml::from_str("orient = \"minority\"").unwrap();
         assert_eq!(c.orient, Orient::Minority);
+    }
+
+    /// Features of a structured random image: a blob of "object" patches (its own feature
+    /// offset) on a noisy ground, so the PCA has a clear but sign-arbitrary first direction.
+    fn blob_features(h: usize, w: usize, d: usize, seed: u64) -> FeatureMap {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let dir: Vec<f32> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let dir2: Vec<f32> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let (cy, cx) = (rng.gen_range(3..h - 3) as f32, rng.gen_range(3..w - 3) as f32);
+        let mut data = Vec::with_capacity(h * w * d);
+        for y in 0..h {
+            for x in 0..w {
+                let r2 = (y as f32 - cy).powi(2) + (x as f32 - cx).powi(2);
+                let obj = (-r2 / 4.0).exp();
+                let ramp = x as f32 / w as f32; // a background gradient: a second component
+                for c in 0..d {
+                    data.push(3.0 * obj * dir[c] + 0.8 * ramp * dir2[c] + 0.3 * rng.gen_range(-1.0..1.0f32));
+                }
+            }
+        }
+        FeatureMap { h, w, d, data }
+    }
+
+    /// Reflect every feature vector across the hyperplane normal to `u` (F → F(I − 2uuᵀ)):
+    /// flips the sign of the feature direction u, which is what an arbitrary PCA sign does.
+    fn reflect(f: &FeatureMap, u: &[f32]) -> FeatureMap {
+        let norm = u.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let u: Vec<f32> = u.iter().map(|v| v / norm).collect();
+        let mut data = f.data.clone();
+        for row in data.chunks_mut(f.d) {
+            let dot: f32 = row.iter().zip(&u).map(|(a, b)| a * b).sum();
+            row.iter_mut().zip(&u).for_each(|(a, b)| *a -= 2.0 * dot * b);
+        }
+        FeatureMap { data, ..f.clone() }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// The default (`border`) map is the same whatever sign any feature direction has: for
+    /// flips of single coordinates (among them each component's largest loading, which
+    /// decides scikit-learn's sign) and of random directions. `sklearn` is not invariant
+    /// (shown on the same features, so the check has teeth).
+    #[test]
+    fn border_orientation_is_invariant_to_feature_sign_flips() {
+        let (h, w, d) = (12usize, 12usize, 16usize);
+        let mut sklearn_changed = false;
+        for seed in 0..4 {
+            let f = blob_features(h, w, d, seed);
+            for orient in [Orient::Border, Orient::Minority] {
+                let cfg = PsmConfig { orient, ..Default::default() };
+                let base = allocation_map(&f, 24, 24, &cfg).unwrap();
+                let mut dirs: Vec<Vec<f32>> = (0..d).map(|i| (0..d).map(|j| (i == j) as u8 as f32).collect()).collect();
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(100 + seed);
+                dirs.extend((0..4).map(|_| (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect()));
+                for u in &dirs {
+                    let m = allocation_map(&reflect(&f, u), 24, 24, &cfg).unwrap();
+                    let diff = max_diff(&base.map, &m.map);
+                    assert!(diff < 1e-3, "seed {seed} {orient:?}: a sign flip changed the map by {diff}");
+                }
+            }
+            let cfg = PsmConfig { orient: Orient::Sklearn, ..Default::default() };
+            let base = allocation_map(&f, 24, 24, &cfg).unwrap();
+            let k0 = (0..d).max_by(|&a, &b| base.components[a].abs().total_cmp(&base.components[b].abs())).unwrap();
+            let u: Vec<f32> = (0..d).map(|j| (j == k0) as u8 as f32).collect();
+            sklearn_changed |= max_diff(&base.map, &allocation_map(&reflect(&f, &u), 24, 24, &cfg).unwrap().map) > 0.1;
+        }
+        assert!(sklearn_changed, "flipping the largest loading should change the sklearn-oriented map");
+    }
+
+    /// With border orientation the component that separates the blob from the ground is
+    /// high on the blob, whichever sign the PCA gave it.
+    #[test]
+    fn border_orientation_puts_a_framed_blob_high() {
+        for seed in 0..4 {
+            let f = blob_features(12, 12, 16, seed);
+            let cfg = PsmConfig { k: 1, aggregation: Aggregation::First, sigma: 0.0, orient: Orient::Border };
+            let s = allocation_map(&f, 12, 12, &cfg).unwrap();
+            let ring: f32 = (0..12).map(|i| s.map[i] + s.map[132 + i] + s.map[i * 12] + s.map[i * 12 + 11]).sum::<f32>() / 48.0;
+            let peak = (0..144).max_by(|&a, &b| s.map[a].total_cmp(&s.map[b])).unwrap();
+            let (py, px) = (peak / 12, peak % 12);
+            assert!(ring < 0.5 && (1..11).contains(&py) && (1..11).contains(&px), "seed {seed}: ring mean {ring}, peak at ({py}, {px})");
+        }
+    }
+
+    fn render_one(color: crate::world::Color, shape: crate::world::Shape, cx: f32, cy: f32, size: f32) -> (crate::image::Image, Vec<f32>) {
+        use crate::world::{Group, Object, PromptSpec, Scene};
+        let spec = PromptSpec { groups: vec![Group { count: 1, color, shape }], relation: None };
+        let scene = Scene { spec, objects: vec![Object { color, shape, cx, cy, size, group: 0 }] };
+        let r = crate::world::render(&scene, 32);
+        (r.image, r.masks[0].clone())
+    }
+
+    /// The default backbone and PSM on constructed images — one object on the plain ground,
+    /// in every colour and shape, at several places and sizes: the map's peak lies on the
+    /// object (all but one of 24 cases, see below).
+    #[test]
+    fn one_object_on_a_plain_ground_gets_the_peak() {
+        use crate::world::{Color, Shape};
+        let bb = crate::backbone::load(&Default::default()).unwrap();
+        let places = [(0.5, 0.5, 0.13), (0.3, 0.7, 0.09), (0.75, 0.25, 0.13), (0.2, 0.2, 0.09)];
+        let mut cases = Vec::new();
+        for (i, &c) in Color::ALL.iter().enumerate() {
+            for (j, &sh) in [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Diamond].iter().enumerate() {
+                let (cx, cy, size) = places[(i + j) % places.len()];
+                cases.push((c, sh, render_one(c, sh, cx, cy, size)));
+            }
+        }
+        let images: Vec<_> = cases.iter().map(|(_, _, (im, _))| im.clone()).collect();
+        let feats = bb.features(&images).unwrap();
+        let cfg = PsmConfig::default();
+        let mut off = Vec::new();
+        for ((c, sh, (_, mask)), f) in cases.iter().zip(&feats) {
+            let s = allocation_map(f, 32, 32, &cfg).unwrap();
+            let peak = (0..1024).max_by(|&a, &b| s.map[a].total_cmp(&s.map[b])).unwrap();
+            // The peak pixel, or one of its 8 neighbours (the map is smooth at patch scale),
+            // is covered by the object.
+            let (py, px) = ((peak / 32) as i64, (peak % 32) as i64);
+            let near = (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (py + dy, px + dx))).filter(|&(y, x)| (0..32).contains(&y) && (0..32).contains(&x)).any(|(y, x)| mask[(y * 32 + x) as usize] > 0.5);
+            if !near {
+                off.push(format!("{c:?} {sh:?}: map peak at ({py}, {px})"));
+            }
+        }
+        eprintln!("one-object peaks off the object: {} of {}: {off:?}", off.len(), cases.len());
+        // Measured: 23 of 24 (the small red diamond near the corner peaks off it); more than
+        // one miss is a regression.
+        assert!(off.len() <= 1, "{off:?}");
+    }
+
+    /// Map mass on renders with known masks: on ground-truth ShapeWorld scenes the default
+    /// map puts over twice its area share on the objects, and more than the released-code
+    /// orientation does.
+    #[test]
+    fn map_mass_on_renders_is_on_the_objects() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let prompts = crate::world::prompts(crate::world::Split::Eval, 24, 5);
+        let mut images = Vec::new();
+        let mut masks = Vec::new();
+        for p in &prompts {
+            let r = crate::world::render(&crate::world::sample_scene(p, &mut rng), 32);
+            let mut m = vec![0f32; 1024];
+            for om in &r.masks {
+                m.iter_mut().zip(om).for_each(|(a, b)| *a = a.max(*b));
+            }
+            images.push(r.image);
+            masks.push(m);
+        }
+        let feats = crate::backbone::load(&Default::default()).unwrap().features(&images).unwrap();
+        let ratio = |orient| {
+            let (maps, fails) = allocation_maps(&feats, 32, 32, &PsmConfig { orient, ..Default::default() });
+            assert_eq!(fails, 0);
+            let (mut mass, mut area) = (0.0, 0.0);
+            for (m, o) in maps.iter().zip(&masks) {
+                let (a, b) = map_object_mass(m, o);
+                mass += a as f64;
+                area += b as f64;
+            }
+            mass / area
+        };
+        let (border, sklearn) = (ratio(Orient::Border), ratio(Orient::Sklearn));
+        eprintln!("object mass / area on renders: border {border:.2}, sklearn {sklearn:.2}");
+        // Measured 2.26 (sklearn 1.86) with the default features.6 @ 112; the 2.5 is
+        // not reached on renders with this tap (BENCHMARKS.md §5).
+        assert!(border >= 2.0, "border: object mass only {border:.2}× the area share");
+        assert!(border > sklearn, "border {border:.2} vs sklearn {sklearn:.2}");
     }
 }

@@ -1,6 +1,6 @@
 //! Load a report in a real headless browser (Debian's `chromium`) and check that it
 //! produced no console messages and that every image resolved. Used by the tests
-//! (skipped with a message when no browser is installed) and by `vipo report --check`.
+//! (which fail when no browser is installed; `.ci/run` installs one) and by `vipo report --check`.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

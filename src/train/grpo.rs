@@ -35,11 +35,11 @@ pub struct RngState {
 }
 
 impl RngState {
-    fn of(r: &ChaCha8Rng) -> Self {
+    pub(crate) fn of(r: &ChaCha8Rng) -> Self {
         let seed: String = r.get_seed().iter().map(|b| format!("{b:02x}")).collect();
         Self { seed, stream: r.get_stream(), word_pos: r.get_word_pos().to_string() }
     }
-    fn restore(&self) -> Result<ChaCha8Rng> {
+    pub(crate) fn restore(&self) -> Result<ChaCha8Rng> {
         let mut seed = [0u8; 32];
         anyhow::ensure!(self.seed.len() == 64, "rng seed has wrong length");
         for (i, b) in seed.iter_mut().enumerate() {
@@ -669,13 +669,18 @@ fn std(v: &[f32]) -> f64 {
 
 /// `vipo train`: fresh run or `--resume`.
 pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Result<()> {
-    if resume {
+    let mut tr = if resume {
         run::require_run_dir(run_dir)?;
+        Trainer::new(cfg, run_dir, true)?
     } else {
+        // Everything that can refuse the start (config, base weights, prompts, rewards,
+        // backbone) loads before the run directory exists, so a failed start leaves nothing.
         cfg.train.validate()?;
+        run::check_run_dir_free(run_dir, force)?;
+        let tr = Trainer::new(cfg, run_dir, false)?;
         run::create_run_dir(run_dir, cfg, force)?;
-    }
-    let mut tr = Trainer::new(cfg, run_dir, resume)?;
+        tr
+    };
     let start = tr.step();
     let ms = tr.train()?;
     if let (Some(f), Some(l)) = (ms.first(), ms.last()) {

@@ -21,6 +21,7 @@ use crate::reward::compositional::Compositional;
 use crate::reward::video::VideoReward;
 use crate::world::video::{render_clip, sample_video_scene, video_prompts};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
+use crate::train::grpo::RngState;
 use crate::train::run;
 use crate::world::{self, Split};
 
@@ -55,6 +56,8 @@ fn validate(p: &crate::config::PretrainConfig) -> Result<()> {
     anyhow::ensure!(p.lr > 0.0 && p.lr.is_finite(), "pretrain.lr: must be > 0");
     anyhow::ensure!((0.0..1.0).contains(&p.ema_decay), "pretrain.ema_decay: must be in [0, 1)");
     anyhow::ensure!((0.0..1.0).contains(&p.cond_dropout), "pretrain.cond_dropout: must be in [0, 1) (got {})", p.cond_dropout);
+    anyhow::ensure!(p.sigma_loc.is_finite(), "pretrain.sigma_loc: must be finite");
+    anyhow::ensure!(p.sigma_scale > 0.0 && p.sigma_scale.is_finite(), "pretrain.sigma_scale: must be > 0 (got {})", p.sigma_scale);
     Ok(())
 }
 
@@ -99,6 +102,7 @@ fn flow_matching_loop(
     run_dir: &Path,
     model: &dyn FlowModel,
     data_rng: &mut ChaCha8Rng,
+    resume: bool,
     mut batch: impl FnMut(&mut ChaCha8Rng) -> Result<(Tensor, Tensor)>,
 ) -> Result<LoopOutcome> {
     let p = &cfg.pretrain;
@@ -106,10 +110,18 @@ fn flow_matching_loop(
     let mut ema = ema_init(opt.vars(), p.ema_decay)?;
     let mut noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0015e);
     let metrics = run_dir.join(run::METRICS_FILE);
-    let bar = crate::cli::progress(p.steps as u64, "pretrain", cfg.progress);
-    let started = Instant::now();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    for step in 0..p.steps {
+    let (mut start, mut elapsed_before) = (0usize, 0f64);
+    if resume {
+        let st = load_resume(run_dir, &mut opt, ema.as_deref_mut(), data_rng, &mut noise_rng)?;
+        (start, elapsed_before, first_loss, last_loss) = (st.step, st.elapsed_s, st.first_loss, st.last_loss);
+        // Lines a killed session logged after its last checkpoint are redone, so drop them.
+        crate::io::truncate_jsonl_from_step(&metrics, start)?;
+        eprintln!("resuming {} from step {start} of {}", run_dir.display(), p.steps);
+    }
+    let bar = crate::cli::progress((p.steps - start) as u64, "pretrain", cfg.progress);
+    let started = Instant::now();
+    for step in start..p.steps {
         let (x0, cond) = batch(data_rng)?;
         let b = x0.dim(0)?;
         let cond = drop_prompts(cond, p.cond_dropout, data_rng)?;
@@ -117,6 +129,7 @@ fn flow_matching_loop(
         let sig: Vec<f32> = (0..b)
             .map(|_| {
                 let n: f64 = StandardNormal.sample(&mut noise_rng);
+                let n = p.sigma_loc + p.sigma_scale * n;
                 (1.0 / (1.0 + (-n).exp())) as f32
             })
             .collect();
@@ -147,13 +160,22 @@ fn flow_matching_loop(
         last_loss = loss_v;
         bar.inc(1);
         if step % p.log_every.max(1) == 0 || step + 1 == p.steps {
-            let el = started.elapsed().as_secs_f64();
+            let el = elapsed_before + started.elapsed().as_secs_f64();
             let ips = ((step + 1) * b) as f64 / el;
             bar.set_message(format!("loss {loss_v:.4}"));
             crate::io::append_jsonl(&metrics, &json!({"step": step, "loss": loss_v, "lr": lr, "grad_norm": gn, "images_per_s": ips, "elapsed_s": el}))?;
         }
         if p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0 && step + 1 < p.steps {
             save_weights(opt.vars(), ema.as_deref(), &run_dir.join("checkpoints").join(format!("step_{}.safetensors", step + 1)))?;
+            let st = ResumeState {
+                step: step + 1,
+                first_loss,
+                last_loss,
+                elapsed_s: elapsed_before + started.elapsed().as_secs_f64(),
+                rng_data: RngState::of(data_rng),
+                rng_noise: RngState::of(&noise_rng),
+            };
+            save_resume(run_dir, &opt, ema.as_deref(), &st)?;
         }
     }
     bar.finish_and_clear();
@@ -163,27 +185,105 @@ fn flow_matching_loop(
             v.set(t)?;
         }
     }
-    Ok(LoopOutcome { first_loss, last_loss, secs: started.elapsed().as_secs_f64() })
+    Ok(LoopOutcome { first_loss, last_loss, secs: elapsed_before + started.elapsed().as_secs_f64() })
+}
+
+/// What a pretraining checkpoint needs beyond tensors to continue exactly (`vipo pretrain
+/// --resume`): the step, both RNG streams' positions and the bookkeeping of the log.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ResumeState {
+    step: usize,
+    first_loss: f64,
+    last_loss: f64,
+    elapsed_s: f64,
+    rng_data: RngState,
+    rng_noise: RngState,
+}
+
+/// `checkpoints/resume/`: the raw (non-EMA) weights `w.NAME`, the EMA `ema.NAME`, AdamW's
+/// moments `m.NAME`/`v.NAME` in `state.safetensors`, then `state.json` (written last, so a
+/// half-written checkpoint is never taken for a complete one). Only the latest is kept: it
+/// is 4× the model, and the per-step EMA weights stay in `checkpoints/step_N.safetensors`.
+fn save_resume(run_dir: &Path, opt: &AdamW, ema: Option<&[Tensor]>, st: &ResumeState) -> Result<()> {
+    let dir = run_dir.join("checkpoints").join("resume");
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_file(dir.join("state.json"));
+    let mut t = opt.state_tensors();
+    for (i, (name, v)) in opt.vars().iter().enumerate() {
+        t.insert(format!("w.{name}"), v.as_tensor().clone());
+        if let Some(e) = ema {
+            t.insert(format!("ema.{name}"), e[i].clone());
+        }
+    }
+    crate::train::checkpoint::save_tensors(&t, &dir.join("state.safetensors"))?;
+    crate::io::atomic_write(&dir.join("state.json"), serde_json::to_string_pretty(&st)?.as_bytes())
+}
+
+fn load_resume(run_dir: &Path, opt: &mut AdamW, ema: Option<&mut [Tensor]>, data_rng: &mut ChaCha8Rng, noise_rng: &mut ChaCha8Rng) -> Result<ResumeState> {
+    use anyhow::Context;
+    let dir = run_dir.join("checkpoints").join("resume");
+    let json = dir.join("state.json");
+    let text = std::fs::read_to_string(&json).with_context(|| format!("{}: no complete pretraining checkpoint to resume from (pretrain.checkpoint_every > 0 writes one)", run_dir.display()))?;
+    let st: ResumeState = serde_json::from_str(&text).with_context(|| format!("{}: corrupted checkpoint state", json.display()))?;
+    let file = dir.join("state.safetensors");
+    let origin = file.display().to_string();
+    let device = opt.vars().first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    let t = crate::train::checkpoint::read_tensors(&file, &device)?;
+    for (name, v) in opt.vars() {
+        let w = t.get(&format!("w.{name}")).with_context(|| format!("{origin}: tensor w.{name} missing (does the checkpoint match this model config?)"))?;
+        anyhow::ensure!(w.dims() == v.dims(), "{origin}: tensor w.{name} has shape {:?}, the model config expects {:?}", w.dims(), v.dims());
+    }
+    if let Some(e) = ema {
+        for (slot, (name, _)) in e.iter_mut().zip(opt.vars()) {
+            *slot = t.get(&format!("ema.{name}")).with_context(|| format!("{origin}: tensor ema.{name} missing (was pretrain.ema_decay changed?)"))?.clone();
+        }
+    }
+    for (name, v) in opt.vars() {
+        v.set(&t[&format!("w.{name}")])?;
+    }
+    opt.load_state(&t, st.step, &origin)?;
+    *data_rng = st.rng_data.restore()?;
+    *noise_rng = st.rng_noise.restore()?;
+    Ok(st)
+}
+
+/// Every check `vipo pretrain` makes before any work (call it before creating the run
+/// directory): the pretraining, sampling and model settings of the configured modality.
+pub fn validate_config(cfg: &Config) -> Result<()> {
+    validate(&cfg.pretrain)?;
+    cfg.sample.validate()?; // the grid and base scores at the end sample with it
+    match cfg.modality {
+        Modality::Image => cfg.model.validate(),
+        Modality::Video => {
+            cfg.video_model.validate()?;
+            crate::world::video::check_clip_dims(cfg.video_model.frames, cfg.video_model.image_size).map_err(|e| e.context("video_model"))
+        }
+    }
 }
 
 /// `vipo pretrain` for the configured modality.
 pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
-    validate(&cfg.pretrain)?;
-    cfg.sample.validate()?; // the grid and base scores at the end sample with it
+    pretrain_from(cfg, run_dir, false)
+}
+
+/// `vipo pretrain`, fresh or (`resume`) continued from the run's latest checkpoint: the
+/// result is bit-identical to an uninterrupted run (tested).
+pub fn pretrain_from(cfg: &Config, run_dir: &Path, resume: bool) -> Result<PretrainOutcome> {
+    validate_config(cfg)?;
     match cfg.modality {
-        Modality::Image => pretrain_image(cfg, run_dir),
-        Modality::Video => pretrain_video(cfg, run_dir),
+        Modality::Image => pretrain_image(cfg, run_dir, resume),
+        Modality::Video => pretrain_video(cfg, run_dir, resume),
     }
 }
 
-fn pretrain_image(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
+fn pretrain_image(cfg: &Config, run_dir: &Path, resume: bool) -> Result<PretrainOutcome> {
     let p = &cfg.pretrain;
     let device = crate::runtime::device()?;
     let policy = ImagePolicy::new(&cfg.model, &device, cfg.seed)?;
     let pool = world::prompts(Split::Train, p.prompt_pool, cfg.seed);
     let mut data_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xda7a);
     let res = cfg.model.image_size;
-    let lo = flow_matching_loop(cfg, run_dir, &policy, &mut data_rng, |rng| {
+    let lo = flow_matching_loop(cfg, run_dir, &policy, &mut data_rng, resume, |rng| {
         let specs: Vec<_> = (0..p.batch_size).map(|_| pool[rng.gen_range(0..pool.len())].clone()).collect();
         let images: Vec<_> = specs.iter().map(|s| world::render(&world::sample_scene(s, rng), res).image).collect();
         Ok((images_to_latents(&images, &device)?, policy.condition(&specs)?))
@@ -217,7 +317,7 @@ fn pretrain_image(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     Ok(lo.outcome(run_dir, weights, p, scores, "compositional"))
 }
 
-fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
+fn pretrain_video(cfg: &Config, run_dir: &Path, resume: bool) -> Result<PretrainOutcome> {
     let p = &cfg.pretrain;
     let vm = &cfg.video_model;
     crate::world::video::check_clip_dims(vm.frames, vm.image_size)?;
@@ -225,7 +325,7 @@ fn pretrain_video(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
     let policy = VideoPolicy::new(vm, &device, cfg.seed)?;
     let pool = video_prompts(Split::Train, p.prompt_pool, cfg.seed);
     let mut data_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xda7a);
-    let lo = flow_matching_loop(cfg, run_dir, &policy, &mut data_rng, |rng| {
+    let lo = flow_matching_loop(cfg, run_dir, &policy, &mut data_rng, resume, |rng| {
         let specs: Vec<_> = (0..p.batch_size).map(|_| pool[rng.gen_range(0..pool.len())].clone()).collect();
         let mut clips = Vec::with_capacity(specs.len());
         for s in &specs {
@@ -303,6 +403,44 @@ mod tests {
         let out_b = pretrain(&cfg, &b).unwrap();
         assert_eq!(out.final_loss, out_b.final_loss);
         assert_eq!(std::fs::read(&out.weights).unwrap(), std::fs::read(&out_b.weights).unwrap());
+    }
+
+    /// A pretraining run continued from its checkpoint (what `vipo pretrain --resume` does
+    /// after a session ended mid-run) ends with byte-identical weights and the same log.
+    #[test]
+    fn resumed_pretraining_is_bit_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_cfg(dir.path());
+        let a = run::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
+        let out = pretrain(&cfg, &a).unwrap();
+        // "Kill" a copy after its step-15 checkpoint: drop everything written later, and
+        // leave a stray log line from past the checkpoint, as a killed session would.
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(b.join("checkpoints")).unwrap();
+        std::fs::copy(a.join(run::CONFIG_FILE), b.join(run::CONFIG_FILE)).unwrap();
+        let resume = a.join("checkpoints/resume");
+        std::fs::create_dir_all(b.join("checkpoints/resume")).unwrap();
+        for f in ["state.json", "state.safetensors"] {
+            std::fs::copy(resume.join(f), b.join("checkpoints/resume").join(f)).unwrap();
+        }
+        let log = std::fs::read_to_string(a.join(run::METRICS_FILE)).unwrap();
+        let early: Vec<&str> = log.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap() < 20).collect();
+        std::fs::write(b.join(run::METRICS_FILE), early.join("\n") + "\n").unwrap();
+        let out_b = pretrain_from(&cfg, &b, true).unwrap();
+        assert_eq!(std::fs::read(&out.weights).unwrap(), std::fs::read(&out_b.weights).unwrap(), "resumed weights differ");
+        assert_eq!(out.final_loss, out_b.final_loss);
+        assert_eq!(out.first_loss, out_b.first_loss);
+        let steps = |d: &Path| -> Vec<(u64, String)> {
+            std::fs::read_to_string(d.join(run::METRICS_FILE)).unwrap().lines().map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].to_string())
+            }).collect()
+        };
+        assert_eq!(steps(&a), steps(&b), "the log must hold each step once, with the same losses");
+        // No checkpoint to resume from is a clear error.
+        let c = run::create_run_dir(&dir.path().join("c"), &cfg, false).unwrap();
+        let e = pretrain_from(&cfg, &c, true).err().unwrap().to_string();
+        assert!(e.contains("no complete pretraining checkpoint"), "{e}");
     }
 
     /// The video path: the loss falls, the run is deterministic, and the base gets a

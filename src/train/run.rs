@@ -13,6 +13,7 @@ pub const FINAL_WEIGHTS: &str = "model.safetensors";
 /// Fails before touching anything if the directory holds a run and `force` is false, or if
 /// it cannot be written.
 pub fn create_run_dir<T: Serialize>(dir: &Path, cfg: &T, force: bool) -> Result<PathBuf> {
+    check_run_dir_free(dir, force)?;
     if dir.exists() {
         let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true);
         if non_empty {
@@ -32,6 +33,25 @@ pub fn create_run_dir<T: Serialize>(dir: &Path, cfg: &T, force: bool) -> Result<
     let _ = std::fs::remove_file(probe);
     crate::io::atomic_write(&dir.join(CONFIG_FILE), crate::config::to_toml(cfg)?.as_bytes())?;
     Ok(dir.to_path_buf())
+}
+
+/// The checks of [`create_run_dir`] without touching anything: call it before loading
+/// weights, prompts and backbones, so a start that is going to be refused is refused first,
+/// and create the directory only once everything has loaded.
+pub fn check_run_dir_free(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() {
+        anyhow::ensure!(dir.is_dir(), "{}: exists and is not a directory", dir.display());
+        let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true);
+        if non_empty {
+            if !force {
+                bail!("{}: run directory already exists; choose another run_name or pass --force to replace it", dir.display());
+            }
+            if !dir.join(CONFIG_FILE).exists() {
+                bail!("{}: not a vipo run directory (no {CONFIG_FILE}); refusing to delete it even with --force", dir.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Check that `dir` is a vipo run directory (has a config).
