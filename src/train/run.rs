@@ -14,17 +14,9 @@ pub const FINAL_WEIGHTS: &str = "model.safetensors";
 /// it cannot be written.
 pub fn create_run_dir<T: Serialize>(dir: &Path, cfg: &T, force: bool) -> Result<PathBuf> {
     check_run_dir_free(dir, force)?;
-    if dir.exists() {
-        let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true);
-        if non_empty {
-            if !force {
-                bail!("{}: run directory already exists; choose another run_name or pass --force to replace it", dir.display());
-            }
-            if !dir.join(CONFIG_FILE).exists() {
-                bail!("{}: not a vipo run directory (no {CONFIG_FILE}); refusing to delete it even with --force", dir.display());
-            }
-            std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
-        }
+    // Past the check, a non-empty directory is a run that --force replaces.
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run directory", dir.display()))?;
     // Probe writability before any work.
