@@ -1621,7 +1621,7 @@ mod tests {
             PsmConfig {
                 k: 2,
                 aggregation: Aggregation::Average,
-                sigma: 1.0, orient: Orient::Sklearn
+                sigma: 1.0, orient: Orient::Border
             }
         );
         assert!(toml::from_str::<PsmConfig>("aggregation = \"median\"").is_err());

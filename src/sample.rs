@@ -67,7 +67,7 @@ pub fn cached_base_path(cfg: &Config) -> PathBuf {
     // so caches written before they existed stay valid; they are the last field of their
     // struct, so each is one exact substring.
     let mut key = key.expect("config serializes");
-    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#] {
+    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#, r#","sigma_loc":0.0"#, r#","sigma_scale":1.0"#] {
         key = key.replacen(legacy, "", 1);
     }
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
