@@ -422,6 +422,18 @@ pub enum RatioMode {
     PerSample,
 }
 
+/// Where PPO's clip is decided for the per-position ratio (`objective.rs`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClipMode {
+    /// Clip every position's ratio on its own (the paper's objective, log-prob summed over
+    /// channels); at GRPO's ε this is a much tighter trust region (BENCHMARKS.md §4.2).
+    PerPosition,
+    /// Decide the clip once per sample on GRPO's own ratio (the mean log-ratio over the
+    /// image); the gradient stays per position (∝ the map's advantage there).
+    PerSample,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct VipoConfig {
@@ -431,6 +443,8 @@ pub struct VipoConfig {
     pub map_times: MapTimes,
     /// "per-position" or "per-sample".
     pub ratio: RatioMode,
+    /// Trust region of the per-position ratio: "per-sample" or "per-position" ([`ClipMode`]).
+    pub clip: ClipMode,
     /// Write a sample | map | signed-advantage grid every N steps (0 = off).
     pub map_grid_every: usize,
     /// Video: σ_t (in frames) of the 1-D Gaussian along time over the stacked per-frame
@@ -457,6 +471,7 @@ impl Default for VipoConfig {
             map: MapKind::Psm,
             map_times: MapTimes::Advantage,
             ratio: RatioMode::PerPosition,
+            clip: ClipMode::PerSample,
             map_grid_every: 10,
             temporal_sigma: 0.3,
             temporal_norm: TemporalNorm::Volume,
@@ -518,6 +533,10 @@ fn legacy_prediction(value: &mut toml::Value, origin: &str) {
         if !m.contains_key("prediction") && OLD_FIELDS.iter().all(|k| m.contains_key(*k)) {
             eprintln!("note: {origin}: a complete [model] table without `prediction` (written before it existed) means model.prediction = \"v\"");
             m.insert("prediction".into(), toml::Value::String("v".into()));
+        }
+        // Likewise a complete table from before `conv_channels` describes the plain DiT.
+        if !m.contains_key("conv_channels") && m.contains_key("prediction") && OLD_FIELDS.iter().all(|k| m.contains_key(*k)) {
+            m.insert("conv_channels".into(), toml::Value::Integer(0));
         }
     }
 }
@@ -598,8 +617,13 @@ mod tests {
         let old = "[model]\nimage_size = 32\npatch = 4\ndim = 128\ndepth = 4\nheads = 4\nmlp_ratio = 4\ntext_layers = 2\nfused = true\n";
         let c: Config = from_toml_str(old, "old.toml", &[]).unwrap();
         assert_eq!(c.model.prediction, crate::policy::dit::Prediction::V);
+        assert_eq!(c.model.conv_channels, 0, "a table from before the conv stem is the plain DiT");
+        let x_old = format!("{old}prediction = \"x\"\n");
+        let c: Config = from_toml_str(&x_old, "old-x.toml", &[]).unwrap();
+        assert_eq!((c.model.prediction, c.model.conv_channels), (crate::policy::dit::Prediction::X, 0));
         let c: Config = from_toml_str("[model]\ndim = 64\n", "user.toml", &[]).unwrap();
         assert_eq!(c.model.prediction, crate::policy::dit::Prediction::X);
+        assert_eq!(c.model.conv_channels, 32);
         let c: Config = from_toml_str(&to_toml(&Config::default()).unwrap(), "new.toml", &[]).unwrap();
         assert_eq!(c, Config::default());
     }

@@ -12,6 +12,7 @@
 
 pub mod advantage;
 pub mod backbone;
+pub mod base;
 pub mod bench;
 pub mod cli;
 pub mod compare;

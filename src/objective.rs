@@ -86,6 +86,55 @@ pub fn clipped_surrogate(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps
     Ok(Surrogate { loss, ratio_mean, ratio_max_dev, clip_frac })
 }
 
+/// ViPO's per-position surrogate under GRPO's trust region (`vipo.clip = "per-sample"`).
+///
+/// `logp_new`/`logp_old` are per-position log-probs (B, [T,] H, W) averaged over channels,
+/// so ρ_p = exp(Δ_p) is the per-element geometric-mean ratio at position p, and the sample
+/// ratio ρ_s = exp(mean_p Δ_p) is exactly GRPO's ratio (a mean over all elements). The loss
+/// is −mean(ρ_p·A_p) with the gradient cut at every position of a sample whose ρ_s left
+/// [1−ε, 1+ε] in the direction of A_p — PPO's clip, decided once per sample as GRPO decides
+/// it. Why: a single position's ratio moves ≈ √(H·W) times more than the mean over the
+/// image, so clipping it per position at GRPO's ε is a far tighter trust region
+/// (BENCHMARKS.md §4.2); this keeps the per-position credit (∂L/∂Δ_p ∝ A_p) and makes the
+/// all-ones map reduce to GRPO (identical gradient while ρ = 1). Stats are on ρ_s.
+pub fn clipped_surrogate_sample_trust(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps: f64) -> Result<Surrogate> {
+    ensure!(eps.is_finite() && eps > 0.0 && eps < 1.0, "objective: clip range eps must be in (0, 1) (got {eps})");
+    ensure!(
+        logp_new.dims() == logp_old.dims(),
+        "objective: logp_new shape {:?} differs from logp_old shape {:?}",
+        logp_new.dims(),
+        logp_old.dims()
+    );
+    ensure!(logp_new.rank() >= 2, "objective: the per-sample trust region needs per-position log-probs (B, ...), got shape {:?}", logp_new.dims());
+    let b = logp_new.dim(0)?;
+    let delta = (logp_new - logp_old.detach())?;
+    let rho = delta.exp()?;
+    let rho_s = delta.detach().reshape((b, ()))?.mean(1)?.exp()?; // (B,)
+    let (rho_b, a) = broadcast_leading(&rho, &adv.detach().to_dtype(rho.dtype())?, ("log-prob", "advantage"))?;
+    let (rs, _) = broadcast_leading(&rho_s, &a, ("sample ratio", "advantage"))?;
+    // Clipped branch of min(ρA, clip(ρ)A): A > 0 with ρ_s > 1+ε, or A < 0 with ρ_s < 1−ε.
+    let over = rs.gt(1.0 + eps)?.to_dtype(a.dtype())?;
+    let under = rs.lt(1.0 - eps)?.to_dtype(a.dtype())?;
+    let pos = a.gt(0.0)?.to_dtype(a.dtype())?;
+    let neg = a.lt(0.0)?.to_dtype(a.dtype())?;
+    let clipped = ((over * pos)? + (under * neg)?)?;
+    let keep = clipped.affine(-1.0, 1.0)?;
+    let term = ((&rho_b * &a)? * &keep)?;
+    let frozen = ((rho_b.detach() * &a)? * &clipped)?;
+    let loss = (term + frozen)?.mean_all()?.neg()?;
+
+    let r: Vec<f32> = rho_s.to_vec1()?;
+    let n = r.len().max(1) as f64;
+    let ratio_mean = r.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let rp: Vec<f32> = rho.detach().flatten_all()?.to_vec1()?;
+    let ratio_max_dev = rp.iter().map(|&x| (x as f64 - 1.0).abs()).fold(0.0, f64::max);
+    let clip_frac = r.iter().filter(|&&x| (x as f64 - 1.0).abs() > eps).count() as f64 / n;
+    if !ratio_mean.is_finite() || !ratio_max_dev.is_finite() {
+        bail!("objective: importance ratio is not finite (logp_new − logp_old overflowed)");
+    }
+    Ok(Surrogate { loss, ratio_mean, ratio_max_dev, clip_frac })
+}
+
 /// Flow-GRPO KL: mean over all elements of ‖μ_θ − μ_ref‖²/(2σ²), a scalar (the per-element KL
 /// between two Gaussians with the same std σ, averaged as Flow-GRPO does: mean over elements
 /// of each sample, then over the batch, which is the same as the mean over all elements).
@@ -200,6 +249,55 @@ mod tests {
         let grpo = clipped_surrogate(&lps, &lps.zeros_like().unwrap(), &t(&a, &[b]), 0.03).unwrap();
         let ablation = clipped_surrogate(&lps, &lps.zeros_like().unwrap(), &t(&map, &[b, h, w]), 0.03).unwrap();
         assert!((scalar(&grpo.loss) - scalar(&ablation.loss)).abs() < 1e-7);
+    }
+
+    /// With a constant map, the per-sample trust region gives GRPO's loss and clip mask:
+    /// per-position log-probs whose mean is GRPO's per-sample log-prob get the same loss
+    /// while ρ = 1, the same clip decisions, and the same total gradient on each sample.
+    #[test]
+    fn sample_trust_with_constant_map_is_grpo() {
+        let (b, h, w) = (3usize, 2usize, 2usize);
+        let eps = 0.05;
+        // Sample 0 inside the range, sample 1 above 1+ε (A > 0: clipped), sample 2 below 1−ε (A > 0: kept).
+        let per_pos: Vec<f32> = [[0.01f32, -0.02, 0.03, 0.0], [0.2, 0.1, 0.05, 0.05], [-0.2, -0.1, 0.0, -0.1]].concat();
+        let lp = Var::from_tensor(&t(&per_pos, &[b, h, w])).unwrap();
+        let old = t(&[0.0; 12], &[b, h, w]);
+        let a = [0.8f32, 1.1, 0.5];
+        let s = clipped_surrogate_sample_trust(lp.as_tensor(), &old, &t(&a, &[b]), eps).unwrap();
+        let mean_lp = lp.as_tensor().reshape((b, ())).unwrap().mean(1).unwrap();
+        let g = clipped_surrogate(&mean_lp, &mean_lp.zeros_like().unwrap(), &t(&a, &[b]), eps).unwrap();
+        assert_eq!(s.clip_frac, g.clip_frac);
+        assert!((s.ratio_mean - g.ratio_mean).abs() < 1e-6);
+        let gs = flat(s.loss.backward().unwrap().get(lp.as_tensor()).unwrap());
+        let gg = flat(g.loss.backward().unwrap().get(lp.as_tensor()).unwrap());
+        for i in 0..b {
+            let sum_s: f32 = gs[i * 4..(i + 1) * 4].iter().sum();
+            let sum_g: f32 = gg[i * 4..(i + 1) * 4].iter().sum();
+            // Same zero pattern; the kept samples differ only by ρ_p vs ρ_s weights (≈ 1 ± 0.2 here).
+            assert_eq!(sum_s == 0.0, sum_g == 0.0, "sample {i}: {sum_s} vs {sum_g}");
+            assert!((sum_s - sum_g).abs() <= 0.25 * sum_g.abs() + 1e-7, "sample {i}: {sum_s} vs {sum_g}");
+        }
+        assert_eq!(gs[4..8].iter().map(|x| x.abs()).sum::<f32>(), 0.0, "sample 1 is clipped");
+        // At ρ = 1 everywhere the two gradients are identical.
+        let z = Var::from_tensor(&t(&[0.0; 12], &[b, h, w])).unwrap();
+        let s0 = clipped_surrogate_sample_trust(z.as_tensor(), &old, &t(&a, &[b]), eps).unwrap();
+        let m0 = z.as_tensor().reshape((b, ())).unwrap().mean(1).unwrap();
+        let g0 = clipped_surrogate(&m0, &m0.zeros_like().unwrap(), &t(&a, &[b]), eps).unwrap();
+        let (x, y) = (flat(s0.loss.backward().unwrap().get(z.as_tensor()).unwrap()), flat(g0.loss.backward().unwrap().get(z.as_tensor()).unwrap()));
+        for (p, q) in x.iter().zip(&y) {
+            assert!((p - q).abs() < 1e-7, "{p} vs {q}");
+        }
+    }
+
+    /// A spatial map moves the gradient between positions but not the clip decision.
+    #[test]
+    fn sample_trust_keeps_per_position_credit() {
+        let lp = Var::from_tensor(&t(&[0.0; 4], &[1, 2, 2])).unwrap();
+        let old = t(&[0.0; 4], &[1, 2, 2]);
+        let adv = t(&[2.0, 0.5, 0.5, 1.0], &[1, 2, 2]);
+        let s = clipped_surrogate_sample_trust(lp.as_tensor(), &old, &adv, 0.1).unwrap();
+        let g = flat(s.loss.backward().unwrap().get(lp.as_tensor()).unwrap());
+        assert_eq!(g, vec![-0.5, -0.125, -0.125, -0.25]);
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub fn cached_base_path(cfg: &Config) -> PathBuf {
     // so caches written before they existed stay valid; they are the last field of their
     // struct, so each is one exact substring.
     let mut key = key.expect("config serializes");
-    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#, r#","sigma_loc":0.0"#, r#","sigma_scale":1.0"#] {
+    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#, r#","sigma_loc":0.0"#, r#","sigma_scale":1.0"#, r#","conv_channels":0"#] {
         key = key.replacen(legacy, "", 1);
     }
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
@@ -114,11 +114,15 @@ mod tests {
     fn cache_keys_of_legacy_configs_are_unchanged() {
         let mut cfg = Config::default();
         cfg.model.prediction = crate::policy::dit::Prediction::V;
+        cfg.model.conv_channels = 0;
         assert!(cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"), "{}", cached_base_path(&cfg).display());
         let video: Config = crate::config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/video.toml"))), &[]).unwrap();
         assert!(cached_base_path(&video).parent().unwrap().ends_with("vbase-2070df40716fb457"), "{}", cached_base_path(&video).display());
-        // The new default (x-prediction) is a different model, so a different key.
+        // The new defaults (x-prediction, the conv stem) are different models, so different keys.
         assert_ne!(cached_base_path(&Config::default()), cached_base_path(&cfg));
+        let mut plain = Config::default();
+        plain.model.conv_channels = 0;
+        assert_ne!(cached_base_path(&Config::default()), cached_base_path(&plain));
         cfg.sample.guidance = 2.0;
         assert!(!cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"));
     }

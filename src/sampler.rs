@@ -148,6 +148,9 @@ pub enum LogProbReduction {
     MeanAll,
     /// Sum over the channel dim 1 → (B, [T,] H, W): one log-prob per latent position (ViPO).
     SumChannels,
+    /// Mean over the channel dim 1 → (B, [T,] H, W): per-element log-prob at each position
+    /// (ViPO under the per-sample trust region, whose position mean is GRPO's MeanAll).
+    MeanChannels,
     /// Unchanged (B, C, [T,] H, W).
     Dense,
 }
@@ -164,6 +167,10 @@ pub fn reduce(lp: &Tensor, how: LogProbReduction) -> Result<Tensor> {
         LogProbReduction::SumChannels => {
             ensure!(lp.rank() >= 3, "sampler::reduce: sum-channels needs (B, C, ...) with spatial dims, got shape {:?}", lp.dims());
             Ok(lp.sum(1)?)
+        }
+        LogProbReduction::MeanChannels => {
+            ensure!(lp.rank() >= 3, "sampler::reduce: mean-channels needs (B, C, ...) with spatial dims, got shape {:?}", lp.dims());
+            Ok(lp.mean(1)?)
         }
     }
 }

@@ -189,9 +189,14 @@ fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
         anyhow::ensure!(p.is_file(), "{}: train.base {} does not exist", run_dir.join(run::CONFIG_FILE).display(), p.display());
         return Ok(p);
     }
-    let p = crate::sample::cached_base_path(cfg);
-    anyhow::ensure!(p.is_file(), "{}: the run's base model (the cached demo base {}) is missing; run `vipo demo` with the same config to rebuild it", run_dir.display(), p.display());
-    Ok(p)
+    match crate::base::existing_default_base(cfg)? {
+        Some(p) => Ok(p),
+        None => anyhow::bail!(
+            "{}: the run's base model (the cached demo base {}) is missing; run `vipo demo` with the same config to rebuild it",
+            run_dir.display(),
+            crate::sample::cached_base_path(cfg).display()
+        ),
+    }
 }
 
 /// Checkpoint steps a run holds (sorted).

@@ -141,7 +141,7 @@ impl DitBlock {
 }
 
 /// `Linear::forward` through the fused `ops::linear_bias` (LoRA term added with candle ops).
-fn fused_linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn fused_linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let Some(bias) = &l.bias else { return l.forward(x) };
     let y = ops::linear_bias(x, &l.weight, bias)?;
     match &l.lora {

@@ -13,6 +13,7 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::block::{BlockConfig, DitBlock};
+use super::conv::{self, ConvHead, ConvStem};
 use super::layers::{layer_norm_plain, timestep_embedding, LayerNorm, Linear, LoraCtx};
 use crate::image::Image;
 
@@ -38,11 +39,14 @@ pub struct DitConfig {
     pub fused: bool,
     /// What the network outputs ([`Prediction`]); the policy always returns a velocity.
     pub prediction: Prediction,
+    /// Channels of the convolutional stem and head around the patch tokens (`conv.rs`);
+    /// 0 = none, the plain patchify/linear DiT (and the checkpoint layout before this field).
+    pub conv_channels: usize,
 }
 
 impl Default for DitConfig {
     fn default() -> Self {
-        Self { image_size: 32, patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, fused: true, prediction: Prediction::X }
+        Self { image_size: 32, patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, fused: true, prediction: Prediction::X, conv_channels: 32 }
     }
 }
 
@@ -233,6 +237,7 @@ pub struct Dit {
     pos_embed: Tensor,
     blocks: Vec<DitBlock>,
     head: AdaHead,
+    conv: Option<(ConvStem, ConvHead)>,
 }
 
 impl Dit {
@@ -247,11 +252,17 @@ impl Dit {
             .map(|i| DitBlock::new(&vb.pp(format!("blocks.{i}")), &bcfg, lora))
             .collect::<Result<Vec<_>>>()?;
         let text = TextEncoder::new(vb, layers, crate::world::vocab().len(), crate::world::MAX_TOKENS, d, lora)?;
-        let pdim = 3 * cfg.patch * cfg.patch;
+        // Values per token in and out: the patch's pixels, or its stem features.
+        let in_ch = if cfg.conv_channels > 0 { cfg.conv_channels } else { 3 };
+        let pdim = in_ch * cfg.patch * cfg.patch;
         let x_embed = Linear::new(&vb.pp("x_embed"), pdim, d, true, lora)?;
         let pos_embed = vb.get_with_hints((cfg.grid() * cfg.grid(), d), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 })?;
         let head = AdaHead::new(vb, d, pdim, lora)?;
-        Ok(Self { cfg: cfg.clone(), text, x_embed, pos_embed, blocks, head })
+        let conv = match cfg.conv_channels {
+            0 => None,
+            c => Some((ConvStem::new(vb, c, lora)?, ConvHead::new(vb, c, lora)?)),
+        };
+        Ok(Self { cfg: cfg.clone(), text, x_embed, pos_embed, blocks, head, conv })
     }
 
     /// Encode token ids (B, L) → (token features (B, L, D), pooled (B, D)).
@@ -264,11 +275,15 @@ impl Dit {
         let (b, c, h, w) = z.dims4()?;
         let p = self.cfg.patch;
         let (gh, gw) = (h / p, w / p);
-        // Patchify: (B,C,H,W) → (B, gh·gw, C·p·p).
-        let x = z
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, gh * gw, c * p * p))?;
+        let stem = match &self.conv {
+            Some((stem, _)) => Some(stem.forward(z)?),
+            None => None,
+        };
+        let x = match &stem {
+            Some(f) => conv::patchify(f, p)?,
+            // Patchify: (B,C,H,W) → (B, gh·gw, C·p·p).
+            None => z.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, gh * gw, c * p * p))?,
+        };
         let x = self.x_embed.forward(&x)?.broadcast_add(&self.pos_embed.unsqueeze(0)?)?;
         let (txt, pooled) = self.text.forward(tokens)?;
         let cond = self.head.cond(sigma, &pooled)?;
@@ -278,8 +293,11 @@ impl Dit {
             seq = block.forward(&seq, &cond)?;
         }
         let out = self.head.out(&seq.narrow(1, n_txt, gh * gw)?, &cond)?;
-        // Unpatchify back to (B, C, H, W).
-        let out = out.reshape((b, gh, gw, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?;
+        let out = match (&self.conv, &stem) {
+            (Some((_, head)), Some(f)) => head.forward(&conv::unpatchify(&out, gh, gw, p, self.cfg.conv_channels)?, f)?,
+            // Unpatchify back to (B, C, H, W).
+            _ => out.reshape((b, gh, gw, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?,
+        };
         output_to_velocity(self.cfg.prediction, out, z, sigma)
     }
 }
@@ -321,7 +339,12 @@ pub(crate) mod tests {
     use crate::world::{self, Split};
 
     pub(crate) fn tiny() -> DitConfig {
-        DitConfig { image_size: 16, patch: 4, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, fused: true, prediction: Prediction::V }
+        DitConfig { image_size: 16, patch: 4, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, fused: true, prediction: Prediction::V, conv_channels: 0 }
+    }
+
+    /// `tiny()` with the conv stem and head.
+    pub(crate) fn tiny_conv() -> DitConfig {
+        DitConfig { conv_channels: 8, ..tiny() }
     }
 
     fn batch(p: &ImagePolicy, n: usize) -> (Tensor, Tensor, Tensor) {
@@ -390,14 +413,24 @@ pub(crate) mod tests {
     /// reach every trainable tensor with a finite, non-zero gradient — for both paths.
     #[test]
     fn every_parameter_gets_a_gradient() {
-        for (fused, prediction) in [(false, Prediction::V), (true, Prediction::V), (true, Prediction::X)] {
-            let cfg = DitConfig { fused, prediction, ..tiny() };
+        for (fused, prediction, conv) in [(false, Prediction::V, 0), (true, Prediction::V, 0), (true, Prediction::X, 0), (false, Prediction::X, 8), (true, Prediction::X, 8)] {
+            let cfg = DitConfig { fused, prediction, conv_channels: conv, ..tiny() };
             let p = ImagePolicy::new(&cfg, &Device::Cpu, 0).unwrap();
             let (z, s, c) = batch(&p, 2);
             let loss = p.velocity(&z, &s, &c).unwrap().sqr().unwrap().mean_all().unwrap();
             let grads = loss.backward().unwrap();
-            crate::policy::assert_every_var_has_gradient(&grads, p.trainable(), &format!("fused={fused} {prediction:?}"));
+            crate::policy::assert_every_var_has_gradient(&grads, p.trainable(), &format!("fused={fused} {prediction:?} conv={conv}"));
         }
+    }
+
+    /// With the conv stem and head, the fused and composed block paths agree (same weights).
+    #[test]
+    fn conv_stem_fused_and_reference_paths_agree() {
+        let fused = ImagePolicy::new(&tiny_conv(), &Device::Cpu, 3).unwrap();
+        let reference = ImagePolicy::new(&DitConfig { fused: false, ..tiny_conv() }, &Device::Cpu, 3).unwrap();
+        let (z, s, c) = batch(&fused, 2);
+        let d = (fused.velocity(&z, &s, &c).unwrap() - reference.velocity(&z, &s, &c).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "fused vs reference: {d}");
     }
 
     #[test]
@@ -432,6 +465,14 @@ pub(crate) mod tests {
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         let e = ImagePolicy::load(&tiny(), &cut, None, &Device::Cpu, 0).err().unwrap().to_string();
         assert!(e.contains("cut.safetensors"), "{e}");
+        // A base from before the conv stem, loaded with it on (and the other way round):
+        // the error says which setting the file needs.
+        let e = format!("{:#}", ImagePolicy::load(&tiny_conv(), &path, None, &Device::Cpu, 0).err().unwrap());
+        assert!(e.contains("--set model.conv_channels=0"), "{e}");
+        let conv_path = dir.path().join("conv.safetensors");
+        ImagePolicy::new(&tiny_conv(), &Device::Cpu, 0).unwrap().save(&conv_path).unwrap();
+        let e = format!("{:#}", ImagePolicy::load(&tiny(), &conv_path, None, &Device::Cpu, 0).err().unwrap());
+        assert!(e.contains("--set model.conv_channels=8"), "{e}");
     }
 
     #[test]

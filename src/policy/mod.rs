@@ -2,6 +2,7 @@
 //! noise levels and prompt conditioning; a new model is one new file behind [`Policy`].
 
 pub mod block;
+pub mod conv;
 pub mod dit;
 pub mod layers;
 pub mod ops;
@@ -104,7 +105,9 @@ impl ImagePolicy {
         let vb = seeded_var_builder(&base, seed, device);
         // Build once to create the variables, then overwrite them from the file.
         let _ = Dit::new(&vb, cfg, None)?;
-        crate::train::checkpoint::load_varmap(&base, weights)?;
+        if let Err(e) = crate::train::checkpoint::load_varmap(&base, weights) {
+            return Err(explain_conv_mismatch(e, cfg, weights));
+        }
         let (lora_map, model) = match lora {
             None => (None, Dit::new(&vb, cfg, None)?),
             Some(spec) => {
@@ -148,6 +151,21 @@ impl Policy for ImagePolicy {
     fn decode(&self, z: &Tensor) -> Result<Vec<Image>> {
         Ok(dit::latents_to_images(z)?)
     }
+}
+
+/// A base pretrained with or without the conv stem (`model.conv_channels`) has a different
+/// checkpoint layout; say which setting the file needs instead of naming a missing tensor.
+fn explain_conv_mismatch(e: anyhow::Error, cfg: &DitConfig, weights: &Path) -> anyhow::Error {
+    let Ok(file) = crate::train::checkpoint::read_tensors(weights, &Device::Cpu) else { return e };
+    let file_conv = file.get("stem.conv1.weight").map(|t| t.dim(0).unwrap_or(0)).unwrap_or(0);
+    if file_conv != cfg.conv_channels {
+        return e.context(format!(
+            "{}: pretrained with model.conv_channels = {file_conv}, this config has {}; pass --set model.conv_channels={file_conv} (bases from before the conv stem existed have 0)",
+            weights.display(),
+            cfg.conv_channels
+        ));
+    }
+    e
 }
 
 /// Load the configured modality's policy (image `[model]` or video `[video_model]`) from

@@ -712,3 +712,103 @@ mod tests {
         assert!(linear_bias(&x, &w.t().unwrap(), &b).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// im2col for 3×3 convolutions (channels-last), with col2im as its backward.
+
+/// x: (B, H, W, C) → (B, H, W, 9·C): for every pixel, its 3×3 neighbourhood (zero padded),
+/// tap-major (tap = dy·3 + dx, offsets −1..=1) then channel. The composed version (pad, nine
+/// narrows, cat) spent most of its backward building zero-padded copies.
+pub fn im2col3x3(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Im2Col)
+}
+
+struct Im2Col;
+struct Col2Im;
+
+fn im2col_fwd<T: Elem>(x: &[T], b: usize, h: usize, w: usize, c: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); b * h * w * 9 * c];
+    out.par_chunks_mut(w * 9 * c).enumerate().for_each(|(r, orow)| {
+        let (n, i) = (r / h, r % h);
+        for dy in 0..3 {
+            let yy = i as isize + dy as isize - 1;
+            if yy < 0 || yy >= h as isize {
+                continue;
+            }
+            let src = &x[(n * h + yy as usize) * w * c..][..w * c];
+            for j in 0..w {
+                for dx in 0..3 {
+                    let xx = j as isize + dx as isize - 1;
+                    if xx < 0 || xx >= w as isize {
+                        continue;
+                    }
+                    let t = dy * 3 + dx;
+                    orow[(j * 9 + t) * c..][..c].copy_from_slice(&src[xx as usize * c..][..c]);
+                }
+            }
+        }
+    });
+    out
+}
+
+fn col2im<T: Elem>(g: &[T], b: usize, h: usize, w: usize, c: usize) -> Vec<T> {
+    let mut dx = vec![T::zero(); b * h * w * c];
+    // Output pixel (n, i, j) gathers tap (dy, dx) of the column at (i − dy + 1, j − dx + 1).
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(r, drow)| {
+        let (n, i) = (r / h, r % h);
+        for dy in 0..3 {
+            let yy = i as isize - dy as isize + 1;
+            if yy < 0 || yy >= h as isize {
+                continue;
+            }
+            let grow = &g[(n * h + yy as usize) * w * 9 * c..][..w * 9 * c];
+            for j in 0..w {
+                let d = &mut drow[j * c..][..c];
+                for ddx in 0..3 {
+                    let xx = j as isize - ddx as isize + 1;
+                    if xx < 0 || xx >= w as isize {
+                        continue;
+                    }
+                    let src = &grow[(xx as usize * 9 + dy * 3 + ddx) * c..][..c];
+                    for (o, &v) in d.iter_mut().zip(src) {
+                        *o = *o + v;
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match l.shape().dims() {
+        &[b, h, w, c] => Ok((b, h, w, c)),
+        d => candle_core::bail!("policy/ops.rs: {what}: expected (B, H, W, C), got {d:?}"),
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "vipo-im2col3x3"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = dims4(l, "im2col3x3")?;
+        let out = dispatch!(s, "im2col3x3", |v| storage(im2col_fwd(contiguous(v, l, "x")?, b, h, w, c)));
+        Ok((out, Shape::from((b, h, w, 9 * c))))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im)?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "vipo-col2im3x3"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, w, c9) = dims4(l, "col2im3x3")?;
+        let c = c9 / 9;
+        let out = dispatch!(s, "col2im3x3", |v| storage(col2im(contiguous(v, l, "grad")?, b, h, w, c)));
+        Ok((out, Shape::from((b, h, w, c))))
+    }
+}

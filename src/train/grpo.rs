@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use crate::advantage::group_advantages;
 use crate::advantage::{map_times_reward_advantages, pixel_advantages};
-use crate::config::{Algo, Config, MapTimes, RatioMode, SdeChoice};
-use crate::objective::{clipped_surrogate, kl_penalty};
+use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
+use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
 use crate::policy::layers::LoraSpec;
 use crate::policy::{guided_velocity, TrainPolicy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
@@ -107,10 +107,10 @@ pub struct Trainer {
     sigmas: Vec<f64>,
 }
 
-/// Resolve `train.base` ("" = cached demo base for this config).
+/// Resolve `train.base` ("" = the shipped base when it fits, else the cached base).
 pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
     if cfg.train.base.is_empty() {
-        crate::sample::cached_base(cfg, false)
+        crate::base::default_base(cfg, false)
     } else {
         let p = PathBuf::from(&cfg.train.base);
         anyhow::ensure!(p.is_file(), "train.base: {} does not exist", p.display());
@@ -466,7 +466,11 @@ impl Trainer {
                         } else {
                             (lp_new.clone(), lp_old.clone())
                         };
-                        let sur = clipped_surrogate(&lp_new, &lp_old, &adv_mb, t.clip_range)?;
+                        let sur = if self.sample_trust() {
+                            clipped_surrogate_sample_trust(&lp_new, &lp_old, &adv_mb, t.clip_range)?
+                        } else {
+                            clipped_surrogate(&lp_new, &lp_old, &adv_mb, t.clip_range)?
+                        };
                         if ri == 0 {
                             ratio_sum += sur.ratio_mean;
                             ratio_cnt += 1;
@@ -517,12 +521,19 @@ impl Trainer {
     /// Log-prob reduction per algorithm: GRPO = mean over all elements (one per sample);
     /// ViPO = sum over channels (one per latent position), or the per-sample mean for the
     /// `ratio = "per-sample"` ablation.
+    /// `vipo.clip = "per-sample"` uses the per-element mean over channels instead of the sum.
     fn reduce_log_probs(&self, new_dense: &Tensor, old_dense: &Tensor) -> Result<(Tensor, Tensor)> {
         let how = match (self.cfg.train.algo, self.cfg.vipo.ratio) {
             (Algo::Grpo, _) | (Algo::Vipo, RatioMode::PerSample) => LogProbReduction::MeanAll,
+            (Algo::Vipo, RatioMode::PerPosition) if self.sample_trust() => LogProbReduction::MeanChannels,
             (Algo::Vipo, RatioMode::PerPosition) => LogProbReduction::SumChannels,
         };
         Ok((sampler::reduce(new_dense, how)?, sampler::reduce(old_dense, how)?))
+    }
+
+    /// ViPO's per-position ratio under the per-sample trust region (`vipo.clip`).
+    fn sample_trust(&self) -> bool {
+        self.cfg.train.algo == Algo::Vipo && self.cfg.vipo.ratio == RatioMode::PerPosition && self.cfg.vipo.clip == ClipMode::PerSample
     }
 
     fn update_ema(&mut self) -> Result<()> {
@@ -940,6 +951,39 @@ mod tests {
         p.vipo.ratio = RatioMode::PerPosition;
         let (_, mp) = run(&p, "p");
         assert!(mp[0].ratio_dev_first < 1e-5, "per-position parity {}", mp[0].ratio_dev_first);
+    }
+
+    /// Issue 12 item 4: under the default trust region (`vipo.clip = "per-sample"`), ViPO
+    /// with an all-ones map tracks GRPO step for step with several optimizer steps per
+    /// rollout batch (identical first gradient, the same clip statistic), while clipping
+    /// each position's ratio at the same ε clips far more often.
+    #[test]
+    fn vipo_with_ones_map_tracks_grpo_under_the_default_trust_region() {
+        let d = tempfile::tempdir().unwrap();
+        let mut g = setup(d.path());
+        g.train.steps = 3;
+        g.train.lr = 1e-2; // clip_range stays the default 1e-4
+        g.train.micro_batch = 1; // 4 optimizer steps per rollout batch
+        let mut v = g.clone();
+        v.train.algo = Algo::Vipo;
+        v.vipo.map = crate::config::MapKind::Ones;
+        assert_eq!(v.vipo.clip, crate::config::ClipMode::PerSample, "the default trust region");
+        let mut p = v.clone();
+        p.vipo.clip = crate::config::ClipMode::PerPosition;
+        let (_, mg) = run(&g, "g");
+        let (_, mv) = run(&v, "v");
+        let (_, mp) = run(&p, "p");
+        for (i, ((a, b), c)) in mg.iter().zip(&mv).zip(&mp).enumerate() {
+            eprintln!("step {i}: grpo r {:.5} clip {:.3} gn {:.4} | ones r {:.5} clip {:.3} gn {:.4} | per-position clip r {:.5} clip {:.3} gn {:.4}",
+                a.reward_mean, a.clip_frac, a.grad_norm, b.reward_mean, b.clip_frac, b.grad_norm, c.reward_mean, c.clip_frac, c.grad_norm);
+        }
+        assert!((mg[0].grad_norm - mv[0].grad_norm).abs() <= 0.05 * mg[0].grad_norm, "first step: grad norm grpo {} vs ones {}", mg[0].grad_norm, mv[0].grad_norm);
+        for (a, b) in mg.iter().zip(&mv) {
+            assert!((a.reward_mean - b.reward_mean).abs() <= 0.02 * a.reward_mean.abs().max(1e-3), "reward grpo {} vs ones {}", a.reward_mean, b.reward_mean);
+            assert!((a.clip_frac - b.clip_frac).abs() <= 0.26, "clip frac grpo {} vs ones {}", a.clip_frac, b.clip_frac);
+        }
+        let (cg, cp): (f64, f64) = (mg.iter().map(|m| m.clip_frac).sum(), mp.iter().map(|m| m.clip_frac).sum());
+        assert!(cp > cg + 0.1, "per-position clipping should bind far more often: {cp} vs grpo {cg}");
     }
 
     #[test]
