@@ -149,23 +149,29 @@ pub fn evaluate_weights(cfg: &Config, weights: &Path, n: usize) -> Result<crate:
     Ok(crate::eval::run::evaluate_policy(policy.as_ref(), cfg, n)?.0)
 }
 
-/// `vipo export-base`: store a finished image pretraining run's weights as f16 in `out`,
-/// evaluate the stored file, and write its provenance. Refuses to overwrite.
-pub fn export(run_dir: &Path, out: &Path, command: &str, commit: &str, machine: &str) -> Result<Provenance> {
+/// `vipo export-base`: store an image pretraining run's weights as f16 in `out` — the final
+/// weights, or the (EMA) checkpoint after `step` steps of a longer run — evaluate the stored
+/// file, and write its provenance. Refuses to overwrite.
+pub fn export(run_dir: &Path, step: Option<usize>, out: &Path, command: &str, commit: &str, machine: &str) -> Result<Provenance> {
     let cfg: Config = crate::config::load(Some(&run_dir.join(crate::train::run::CONFIG_FILE)), &[])?;
     ensure!(cfg.modality == Modality::Image, "{}: export-base supports image bases only", run_dir.display());
-    let src = run_dir.join(crate::train::run::FINAL_WEIGHTS);
-    ensure!(src.is_file(), "{}: no final weights (is the pretraining finished?)", src.display());
+    let src = match step {
+        None => run_dir.join(crate::train::run::FINAL_WEIGHTS),
+        Some(n) => run_dir.join("checkpoints").join(format!("step_{n}.safetensors")),
+    };
+    ensure!(src.is_file(), "{}: no such weights (is the pretraining finished, or the checkpoint written?)", src.display());
     ensure!(!out.join(PROVENANCE).exists(), "{}: already exists; remove it first", out.join(PROVENANCE).display());
     let mpath = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&mpath).with_context(|| format!("{}: cannot read", mpath.display()))?;
+    // The last log line within the exported steps (a checkpoint after n steps logs step n − 1).
     let last: serde_json::Value = text
         .lines()
         .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| step.map_or(true, |n| v["step"].as_u64().map_or(false, |s| (s as usize) < n)))
         .with_context(|| format!("{}: no metrics line", mpath.display()))?;
     let wall_s = last["elapsed_s"].as_f64().unwrap_or(0.0);
-    let steps = last["step"].as_u64().map(|s| s as usize + 1).unwrap_or(cfg.pretrain.steps);
+    let steps = step.unwrap_or_else(|| last["step"].as_u64().map(|s| s as usize + 1).unwrap_or(cfg.pretrain.steps));
     let images_per_s = (steps * cfg.pretrain.batch_size) as f64 / wall_s.max(1e-9);
 
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;

@@ -156,7 +156,7 @@ pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize,
 }
 
 /// `vipo bench [block|policy|psm|video|all]`.
-pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
+pub fn run_cli(what: &str, iters: usize, samples_of: Option<(&std::path::Path, Option<usize>)>) -> anyhow::Result<()> {
     let known = ["block", "policy", "psm", "video", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
     println!("threads: {} (CANDLE_NUM_THREADS={})", candle_core::utils::get_num_threads(), std::env::var("CANDLE_NUM_THREADS").unwrap_or_default());
@@ -169,13 +169,19 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some((run, step)) = samples_of {
+        anyhow::ensure!(what == "psm", "bench: --run applies to `vipo bench psm` only");
+        for input in [224usize, 112] {
+            for b in bench_psm_samples(run, step, 64, input)? {
+                print_psm("samples", &b);
+            }
+        }
+        return Ok(());
+    }
     if what == "psm" || what == "all" {
         for input in [224usize, 112, 64] {
             for b in bench_psm(&["features.3", "features.6", "features.13"], input, 32)? {
-                println!(
-                    "psm mobilenet_v2 {:<12} @{:3} {:<9} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
-                    b.tap, b.input_size, format!("{:?}", b.orient).to_lowercase(), b.grid.0, b.grid.1, b.object_mass, b.area_frac, b.backbone_ms, b.psm_ms
-                );
+                print_psm("renders", &b);
             }
         }
     }
@@ -204,6 +210,22 @@ pub fn run_cli(what: &str, iters: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_psm(on: &str, b: &PsmBench) {
+    println!(
+        "psm {on} mobilenet_v2 {:<12} @{:3} {:<9} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3}, ratio {:.2})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
+        b.tap,
+        b.input_size,
+        format!("{:?}", b.orient).to_lowercase(),
+        b.grid.0,
+        b.grid.1,
+        b.object_mass,
+        b.area_frac,
+        b.object_mass / b.area_frac.max(1e-9),
+        b.backbone_ms,
+        b.psm_ms
+    );
 }
 
 /// PSM quality and cost per backbone tap on ground-truth ShapeWorld renders: mean share
@@ -237,21 +259,30 @@ pub fn bench_psm(taps: &[&str], input_size: usize, n_images: usize) -> anyhow::R
         images.push(r.image);
         masks.push(m);
     }
+    psm_mass(&images, &masks, taps, input_size)
+}
+
+/// Map mass on objects for every orientation rule, on `images` with object `masks` (one
+/// value per pixel in [0, 1]), for each MobileNetV2 tap at `input_size`.
+pub fn psm_mass(images: &[crate::image::Image], masks: &[Vec<f32>], taps: &[&str], input_size: usize) -> anyhow::Result<Vec<PsmBench>> {
+    anyhow::ensure!(!images.is_empty() && images.len() == masks.len(), "psm bench: {} images, {} masks", images.len(), masks.len());
+    let n_images = images.len();
+    let (h, w) = (images[0].h, images[0].w);
     let mut out = Vec::new();
     for tap in taps {
         let cfg = crate::backbone::BackboneConfig { tap: tap.to_string(), input_size, ..Default::default() };
         let bb = crate::backbone::load(&cfg)?;
         let _ = bb.features(&images[..1])?; // warm-up
         let t0 = std::time::Instant::now();
-        let feats = bb.features(&images)?;
+        let feats = bb.features(images)?;
         let backbone_ms = t0.elapsed().as_secs_f64() * 1e3 / n_images as f64;
         for orient in [crate::psm::Orient::Border, crate::psm::Orient::Minority, crate::psm::Orient::Sklearn] {
             let t1 = std::time::Instant::now();
             let pc = crate::psm::PsmConfig { orient, ..Default::default() };
-            let (maps, _) = crate::psm::allocation_maps(&feats, 32, 32, &pc);
+            let (maps, _) = crate::psm::allocation_maps(&feats, h, w, &pc);
             let psm_ms = t1.elapsed().as_secs_f64() * 1e3 / n_images as f64;
             let (mut mass, mut area) = (0.0, 0.0);
-            for (m, o) in maps.iter().zip(&masks) {
+            for (m, o) in maps.iter().zip(masks) {
                 let (a, b) = crate::psm::map_object_mass(m, o);
                 mass += a as f64;
                 area += b as f64;
@@ -260,4 +291,18 @@ pub fn bench_psm(taps: &[&str], input_size: usize, n_images: usize) -> anyhow::R
         }
     }
     Ok(out)
+}
+
+/// The same measurement on a run's own samples: 20-step ODE samples (fixed noise) of the
+/// run's weights on `n` `vipo eval` prompts, with the foreground masks the trainer's
+/// `map_object_mass` uses (generated images have no ground-truth masks), for MobileNetV2's
+/// taps `features.{3,6,13}` at `input_size`.
+pub fn bench_psm_samples(run_dir: &std::path::Path, step: Option<usize>, n: usize, input_size: usize) -> anyhow::Result<Vec<PsmBench>> {
+    let cfg: crate::config::Config = crate::config::load(Some(&run_dir.join(crate::train::run::CONFIG_FILE)), &[])?;
+    anyhow::ensure!(cfg.modality == crate::config::Modality::Image, "bench psm --run: {} is not an image run", run_dir.display());
+    let (policy, _) = crate::eval::run::load_run_policy(run_dir, &cfg, step)?;
+    let prompts = crate::world::prompts(crate::world::Split::Eval, n, crate::eval::run::EVAL_SEED);
+    let images = crate::eval::generate_images(policy.as_ref(), &policy.latent_shape(), &prompts, crate::eval::run::EVAL_SEED, &cfg.sample)?;
+    let masks: Vec<Vec<f32>> = images.iter().map(crate::train::maps::foreground_mask).collect();
+    psm_mass(&images, &masks, &["features.3", "features.6", "features.13"], input_size)
 }

@@ -68,6 +68,9 @@ enum Cmd {
         /// The `vipo pretrain` run directory.
         #[arg(long)]
         run: PathBuf,
+        /// Export the (EMA) checkpoint after this many steps instead of the final weights.
+        #[arg(long)]
+        checkpoint: Option<usize>,
         /// Output directory (default: weights/base of this source tree).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -213,6 +216,13 @@ struct BenchArgs {
     /// Timed iterations (median reported).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// `psm` only: measure map mass on this run's own samples (64 `vipo eval` prompts,
+    /// foreground masks) instead of on ground-truth renders.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// With --run: a checkpoint step instead of the final weights.
+    #[arg(long)]
+    checkpoint: Option<usize>,
 }
 
 pub fn main() -> i32 {
@@ -273,9 +283,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {n} tensors to {}", dst.display());
             Ok(())
         }
-        Cmd::ExportBase { run, out, command, commit, machine } => {
+        Cmd::ExportBase { run, checkpoint, out, command, commit, machine } => {
             let out = out.unwrap_or_else(crate::base::shipped_dir);
-            let p = crate::base::export(&run, &out, &command, &commit, &machine)?;
+            let p = crate::base::export(&run, checkpoint, &out, &command, &commit, &machine)?;
             println!("wrote {} (sha256 {}); vipo eval: {:.3} eval / {:.3} ood", out.join(&p.file).display(), p.sha256, p.eval.compositional, p.ood.compositional);
             Ok(())
         }
@@ -324,7 +334,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out.join("eval.json").display());
             Ok(())
         }
-        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters),
+        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.run.as_deref().map(|r| (r, a.checkpoint))),
     }
 }
 

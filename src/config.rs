@@ -143,6 +143,18 @@ pub struct PretrainConfig {
     /// layout is decided (JiT's x-prediction recipe uses ≈ 0.8 / 0.8).
     pub sigma_loc: f64,
     pub sigma_scale: f64,
+    /// Initial image-token position table: "sincos" (DiT's fixed 2-D sin-cos values, then
+    /// learned: neighbouring tokens start out alike) or "randn" (N(0, 0.02²), the layout
+    /// before this field).
+    pub pos_init: PosInit,
+}
+
+/// Initial values of the image policy's learned position table ([`PretrainConfig::pos_init`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PosInit {
+    Sincos,
+    Randn,
 }
 
 impl Default for PretrainConfig {
@@ -164,6 +176,7 @@ impl Default for PretrainConfig {
             cond_dropout: 0.0,
             sigma_loc: 0.0,
             sigma_scale: 1.0,
+            pos_init: PosInit::Sincos,
         }
     }
 }

@@ -67,8 +67,12 @@ pub fn cached_base_path(cfg: &Config) -> PathBuf {
     // so caches written before they existed stay valid; they are the last field of their
     // struct, so each is one exact substring.
     let mut key = key.expect("config serializes");
-    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#, r#","sigma_loc":0.0"#, r#","sigma_scale":1.0"#, r#","conv_channels":0"#] {
+    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#, r#","sigma_loc":0.0"#, r#","sigma_scale":1.0"#, r#","conv_channels":0"#, r#","pos_init":"randn""#] {
         key = key.replacen(legacy, "", 1);
+    }
+    if cfg.modality == crate::config::Modality::Video {
+        // The video policy has no such position table: pos_init does not change its base.
+        key = key.replacen(r#","pos_init":"sincos""#, "", 1);
     }
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     cache_dir().join(format!("{prefix}-{hash:016x}")).join(crate::train::run::FINAL_WEIGHTS)
@@ -115,6 +119,7 @@ mod tests {
         let mut cfg = Config::default();
         cfg.model.prediction = crate::policy::dit::Prediction::V;
         cfg.model.conv_channels = 0;
+        cfg.pretrain.pos_init = crate::config::PosInit::Randn;
         assert!(cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"), "{}", cached_base_path(&cfg).display());
         let video: Config = crate::config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/video.toml"))), &[]).unwrap();
         assert!(cached_base_path(&video).parent().unwrap().ends_with("vbase-2070df40716fb457"), "{}", cached_base_path(&video).display());

@@ -376,3 +376,40 @@ fn video_pretrain_sample_and_bad_input() {
     let e = err(&vipo(&["train", "--set", "modality=video", "--set", &format!("train.base={}", run.join("model.safetensors").display())], d.path()));
     assert!(e.contains("train.rewards[0]") && e.contains("video"), "{e}");
 }
+
+/// `vipo export-base` stores a pretraining run's final weights or one of its checkpoints as
+/// f16 with a provenance record whose sha256, step count and scores describe that file; it
+/// refuses to overwrite a record and names a missing checkpoint.
+#[test]
+fn export_base_records_provenance_of_final_weights_and_checkpoints() {
+    let d = tempfile::tempdir().unwrap();
+    let mut args = vec!["pretrain", "--set", "run_name=base", "--set", "pretrain.checkpoint_every=1"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--set", "pretrain.steps=3"]);
+    let o = vipo(&args, d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = d.path().join("runs/base");
+    let export = |out: &str, ck: Option<&str>| {
+        let mut a = vec!["export-base", "--run", run.to_str().unwrap(), "--out", out, "--command", "vipo pretrain (test)", "--commit", "abc", "--machine", "test"];
+        if let Some(c) = ck {
+            a.extend_from_slice(&["--checkpoint", c]);
+        }
+        vipo(&a, d.path())
+    };
+    for (out, ck, steps) in [("final", None, 3u64), ("ck2", Some("2"), 2)] {
+        let o = export(out, ck);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let prov: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join(out).join("PROVENANCE.json")).unwrap()).unwrap();
+        assert_eq!(prov["steps"], steps, "{out}");
+        assert_eq!(prov["dtype"], "f16");
+        let bytes = std::fs::read(d.path().join(out).join("shapeworld_base.safetensors")).unwrap();
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(prov["sha256"], sha.as_str());
+        assert!(prov["eval"]["compositional"].as_f64().unwrap().is_finite());
+    }
+    let e = err(&export("final", None));
+    assert!(e.contains("already exists"), "{e}");
+    let e = err(&export("ck9", Some("9")));
+    assert!(e.contains("step_9.safetensors"), "{e}");
+}

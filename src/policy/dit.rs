@@ -229,6 +229,28 @@ impl AdaHead {
     }
 }
 
+/// DiT's fixed 2-D sin-cos position table for a `grid`×`grid` token grid, row-major:
+/// the first half of the width encodes the row, the second the column, each as
+/// [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−k/(D/4)). Returns (grid², dim) values.
+pub fn sincos_2d(grid: usize, dim: usize) -> Vec<f32> {
+    let quarter = dim / 4;
+    let mut out = vec![0f32; grid * grid * dim];
+    for r in 0..grid {
+        for c in 0..grid {
+            let row = &mut out[(r * grid + c) * dim..(r * grid + c + 1) * dim];
+            for (half, pos) in [(0usize, r as f64), (1, c as f64)] {
+                let base = half * dim / 2;
+                for k in 0..quarter {
+                    let a = pos * 10000f64.powf(-(k as f64) / quarter.max(1) as f64);
+                    row[base + k] = a.sin() as f32;
+                    row[base + quarter + k] = a.cos() as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The policy network v_θ(z, σ, prompt).
 pub struct Dit {
     pub cfg: DitConfig,
@@ -431,6 +453,21 @@ pub(crate) mod tests {
         let (z, s, c) = batch(&fused, 2);
         let d = (fused.velocity(&z, &s, &c).unwrap() - reference.velocity(&z, &s, &c).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-4, "fused vs reference: {d}");
+    }
+
+    /// DiT's 2-D sin-cos table: row r, column c → [sin, cos](r·ω) ‖ [sin, cos](c·ω), so
+    /// tokens of one row share the first half and nearby tokens have nearby codes.
+    #[test]
+    fn sincos_table_encodes_row_and_column() {
+        let (g, d) = (4usize, 16usize);
+        let t = sincos_2d(g, d);
+        let tok = |r: usize, c: usize| &t[(r * g + c) * d..(r * g + c + 1) * d];
+        assert_eq!(&tok(2, 0)[..d / 2], &tok(2, 3)[..d / 2], "same row, same first half");
+        assert_eq!(&tok(0, 1)[d / 2..], &tok(3, 1)[d / 2..], "same column, same second half");
+        // Frequency 0 of the row half: sin(r), cos(r).
+        assert!((tok(3, 0)[0] - 3f32.sin()).abs() < 1e-6 && (tok(3, 0)[d / 4] - 3f32.cos()).abs() < 1e-6);
+        let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+        assert!(dist(tok(1, 1), tok(1, 2)) < dist(tok(1, 1), tok(3, 3)), "neighbours are closer than far tokens");
     }
 
     #[test]

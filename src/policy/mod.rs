@@ -8,7 +8,7 @@ pub mod layers;
 pub mod ops;
 pub mod video_dit;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
@@ -120,6 +120,20 @@ impl ImagePolicy {
             }
         };
         Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, device: device.clone() })
+    }
+
+    /// Overwrite the image-token position table with DiT's 2-D sin-cos values
+    /// (`pretrain.pos_init = "sincos"`): neighbouring tokens then start out alike, which a
+    /// N(0, 0.02²) table must first learn. The other weights keep their seeded init.
+    pub fn init_positions_sincos(&self) -> Result<()> {
+        let data = self.base.data().lock().unwrap();
+        let var = data.get("pos_embed").context("pos_embed: missing from the policy")?;
+        let (n, d) = var.dims2()?;
+        let grid = self.cfg.grid();
+        anyhow::ensure!(n == grid * grid, "pos_embed: {n} rows for a {grid}x{grid} grid");
+        let t = Tensor::from_vec(dit::sincos_2d(grid, d), (n, d), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+        Ok(())
     }
 
     /// Save the base weights (safetensors, atomic).
