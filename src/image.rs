@@ -117,6 +117,50 @@ pub fn grid(images: &[Image], cols: usize) -> Image {
     out
 }
 
+/// Cell `i` of an image made by [`grid`] from `cell_h`×`cell_w` tiles in `cols` columns.
+pub fn grid_cell(g: &Image, cell_h: usize, cell_w: usize, cols: usize, i: usize) -> Result<Image> {
+    let (oy, ox) = (1 + (i / cols) * (cell_h + 1), 1 + (i % cols) * (cell_w + 1));
+    if oy + cell_h > g.h || ox + cell_w > g.w {
+        bail!("grid cell {i} ({cell_h}x{cell_w}, {cols} columns) lies outside a {}x{} grid image", g.h, g.w);
+    }
+    let mut out = Image::new(cell_h, cell_w);
+    for c in 0..3 {
+        for y in 0..cell_h {
+            for x in 0..cell_w {
+                out.set(c, y, x, g.get(c, oy + y, ox + x));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What a grid image shows, cell by cell in reading order: the prompt of each sample, its
+/// score, and a note. Written beside the PNG as `NAME.prompts.json`, so reports can caption
+/// every grid with its prompts.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LegendCell {
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// `grid.png` → `grid.prompts.json`.
+pub fn legend_path(png: &Path) -> std::path::PathBuf {
+    png.with_extension("prompts.json")
+}
+
+/// Write the legend of the grid image `png`.
+pub fn write_legend(png: &Path, cells: &[LegendCell]) -> Result<()> {
+    crate::io::atomic_write(&legend_path(png), serde_json::to_string_pretty(cells)?.as_bytes())
+}
+
+/// The legend of `png`, if one was written (None when absent or unreadable).
+pub fn read_legend(png: &Path) -> Option<Vec<LegendCell>> {
+    serde_json::from_str(&std::fs::read_to_string(legend_path(png)).ok()?).ok()
+}
+
 /// A heat-map image of `values` (h×w, expected in [0, 1]): dark blue → yellow.
 pub fn heatmap(values: &[f32], h: usize, w: usize) -> Image {
     let mut out = Image::new(h, w);

@@ -82,6 +82,7 @@ pub fn run_report_input(rd: &Path) -> Result<ReportInput> {
         curves,
         eval_rows,
         extra_tables: vec![],
+        side_by_side: vec![],
         sample_grids,
         map_grids,
         timings: vec![Timing { method: name, sample_s: ts / n, reward_s: tr / n, map_s: tm / n, update_s: tu / n, peak_rss_mb: rss }],

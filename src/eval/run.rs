@@ -288,10 +288,29 @@ pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Op
     rep.run = run_dir.display().to_string();
     rep.checkpoint = ck;
     for (split, g) in &grids {
-        save_grid(g, &out.join(format!("grid_{split}.png")))?;
+        let png = out.join(format!("grid_{split}.png"));
+        save_grid(g, &png)?;
+        crate::image::write_legend(&png, &grid_legend(&cfg, split, n, &rep)?)?;
     }
     crate::io::atomic_write(&out.join("eval.json"), serde_json::to_string_pretty(&rep)?.as_bytes())?;
     Ok((out, rep))
+}
+
+/// The prompts (and primary-reward scores) of the cells [`save_grid`] draws for `split`.
+pub fn grid_legend(cfg: &Config, split: &str, n: usize, rep: &EvalReport) -> Result<Vec<crate::image::LegendCell>> {
+    let which = if split == "ood" { Split::Ood } else { Split::Eval };
+    let (texts, shown): (Vec<String>, usize) = match cfg.modality {
+        Modality::Image => (world::prompts(which, n, EVAL_SEED).iter().map(|p| p.text()).collect(), 32),
+        Modality::Video => (crate::world::video::video_prompts(which, n, EVAL_SEED).iter().map(|p| p.text()).collect(), 16),
+    };
+    let primary = primary_reward(cfg);
+    let scores = rep.scores.get(split).and_then(|m| m.get(primary));
+    Ok(texts
+        .into_iter()
+        .take(shown)
+        .enumerate()
+        .map(|(i, prompt)| crate::image::LegendCell { prompt, score: scores.and_then(|v| v.get(i).copied()), note: String::new() })
+        .collect())
 }
 
 /// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×).

@@ -62,6 +62,9 @@ pub struct ReportInput {
     pub eval_rows: Vec<EvalRow>,
     /// (title, header, rows) of further tables.
     pub extra_tables: Vec<(String, Vec<String>, Vec<Vec<String>>)>,
+    /// Rows of samples on one prompt and one noise across methods (columns named in the
+    /// caption), shown before the grids.
+    pub side_by_side: Vec<Figure>,
     pub sample_grids: Vec<Figure>,
     pub map_grids: Vec<Figure>,
     pub timings: Vec<Timing>,
@@ -120,6 +123,7 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{border:1px solid #eee;max-width:100%;height:auto}\
 figure{display:inline-block;margin:6px 10px 14px 0;vertical-align:top}figcaption{font-size:12px;color:#444;max-width:520px}\
 figure img{image-rendering:pixelated;border:1px solid #ddd;max-width:100%}\
+ol.legend{font-size:11px;color:#444;margin:4px 0 0;padding-left:22px;columns:2;column-gap:18px;max-width:1200px}\
 pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}.summary{font-size:15px}.warn{color:#fff;background:#b00;padding:6px}\
 .note{color:#555;font-size:13px}";
 
@@ -154,14 +158,32 @@ fn figures(out: &mut String, figs: &[Figure]) -> Result<()> {
         let (w, _) = image::image_dimensions(&f.path).with_context(|| format!("report: cannot read image {}", f.path.display()))?;
         let _ = write!(
             out,
-            r#"<figure><img src="{}" width="{}" alt="{}"/><figcaption>{}</figcaption></figure>"#,
+            r#"<figure><img src="{}" width="{}" alt="{}"/><figcaption>{}{}</figcaption></figure>"#,
             data_uri(&f.path)?,
             (w * 2).min(1200),
             escape(&f.caption),
-            escape(&f.caption)
+            escape(&f.caption),
+            legend_html(&f.path)
         );
     }
     Ok(())
+}
+
+/// The grid's prompts in reading order (from its `.prompts.json` legend), with each cell's
+/// score and note; empty when the grid has no legend.
+fn legend_html(png: &Path) -> String {
+    let Some(cells) = crate::image::read_legend(png) else { return String::new() };
+    let mut s = String::from(" — prompts in reading order:<ol class=\"legend\">");
+    for c in cells {
+        let mut extra: Vec<String> = c.score.map(|v| format!("{v:.2}")).into_iter().collect();
+        if !c.note.is_empty() {
+            extra.push(c.note.clone());
+        }
+        let tail = if extra.is_empty() { String::new() } else { format!(" ({})", extra.join(", ")) };
+        let _ = write!(s, "<li>{}{}</li>", escape(&c.prompt), escape(&tail));
+    }
+    s.push_str("</ol>");
+    s
 }
 
 /// Render the report as one HTML string.
@@ -217,6 +239,10 @@ pub fn render(input: &ReportInput) -> Result<String> {
         }
         let _ = write!(o, "<h2>{}</h2>", escape(title));
         table(&mut o, header, rows);
+    }
+    if !input.side_by_side.is_empty() {
+        o.push_str("<h2>Same prompt, same noise</h2><p class=\"note\">Each image: the base model and every method (seed 0), left to right, sampled from the same initial noise on the same held-out prompt; the caption gives the prompt and each column's reward.</p>");
+        figures(&mut o, &input.side_by_side)?;
     }
     if !input.sample_grids.is_empty() {
         o.push_str("<h2>Samples</h2>");

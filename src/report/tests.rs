@@ -24,6 +24,7 @@ fn input(dir: &Path) -> ReportInput {
             stat: crate::eval::run::EvalRow { split: "ood".into(), reward: "compositional".into(), mean: 0.25, ci_low: 0.2, ci_high: 0.3, n: 64 },
         }],
         extra_tables: vec![("steps".into(), vec!["method".into(), "steps".into()], vec![vec!["vipo".into(), "12".into()]])],
+        side_by_side: vec![Figure { caption: "\"a red circle\" — base 0.40 · vipo 0.55".into(), path: png(dir, "s.png") }],
         sample_grids: vec![Figure { caption: "grid <eval>".into(), path: png(dir, "g.png") }],
         map_grids: vec![Figure { caption: "maps".into(), path: png(dir, "m.png") }],
         timings: vec![Timing { method: "vipo".into(), sample_s: 1.0, reward_s: 0.1, map_s: 0.05, update_s: 2.0, peak_rss_mb: 200.0 }],
@@ -42,6 +43,10 @@ fn base64_matches_rfc4648_vectors() {
 fn report_is_self_contained_balanced_and_escaped() {
     let dir = tempfile::tempdir().unwrap();
     let inp = input(dir.path());
+    // The sample grid has a legend: its prompts (escaped), scores and notes become the caption.
+    let cells = [("two red circles left of a <blue> square", Some(0.5), ""), ("a cyan diamond", None, "advantage +1.20")]
+        .map(|(p, s, n)| crate::image::LegendCell { prompt: p.into(), score: s, note: n.into() });
+    crate::image::write_legend(&dir.path().join("g.png"), &cells).unwrap();
     let path = dir.path().join("report.html");
     write_report(&inp, &path).unwrap();
     let html = std::fs::read_to_string(&path).unwrap();
@@ -53,7 +58,10 @@ fn report_is_self_contained_balanced_and_escaped() {
             assert!(part.starts_with("data:"), "external reference {key}{}", &part[..40.min(part.len())]);
         }
     }
-    assert_eq!(html.matches("<img src=\"data:image/png;base64,").count(), 2);
+    assert_eq!(html.matches("<img src=\"data:image/png;base64,").count(), 3);
+    assert!(html.contains("<li>two red circles left of a &lt;blue&gt; square (0.50)</li>") && html.contains("<li>a cyan diamond (advantage +1.20)</li>"), "grid legend");
+    assert!(html.contains("Same prompt, same noise") && html.contains("&quot;a red circle&quot; — base 0.40 · vipo 0.55"), "side-by-side section");
+    assert_eq!(html.matches("prompts in reading order").count(), 1, "only the grid with a legend lists prompts");
     assert!(html.contains("vipo &lt;compare&gt; &amp; &quot;friends&quot;") && html.contains("# &lt;b&gt;") && !html.contains("<b>"));
     // both axes for the curve, the band for grpo's two seeds, the timing bars
     assert!(html.contains("rollout reward vs step") && html.contains("rollout reward vs wall-clock"));
@@ -91,7 +99,7 @@ fn headless_browser_loads_report_without_errors() {
     let path = dir.path().join("report.html");
     write_report(&input(dir.path()), &path).unwrap();
     let c = browser::check(&browser, &path).unwrap();
-    assert_eq!((c.images, c.broken_images), (2, 0), "{c:?}");
+    assert_eq!((c.images, c.broken_images), (3, 0), "{c:?}");
     assert!(c.console.is_empty(), "{c:?}");
     // the check must be able to fail: a broken image and a script error are seen
     let html = std::fs::read_to_string(&path).unwrap().replace("</body>", "<img src=\"nowhere.png\"/><script>console.error('boom')</script></body>");

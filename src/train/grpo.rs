@@ -361,7 +361,7 @@ impl Trainer {
         if let Some(mb) = &maps {
             let every = self.cfg.vipo.map_grid_every;
             if every > 0 && (m.step == 1 || m.step % every == 0) {
-                self.write_map_grid(m.step, &samples, mb, &scores)?;
+                self.write_map_grid(m.step, &samples, mb, &scores, &specs)?;
             }
         }
 
@@ -567,11 +567,17 @@ impl Trainer {
 
     /// For the first two prompt groups: sample | allocation map | signed advantage overlay
     /// (red = pushed up, blue = pushed down), one row per sample.
-    fn write_map_grid(&self, step: usize, samples: &task::Decoded, mb: &crate::train::maps::MapBatch, scores: &[Vec<f32>]) -> Result<()> {
+    /// Beside it, `step_N.prompts.json`: each row's prompt, reward and advantage.
+    fn write_map_grid(&self, step: usize, samples: &task::Decoded, mb: &crate::train::maps::MapBatch, scores: &[Vec<f32>], specs: &[usize]) -> Result<()> {
         let t = &self.cfg.train;
         let ga = group_advantages(&scores[0], t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?;
         let path = self.run_dir.join("maps").join(format!("step_{step:05}.png"));
-        self.task.write_map_grid(samples, mb, &ga.adv, 2 * t.group_size, t.adv_clip as f32 / 2.0, &path)
+        let n = 2 * t.group_size;
+        self.task.write_map_grid(samples, mb, &ga.adv, n, t.adv_clip as f32 / 2.0, &path)?;
+        let cells: Vec<crate::image::LegendCell> = (0..n.min(specs.len()))
+            .map(|i| crate::image::LegendCell { prompt: self.task.prompt_text(specs[i]), score: Some(scores[0][i] as f64), note: format!("advantage {:+.2}", ga.adv[i]) })
+            .collect();
+        crate::image::write_legend(&path, &cells)
     }
 
     fn named(vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {

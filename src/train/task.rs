@@ -33,6 +33,8 @@ pub trait Task {
     /// Token ids (N, L) for pool prompts `idx` (one row per sample).
     fn condition(&self, idx: &[usize], device: &Device) -> Result<Tensor>;
     fn decode(&self, z: &Tensor) -> Result<Decoded>;
+    /// Text of pool prompt `idx` (for grid legends).
+    fn prompt_text(&self, idx: usize) -> String;
     fn reward_infos(&self) -> Vec<RewardInfo>;
     fn reward_weights(&self) -> Vec<f32>;
     /// `out[k][i]`: reward k on sample i (prompt `idx[i]`); a non-finite score is an error.
@@ -107,6 +109,11 @@ impl ImageTask {
     }
 }
 
+/// Legend cells of a grid of prompts (no scores).
+fn legend(texts: impl Iterator<Item = String>) -> Vec<crate::image::LegendCell> {
+    texts.map(|prompt| crate::image::LegendCell { prompt, score: None, note: String::new() }).collect()
+}
+
 fn images(d: &Decoded) -> &[Image] {
     match d {
         Decoded::Images(v) => v,
@@ -132,6 +139,9 @@ impl Task for ImageTask {
     fn decode(&self, z: &Tensor) -> Result<Decoded> {
         Ok(Decoded::Images(crate::policy::dit::latents_to_images(z)?))
     }
+    fn prompt_text(&self, idx: usize) -> String {
+        self.pool[idx].text()
+    }
     fn reward_infos(&self) -> Vec<RewardInfo> {
         self.rewards.infos()
     }
@@ -148,7 +158,8 @@ impl Task for ImageTask {
         let prompts = world::prompts(Split::Train, self.cfg.train.grid_prompts, GRID_SEED);
         let imgs = self.generate(model, shape, &prompts, GRID_SEED)?;
         let big: Vec<Image> = imgs.iter().map(|im| im.upscale(4)).collect();
-        grid(&big, 8).save_png(path)
+        grid(&big, 8).save_png(path)?;
+        crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text())))
     }
     fn write_map_grid(&self, d: &Decoded, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
         let ims = images(d);
@@ -245,6 +256,9 @@ impl Task for VideoTask {
     fn decode(&self, z: &Tensor) -> Result<Decoded> {
         Ok(Decoded::Clips(crate::policy::video_dit::latents_to_clips(z)?))
     }
+    fn prompt_text(&self, idx: usize) -> String {
+        self.pool[idx].text()
+    }
     fn reward_infos(&self) -> Vec<RewardInfo> {
         self.rewards.iter().map(|(r, _)| r.info()).collect()
     }
@@ -263,7 +277,8 @@ impl Task for VideoTask {
         let specs = video_prompts(Split::Train, self.cfg.train.grid_prompts, GRID_SEED);
         let cl = self.generate(model, shape, &specs, GRID_SEED)?;
         let strips: Vec<Image> = cl.iter().map(|c| frame_strip(c).upscale(2)).collect();
-        grid(&strips, 1).save_png(path)
+        grid(&strips, 1).save_png(path)?;
+        crate::image::write_legend(path, &legend(specs.iter().map(|p| p.text())))
     }
     /// Per sample, three rows: frames | map overlay per frame | signed advantage per frame.
     fn write_map_grid(&self, d: &Decoded, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
