@@ -106,7 +106,7 @@ fn headless_browser_loads_report_without_errors() {
     let bad = dir.path().join("bad.html");
     std::fs::write(&bad, html).unwrap();
     let c = browser::check(&browser, &bad).unwrap();
-    assert_eq!((c.images, c.broken_images), (3, 1), "{c:?}");
+    assert_eq!((c.images, c.broken_images), (4, 1), "{c:?}");
     assert!(c.console.iter().any(|l| l.contains("boom")), "{c:?}");
     assert!(!c.ok());
 }
