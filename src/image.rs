@@ -81,6 +81,22 @@ impl Image {
         })
     }
 
+    /// The `h`×`w` window whose top-left pixel is (y0, x0).
+    pub fn crop(&self, y0: usize, x0: usize, h: usize, w: usize) -> Result<Image> {
+        if y0 + h > self.h || x0 + w > self.w {
+            bail!("crop {h}×{w} at ({y0}, {x0}) lies outside the {}×{} image", self.h, self.w);
+        }
+        let mut out = Image::new(h, w);
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    out.set(c, y, x, self.get(c, y0 + y, x0 + x));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Nearest-neighbour upscale by an integer factor (for viewing 32x32 samples).
     pub fn upscale(&self, f: usize) -> Self {
         let mut out = Self::new(self.h * f, self.w * f);
@@ -120,18 +136,7 @@ pub fn grid(images: &[Image], cols: usize) -> Image {
 /// Cell `i` of an image made by [`grid`] from `cell_h`×`cell_w` tiles in `cols` columns.
 pub fn grid_cell(g: &Image, cell_h: usize, cell_w: usize, cols: usize, i: usize) -> Result<Image> {
     let (oy, ox) = (1 + (i / cols) * (cell_h + 1), 1 + (i % cols) * (cell_w + 1));
-    if oy + cell_h > g.h || ox + cell_w > g.w {
-        bail!("grid cell {i} ({cell_h}x{cell_w}, {cols} columns) lies outside a {}x{} grid image", g.h, g.w);
-    }
-    let mut out = Image::new(cell_h, cell_w);
-    for c in 0..3 {
-        for y in 0..cell_h {
-            for x in 0..cell_w {
-                out.set(c, y, x, g.get(c, oy + y, ox + x));
-            }
-        }
-    }
-    Ok(out)
+    g.crop(oy, ox, cell_h, cell_w).with_context(|| format!("grid cell {i} ({cell_h}x{cell_w}, {cols} columns)"))
 }
 
 /// What a grid image shows, cell by cell in reading order: the prompt of each sample, its
@@ -208,4 +213,27 @@ pub fn signed_overlay(img: &Image, values: &[f32], scale: f32) -> Image {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `grid_cell` cuts back exactly the tiles `grid` laid out; a cell outside is an error.
+    #[test]
+    fn grid_cells_round_trip_and_legends_persist() {
+        let tiles: Vec<Image> = (0..5).map(|i| Image::filled(3, 4, [i as f32 / 5.0, 0.5, 1.0 - i as f32 / 5.0])).collect();
+        let g = grid(&tiles, 2);
+        for (i, t) in tiles.iter().enumerate() {
+            assert_eq!(grid_cell(&g, 3, 4, 2, i).unwrap(), *t, "cell {i}");
+        }
+        assert!(grid_cell(&g, 3, 4, 2, 6).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("g.png");
+        assert_eq!(read_legend(&png), None);
+        let cells = vec![LegendCell { prompt: "a red circle".into(), score: Some(0.25), note: String::new() }];
+        write_legend(&png, &cells).unwrap();
+        assert_eq!(read_legend(&png), Some(cells));
+        assert!(dir.path().join("g.prompts.json").is_file());
+    }
 }

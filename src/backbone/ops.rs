@@ -76,16 +76,7 @@ pub fn center_crop(img: &Image, h: usize, w: usize) -> Result<Image> {
     if h > img.h || w > img.w {
         bail!("centre crop {h}×{w} larger than the {}×{} image", img.h, img.w);
     }
-    let (y0, x0) = ((img.h - h) / 2, (img.w - w) / 2);
-    let mut out = Image::new(h, w);
-    for c in 0..3 {
-        for y in 0..h {
-            for x in 0..w {
-                out.set(c, y, x, img.get(c, y0 + y, x0 + x));
-            }
-        }
-    }
-    Ok(out)
+    img.crop((img.h - h) / 2, (img.w - w) / 2, h, w)
 }
 
 /// torchvision's eval transform: resize the shorter side to `resize`, centre-crop `crop`.
