@@ -620,10 +620,10 @@ fn side_by_side(cfg: &Config, dir: &Path, res: &Results) -> Result<Vec<crate::re
     let prompts = crate::world::prompts(crate::world::Split::Eval, res.eval_prompts, eval_run::EVAL_SEED);
     let out_dir = dir.join("side_by_side");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
-    let cell = 4 * cfg.model.image_size; // save_grid draws 4× tiles, 8 per row
+    let cell = eval_run::GRID_SCALE * cfg.model.image_size;
     let mut figs = Vec::new();
     for (i, prompt) in prompts.iter().take(SIDE_BY_SIDE_ROWS).enumerate() {
-        let tiles = grids.iter().map(|g| crate::image::grid_cell(g, cell, cell, 8, i)).collect::<Result<Vec<_>>>()?;
+        let tiles = grids.iter().map(|g| crate::image::grid_cell(g, cell, cell, eval_run::GRID_COLS, i)).collect::<Result<Vec<_>>>()?;
         let path = out_dir.join(format!("eval_{i}.png"));
         crate::image::grid(&tiles, tiles.len()).save_png(&path)?;
         let scores: Vec<String> = cols

@@ -200,7 +200,11 @@ fn demo_pretrains_once_compares_and_reports_then_uses_the_cache() {
             assert!(lo <= mu && mu <= hi && (0.0..=1.0).contains(&mu), "{r}");
         }
     }
-    check_report(&demo.join("report.html"), &["grpo", "vipo", "base — eval prompts", "vs wall-clock", "mean seconds per RL step", "signed advantage"]);
+    check_report(&demo.join("report.html"), &["grpo", "vipo", "base — eval prompts", "vs wall-clock", "mean seconds per RL step", "signed advantage", "Same prompt, same noise", "prompts in reading order"]);
+    // One image per shown prompt: base | grpo | vipo cut from the three eval grids, same noise.
+    let row = image::open(demo.join("side_by_side/eval_0.png")).unwrap();
+    assert_eq!(row.height(), 4 * 16 + 2, "one 4×-upscaled 16-px tile high");
+    assert_eq!(row.width(), 3 * (4 * 16 + 1) + 1, "three columns");
     // Second run: cached base, finished runs reused (nothing retrained, report rewritten).
     let o = run(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

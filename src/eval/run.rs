@@ -313,12 +313,16 @@ pub fn grid_legend(cfg: &Config, split: &str, n: usize, rep: &EvalReport) -> Res
         .collect())
 }
 
+/// Columns and upscale factor of an image evaluation grid ([`save_grid`]).
+pub const GRID_COLS: usize = 8;
+pub const GRID_SCALE: usize = 4;
+
 /// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×).
 pub fn save_grid(g: &Generated, path: &Path) -> Result<()> {
     match g {
         Generated::Images(images) => {
-            let big: Vec<Image> = images.iter().take(32).map(|im| im.upscale(4)).collect();
-            crate::image::grid(&big, 8).save_png(path)
+            let big: Vec<Image> = images.iter().take(4 * GRID_COLS).map(|im| im.upscale(GRID_SCALE)).collect();
+            crate::image::grid(&big, GRID_COLS).save_png(path)
         }
         Generated::Clips(clips) => {
             let strips: Vec<Image> = clips.iter().take(16).map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
