@@ -234,7 +234,10 @@ mod tests {
         let rep = evaluate_weights(&cfg, &w, prov.check_n).unwrap();
         for (i, s) in ["eval", "ood"].iter().enumerate() {
             let got = rep.row(s, "compositional").unwrap().mean;
-            assert!((got - prov.check[i]).abs() < 0.01, "{s}: {got} vs recorded {}", prov.check[i]);
+            // The sha256 pins the file; this pins the sampling + scoring pipeline. Bit-identical
+            // here; the margin allows one of the 8 images to score differently on a CPU whose
+            // float kernels differ.
+            assert!((got - prov.check[i]).abs() < 0.05, "{s}: {got} vs recorded {}", prov.check[i]);
         }
         // Another architecture does not get the shipped base.
         let mut other = cfg.clone();
