@@ -1895,10 +1895,11 @@ mod orient_tests {
         };
         let (default, border, sklearn) = (ratio(PsmConfig::default().orient), ratio(Orient::Border), ratio(Orient::Sklearn));
         eprintln!("object mass / area on renders: default (minority) {default:.2}, border {border:.2}, sklearn {sklearn:.2}");
-        // Measured on these 24 renders with the default features.6 @ 112 (BENCHMARKS.md §5
-        // has the 32-render bench and the samples): the default clears the 2.5 and
-        // both content rules beat the released-code orientation.
-        assert!(default >= 2.5, "default: object mass only {default:.2}× the area share");
+        // Measured on these 24 renders with the default features.6 @ 112: 2.56 (border 2.26,
+        // sklearn 1.86; BENCHMARKS.md §5.1 has the 32-render bench and the samples). The bound
+        // leaves room for float differences between CPUs; both content rules must beat the
+        // released-code orientation.
+        assert!(default >= 2.4, "default: object mass only {default:.2}× the area share");
         assert!(default > sklearn && border > sklearn, "minority {default:.2} / border {border:.2} vs sklearn {sklearn:.2}");
     }
 }
