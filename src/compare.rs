@@ -558,7 +558,7 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
             }
         }
     }
-    let side_by_side = side_by_side(cfg, dir, res)?;
+    let side_by_side = side_by_side(cfg, dir)?;
     for m in &cfg.compare.methods {
         for p in pngs(&dir.join(run_name(m, 0)).join("samples"), "step_") {
             let step = p.file_stem().unwrap().to_string_lossy().trim_start_matches("step_").trim_start_matches('0').to_string();
@@ -605,36 +605,33 @@ const SIDE_BY_SIDE_ROWS: usize = 6;
 /// Base | method 1 | method 2 … (seed 0) on the same eval prompt and the same noise, one
 /// image per prompt: cells cut from each run's `grid_eval.png` (they share prompts and
 /// noise by construction), written to `DIR/side_by_side/eval_K.png`, captioned with the
-/// prompt and each column's score.
-fn side_by_side(cfg: &Config, dir: &Path, res: &Results) -> Result<Vec<crate::report::Figure>> {
+/// prompt and each column's score from the grids' legends.
+fn side_by_side(cfg: &Config, dir: &Path) -> Result<Vec<crate::report::Figure>> {
     if cfg.modality != crate::config::Modality::Image {
         return Ok(Vec::new());
     }
-    let mut cols: Vec<(String, PathBuf)> = vec![("base".into(), eval_run::eval_dir(&dir.join("base_eval"), "final"))];
-    cols.extend(cfg.compare.methods.iter().map(|m| (m.name.clone(), eval_run::eval_dir(&dir.join(run_name(m, 0)), "final"))));
-    if cols.iter().any(|(_, d)| !d.join("grid_eval.png").is_file() || !d.join("eval.json").is_file()) {
-        return Ok(Vec::new());
-    }
-    let grids = cols.iter().map(|(_, d)| crate::image::Image::load(&d.join("grid_eval.png"))).collect::<Result<Vec<_>>>()?;
-    let reports = cols.iter().map(|(_, d)| eval_run::read_report(&d.join("eval.json"))).collect::<Result<Vec<_>>>()?;
-    let prompts = crate::world::prompts(crate::world::Split::Eval, res.eval_prompts, eval_run::EVAL_SEED);
+    let mut cols: Vec<(String, PathBuf)> = vec![("base".into(), eval_run::eval_dir(&dir.join("base_eval"), "final").join("grid_eval.png"))];
+    cols.extend(cfg.compare.methods.iter().map(|m| (m.name.clone(), eval_run::eval_dir(&dir.join(run_name(m, 0)), "final").join("grid_eval.png"))));
+    // Grids written before legends existed get no side-by-side rows.
+    let Some(legends) = cols.iter().map(|(_, png)| crate::image::read_legend(png)).collect::<Option<Vec<_>>>() else { return Ok(Vec::new()) };
+    let grids = cols.iter().map(|(_, png)| crate::image::Image::load(png)).collect::<Result<Vec<_>>>()?;
     let out_dir = dir.join("side_by_side");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
     let cell = eval_run::GRID_SCALE * cfg.model.image_size;
     let mut figs = Vec::new();
-    for (i, prompt) in prompts.iter().take(SIDE_BY_SIDE_ROWS).enumerate() {
+    for (i, first) in legends[0].iter().take(SIDE_BY_SIDE_ROWS).enumerate() {
         let tiles = grids.iter().map(|g| crate::image::grid_cell(g, cell, cell, eval_run::GRID_COLS, i)).collect::<Result<Vec<_>>>()?;
         let path = out_dir.join(format!("eval_{i}.png"));
         crate::image::grid(&tiles, tiles.len()).save_png(&path)?;
         let scores: Vec<String> = cols
             .iter()
-            .zip(&reports)
-            .map(|((name, _), r)| match r.scores.get("eval").and_then(|m| m.get(&res.primary)).and_then(|v| v.get(i)) {
+            .zip(&legends)
+            .map(|((name, _), l)| match l.get(i).and_then(|c| c.score) {
                 Some(v) => format!("{name} {v:.2}"),
                 None => name.clone(),
             })
             .collect();
-        figs.push(crate::report::Figure { caption: format!("\"{}\" — {}", prompt.text(), scores.join(" · ")), path });
+        figs.push(crate::report::Figure { caption: format!("\"{}\" — {}", first.prompt, scores.join(" · ")), path });
     }
     Ok(figs)
 }

@@ -148,9 +148,16 @@ pub enum Generated {
     Clips(Vec<Vec<Image>>),
 }
 
+/// What an evaluation generated on one split, with the prompt text of each sample.
+pub struct SplitSamples {
+    pub split: String,
+    pub prompts: Vec<String>,
+    pub generated: Generated,
+}
+
 /// Evaluate a policy (image or video, per `cfg.modality`) on `n` fixed prompts per split;
 /// also returns what it generated (for grids).
-pub fn evaluate_policy(policy: &dyn TrainPolicy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<(String, Generated)>)> {
+pub fn evaluate_policy(policy: &dyn TrainPolicy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<SplitSamples>)> {
     anyhow::ensure!(n >= 1, "eval: the number of prompts must be ≥ 1");
     let mut rows = Vec::new();
     let mut scores = HashMap::new();
@@ -162,13 +169,13 @@ pub fn evaluate_policy(policy: &dyn TrainPolicy, cfg: &Config, n: usize) -> Resu
                 let prompts = world::prompts(split, n, EVAL_SEED);
                 let images = super::generate_images(policy, &shape, &prompts, EVAL_SEED, &cfg.sample)?;
                 scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
-                grids.push((name.to_string(), Generated::Images(images)));
+                grids.push(SplitSamples { split: name.to_string(), prompts: prompts.iter().map(|p| p.text()).collect(), generated: Generated::Images(images) });
             }
             Modality::Video => {
                 let specs = crate::world::video::video_prompts(split, n, EVAL_SEED);
                 let clips = crate::policy::video_dit::generate_clips(policy, &shape, &specs, EVAL_SEED, &cfg.sample)?;
                 scores.insert(name.to_string(), score_clips(cfg, name, &clips, &specs, &mut rows)?);
-                grids.push((name.to_string(), Generated::Clips(clips)));
+                grids.push(SplitSamples { split: name.to_string(), prompts: specs.iter().map(|p| p.text()).collect(), generated: Generated::Clips(clips) });
             }
         }
     }
@@ -287,48 +294,44 @@ pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Op
     let (mut rep, grids) = evaluate_policy(policy.as_ref(), &cfg, n)?;
     rep.run = run_dir.display().to_string();
     rep.checkpoint = ck;
-    for (split, g) in &grids {
-        let png = out.join(format!("grid_{split}.png"));
-        save_grid(g, &png)?;
-        crate::image::write_legend(&png, &grid_legend(&cfg, split, n, &rep)?)?;
+    for g in &grids {
+        let scores = rep.scores.get(&g.split).and_then(|m| m.get(primary_reward(&cfg)));
+        save_grid(g, scores.map(Vec::as_slice), &out.join(format!("grid_{}.png", g.split)))?;
     }
     crate::io::atomic_write(&out.join("eval.json"), serde_json::to_string_pretty(&rep)?.as_bytes())?;
     Ok((out, rep))
 }
 
-/// The prompts (and primary-reward scores) of the cells [`save_grid`] draws for `split`.
-pub fn grid_legend(cfg: &Config, split: &str, n: usize, rep: &EvalReport) -> Result<Vec<crate::image::LegendCell>> {
-    let which = if split == "ood" { Split::Ood } else { Split::Eval };
-    let (texts, shown): (Vec<String>, usize) = match cfg.modality {
-        Modality::Image => (world::prompts(which, n, EVAL_SEED).iter().map(|p| p.text()).collect(), 32),
-        Modality::Video => (crate::world::video::video_prompts(which, n, EVAL_SEED).iter().map(|p| p.text()).collect(), 16),
-    };
-    let primary = primary_reward(cfg);
-    let scores = rep.scores.get(split).and_then(|m| m.get(primary));
-    Ok(texts
-        .into_iter()
-        .take(shown)
-        .enumerate()
-        .map(|(i, prompt)| crate::image::LegendCell { prompt, score: scores.and_then(|v| v.get(i).copied()), note: String::new() })
-        .collect())
-}
-
 /// Columns and upscale factor of an image evaluation grid ([`save_grid`]).
 pub const GRID_COLS: usize = 8;
 pub const GRID_SCALE: usize = 4;
+/// Samples an evaluation grid shows: 4 rows of images, or 16 clips.
+const GRID_IMAGES: usize = 4 * GRID_COLS;
+const GRID_CLIPS: usize = 16;
 
-/// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×).
-pub fn save_grid(g: &Generated, path: &Path) -> Result<()> {
-    match g {
+/// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×),
+/// and beside the PNG its legend: the prompt of each shown sample with its `scores` entry.
+pub fn save_grid(g: &SplitSamples, scores: Option<&[f64]>, path: &Path) -> Result<()> {
+    let shown = match &g.generated {
         Generated::Images(images) => {
-            let big: Vec<Image> = images.iter().take(4 * GRID_COLS).map(|im| im.upscale(GRID_SCALE)).collect();
-            crate::image::grid(&big, GRID_COLS).save_png(path)
+            let big: Vec<Image> = images.iter().take(GRID_IMAGES).map(|im| im.upscale(GRID_SCALE)).collect();
+            crate::image::grid(&big, GRID_COLS).save_png(path)?;
+            big.len()
         }
         Generated::Clips(clips) => {
-            let strips: Vec<Image> = clips.iter().take(16).map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
-            crate::image::grid(&strips, 1).save_png(path)
+            let strips: Vec<Image> = clips.iter().take(GRID_CLIPS).map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
+            crate::image::grid(&strips, 1).save_png(path)?;
+            strips.len()
         }
-    }
+    };
+    let cells: Vec<crate::image::LegendCell> = g
+        .prompts
+        .iter()
+        .take(shown)
+        .enumerate()
+        .map(|(i, prompt)| crate::image::LegendCell { prompt: prompt.clone(), score: scores.and_then(|v| v.get(i).copied()), note: String::new() })
+        .collect();
+    crate::image::write_legend(path, &cells)
 }
 
 /// Print an evaluation as a short table.
