@@ -9,6 +9,8 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::policy::block::{BlockConfig, DitBlock};
 
+pub mod step;
+
 /// Timings of one DiT block (median milliseconds over the measured iterations).
 #[derive(Clone, Debug)]
 pub struct BlockBench {
@@ -155,11 +157,16 @@ pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize,
     Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
 }
 
-/// `vipo bench [block|policy|psm|video|all]`.
-pub fn run_cli(what: &str, iters: usize, samples_of: Option<(&std::path::Path, Option<usize>)>) -> anyhow::Result<()> {
-    let known = ["block", "policy", "psm", "video", "all"];
+/// `vipo bench [block|policy|psm|video|step|all]` (`all` leaves out the slow `step`).
+pub fn run_cli(what: &str, iters: usize, samples_of: Option<(&std::path::Path, Option<usize>)>, cfg: &crate::config::Config) -> anyhow::Result<()> {
+    let known = ["block", "policy", "psm", "video", "step", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
-    println!("threads: {} (CANDLE_NUM_THREADS={})", candle_core::utils::get_num_threads(), std::env::var("CANDLE_NUM_THREADS").unwrap_or_default());
+    println!("threads: {}", crate::runtime::threads());
+    if what == "step" {
+        anyhow::ensure!(samples_of.is_none(), "bench: --run applies to `vipo bench psm` only");
+        step::print(cfg, &step::bench_step(cfg, iters)?);
+        return Ok(());
+    }
     if what == "block" || what == "all" {
         for fused in [false, true] {
             let b = bench_block(8, 256, 256, 4, fused, iters)?;

@@ -210,7 +210,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: block | policy | psm | all
+    /// What to measure: block | policy | psm | video | step | all (all = every one but step)
     #[arg(default_value = "all")]
     what: String,
     /// Timed iterations (median reported).
@@ -223,6 +223,9 @@ struct BenchArgs {
     /// With --run: a checkpoint step instead of the final weights.
     #[arg(long)]
     checkpoint: Option<usize>,
+    /// `step` only: the config whose training step is timed (default: configs/default.toml's values).
+    #[command(flatten)]
+    cfg: ConfigArgs,
 }
 
 pub fn main() -> i32 {
@@ -334,7 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out.join("eval.json").display());
             Ok(())
         }
-        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.run.as_deref().map(|r| (r, a.checkpoint))),
+        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.run.as_deref().map(|r| (r, a.checkpoint)), &load_config(&a.cfg)?),
     }
 }
 

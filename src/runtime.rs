@@ -3,6 +3,44 @@
 
 use candle_core::{DType, Device};
 
+/// `mi_option_purge_delay` in the mimalloc v3 that libmimalloc-sys 0.1.49 builds (its Rust
+/// bindings do not name it; checked against the C header).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Process set-up for the CLI, before any work: thread counts and the allocator.
+///
+/// - Threads: `VIPO_THREADS`, else `RAYON_NUM_THREADS`, else the cores this process may
+///   actually use (`available_parallelism` follows the affinity mask and the cgroup CPU
+///   quota). The count is written back to `RAYON_NUM_THREADS`, which candle reads on
+///   every matmul (unset, it re-parses /proc/cpuinfo each time: 1.5 % of a step).
+/// - candle's elementwise barrier pool spins 25 000 rounds per op; on few cores that costs
+///   more than it saves (16.6 → 23 images/s pretraining on 2 cores), so it gets one thread
+///   unless `CANDLE_NUM_THREADS` says otherwise. Matmuls and vipo's fused ops use rayon,
+///   whose idle workers sleep.
+/// - mimalloc returns freed pages to the OS after a delay and every step faults them back
+///   in (16 % of a step in perf: the kernel zeroing pages); vipo's working set is the same
+///   every step, so it keeps them (`MIMALLOC_PURGE_DELAY` overrides).
+pub fn init() {
+    let from_env = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
+    let n = from_env("VIPO_THREADS")
+        .or_else(|| from_env("RAYON_NUM_THREADS"))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: a plain option store, before any thread but this one exists.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
+/// Worker threads for matmuls and fused ops.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Device for trainable and frozen models. CPU unless built with `--features cuda`
 /// and `VIPO_DEVICE=cuda` is set (so a CUDA build still runs its CPU tests).
 pub fn device() -> anyhow::Result<Device> {
@@ -32,4 +70,16 @@ pub fn memory_mb() -> Option<(f64, f64)> {
         line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb / 1024.0)
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The hand-written option index is mimalloc's purge delay: its v3 default (1000 ms)
+    /// is what option 15 reads in a process that did not set it (tests
+    /// run without `MIMALLOC_PURGE_DELAY` in the environment).
+    #[test]
+    fn purge_delay_option_index_matches_mimalloc() {
+        let v = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(v, 1000);
+    }
 }

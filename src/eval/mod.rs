@@ -40,7 +40,7 @@ pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: 
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(crate::policy::guided_velocity(model, z, &sig, &c, cfg.guidance)?)
+                Ok(crate::policy::guided_velocity_frozen(model, z, &sig, &c, cfg.guidance)?)
             },
             z0,
             &sigmas,

@@ -21,8 +21,15 @@ use layers::{LoraCtx, LoraSpec};
 /// What rectified-flow pretraining and ODE sampling need from any generator (image or
 /// video): a velocity for latents, the parameters to train, the device.
 pub trait FlowModel {
-    /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,).
+    /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,), differentiable
+    /// in the trainable weights.
     fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
+    /// The same velocity with no autograd bookkeeping (rollouts, sampling, the KL
+    /// reference): candle has no no-grad mode, so every op on a `Var` records a graph edge
+    /// and keeps its inputs alive; policies run this on untracked views of their weights.
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.velocity(z, sigma, cond)?.detach())
+    }
     /// Every base weight by name (what pretraining trains and saves).
     fn base_vars(&self) -> Vec<(String, Var)>;
     fn device(&self) -> &Device;
@@ -34,11 +41,20 @@ pub trait FlowModel {
 /// forward of the batch alone). Differentiable, so rollouts and updates use the same
 /// guided velocity and the on-policy parity check covers it.
 pub fn guided_velocity<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
+    guided(|z, s, c| model.velocity(z, s, c), z, sigma, cond, w)
+}
+
+/// [`guided_velocity`] through [`FlowModel::velocity_frozen`] (sampling, no gradients).
+pub fn guided_velocity_frozen<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
+    guided(|z, s, c| model.velocity_frozen(z, s, c), z, sigma, cond, w)
+}
+
+fn guided(v: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
     if w == 1.0 {
-        return model.velocity(z, sigma, cond);
+        return v(z, sigma, cond);
     }
     let b = z.dim(0)?;
-    let v = model.velocity(&Tensor::cat(&[z, z], 0)?, &Tensor::cat(&[sigma, sigma], 0)?, &Tensor::cat(&[cond, &cond.zeros_like()?], 0)?)?;
+    let v = v(&Tensor::cat(&[z, z], 0)?, &Tensor::cat(&[sigma, sigma], 0)?, &Tensor::cat(&[cond, &cond.zeros_like()?], 0)?)?;
     let (vc, vu) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
     &vu + ((vc - &vu)? * w)?
 }
@@ -46,6 +62,9 @@ pub fn guided_velocity<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Ten
 impl FlowModel for ImagePolicy {
     fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
         self.model.forward(z, sigma, cond)
+    }
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
+        self.frozen.forward(z, sigma, cond)
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
         sorted_vars(&self.base)
@@ -82,7 +101,11 @@ pub struct ImagePolicy {
     pub cfg: DitConfig,
     pub base: VarMap,
     pub lora: Option<VarMap>,
+    /// The network the optimizer trains through: LoRA mode reads the base weights as
+    /// untracked views (no gradient is formed for them), full fine-tuning as `Var`s.
     pub model: Dit,
+    /// The same network on untracked views of every weight, for sampling.
+    frozen: Dit,
     device: Device,
 }
 
@@ -94,7 +117,8 @@ impl ImagePolicy {
         let base = VarMap::new();
         let vb = seeded_var_builder(&base, seed, device);
         let model = Dit::new(&vb, cfg, None)?;
-        Ok(Self { cfg: cfg.clone(), base, lora: None, model, device: device.clone() })
+        let frozen = Dit::new(&frozen_builder(&base, device), cfg, None)?;
+        Ok(Self { cfg: cfg.clone(), base, lora: None, model, frozen, device: device.clone() })
     }
 
     /// Load base weights from a safetensors checkpoint (names and shapes checked against
@@ -108,18 +132,21 @@ impl ImagePolicy {
         if let Err(e) = crate::train::checkpoint::load_varmap(&base, weights) {
             return Err(explain_conv_mismatch(e, cfg, weights));
         }
-        let (lora_map, model) = match lora {
-            None => (None, Dit::new(&vb, cfg, None)?),
+        let frozen_base = frozen_builder(&base, device);
+        let (lora_map, model, frozen) = match lora {
+            None => (None, Dit::new(&vb, cfg, None)?, Dit::new(&frozen_base, cfg, None)?),
             Some(spec) => {
                 let lmap = VarMap::new();
                 let ctx = LoraCtx { vb: seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
-                let model = Dit::new(&vb, cfg, Some(&ctx))?;
+                let model = Dit::new(&frozen_base, cfg, Some(&ctx))?;
                 let n = lmap.all_vars().len();
                 anyhow::ensure!(n > 0, "lora.targets {:?}: pattern matches no linear layer of the policy", spec.targets);
-                (Some(lmap), model)
+                let frozen_ctx = LoraCtx { vb: frozen_builder(&lmap, device), spec: spec.clone() };
+                let frozen = Dit::new(&frozen_base, cfg, Some(&frozen_ctx))?;
+                (Some(lmap), model, frozen)
             }
         };
-        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, device: device.clone() })
+        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, frozen, device: device.clone() })
     }
 
     /// Overwrite the image-token position table with DiT's 2-D sin-cos values
@@ -255,6 +282,15 @@ impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
     fn contains_tensor(&self, name: &str) -> bool {
         self.map.data().lock().unwrap().contains_key(name)
     }
+}
+
+/// A VarBuilder over untracked views of `map`'s variables (every name must exist). The
+/// views share the variables' storage, so optimizer steps, EMA swaps and checkpoint
+/// restores (all `Var::set`, in place) show through without rebuilding the network.
+pub fn frozen_builder(map: &VarMap, device: &Device) -> VarBuilder<'static> {
+    let data = map.data().lock().unwrap();
+    let views = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    VarBuilder::from_tensors(views, crate::runtime::dtype(device), device)
 }
 
 /// A VarBuilder over `map` whose new variables come from a stream seeded with `seed`.

@@ -188,7 +188,10 @@ pub struct VideoPolicy {
     pub cfg: VideoDitConfig,
     pub base: candle_nn::VarMap,
     pub lora: Option<candle_nn::VarMap>,
+    /// Trained through (base weights untracked in LoRA mode), as in `ImagePolicy`.
     pub model: VideoDit,
+    /// Every weight untracked, for sampling.
+    frozen: VideoDit,
     device: candle_core::Device,
 }
 
@@ -203,16 +206,20 @@ impl VideoPolicy {
         if let Some(w) = weights {
             crate::train::checkpoint::load_varmap(&base, w)?;
         }
+        let frozen_base = super::frozen_builder(&base, device);
         let mut lora_map = None;
+        let mut frozen = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, None)?;
         if let Some(spec) = lora {
             // Same scheme as the image policy: adapters in their own map, bound to the base.
             let lmap = candle_nn::VarMap::new();
             let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
-            model = VideoDit::new(&vb, cfg, vocab, max_tokens, Some(&ctx))?;
+            model = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&ctx))?;
             anyhow::ensure!(!lmap.all_vars().is_empty(), "lora.targets {:?}: pattern matches no linear layer of the video policy", spec.targets);
+            let frozen_ctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
+            frozen = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&frozen_ctx))?;
             lora_map = Some(lmap);
         }
-        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, device: device.clone() })
+        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, frozen, device: device.clone() })
     }
 
     /// Fresh, seeded weights.
@@ -258,6 +265,9 @@ impl super::TrainPolicy for VideoPolicy {
 impl super::FlowModel for VideoPolicy {
     fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
         self.model.forward(z, sigma, cond)
+    }
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        self.frozen.forward(z, sigma, cond)
     }
     fn base_vars(&self) -> Vec<(String, candle_core::Var)> {
         super::sorted_vars(&self.base)

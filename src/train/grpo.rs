@@ -19,7 +19,7 @@ use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
 use crate::policy::layers::LoraSpec;
-use crate::policy::{guided_velocity, TrainPolicy};
+use crate::policy::{guided_velocity, guided_velocity_frozen, TrainPolicy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
@@ -232,7 +232,7 @@ impl Trainer {
         let traj = sampler::sample_mixed(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
-                Ok(guided_velocity(policy.as_ref(), z, &sig, &cond, w)?)
+                Ok(guided_velocity_frozen(policy.as_ref(), z, &sig, &cond, w)?)
             },
             z0,
             &self.sigmas,
@@ -444,7 +444,7 @@ impl Trainer {
                         let (mean_r, std_r) = sampler::transition(kind, &z.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                         new_dense.push(sampler::log_prob_dense(&z_next.narrow(0, r, 1)?, &mean_r, std_r)?);
                         if let Some(refp) = &self.ref_policy {
-                            let vr = guided_velocity(refp.as_ref(), &z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?, self.cfg.sample.guidance)?.detach();
+                            let vr = guided_velocity_frozen(refp.as_ref(), &z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?, self.cfg.sample.guidance)?;
                             let (mean_ref, _) = sampler::transition(kind, &z.narrow(0, r, 1)?, &vr, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
                             kl_terms.push(kl_penalty(&mean_r, &mean_ref, std_r)?);
                         }
@@ -708,7 +708,7 @@ pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Modality;
     use crate::image::Image;
@@ -720,7 +720,7 @@ mod tests {
 
 
     /// A tiny base model on disk and a config that trains it for a few cheap steps.
-    fn setup(dir: &Path) -> Config {
+    pub(crate) fn setup(dir: &Path) -> Config {
         let mut cfg = Config::default();
         cfg.model = crate::policy::dit::tests::tiny();
         cfg.out_dir = dir.to_path_buf();
