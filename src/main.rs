@@ -1,6 +1,6 @@
 fn main() {
     vipo::runtime::init();
-    std::process::exit(vipo::cli::main());
+    std::process::exit(vipo::runtime::run(vipo::cli::main));
 }
 
 // glibc malloc returns freed tensor buffers to the OS and page-faults them back on the

@@ -150,6 +150,22 @@ pub fn kl_penalty(mean_new: &Tensor, mean_ref: &Tensor, std: f64) -> Result<Tens
     Ok((mean_new - mean_ref.detach())?.sqr()?.mean_all()?.affine(1.0 / (2.0 * std * std), 0.0)?)
 }
 
+/// [`kl_penalty`] for each row of a batch with its own std → (B,).
+pub fn kl_penalty_rows(mean_new: &Tensor, mean_ref: &Tensor, stds: &[f64]) -> Result<Tensor> {
+    ensure!(stds.iter().all(|s| s.is_finite() && *s > 0.0), "objective::kl_penalty: std must be finite and > 0 (got {stds:?})");
+    ensure!(
+        mean_new.dims() == mean_ref.dims() && mean_new.dim(0)? == stds.len(),
+        "objective::kl_penalty: policy mean shape {:?}, reference mean shape {:?}, {} stds",
+        mean_new.dims(),
+        mean_ref.dims(),
+        stds.len()
+    );
+    let b = stds.len();
+    let per_row = (mean_new - mean_ref.detach())?.sqr()?.reshape((b, ()))?.mean(1)?;
+    let w = Tensor::from_vec(stds.iter().map(|s| (1.0 / (2.0 * s * s)) as f32).collect::<Vec<_>>(), b, mean_new.device())?.to_dtype(per_row.dtype())?;
+    Ok((per_row * w)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +340,18 @@ mod tests {
         }
         assert!(kl_penalty(m.as_tensor(), &r, 0.0).is_err());
         assert!(kl_penalty(m.as_tensor(), &t(&[0.0; 4], &[4]), 1.0).is_err());
+    }
+
+    #[test]
+    fn kl_rows_equal_kl_per_row() {
+        let m = t(&[1.0, 2.0, 0.0, -1.0], &[2, 2]);
+        let r = t(&[0.0, 2.0, 1.0, 1.0], &[2, 2]);
+        let rows = flat(&kl_penalty_rows(&m, &r, &[0.5, 0.25]).unwrap());
+        for (i, s) in [0.5, 0.25].into_iter().enumerate() {
+            let one = scalar(&kl_penalty(&m.narrow(0, i, 1).unwrap(), &r.narrow(0, i, 1).unwrap(), s).unwrap());
+            assert!((rows[i] as f64 - one).abs() < 1e-6, "row {i}: {} vs {one}", rows[i]);
+        }
+        assert!(kl_penalty_rows(&m, &r, &[0.5]).is_err());
     }
 }
 

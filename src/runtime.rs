@@ -26,7 +26,9 @@ pub fn init() {
         .or_else(|| from_env("RAYON_NUM_THREADS"))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    // Large stacks: candle's backprop walks the graph recursively, and `run` puts the whole
+    // program on a pool thread.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).stack_size(256 << 20).build_global();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
@@ -34,6 +36,14 @@ pub fn init() {
         // SAFETY: a plain option store, before any thread but this one exists.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+}
+
+/// Run `f` on a thread of the global pool. A parallel op issued from outside the pool
+/// is injected into it and the caller sleeps until a worker has finished it: two thread
+/// wake-ups per op, thousands of ops per step. From a pool thread the caller takes part
+/// in the work and the other workers steal it.
+pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// Worker threads for matmuls and fused ops.

@@ -83,28 +83,61 @@ impl SdeKind {
 ///   std = σ_t√(−Δσ).
 /// * Ode: μ = z + Δσ·v, std = 0.
 pub fn transition(kind: SdeKind, z: &Tensor, v: &Tensor, sigma: f64, sigma_next: f64, sigma1: f64) -> Result<(Tensor, f64)> {
+    check_shapes(z, v)?;
+    let (a, b, std) = transition_coeffs(kind, sigma, sigma_next, sigma1)?;
+    Ok(((z.affine(a, 0.0)? + v.affine(b, 0.0)?)?, std))
+}
+
+/// [`transition`] for a batch whose rows sit at different noise levels, `steps[r] = (σ_k,
+/// σ_{k+1})` of row r: one broadcast op per term instead of a chain of ops per row. Equal
+/// bit for bit to [`transition`] row by row (x·a + 0 = x·a), so rollout and update
+/// log-probs agree exactly.
+pub fn transition_rows(kind: SdeKind, z: &Tensor, v: &Tensor, steps: &[(f64, f64)], sigma1: f64) -> Result<(Tensor, Vec<f64>)> {
+    check_shapes(z, v)?;
+    ensure!(z.dim(0)? == steps.len(), "sampler::transition_rows: {} rows but {} noise levels", z.dim(0)?, steps.len());
+    let mut coeffs = Vec::with_capacity(steps.len());
+    for &(s, sn) in steps {
+        coeffs.push(transition_coeffs(kind, s, sn, sigma1)?);
+    }
+    let a = row_scalars(z, coeffs.iter().map(|c| c.0))?;
+    let b = row_scalars(z, coeffs.iter().map(|c| c.1))?;
+    let mean = (z.broadcast_mul(&a)? + v.broadcast_mul(&b)?)?;
+    Ok((mean, coeffs.iter().map(|c| c.2).collect()))
+}
+
+/// Per-row scalars shaped (B, 1, ..., 1) to broadcast over `like` (B, ...).
+fn row_scalars(like: &Tensor, vals: impl Iterator<Item = f64>) -> Result<Tensor> {
+    let v: Vec<f32> = vals.map(|x| x as f32).collect();
+    let mut shape = vec![1usize; like.rank()];
+    shape[0] = v.len();
+    Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
+}
+
+fn check_shapes(z: &Tensor, v: &Tensor) -> Result<()> {
     ensure!(
         z.dims() == v.dims(),
         "sampler::transition: latent z has shape {:?} but velocity v has shape {:?}",
         z.dims(),
         v.dims()
     );
+    Ok(())
+}
+
+/// The transition mean is linear in z and v: μ = a·z + b·v, with (a, b, std) from the
+/// formulas of [`transition`] (Dance: x̂₀ = z − σv and score = −(z + (1−σ)v)/σ give
+/// a = 1 + ½η²Δσ/σ, b = Δσ + ½η²Δσ(1−σ)/σ).
+pub fn transition_coeffs(kind: SdeKind, sigma: f64, sigma_next: f64, sigma1: f64) -> Result<(f64, f64, f64)> {
     ensure!(
         sigma.is_finite() && sigma_next.is_finite() && sigma > 0.0 && sigma <= 1.0 && sigma_next >= 0.0 && sigma_next < sigma,
         "sampler::transition: need 1 >= sigma > sigma_next >= 0, got sigma={sigma}, sigma_next={sigma_next}"
     );
     kind.validate()?;
     let dsigma = sigma_next - sigma; // < 0
-    match kind {
-        SdeKind::Ode => {
-            let mean = (z + v.affine(dsigma, 0.0)?)?;
-            Ok((mean, 0.0))
-        }
+    Ok(match kind {
+        SdeKind::Ode => (1.0, dsigma, 0.0),
         SdeKind::Dance { eta } => {
-            let x0 = (z - v.affine(sigma, 0.0)?)?;
-            let score = (z - x0.affine(1.0 - sigma, 0.0)?)?.affine(-1.0 / (sigma * sigma), 0.0)?;
-            let mean = ((z + v.affine(dsigma, 0.0)?)? - score.affine(0.5 * eta * eta * dsigma, 0.0)?)?;
-            Ok((mean, eta * (sigma - sigma_next).sqrt()))
+            let k = 0.5 * eta * eta * dsigma / sigma;
+            (1.0 + k, dsigma + k * (1.0 - sigma), eta * (sigma - sigma_next).sqrt())
         }
         SdeKind::Flow { a } => {
             // The published code replaces 1 − σ by 1 − σ₁ at σ = 1 to avoid dividing by zero.
@@ -117,10 +150,9 @@ pub fn transition(kind: SdeKind, z: &Tensor, v: &Tensor, sigma: f64, sigma_next:
             let s2 = sigma_t * sigma_t;
             let cz = 1.0 + s2 * dsigma / (2.0 * sigma);
             let cv = (1.0 + s2 * (1.0 - sigma) / (2.0 * sigma)) * dsigma;
-            let mean = (z.affine(cz, 0.0)? + v.affine(cv, 0.0)?)?;
-            Ok((mean, sigma_t * (-dsigma).sqrt()))
+            (cz, cv, sigma_t * (-dsigma).sqrt())
         }
-    }
+    })
 }
 
 /// Elementwise log N(x; mean, std²), same shape as `mean`.
@@ -136,8 +168,30 @@ pub fn log_prob_dense(x_next: &Tensor, mean: &Tensor, std: f64) -> Result<Tensor
         mean.dims()
     );
     let diff = (x_next.detach() - mean)?;
-    let log_norm = std.ln() + 0.5 * (2.0 * std::f64::consts::PI).ln();
-    Ok(diff.sqr()?.affine(-1.0 / (2.0 * std * std), -log_norm)?)
+    let (mul, add) = log_prob_coeffs(std);
+    Ok(diff.sqr()?.affine(mul, add)?)
+}
+
+/// log N = d²·mul + add with mul = −1/(2 std²), add = −ln std − ½ ln 2π.
+fn log_prob_coeffs(std: f64) -> (f64, f64) {
+    (-1.0 / (2.0 * std * std), -(std.ln() + 0.5 * (2.0 * std::f64::consts::PI).ln()))
+}
+
+/// [`log_prob_dense`] with one std per row (the rows of [`transition_rows`]); equal bit
+/// for bit to it row by row.
+pub fn log_prob_dense_rows(x_next: &Tensor, mean: &Tensor, stds: &[f64]) -> Result<Tensor> {
+    ensure!(stds.iter().all(|s| s.is_finite() && *s > 0.0), "sampler::log_prob_dense: std must be finite and > 0 (got {stds:?})");
+    ensure!(
+        x_next.dims() == mean.dims() && mean.dim(0)? == stds.len(),
+        "sampler::log_prob_dense: sample has shape {:?}, mean {:?}, {} stds",
+        x_next.dims(),
+        mean.dims(),
+        stds.len()
+    );
+    let diff = (x_next.detach() - mean)?;
+    let mul = row_scalars(mean, stds.iter().map(|&s| log_prob_coeffs(s).0))?;
+    let add = row_scalars(mean, stds.iter().map(|&s| log_prob_coeffs(s).1))?;
+    Ok(diff.sqr()?.broadcast_mul(&mul)?.broadcast_add(&add)?)
 }
 
 /// How a dense (B, C, [T,] H, W) log-prob is reduced.
@@ -396,6 +450,49 @@ mod tests {
         assert_eq!(std, 0.0);
         let want: Vec<f64> = Z.iter().zip(V).map(|(&z, v)| z as f64 - 0.25 * v as f64).collect();
         close(&flat(&mean), &want, 1e-7);
+    }
+
+    /// The update's batched transition (one noise level per row) equals the rollout's
+    /// scalar transition row by row, bit for bit, for every kind: the on-policy ratio
+    /// check relies on it.
+    #[test]
+    fn row_wise_transition_and_log_prob_equal_the_scalar_ones_exactly() {
+        let dev = Device::Cpu;
+        let z = Tensor::randn(0f32, 1.0, (4, 3, 2, 2), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (4, 3, 2, 2), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 3, 2, 2), &dev).unwrap();
+        let steps = [(1.0, 0.9), (0.9, 0.6), (0.6, 0.3), (0.3, 0.1)];
+        for kind in [SdeKind::Dance { eta: 0.3 }, SdeKind::Flow { a: 0.7 }, SdeKind::Ode] {
+            let (mean, stds) = transition_rows(kind, &z, &v, &steps, 0.9).unwrap();
+            for (r, &(s, sn)) in steps.iter().enumerate() {
+                let (m1, std1) = transition(kind, &z.narrow(0, r, 1).unwrap(), &v.narrow(0, r, 1).unwrap(), s, sn, 0.9).unwrap();
+                assert_eq!(stds[r], std1);
+                assert_eq!(flat(&mean.narrow(0, r, 1).unwrap()), flat(&m1), "{kind:?} row {r}");
+            }
+            if kind.is_stochastic() {
+                let lp = log_prob_dense_rows(&x, &mean, &stds).unwrap();
+                for r in 0..steps.len() {
+                    let l1 = log_prob_dense(&x.narrow(0, r, 1).unwrap(), &mean.narrow(0, r, 1).unwrap(), stds[r]).unwrap();
+                    assert_eq!(flat(&lp.narrow(0, r, 1).unwrap()), flat(&l1), "{kind:?} row {r}");
+                }
+            }
+        }
+        assert!(transition_rows(SdeKind::Ode, &z, &v, &steps[..3], 0.9).is_err());
+        assert!(log_prob_dense_rows(&x, &z, &[1.0, 1.0, 0.0, 1.0]).is_err());
+    }
+
+    /// The coefficient form μ = a·z + b·v equals Dance-SDE's published chain
+    /// (x̂₀ = z − σv, score = −(z − (1−σ)x̂₀)/σ², μ = z + Δσ·v − ½η²·score·Δσ).
+    #[test]
+    fn dance_coefficients_equal_the_published_chain() {
+        let (z, v, eta) = (0.7f64, -1.3f64, 0.3f64);
+        for (s, sn) in [(1.0, 0.9), (0.5, 0.4), (0.2, 0.05)] {
+            let x0 = z - s * v;
+            let score = -(z - (1.0 - s) * x0) / (s * s);
+            let want = z + (sn - s) * v - 0.5 * eta * eta * score * (sn - s);
+            let (a, b, _) = transition_coeffs(SdeKind::Dance { eta }, s, sn, 0.9).unwrap();
+            assert!((a * z + b * v - want).abs() < 1e-12, "σ {s}: {} vs {want}", a * z + b * v);
+        }
     }
 
     #[test]

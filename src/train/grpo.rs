@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::advantage::group_advantages;
 use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
-use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
+use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty_rows};
 use crate::policy::layers::LoraSpec;
 use crate::policy::{guided_velocity, guided_velocity_frozen, TrainPolicy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
@@ -438,18 +438,18 @@ impl Trainer {
                     let old_dense = Tensor::stack(&mb.iter().zip(&ks).map(|(&i, &k)| traj.log_probs[k].get(i)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
                     let sig = Tensor::from_vec(ks.iter().map(|&k| self.sigmas[k] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
                     let v = guided_velocity(self.policy.as_ref(), &z, &sig, &cond_mb, self.cfg.sample.guidance)?;
-                    let mut new_dense = Vec::with_capacity(mb.len());
-                    let mut kl_terms = Vec::new();
-                    for (r, &k) in ks.iter().enumerate() {
-                        let (mean_r, std_r) = sampler::transition(kind, &z.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
-                        new_dense.push(sampler::log_prob_dense(&z_next.narrow(0, r, 1)?, &mean_r, std_r)?);
-                        if let Some(refp) = &self.ref_policy {
-                            let vr = guided_velocity_frozen(refp.as_ref(), &z.narrow(0, r, 1)?, &sig.narrow(0, r, 1)?, &cond_mb.narrow(0, r, 1)?, self.cfg.sample.guidance)?;
-                            let (mean_ref, _) = sampler::transition(kind, &z.narrow(0, r, 1)?, &vr, self.sigmas[k], self.sigmas[k + 1], sigma1)?;
-                            kl_terms.push(kl_penalty(&mean_r, &mean_ref, std_r)?);
+                    // Every row at its own noise level, in one batched transition.
+                    let steps: Vec<(f64, f64)> = ks.iter().map(|&k| (self.sigmas[k], self.sigmas[k + 1])).collect();
+                    let (mean, stds) = sampler::transition_rows(kind, &z, &v, &steps, sigma1)?;
+                    let new_dense = sampler::log_prob_dense_rows(&z_next, &mean, &stds)?;
+                    let kl_rows = match &self.ref_policy {
+                        Some(refp) => {
+                            let vr = guided_velocity_frozen(refp.as_ref(), &z, &sig, &cond_mb, self.cfg.sample.guidance)?;
+                            let (mean_ref, _) = sampler::transition_rows(kind, &z, &vr, &steps, sigma1)?;
+                            Some(kl_penalty_rows(&mean, &mean_ref, &stds)?)
                         }
-                    }
-                    let new_dense = Tensor::cat(&new_dense, 0)?;
+                        None => None,
+                    };
                     let mut loss = Tensor::zeros((), candle_core::DType::F32, &device)?;
                     let (lp_new, lp_old) = self.reduce_log_probs(&new_dense, &old_dense)?;
                     for (ri, adv) in advs.iter().enumerate() {
@@ -481,8 +481,8 @@ impl Trainer {
                         }
                         loss = (loss + (sur.loss * weights[ri])?)?;
                     }
-                    if !kl_terms.is_empty() {
-                        let kl = (Tensor::stack(&kl_terms, 0)?.mean_all()? * t.kl_beta)?;
+                    if let Some(kl_rows) = kl_rows {
+                        let kl = (kl_rows.mean_all()? * t.kl_beta)?;
                         kl_sum += kl.to_scalar::<f32>()? as f64;
                         loss = (loss + kl)?;
                     }
