@@ -525,15 +525,3 @@ fn demo(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar with rate and ETA, or a hidden one in quiet mode.
-pub fn progress(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}} {{msg}}"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
-}

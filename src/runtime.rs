@@ -21,10 +21,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 ///   in (16 % of a step in perf: the kernel zeroing pages); vipo's working set is the same
 ///   every step, so it keeps them (`MIMALLOC_PURGE_DELAY` overrides).
 pub fn init() {
-    let from_env = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
-    let n = from_env("VIPO_THREADS")
-        .or_else(|| from_env("RAYON_NUM_THREADS"))
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let n = thread_count(
+        std::env::var("VIPO_THREADS").ok().as_deref(),
+        std::env::var("RAYON_NUM_THREADS").ok().as_deref(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     // Large stacks: candle's backprop walks the graph recursively, and `run` puts the whole
     // program on a pool thread.
@@ -44,6 +45,13 @@ pub fn init() {
 /// in the work and the other workers steal it.
 pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
+}
+
+/// `VIPO_THREADS`, else `RAYON_NUM_THREADS`, else the available cores; unparsable or zero
+/// values are skipped.
+fn thread_count(vipo: Option<&str>, rayon: Option<&str>, available: usize) -> usize {
+    let parse = |v: Option<&str>| v.and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
+    parse(vipo).or_else(|| parse(rayon)).unwrap_or(available.max(1))
 }
 
 /// Worker threads for matmuls and fused ops.
@@ -82,8 +90,31 @@ pub fn memory_mb() -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// A progress bar with rate and ETA, or a hidden one in quiet mode.
+pub fn progress(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}} {{msg}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thread_count_prefers_vipo_threads_then_rayon_then_the_available_cores() {
+        use super::thread_count;
+        assert_eq!(thread_count(Some("3"), Some("5"), 2), 3);
+        assert_eq!(thread_count(None, Some("5"), 2), 5);
+        assert_eq!(thread_count(Some("0"), Some("x"), 2), 2);
+        assert_eq!(thread_count(Some(" 4 "), None, 2), 4);
+        assert_eq!(thread_count(None, None, 0), 1);
+    }
+
     /// The hand-written option index is mimalloc's purge delay: its v3 default (1000 ms)
     /// is what option 15 reads in a process that did not set it (tests
     /// run without `MIMALLOC_PURGE_DELAY` in the environment).

@@ -119,7 +119,7 @@ fn flow_matching_loop(
         crate::io::truncate_jsonl_from_step(&metrics, start)?;
         eprintln!("resuming {} from step {start} of {}", run_dir.display(), p.steps);
     }
-    let bar = crate::cli::progress((p.steps - start) as u64, "pretrain", cfg.progress);
+    let bar = crate::runtime::progress((p.steps - start) as u64, "pretrain", cfg.progress);
     let started = Instant::now();
     for step in start..p.steps {
         let (x0, cond) = batch(data_rng)?;
