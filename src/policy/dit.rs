@@ -529,4 +529,42 @@ pub(crate) mod tests {
         let e = ImagePolicy::load(&tiny(), &path, Some(&bad), &Device::Cpu, 0).err().unwrap().to_string();
         assert!(e.contains("matches no linear layer"), "{e}");
     }
+
+    /// The sampling path (untracked views of the weights) equals the training path bit for
+    /// bit, records no graph, sees in-place weight updates (what the optimizer does), and
+    /// the training path under LoRA gives gradients to the adapters only.
+    #[test]
+    fn frozen_velocity_equals_the_trained_one_and_follows_weight_updates() {
+        use crate::policy::FlowModel;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let base = ImagePolicy::new(&tiny_conv(), &Device::Cpu, 0).unwrap();
+        base.save(&path).unwrap();
+        let spec = crate::policy::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into(), "mlp".into()] };
+        let l = ImagePolicy::load(&tiny_conv(), &path, Some(&spec), &Device::Cpu, 0).unwrap();
+        let (z, s, c) = batch(&l, 2);
+        let same = |l: &ImagePolicy| {
+            let (a, b) = (l.velocity(&z, &s, &c).unwrap(), l.velocity_frozen(&z, &s, &c).unwrap());
+            assert!(!b.track_op(), "the sampling path recorded a graph");
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "sampling and training velocities differ by {d}");
+        };
+        same(&l);
+        // An optimizer-style in-place update of every adapter shows through the views.
+        let before = l.velocity_frozen(&z, &s, &c).unwrap();
+        for (_, v) in l.trainable() {
+            v.set(&(v.as_tensor() + 0.05).unwrap()).unwrap();
+        }
+        let moved = (l.velocity_frozen(&z, &s, &c).unwrap() - before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.0, "the frozen views did not see the adapters' update");
+        same(&l);
+        let g = l.velocity(&z, &s, &c).unwrap().sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        for (name, v) in l.base_vars() {
+            assert!(g.get(v.as_tensor()).is_none(), "{name}: a frozen base weight got a gradient");
+        }
+        for (name, v) in l.trainable() {
+            let a: f32 = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")).abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(a.is_finite() && a > 0.0, "{name}: gradient sum |g| = {a}");
+        }
+    }
 }
