@@ -135,23 +135,11 @@ pub fn clipped_surrogate_sample_trust(logp_new: &Tensor, logp_old: &Tensor, adv:
     Ok(Surrogate { loss, ratio_mean, ratio_max_dev, clip_frac })
 }
 
-/// Flow-GRPO KL: mean over all elements of ‖μ_θ − μ_ref‖²/(2σ²), a scalar (the per-element KL
-/// between two Gaussians with the same std σ, averaged as Flow-GRPO does: mean over elements
-/// of each sample, then over the batch, which is the same as the mean over all elements).
-/// The caller multiplies by β and passes the transition std. `mean_ref` is detached.
-pub fn kl_penalty(mean_new: &Tensor, mean_ref: &Tensor, std: f64) -> Result<Tensor> {
-    ensure!(std.is_finite() && std > 0.0, "objective::kl_penalty: std must be finite and > 0 (got {std})");
-    ensure!(
-        mean_new.dims() == mean_ref.dims(),
-        "objective::kl_penalty: policy mean shape {:?} differs from reference mean shape {:?}",
-        mean_new.dims(),
-        mean_ref.dims()
-    );
-    Ok((mean_new - mean_ref.detach())?.sqr()?.mean_all()?.affine(1.0 / (2.0 * std * std), 0.0)?)
-}
-
-/// [`kl_penalty`] for each row of a batch with its own std → (B,).
-pub fn kl_penalty_rows(mean_new: &Tensor, mean_ref: &Tensor, stds: &[f64]) -> Result<Tensor> {
+/// Flow-GRPO KL per sample: the mean over a sample's elements of ‖μ_θ − μ_ref‖²/(2σ²) (the
+/// per-element KL between two Gaussians with the same std σ), each row with its own
+/// transition std → (B,). Flow-GRPO then averages over the batch and multiplies by β (the
+/// caller's part). `mean_ref` is detached.
+pub fn kl_penalty(mean_new: &Tensor, mean_ref: &Tensor, stds: &[f64]) -> Result<Tensor> {
     ensure!(stds.iter().all(|s| s.is_finite() && *s > 0.0), "objective::kl_penalty: std must be finite and > 0 (got {stds:?})");
     ensure!(
         mean_new.dims() == mean_ref.dims() && mean_new.dim(0)? == stds.len(),
@@ -327,9 +315,9 @@ mod tests {
 
     #[test]
     fn kl_value_and_gradient() {
-        let m = Var::from_tensor(&t(&[1.0, 2.0, 0.0, -1.0], &[2, 2])).unwrap();
-        let r = t(&[0.0, 2.0, 1.0, 1.0], &[2, 2]);
-        let kl = kl_penalty(m.as_tensor(), &r, 0.5).unwrap();
+        let m = Var::from_tensor(&t(&[1.0, 2.0, 0.0, -1.0], &[1, 4])).unwrap();
+        let r = t(&[0.0, 2.0, 1.0, 1.0], &[1, 4]);
+        let kl = kl_penalty(m.as_tensor(), &r, &[0.5]).unwrap().sum_all().unwrap();
         // Squared diffs 1, 0, 1, 4 → mean 1.5; / (2·0.25) = 3.
         assert!((scalar(&kl) - 3.0).abs() < 1e-6);
         let g = flat(kl.backward().unwrap().get(m.as_tensor()).unwrap());
@@ -338,20 +326,21 @@ mod tests {
         for (x, y) in g.iter().zip(want) {
             assert!((x - y).abs() < 1e-6);
         }
-        assert!(kl_penalty(m.as_tensor(), &r, 0.0).is_err());
-        assert!(kl_penalty(m.as_tensor(), &t(&[0.0; 4], &[4]), 1.0).is_err());
+        assert!(kl_penalty(m.as_tensor(), &r, &[0.0]).is_err());
+        assert!(kl_penalty(m.as_tensor(), &t(&[0.0; 4], &[4]), &[1.0]).is_err());
     }
 
+    /// Each row is averaged over its own elements and scaled by its own std.
     #[test]
-    fn kl_rows_equal_kl_per_row() {
+    fn kl_rows_use_their_own_std() {
         let m = t(&[1.0, 2.0, 0.0, -1.0], &[2, 2]);
         let r = t(&[0.0, 2.0, 1.0, 1.0], &[2, 2]);
-        let rows = flat(&kl_penalty_rows(&m, &r, &[0.5, 0.25]).unwrap());
-        for (i, s) in [0.5, 0.25].into_iter().enumerate() {
-            let one = scalar(&kl_penalty(&m.narrow(0, i, 1).unwrap(), &r.narrow(0, i, 1).unwrap(), s).unwrap());
-            assert!((rows[i] as f64 - one).abs() < 1e-6, "row {i}: {} vs {one}", rows[i]);
+        let rows = flat(&kl_penalty(&m, &r, &[0.5, 0.25]).unwrap());
+        // Row 0: squared diffs 1, 0 → 0.5 / (2·0.25) = 1; row 1: 1, 4 → 2.5 / (2·0.0625) = 20.
+        for (got, want) in rows.iter().zip([1.0f32, 20.0]) {
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
-        assert!(kl_penalty_rows(&m, &r, &[0.5]).is_err());
+        assert!(kl_penalty(&m, &r, &[0.5]).is_err());
     }
 }
 

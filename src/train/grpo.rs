@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::advantage::group_advantages;
 use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
-use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty_rows};
+use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
 use crate::policy::layers::LoraSpec;
 use crate::policy::{guided_velocity, guided_velocity_frozen, TrainPolicy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
@@ -446,7 +446,7 @@ impl Trainer {
                         Some(refp) => {
                             let vr = guided_velocity_frozen(refp.as_ref(), &z, &sig, &cond_mb, self.cfg.sample.guidance)?;
                             let (mean_ref, _) = sampler::transition_rows(kind, &z, &vr, &steps, sigma1)?;
-                            Some(kl_penalty_rows(&mean, &mean_ref, &stds)?)
+                            Some(kl_penalty(&mean, &mean_ref, &stds)?)
                         }
                         None => None,
                     };
