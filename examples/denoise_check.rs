@@ -6,7 +6,7 @@
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
-use vipo::policy::{FlowModel, ImagePolicy, Policy};
+use vipo::policy::{FlowModel, ImagePolicy};
 use vipo::world::{self, Split};
 
 fn main() -> anyhow::Result<()> {
@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         let x_hat = (&z - (&v * s)?)?;
         let x_mse = (&x_hat - &x0)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
         println!("sigma {s:4.2}: v-loss {v_loss:.4}  x0-MSE {x_mse:.4}");
-        rows.extend(p.decode(&x_hat)?.iter().map(|i| i.upscale(4)));
+        rows.extend(p.decode_images(&x_hat)?.iter().map(|i| i.upscale(4)));
     }
     vipo::image::grid(&rows, n).save_png(Path::new(&out))?;
     println!("wrote {}", out.display());

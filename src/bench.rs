@@ -95,12 +95,12 @@ pub struct PolicyBench {
 }
 
 pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
-    use crate::policy::{FlowModel, ImagePolicy, Policy, TrainPolicy};
+    use crate::policy::{FlowModel, ImagePolicy, Policy};
     anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
     let dev = crate::runtime::device()?;
     let p = ImagePolicy::new(cfg, &dev, 0)?;
     let prompts = crate::world::prompts(crate::world::Split::Train, batch, 0);
-    let cond = p.condition(&prompts)?;
+    let cond = p.encode(&prompts.iter().map(crate::prompt::Prompt::image).collect::<Vec<_>>())?;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let z = crate::sampler::randn(&[batch, 3, cfg.image_size, cfg.image_size], &mut rng, &dev)?;
     let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
@@ -309,7 +309,7 @@ pub fn bench_psm_samples(run_dir: &std::path::Path, step: Option<usize>, n: usiz
     anyhow::ensure!(cfg.modality == crate::config::Modality::Image, "bench psm --run: {} is not an image run", run_dir.display());
     let (policy, _) = crate::eval::run::load_run_policy(run_dir, &cfg, step)?;
     let prompts = crate::world::prompts(crate::world::Split::Eval, n, crate::eval::run::EVAL_SEED);
-    let images = crate::eval::generate_images(policy.as_ref(), &policy.latent_shape(), &prompts, crate::eval::run::EVAL_SEED, &cfg.sample)?;
+    let images = crate::eval::generate_images(policy.as_ref(), &prompts, crate::eval::run::EVAL_SEED, &cfg.sample)?;
     let masks: Vec<Vec<f32>> = images.iter().map(crate::train::maps::foreground_mask).collect();
     psm_mass(&images, &masks, &["features.3", "features.6", "features.13"], input_size)
 }

@@ -428,7 +428,7 @@ fn map_cmd(a: MapArgs) -> Result<()> {
             let device = crate::runtime::device()?;
             let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, 0)?;
             let specs = crate::world::video::video_prompts(crate::world::Split::Eval, a.n, 7);
-            let clips = crate::policy::video_dit::generate_clips(&policy, &cfg.video_model.latent_shape(), &specs, 0, &cfg.sample)?;
+            let clips = crate::eval::generate_clips(&policy, &specs, 0, &cfg.sample)?;
             (cfg, clips.into_iter().enumerate().map(|(i, c)| (format!("clip_{i:03}"), c)).collect::<Vec<_>>())
         } else {
             let cfg = load_config(&a.cfg)?;
@@ -458,7 +458,7 @@ fn map_cmd(a: MapArgs) -> Result<()> {
             let device = crate::runtime::device()?;
             let policy = crate::policy::ImagePolicy::load(&cfg.model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, cfg.seed)?;
             let prompts = crate::world::prompts(crate::world::Split::Eval, a.n, 7);
-            let imgs = crate::eval::generate(&policy, &prompts, 0, &cfg.sample)?;
+            let imgs = crate::eval::generate_images(&policy, &prompts, 0, &cfg.sample)?;
             (cfg, imgs.into_iter().enumerate().map(|(i, im)| (format!("sample_{i:03}"), im)).collect())
         }
         _ => anyhow::bail!("give --image FILE (repeatable) or --run DIR, not both"),

@@ -12,6 +12,40 @@ pub struct Image {
     pub data: Vec<f32>,
 }
 
+/// Decoded samples of a batch: what rewards, maps and grids receive from a policy's decoder.
+#[derive(Clone, Debug)]
+pub enum Samples {
+    Images(Vec<Image>),
+    /// One clip per sample, each a list of frames.
+    Clips(Vec<Vec<Image>>),
+}
+
+impl Samples {
+    pub fn len(&self) -> usize {
+        match self {
+            Samples::Images(v) => v.len(),
+            Samples::Clips(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The images, for a consumer (`who`) that only takes images.
+    pub fn images(&self, who: &str) -> Result<&[Image]> {
+        match self {
+            Samples::Images(v) => Ok(v),
+            Samples::Clips(_) => bail!("{who} scores images, and this run samples video clips"),
+        }
+    }
+    /// The clips, for a consumer (`who`) that only takes clips.
+    pub fn clips(&self, who: &str) -> Result<&[Vec<Image>]> {
+        match self {
+            Samples::Clips(v) => Ok(v),
+            Samples::Images(_) => bail!("{who} scores video clips, and this run samples images"),
+        }
+    }
+}
+
 impl Image {
     pub fn new(h: usize, w: usize) -> Self {
         Self { h, w, data: vec![0.0; 3 * h * w] }

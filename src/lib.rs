@@ -4,7 +4,8 @@
 //! The data path of one training step reads top to bottom through the modules:
 //!
 //! ```text
-//! world (prompts, scenes) → sampler (policy + SDE, dense log-probs)
+//! prompt (text + optional scene) → policy (encode; velocity) → sampler (SDE, dense
+//!   log-probs) → policy (decode)
 //!   → reward (scalars) and psm (allocation maps from a frozen backbone)
 //!   → advantage (group-relative, per position) → objective (clipped surrogate)
 //!   → train (optimizer, checkpoints, metrics)
@@ -23,6 +24,7 @@ pub mod io;
 pub mod mapview;
 pub mod objective;
 pub mod policy;
+pub mod prompt;
 pub mod psm;
 pub mod report;
 pub mod reward;

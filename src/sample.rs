@@ -7,16 +7,15 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, SampleConfig};
 use crate::policy::Policy;
 use crate::reward::compositional::Compositional;
-use crate::reward::Reward;
 use crate::world::PromptSpec;
 
 /// Generate one image per prompt into `out` (`sample_000.png`…, `grid.png`,
 /// `samples.json` listing prompt → file → compositional score). Returns the count.
 pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
-    let images = crate::eval::generate(policy, prompts, seed, cfg)?;
+    let images = crate::eval::generate_images(policy, prompts, seed, cfg)?;
     let reward = Compositional::new();
-    let scores = reward.score(&images, prompts)?;
+    let scores = reward.score_specs(&images, prompts)?;
     let mut listing = Vec::new();
     for (i, (im, p)) in images.iter().zip(prompts).enumerate() {
         let name = format!("sample_{i:03}.png");
@@ -33,9 +32,9 @@ pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg
 /// `grid.png` and `samples.json` (prompt → file → video_quality and motion_quality).
 pub fn write_clips(policy: &crate::policy::video_dit::VideoPolicy, specs: &[crate::world::video::VideoSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
-    let clips = crate::policy::video_dit::generate_clips(policy, &crate::policy::TrainPolicy::latent_shape(policy), specs, seed, cfg)?;
-    let vq = crate::reward::video::build("video_quality")?.score(&clips, specs)?;
-    let mq = crate::reward::video::build("motion_quality")?.score(&clips, specs)?;
+    let clips = crate::eval::generate_clips(policy, specs, seed, cfg)?;
+    let vq = crate::reward::video::VideoQuality::new().score_clips(&clips, specs)?;
+    let mq = crate::reward::video::MotionQuality::new().score_clips(&clips, specs)?;
     let mut listing = Vec::new();
     let mut strips = Vec::new();
     for (i, (c, s)) in clips.iter().zip(specs).enumerate() {

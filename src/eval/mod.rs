@@ -9,8 +9,10 @@ use candle_core::Tensor;
 use rand::SeedableRng;
 
 use crate::config::SampleConfig;
-use crate::image::Image;
-use crate::policy::{FlowModel, Policy};
+use crate::image::{Image, Samples};
+use crate::policy::{Condition, FlowModel, Policy};
+use crate::prompt::Prompt;
+use crate::world::video::VideoSpec;
 use crate::reward::Reward;
 use crate::sampler::{self, LogProbReduction, SdeKind};
 use crate::world::PromptSpec;
@@ -25,10 +27,10 @@ pub fn eval_noise(seed: u64, index: usize, shape: &[usize], device: &candle_core
 /// Euler ODE sampling of any flow model: one sample per row of `cond` (token ids), the
 /// initial noise of sample i from [`eval_noise`]`(seed, i)`, in batches of
 /// `cfg.batch_size`. Returns the final latents (N, ...).
-pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: u64, cfg: &SampleConfig) -> Result<Tensor> {
+pub fn ode_latents(model: &dyn FlowModel, cond: &Condition, shape: &[usize], seed: u64, cfg: &SampleConfig) -> Result<Tensor> {
     cfg.validate()?;
     let sigmas = sampler::sigmas(cfg.steps, cfg.shift);
-    let total = cond.dim(0)?;
+    let total = cond.rows()?;
     let bs = cfg.batch_size.max(1);
     let mut out = Vec::new();
     let mut dummy = rand_chacha::ChaCha8Rng::seed_from_u64(0); // ODE draws no noise
@@ -36,7 +38,7 @@ pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: 
         let n = bs.min(total - start);
         let noises = (start..start + n).map(|i| eval_noise(seed, i, shape, model.device())).collect::<Result<Vec<_>>>()?;
         let z0 = Tensor::stack(&noises, 0)?;
-        let c = cond.narrow(0, start, n)?;
+        let c = cond.narrow(start, n)?;
         let traj = sampler::sample(
             |z, s| {
                 let sig = Tensor::full(s as f32, n, z.device())?;
@@ -53,25 +55,34 @@ pub fn ode_latents(model: &dyn FlowModel, cond: &Tensor, shape: &[usize], seed: 
     Ok(Tensor::cat(&out, 0)?)
 }
 
-/// Generate one image per prompt with Euler ODE sampling.
-pub fn generate(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
-    generate_images(policy, &policy.latent_shape(), prompts, seed, cfg)
+/// One sample per prompt with Euler ODE sampling: the policy encodes the prompts, samples
+/// its latents from [`eval_noise`] and decodes them. `prompts` must not be empty.
+pub fn generate(policy: &dyn Policy, prompts: &[Prompt], seed: u64, cfg: &SampleConfig) -> Result<Samples> {
+    let cond = policy.encode(prompts)?;
+    policy.decode(&ode_latents(policy, &cond, &policy.latent_shape(), seed, cfg)?)
 }
 
-/// [`generate`] for any image flow model (e.g. a trainer's policy with EMA weights swapped
-/// in): prompts tokenized with the ShapeWorld grammar, latents of `shape` decoded to images.
-pub fn generate_images(model: &dyn FlowModel, shape: &[usize], prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
+/// [`generate`] for ShapeWorld image prompts (an image policy, EMA-swapped or not).
+pub fn generate_images(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Image>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
-    let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-    let cond = crate::policy::dit::tokens_for(&texts, model.device())?;
-    Ok(crate::policy::dit::latents_to_images(&ode_latents(model, &cond, shape, seed, cfg)?)?)
+    let ps: Vec<Prompt> = prompts.iter().map(Prompt::image).collect();
+    Ok(generate(policy, &ps, seed, cfg)?.images("image generation")?.to_vec())
+}
+
+/// [`generate`] for ShapeWorld-Video prompts: one clip per prompt.
+pub fn generate_clips(policy: &dyn Policy, specs: &[VideoSpec], seed: u64, cfg: &SampleConfig) -> Result<Vec<Vec<Image>>> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ps: Vec<Prompt> = specs.iter().map(Prompt::video).collect();
+    Ok(generate(policy, &ps, seed, cfg)?.clips("video generation")?.to_vec())
 }
 
 /// Mean of a reward over generated images.
 pub fn mean_score(reward: &dyn Reward, images: &[Image], prompts: &[PromptSpec]) -> Result<f64> {
-    let s = reward.score(images, prompts)?;
+    let s = reward.score(&crate::image::Samples::Images(images.to_vec()), &prompts.iter().map(crate::prompt::Prompt::image).collect::<Vec<_>>())?;
     Ok(s.iter().map(|&v| v as f64).sum::<f64>() / s.len().max(1) as f64)
 }
 
@@ -95,18 +106,18 @@ mod tests {
         let b = ImagePolicy::load(&tiny(), &path, None, &Device::Cpu, 77).unwrap(); // another "run", other rng seed
         let prompts = world::prompts(Split::Eval, 5, 11);
         let cfg = |batch_size| SampleConfig { steps: 3, batch_size, ..Default::default() };
-        let ia = generate(&a, &prompts, 42, &cfg(5)).unwrap();
-        let ib = generate(&b, &prompts, 42, &cfg(2)).unwrap();
+        let ia = generate_images(&a, &prompts, 42, &cfg(5)).unwrap();
+        let ib = generate_images(&b, &prompts, 42, &cfg(2)).unwrap();
         assert_eq!(ia.len(), 5);
-        let ia2 = generate(&b, &prompts, 42, &cfg(5)).unwrap();
+        let ia2 = generate_images(&b, &prompts, 42, &cfg(5)).unwrap();
         for (x, y) in ia.iter().zip(&ia2) {
             assert!(x.data == y.data, "same weights + prompts + seed must give identical images");
         }
         let maxd = ia.iter().zip(&ib).flat_map(|(x, y)| x.data.iter().zip(&y.data).map(|(a, b)| (a - b).abs())).fold(0f32, f32::max);
         assert!(maxd < 1e-4, "batching changed the images by {maxd}");
-        let other_seed = generate(&a, &prompts, 43, &cfg(5)).unwrap();
+        let other_seed = generate_images(&a, &prompts, 43, &cfg(5)).unwrap();
         assert!(ia[0].data != other_seed[0].data);
         let other_weights = ImagePolicy::new(&tiny(), &Device::Cpu, 4).unwrap();
-        assert!(ia[0].data != generate(&other_weights, &prompts, 42, &cfg(5)).unwrap()[0].data);
+        assert!(ia[0].data != generate_images(&other_weights, &prompts, 42, &cfg(5)).unwrap()[0].data);
     }
 }

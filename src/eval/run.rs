@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use super::stats::{bootstrap_ci, mean};
 use crate::config::{Config, Modality};
-use crate::image::Image;
-use crate::policy::TrainPolicy;
+use crate::image::{Image, Samples};
+use crate::policy::Policy;
+use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
 use crate::train::run;
 use crate::world::video::VideoSpec;
@@ -71,16 +72,23 @@ fn row(split: &str, reward: &str, v: &[f64]) -> EvalRow {
     EvalRow { split: split.into(), reward: reward.into(), mean: mean(v), ci_low: lo, ci_high: hi, n: v.len() }
 }
 
+/// Every reward of `names` on one split's samples, a row each.
+fn score_rewards(names: &[String], split: &str, samples: &Samples, prompts: &[Prompt], rows: &mut Vec<EvalRow>) -> Result<HashMap<String, Vec<f64>>> {
+    let mut out = HashMap::new();
+    for name in names {
+        let r = crate::reward::build(name)?;
+        let s: Vec<f64> = r.score(samples, prompts)?.into_iter().map(|x| x as f64).collect();
+        anyhow::ensure!(s.iter().all(|x| x.is_finite()), "reward {name}: non-finite score on split {split}");
+        rows.push(row(split, name, &s));
+        out.insert(name.clone(), s);
+    }
+    Ok(out)
+}
+
 /// Score generated images: every reward, plus the compositional terms.
 fn score_split(cfg: &Config, split: &str, images: &[Image], prompts: &[PromptSpec], rows: &mut Vec<EvalRow>) -> Result<HashMap<String, Vec<f64>>> {
-    let mut out = HashMap::new();
-    for name in reward_names(cfg) {
-        let r = crate::reward::build(&name)?;
-        let s: Vec<f64> = r.score(images, prompts)?.into_iter().map(|x| x as f64).collect();
-        anyhow::ensure!(s.iter().all(|x| x.is_finite()), "reward {name}: non-finite score on split {split}");
-        rows.push(row(split, &name, &s));
-        out.insert(name, s);
-    }
+    let samples = Samples::Images(images.to_vec());
+    let out = score_rewards(&reward_names(cfg), split, &samples, &prompts.iter().map(Prompt::image).collect::<Vec<_>>(), rows)?;
     let comp = Compositional::new();
     let bd: Vec<_> = images.iter().zip(prompts).map(|(im, p)| (comp.breakdown(im, p), p.relation.is_some() && p.groups.len() == 2)).collect();
     let terms: [(&str, fn(&crate::reward::compositional::Breakdown) -> f32); 5] =
@@ -111,7 +119,7 @@ pub const VQ_MQ: &str = "vq_mq_mean";
 fn video_reward_names(cfg: &Config) -> Vec<String> {
     let mut names = vec!["video_quality".to_string(), "motion_quality".to_string()];
     for e in &cfg.train.rewards {
-        if !names.contains(&e.name) && crate::reward::video::build(&e.name).is_ok() {
+        if !names.contains(&e.name) && crate::reward::build(&e.name).is_ok_and(|r| r.inputs().accepts(Modality::Video)) {
             names.push(e.name.clone());
         }
     }
@@ -120,14 +128,8 @@ fn video_reward_names(cfg: &Config) -> Vec<String> {
 
 /// Score generated clips: every video reward, the VQ/MQ mean, and the MQ terms.
 fn score_clips(cfg: &Config, split: &str, clips: &[Vec<Image>], specs: &[VideoSpec], rows: &mut Vec<EvalRow>) -> Result<HashMap<String, Vec<f64>>> {
-    let mut out = HashMap::new();
-    for name in video_reward_names(cfg) {
-        let r = crate::reward::video::build(&name)?;
-        let s: Vec<f64> = r.score(clips, specs)?.into_iter().map(|x| x as f64).collect();
-        anyhow::ensure!(s.iter().all(|x| x.is_finite()), "reward {name}: non-finite score on split {split}");
-        rows.push(row(split, &name, &s));
-        out.insert(name, s);
-    }
+    let samples = Samples::Clips(clips.to_vec());
+    let mut out = score_rewards(&video_reward_names(cfg), split, &samples, &specs.iter().map(Prompt::video).collect::<Vec<_>>(), rows)?;
     let both: Vec<f64> = out["video_quality"].iter().zip(&out["motion_quality"]).map(|(a, b)| 0.5 * (a + b)).collect();
     rows.push(row(split, VQ_MQ, &both));
     out.insert(VQ_MQ.to_string(), both);
@@ -157,23 +159,22 @@ pub struct SplitSamples {
 
 /// Evaluate a policy (image or video, per `cfg.modality`) on `n` fixed prompts per split;
 /// also returns what it generated (for grids).
-pub fn evaluate_policy(policy: &dyn TrainPolicy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<SplitSamples>)> {
+pub fn evaluate_policy(policy: &dyn Policy, cfg: &Config, n: usize) -> Result<(EvalReport, Vec<SplitSamples>)> {
     anyhow::ensure!(n >= 1, "eval: the number of prompts must be ≥ 1");
     let mut rows = Vec::new();
     let mut scores = HashMap::new();
     let mut grids = Vec::new();
-    let shape = policy.latent_shape();
     for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
         match cfg.modality {
             Modality::Image => {
                 let prompts = world::prompts(split, n, EVAL_SEED);
-                let images = super::generate_images(policy, &shape, &prompts, EVAL_SEED, &cfg.sample)?;
+                let images = super::generate_images(policy, &prompts, EVAL_SEED, &cfg.sample)?;
                 scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
                 grids.push(SplitSamples { split: name.to_string(), prompts: prompts.iter().map(|p| p.text()).collect(), generated: Generated::Images(images) });
             }
             Modality::Video => {
                 let specs = crate::world::video::video_prompts(split, n, EVAL_SEED);
-                let clips = crate::policy::video_dit::generate_clips(policy, &shape, &specs, EVAL_SEED, &cfg.sample)?;
+                let clips = super::generate_clips(policy, &specs, EVAL_SEED, &cfg.sample)?;
                 scores.insert(name.to_string(), score_clips(cfg, name, &clips, &specs, &mut rows)?);
                 grids.push(SplitSamples { split: name.to_string(), prompts: specs.iter().map(|p| p.text()).collect(), generated: Generated::Clips(clips) });
             }
@@ -228,7 +229,7 @@ pub fn checkpoint_steps(run_dir: &Path) -> Vec<usize> {
 /// Load a run's weights: the final model, or checkpoint `step` (EMA copy when kept).
 /// Works for `vipo pretrain` runs (checkpoints/step_N.safetensors) and `vipo train` runs
 /// (checkpoints/step_NNNNNN/ with trainable/ema tensors on top of the base).
-pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Result<(Box<dyn TrainPolicy>, String)> {
+pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Result<(Box<dyn Policy>, String)> {
     let device = crate::runtime::device()?;
     let final_w = run_dir.join(run::FINAL_WEIGHTS);
     let Some(step) = step else {

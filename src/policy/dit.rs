@@ -357,7 +357,7 @@ pub fn latents_to_images(z: &Tensor) -> Result<Vec<Image>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::{FlowModel, ImagePolicy, Policy, TrainPolicy};
+    use crate::policy::{FlowModel, ImagePolicy, Policy};
     use crate::world::{self, Split};
 
     pub(crate) fn tiny() -> DitConfig {
@@ -369,7 +369,7 @@ pub(crate) mod tests {
         DitConfig { conv_channels: 8, ..tiny() }
     }
 
-    fn batch(p: &ImagePolicy, n: usize) -> (Tensor, Tensor, Tensor) {
+    fn batch(p: &ImagePolicy, n: usize) -> (Tensor, Tensor, crate::policy::Condition) {
         let prompts = world::prompts(Split::Train, n, 1);
         let cond = p.condition(&prompts).unwrap();
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
@@ -385,7 +385,7 @@ pub(crate) mod tests {
         let v = p.velocity(&z, &s, &c).unwrap();
         assert_eq!(v.dims(), &[3, 3, 16, 16]);
         assert_eq!(p.latent_shape(), vec![3, 16, 16]);
-        let imgs = p.decode(&v).unwrap();
+        let imgs = p.decode_images(&v).unwrap();
         assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (3, 16, 16));
     }
 

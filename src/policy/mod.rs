@@ -2,6 +2,7 @@
 //! noise levels and prompt conditioning; a new model is one new file behind [`Policy`].
 
 pub mod block;
+pub mod cond;
 pub mod conv;
 pub mod dit;
 pub mod layers;
@@ -13,8 +14,9 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
 
-use crate::image::Image;
-use crate::world::PromptSpec;
+use crate::image::Samples;
+use crate::prompt::Prompt;
+pub use cond::Condition;
 use dit::{Dit, DitConfig};
 use layers::{LoraCtx, LoraSpec};
 
@@ -23,48 +25,61 @@ use layers::{LoraCtx, LoraSpec};
 pub trait FlowModel {
     /// v_θ(z, σ, c) for latents (B, ...) and per-sample noise levels σ (B,), differentiable
     /// in the trainable weights.
-    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor>;
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor>;
     /// The same velocity with no autograd bookkeeping (rollouts, sampling, the KL
     /// reference): candle has no no-grad mode, so every op on a `Var` records a graph edge
     /// and keeps its inputs alive; policies run this on untracked views of their weights.
-    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
         Ok(self.velocity(z, sigma, cond)?.detach())
+    }
+    /// The unconditional input of classifier-free guidance for a batch like `cond`. The
+    /// default, all zeros, is the ShapeWorld policies' empty prompt (all-padding token ids,
+    /// what `pretrain.cond_dropout` trains on); a policy with a text encoder returns its
+    /// encoding of "".
+    fn null_condition(&self, cond: &Condition) -> candle_core::Result<Condition> {
+        cond.zeros_like()
     }
     /// Every base weight by name (what pretraining trains and saves).
     fn base_vars(&self) -> Vec<(String, Var)>;
     fn device(&self) -> &Device;
 }
 
-/// Classifier-free guidance: v = v_null + w·(v_cond − v_null), where the null condition is
-/// the empty prompt (all-padding token ids, what `pretrain.cond_dropout` trains on). One
-/// forward over the batch stacked with its null copy; w = 1 is the plain velocity (one
+/// Classifier-free guidance: v = v_null + w·(v_cond − v_null), with the policy's
+/// [`FlowModel::null_condition`]. One forward over the batch stacked with its null copy; w = 1 is the plain velocity (one
 /// forward of the batch alone). Differentiable, so rollouts and updates use the same
 /// guided velocity and the on-policy parity check covers it.
-pub fn guided_velocity<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
-    guided(|z, s, c| model.velocity(z, s, c), z, sigma, cond, w)
+pub fn guided_velocity<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Condition, w: f64) -> candle_core::Result<Tensor> {
+    guided(model, |z, s, c| model.velocity(z, s, c), z, sigma, cond, w)
 }
 
 /// [`guided_velocity`] through [`FlowModel::velocity_frozen`] (sampling, no gradients).
-pub fn guided_velocity_frozen<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
-    guided(|z, s, c| model.velocity_frozen(z, s, c), z, sigma, cond, w)
+pub fn guided_velocity_frozen<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Condition, w: f64) -> candle_core::Result<Tensor> {
+    guided(model, |z, s, c| model.velocity_frozen(z, s, c), z, sigma, cond, w)
 }
 
-fn guided(v: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>, z: &Tensor, sigma: &Tensor, cond: &Tensor, w: f64) -> candle_core::Result<Tensor> {
+fn guided<M: FlowModel + ?Sized>(
+    model: &M,
+    v: impl Fn(&Tensor, &Tensor, &Condition) -> candle_core::Result<Tensor>,
+    z: &Tensor,
+    sigma: &Tensor,
+    cond: &Condition,
+    w: f64,
+) -> candle_core::Result<Tensor> {
     if w == 1.0 {
         return v(z, sigma, cond);
     }
     let b = z.dim(0)?;
-    let v = v(&Tensor::cat(&[z, z], 0)?, &Tensor::cat(&[sigma, sigma], 0)?, &Tensor::cat(&[cond, &cond.zeros_like()?], 0)?)?;
+    let v = v(&Tensor::cat(&[z, z], 0)?, &Tensor::cat(&[sigma, sigma], 0)?, &Condition::cat(&[cond, &model.null_condition(cond)?])?)?;
     let (vc, vu) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
     &vu + ((vc - &vu)? * w)?
 }
 
 impl FlowModel for ImagePolicy {
-    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
-        self.model.forward(z, sigma, cond)
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        self.model.forward(z, sigma, &cond.seq)
     }
-    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> candle_core::Result<Tensor> {
-        self.frozen.forward(z, sigma, cond)
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        self.frozen.forward(z, sigma, &cond.seq)
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
         sorted_vars(&self.base)
@@ -74,25 +89,27 @@ impl FlowModel for ImagePolicy {
     }
 }
 
-/// What GRPO/ViPO training needs from any generator beyond [`FlowModel`]: the trainable
-/// parameters (LoRA adapters or every weight), the base and adapter maps (to merge and
-/// export), and the latent shape. Conditioning and decoding are the task's business
-/// (`train::task`), so one trainer serves images and video.
-pub trait TrainPolicy: FlowModel {
+/// A generator as the sampler, trainer and evaluation see it (DESIGN.md §2.2): prompts in
+/// through its own (frozen) text side, latents out through its own (frozen) decoder, and
+/// between them the [`FlowModel`] velocity with its trainable parameters (LoRA adapters or
+/// every weight) and the base and adapter maps (to merge and export). The ShapeWorld image
+/// and video policies and the real generators are implementations; one trainer serves all.
+pub trait Policy: FlowModel {
+    /// Conditioning for a batch of prompts, one row per prompt.
+    fn encode(&self, prompts: &[Prompt]) -> Result<Condition>;
+    /// Latents (B, ...) → decoded samples, outside autograd.
+    fn decode(&self, z: &Tensor) -> Result<Samples>;
     /// Latent shape of one sample, e.g. (C, H, W) or (C, T, H, W).
     fn latent_shape(&self) -> Vec<usize>;
+    /// The positions of one latent, where the per-position ratio and allocation maps live:
+    /// (H, W) or (T, H, W).
+    fn latent_grid(&self) -> Vec<usize> {
+        self.latent_shape()[1..].to_vec()
+    }
     /// The parameters an optimizer updates (LoRA adapters only, or every weight), by name.
     fn trainable(&self) -> Vec<(String, Var)>;
     fn base_map(&self) -> &VarMap;
     fn lora_map(&self) -> Option<&VarMap>;
-}
-
-/// What the sampler and trainer need from an image generator.
-pub trait Policy: TrainPolicy {
-    /// Prompt conditioning for a batch (for the embedded policy: token ids).
-    fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor>;
-    /// Latents → RGB images.
-    fn decode(&self, z: &Tensor) -> Result<Vec<Image>>;
 }
 
 /// The embedded ShapeWorld policy: base weights in one VarMap, optional LoRA adapters in
@@ -167,9 +184,28 @@ impl ImagePolicy {
     pub fn save(&self, path: &Path) -> Result<()> {
         crate::train::checkpoint::save_varmap(&self.base, path)
     }
+
+    /// [`Policy::encode`] of ShapeWorld scenes.
+    pub fn condition(&self, specs: &[crate::world::PromptSpec]) -> Result<Condition> {
+        self.encode(&specs.iter().map(Prompt::image).collect::<Vec<_>>())
+    }
+
+    /// [`Policy::decode`] as images.
+    pub fn decode_images(&self, z: &Tensor) -> Result<Vec<crate::image::Image>> {
+        Ok(dit::latents_to_images(z)?)
+    }
 }
 
-impl TrainPolicy for ImagePolicy {
+impl Policy for ImagePolicy {
+    /// Token ids of the ShapeWorld grammar (a word outside its vocabulary is an error).
+    fn encode(&self, prompts: &[Prompt]) -> Result<Condition> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
+        Ok(Condition::tokens(dit::tokens_for(&texts, &self.device)?))
+    }
+    /// The latent is the image in [-1, 1].
+    fn decode(&self, z: &Tensor) -> Result<Samples> {
+        Ok(Samples::Images(dit::latents_to_images(z)?))
+    }
     fn latent_shape(&self) -> Vec<usize> {
         self.cfg.latent_shape().to_vec()
     }
@@ -181,16 +217,6 @@ impl TrainPolicy for ImagePolicy {
     }
     fn lora_map(&self) -> Option<&VarMap> {
         self.lora.as_ref()
-    }
-}
-
-impl Policy for ImagePolicy {
-    fn condition(&self, prompts: &[PromptSpec]) -> Result<Tensor> {
-        let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-        dit::tokens_for(&texts, &self.device)
-    }
-    fn decode(&self, z: &Tensor) -> Result<Vec<Image>> {
-        Ok(dit::latents_to_images(z)?)
     }
 }
 
@@ -211,7 +237,7 @@ fn explain_conv_mismatch(e: anyhow::Error, cfg: &DitConfig, weights: &Path) -> a
 
 /// Load the configured modality's policy (image `[model]` or video `[video_model]`) from
 /// `weights`, optionally with fresh LoRA adapters.
-pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn TrainPolicy>> {
+pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn Policy>> {
     Ok(match cfg.modality {
         crate::config::Modality::Image => Box::new(ImagePolicy::load(&cfg.model, weights, lora, device, seed)?),
         crate::config::Modality::Video => Box::new(video_dit::VideoPolicy::load(&cfg.video_model, weights, lora, device, seed)?),

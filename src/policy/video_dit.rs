@@ -237,17 +237,18 @@ impl VideoPolicy {
         crate::train::checkpoint::save_varmap(&self.base, path)
     }
 
-    /// Token ids (B, MAX_VIDEO_TOKENS) for video prompts.
-    pub fn condition(&self, specs: &[crate::world::video::VideoSpec]) -> anyhow::Result<Tensor> {
-        tokens_for_video(specs, &self.device)
-    }
-
-    pub fn decode(&self, z: &Tensor) -> anyhow::Result<Vec<Vec<Image>>> {
-        Ok(latents_to_clips(z)?)
-    }
 }
 
-impl super::TrainPolicy for VideoPolicy {
+impl super::Policy for VideoPolicy {
+    /// Token ids (B, MAX_VIDEO_TOKENS) of the ShapeWorld-Video grammar.
+    fn encode(&self, prompts: &[crate::prompt::Prompt]) -> anyhow::Result<super::Condition> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
+        Ok(super::Condition::tokens(tokens_for_video_texts(&texts, &self.device)?))
+    }
+    /// The latent is the clip in [-1, 1].
+    fn decode(&self, z: &Tensor) -> anyhow::Result<crate::image::Samples> {
+        Ok(crate::image::Samples::Clips(latents_to_clips(z)?))
+    }
     fn latent_shape(&self) -> Vec<usize> {
         self.cfg.latent_shape().to_vec()
     }
@@ -263,11 +264,11 @@ impl super::TrainPolicy for VideoPolicy {
 }
 
 impl super::FlowModel for VideoPolicy {
-    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
-        self.model.forward(z, sigma, cond)
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Result<Tensor> {
+        self.model.forward(z, sigma, &cond.seq)
     }
-    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Tensor) -> Result<Tensor> {
-        self.frozen.forward(z, sigma, cond)
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Result<Tensor> {
+        self.frozen.forward(z, sigma, &cond.seq)
     }
     fn base_vars(&self) -> Vec<(String, candle_core::Var)> {
         super::sorted_vars(&self.base)
@@ -279,22 +280,17 @@ impl super::FlowModel for VideoPolicy {
 
 /// Token ids for a batch of video prompts, (B, MAX_VIDEO_TOKENS) u32.
 pub fn tokens_for_video(specs: &[crate::world::video::VideoSpec], device: &candle_core::Device) -> anyhow::Result<Tensor> {
-    let l = crate::world::video::MAX_VIDEO_TOKENS;
-    let mut ids = Vec::with_capacity(specs.len() * l);
-    for s in specs {
-        ids.extend(crate::world::video::tokenize_video(&s.text(), l)?);
-    }
-    Ok(Tensor::from_vec(ids, (specs.len(), l), device)?)
+    tokens_for_video_texts(&specs.iter().map(|s| s.text()).collect::<Vec<_>>(), device)
 }
 
-/// ODE samples of any video flow model (EMA-swapped or not), one clip per prompt, with
-/// the noise of prompt i from `eval::eval_noise(seed, i)`.
-pub fn generate_clips(model: &dyn super::FlowModel, shape: &[usize], specs: &[crate::world::video::VideoSpec], seed: u64, sample: &crate::config::SampleConfig) -> anyhow::Result<Vec<Vec<Image>>> {
-    if specs.is_empty() {
-        return Ok(Vec::new());
+/// Token ids for prompt texts in the ShapeWorld-Video vocabulary, (B, MAX_VIDEO_TOKENS) u32.
+pub fn tokens_for_video_texts(texts: &[String], device: &candle_core::Device) -> anyhow::Result<Tensor> {
+    let l = crate::world::video::MAX_VIDEO_TOKENS;
+    let mut ids = Vec::with_capacity(texts.len() * l);
+    for t in texts {
+        ids.extend(crate::world::video::tokenize_video(t, l)?);
     }
-    let cond = tokens_for_video(specs, model.device())?;
-    Ok(latents_to_clips(&crate::eval::ode_latents(model, &cond, shape, seed, sample)?)?)
+    Ok(Tensor::from_vec(ids, (texts.len(), l), device)?)
 }
 
 /// Clips (each a list of frames) → latents in [-1, 1], (B, 3, T, H, W).

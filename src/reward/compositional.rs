@@ -30,8 +30,9 @@
 //! `total` = weighted mean with weights count 0.3, color 0.15, shape 0.15,
 //! position 0.2, quality 0.2 (renormalized when position does not apply).
 
-use super::{Reward, RewardInfo};
-use crate::image::Image;
+use super::{Inputs, Reward, RewardInfo};
+use crate::image::{Image, Samples};
+use crate::prompt::{image_specs, Prompt};
 use crate::world::render::{pixel_coverage, pixel_span};
 use crate::world::{Color, PromptSpec, Shape, BACKGROUND};
 use anyhow::{bail, Result};
@@ -379,8 +380,17 @@ impl Reward for Compositional {
     fn info(&self) -> RewardInfo {
         RewardInfo { name: "compositional".into(), version: "1".into(), range: (0.0, 1.0), higher_is_better: true }
     }
+    fn inputs(&self) -> Inputs {
+        Inputs::Images
+    }
+    fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
+        self.score_specs(samples.images("reward 'compositional'")?, &image_specs(prompts, "reward 'compositional'")?)
+    }
+}
 
-    fn score(&self, images: &[Image], prompts: &[PromptSpec]) -> Result<Vec<f32>> {
+impl Compositional {
+    /// One score per image against its ShapeWorld scene.
+    pub fn score_specs(&self, images: &[Image], prompts: &[PromptSpec]) -> Result<Vec<f32>> {
         if images.len() != prompts.len() {
             bail!("compositional reward: {} images but {} prompts", images.len(), prompts.len());
         }
@@ -577,17 +587,17 @@ mod tests {
         let sc = scenes(9, false);
         let items = gt(&sc[..4]);
         let (ims, specs): (Vec<_>, Vec<_>) = items.into_iter().unzip();
-        let s = r.score(&ims, &specs).unwrap();
+        let s = r.score_specs(&ims, &specs).unwrap();
         assert!(s.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
-        assert!(r.score(&ims[..3], &specs).unwrap_err().to_string().contains("3 images but 4"));
+        assert!(r.score_specs(&ims[..3], &specs).unwrap_err().to_string().contains("3 images but 4"));
         let mut broken = ims.clone();
         broken[1].data.pop();
-        assert!(r.score(&broken, &specs).unwrap_err().to_string().contains("images[1]"));
+        assert!(r.score_specs(&broken, &specs).unwrap_err().to_string().contains("images[1]"));
         // NaN / out-of-range pixels and an empty image give finite scores.
         let mut nan = ims[0].clone();
         nan.data.iter_mut().step_by(7).for_each(|v| *v = f32::NAN);
         nan.data.iter_mut().step_by(11).for_each(|v| *v = 5.0);
-        assert!(r.score(&[nan], &specs[..1]).unwrap()[0].is_finite());
+        assert!(r.score_specs(&[nan], &specs[..1]).unwrap()[0].is_finite());
         let blank = Image::filled(32, 32, BACKGROUND);
         assert_eq!(r.breakdown(&blank, &specs[0]).total, 0.0);
     }

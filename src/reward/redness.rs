@@ -1,9 +1,9 @@
 //! The paper's rule-based toy reward: r = mean over pixels of (R − ½(G + B)).
 //! Pure red scores 1, pure cyan −1, any grey 0.
 
-use super::{Reward, RewardInfo};
-use crate::image::Image;
-use crate::world::PromptSpec;
+use super::{Inputs, Reward, RewardInfo};
+use crate::image::{Image, Samples};
+use crate::prompt::Prompt;
 use anyhow::{ensure, Result};
 
 /// Redness reward; ignores the prompt.
@@ -36,12 +36,30 @@ impl Reward for Redness {
         RewardInfo { name: "redness".into(), version: "1".into(), range: (-1.0, 1.0), higher_is_better: true }
     }
 
-    fn score(&self, images: &[Image], _prompts: &[PromptSpec]) -> Result<Vec<f32>> {
-        images
-            .iter()
-            .enumerate()
-            .map(|(i, im)| Self::score_one(im).map_err(|e| e.context(format!("redness: sample {i}"))))
-            .collect()
+    fn inputs(&self) -> Inputs {
+        Inputs::Any
+    }
+    /// Images: the mean over pixels; clips: the mean over frames of that.
+    fn score(&self, samples: &Samples, _prompts: &[Prompt]) -> Result<Vec<f32>> {
+        match samples {
+            Samples::Images(images) => images
+                .iter()
+                .enumerate()
+                .map(|(i, im)| Self::score_one(im).map_err(|e| e.context(format!("redness: sample {i}"))))
+                .collect(),
+            Samples::Clips(clips) => clips
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    anyhow::ensure!(!c.is_empty(), "redness: clip {i} has no frames");
+                    let mut s = 0.0;
+                    for f in c {
+                        s += Self::score_one(f).map_err(|e| e.context(format!("redness: clip {i}")))?;
+                    }
+                    Ok(s / c.len() as f32)
+                })
+                .collect(),
+        }
     }
 }
 
@@ -59,7 +77,7 @@ mod tests {
             ([0.0, 0.0, 1.0], -0.5),
         ];
         let images: Vec<Image> = cases.iter().map(|(c, _)| Image::filled(4, 5, *c)).collect();
-        let s = Redness.score(&images, &[]).unwrap();
+        let s = Redness.score(&Samples::Images(images), &[]).unwrap();
         for ((_, want), got) in cases.iter().zip(&s) {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         }
@@ -73,7 +91,7 @@ mod tests {
         im.set(0, 0, 1, 1.0);
         assert!((Redness::score_one(&im).unwrap() - 0.5).abs() < 1e-6);
         let bad = Image { h: 2, w: 2, data: vec![0.0; 5] };
-        let e = Redness.score(&[im, bad], &[]).unwrap_err();
+        let e = Redness.score(&Samples::Images(vec![im, bad]), &[]).unwrap_err();
         assert!(format!("{e:#}").contains("sample 1"), "{e:#}");
         assert_eq!(Redness.info().name, "redness");
     }

@@ -3,8 +3,8 @@
 //! pre-sums them (only [`weighted_total`], for logging).
 
 use super::{Reward, RewardInfo};
-use crate::image::Image;
-use crate::world::PromptSpec;
+use crate::image::Samples;
+use crate::prompt::Prompt;
 use anyhow::{bail, ensure, Result};
 
 /// Rewards with their loss coefficients.
@@ -42,22 +42,22 @@ impl RewardSet {
         self.entries.iter().map(|(_, w)| *w).collect()
     }
 
-    /// Scores per reward, per sample: `out[k][i]` is reward k on image i. Errors (naming the
+    /// Scores per reward, per sample: `out[k][i]` is reward k on sample i. Errors (naming the
     /// reward and sample index) if a reward fails, returns the wrong count, or any NaN/Inf.
-    /// `prompts` holds one prompt per image, or is empty when every reward ignores prompts
+    /// `prompts` holds one prompt per sample, or is empty when every reward ignores prompts
     /// (a reward that needs them then errors itself).
-    pub fn score(&self, images: &[Image], prompts: &[PromptSpec]) -> Result<Vec<Vec<f32>>> {
+    pub fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<Vec<f32>>> {
         ensure!(
-            prompts.is_empty() || images.len() == prompts.len(),
-            "reward set: {} images but {} prompts",
-            images.len(),
+            prompts.is_empty() || samples.len() == prompts.len(),
+            "reward set: {} samples but {} prompts",
+            samples.len(),
             prompts.len()
         );
         let mut out = Vec::with_capacity(self.entries.len());
         for (reward, _) in &self.entries {
             let name = reward.info().name;
-            let s = reward.score(images, prompts).map_err(|e| e.context(format!("reward '{name}' failed")))?;
-            check_scores(&name, &s, images.len())?;
+            let s = reward.score(samples, prompts).map_err(|e| e.context(format!("reward '{name}' failed")))?;
+            check_scores(&name, &s, samples.len())?;
             out.push(s);
         }
         Ok(out)
@@ -99,16 +99,19 @@ mod tests {
         fn info(&self) -> RewardInfo {
             RewardInfo { name: "fixed".into(), version: "0".into(), range: (-1.0, 1.0), higher_is_better: true }
         }
-        fn score(&self, _images: &[Image], _prompts: &[PromptSpec]) -> Result<Vec<f32>> {
+        fn inputs(&self) -> crate::reward::Inputs {
+            crate::reward::Inputs::Any
+        }
+        fn score(&self, _samples: &Samples, _prompts: &[Prompt]) -> Result<Vec<f32>> {
             Ok(self.0.clone())
         }
     }
 
-    fn imgs() -> Vec<Image> {
-        vec![Image::filled(2, 2, [1.0, 0.0, 0.0]), Image::filled(2, 2, [0.0, 1.0, 1.0])]
+    fn imgs() -> Samples {
+        Samples::Images(vec![crate::image::Image::filled(2, 2, [1.0, 0.0, 0.0]), crate::image::Image::filled(2, 2, [0.0, 1.0, 1.0])])
     }
-    /// PromptSpec is opaque here (owned by `world`): these rewards ignore prompts, so pass none.
-    fn prompts() -> Vec<PromptSpec> {
+    /// These rewards ignore prompts, so pass none.
+    fn prompts() -> Vec<Prompt> {
         Vec::new()
     }
 

@@ -38,53 +38,13 @@
 //! object is a broken clip). Defaults: direction 0.3, speed 0.2, persistence 0.25,
 //! flicker 0.25, λ = 0.5.
 
-use super::RewardInfo;
-use crate::image::Image;
+use super::{Inputs, Reward, RewardInfo};
+use crate::image::{Image, Samples};
+use crate::prompt::{video_specs, Prompt};
 use crate::reward::compositional::{Compositional, Detection, Detections};
 use crate::world::video::{Motion, VideoSpec, SLOW};
 use crate::world::BACKGROUND;
 use anyhow::{bail, Result};
-
-/// A reward on clips (each a list of frames) and their video prompts.
-pub trait VideoReward: Send + Sync {
-    fn info(&self) -> RewardInfo;
-    /// One score per clip, finite and in the range of [`VideoReward::info`].
-    fn score(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>>;
-}
-
-/// The paper's rule-based redness reward r = R − ½(G + B), averaged over pixels and
-/// frames: a dense, prompt-free signal for checking that video training moves the policy.
-pub struct VideoRedness;
-
-impl VideoReward for VideoRedness {
-    fn info(&self) -> RewardInfo {
-        RewardInfo { name: "redness".into(), version: "1".into(), range: (-1.0, 1.0), higher_is_better: true }
-    }
-    fn score(&self, clips: &[Vec<Image>], _specs: &[VideoSpec]) -> Result<Vec<f32>> {
-        clips
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                anyhow::ensure!(!c.is_empty(), "redness: clip {i} has no frames");
-                let mut s = 0.0;
-                for f in c {
-                    s += crate::reward::redness::Redness::score_one(f).map_err(|e| e.context(format!("redness: clip {i}")))?;
-                }
-                Ok(s / c.len() as f32)
-            })
-            .collect()
-    }
-}
-
-/// A video reward by its config name ("video_quality" or "motion_quality").
-pub fn build(name: &str) -> Result<Box<dyn VideoReward>> {
-    Ok(match name {
-        "video_quality" => Box::new(VideoQuality::new()),
-        "motion_quality" => Box::new(MotionQuality::new()),
-        "redness" => Box::new(VideoRedness),
-        other => bail!("unknown video reward {other:?} (known: video_quality, motion_quality, redness)"),
-    })
-}
 
 /// Common input checks: matching lengths, at least `min_frames` frames per clip, every
 /// frame well-formed and of the clip's first frame size, valid specs.
@@ -131,12 +91,22 @@ impl VideoQuality {
     }
 }
 
-impl VideoReward for VideoQuality {
+impl Reward for VideoQuality {
     fn info(&self) -> RewardInfo {
         RewardInfo { name: "video_quality".into(), version: "1".into(), range: (0.0, 1.0), higher_is_better: true }
     }
+    fn inputs(&self) -> Inputs {
+        Inputs::Clips
+    }
+    fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
+        let who = "reward 'video_quality'";
+        self.score_clips(samples.clips(who)?, &video_specs(prompts, who)?)
+    }
+}
 
-    fn score(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>> {
+impl VideoQuality {
+    /// One score per clip against its ShapeWorld-Video scene.
+    pub fn score_clips(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>> {
         check_inputs("video_quality", clips, specs, 1)?;
         Ok(clips
             .iter()
@@ -390,12 +360,22 @@ fn motion_terms(motion: Motion, vx: f32, vy: f32) -> (f32, f32) {
     }
 }
 
-impl VideoReward for MotionQuality {
+impl Reward for MotionQuality {
     fn info(&self) -> RewardInfo {
         RewardInfo { name: "motion_quality".into(), version: "1".into(), range: (0.0, 1.0), higher_is_better: true }
     }
+    fn inputs(&self) -> Inputs {
+        Inputs::Clips
+    }
+    fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
+        let who = "reward 'motion_quality'";
+        self.score_clips(samples.clips(who)?, &video_specs(prompts, who)?)
+    }
+}
 
-    fn score(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>> {
+impl MotionQuality {
+    /// One score per clip against its ShapeWorld-Video scene.
+    pub fn score_clips(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>> {
         check_inputs("motion_quality", clips, specs, 2)?;
         Ok(clips.iter().zip(specs).map(|(c, s)| self.breakdown(c, s).total).collect())
     }
@@ -404,6 +384,11 @@ impl VideoReward for MotionQuality {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The unified trait on clips and their scenes.
+    fn score(r: &dyn Reward, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<f32>> {
+        r.score(&Samples::Clips(clips.to_vec()), &specs.iter().map(Prompt::video).collect::<Vec<_>>())
+    }
     use crate::world::render::render;
     use crate::world::video::{render_clip, sample_video_scene, video_prompts, VideoScene, DEFAULT_FRAMES, MAX_FRAMES};
     use crate::world::{Color, Scene, Split, DEFAULT_RES};
@@ -441,9 +426,9 @@ mod tests {
             .collect()
     }
 
-    fn mean(r: &dyn VideoReward, clips: &[Vec<Image>], sc: &[VideoScene]) -> f32 {
+    fn mean(r: &dyn Reward, clips: &[Vec<Image>], sc: &[VideoScene]) -> f32 {
         let specs: Vec<_> = sc.iter().map(|s| s.spec.clone()).collect();
-        let v = r.score(clips, &specs).unwrap();
+        let v = score(r, clips, &specs).unwrap();
         assert!(v.iter().all(|x| x.is_finite() && (0.0..=1.0).contains(x)));
         v.iter().sum::<f32>() / v.len() as f32
     }
@@ -466,7 +451,7 @@ mod tests {
         let (vq, mq) = (VideoQuality::new(), MotionQuality::new());
         let (v, m) = (mean(&vq, &clips, &sc), mean(&mq, &clips, &sc));
         let specs: Vec<_> = sc.iter().map(|s| s.spec.clone()).collect();
-        let worst = mq.score(&clips, &specs).unwrap().into_iter().fold(1.0f32, f32::min);
+        let worst = score(&mq, &clips, &specs).unwrap().into_iter().fold(1.0f32, f32::min);
         eprintln!("ground truth: VQ {v:.4}, MQ {m:.4} (worst MQ {worst:.3})");
         for (c, s) in clips.iter().zip(&specs) {
             let b = mq.breakdown(c, s);
@@ -482,11 +467,11 @@ mod tests {
             let (frames, res) = [(MAX_FRAMES, 32), (4, 48), (DEFAULT_FRAMES, 24), (2, 64)][i % 4];
             let scene = sample_video_scene(&spec, frames, &mut rng).unwrap();
             let clip = render_clip(&scene, frames, res).unwrap().frames;
-            let (v, m) = (vq.score(std::slice::from_ref(&clip), std::slice::from_ref(&spec)).unwrap()[0], mq.breakdown(&clip, &spec));
+            let (v, m) = (score(&vq, std::slice::from_ref(&clip), std::slice::from_ref(&spec)).unwrap()[0], mq.breakdown(&clip, &spec));
             assert!(v > 0.9 && m.total > 0.9, "'{}' at {frames} frames, {res} px: VQ {v}, MQ {m:?}", spec.text());
         }
-        assert!(build("motion_quality").is_ok() && build("video_quality").is_ok());
-        assert!(build("vq").err().unwrap().to_string().contains("\"vq\""));
+        assert!(crate::reward::build("motion_quality").is_ok() && crate::reward::build("video_quality").is_ok());
+        assert!(crate::reward::build("vq").err().unwrap().to_string().contains("\"vq\""));
     }
 
     // Measured (30 seeded train clips each, 8 frames at 32×32), mean VQ / MQ, clean → corrupted:
@@ -658,34 +643,34 @@ mod tests {
         let sc = scenes(8, false);
         let clips: Vec<_> = sc[..3].iter().map(clean).collect();
         let specs: Vec<_> = sc[..3].iter().map(|s| s.spec.clone()).collect();
-        let rewards: [&dyn VideoReward; 2] = [&vq, &mq];
+        let rewards: [&dyn Reward; 2] = [&vq, &mq];
         for r in rewards {
-            let e = r.score(&clips[..2], &specs).unwrap_err().to_string();
+            let e = score(r, &clips[..2], &specs).unwrap_err().to_string();
             assert!(e.contains("2 clips but 3"), "{e}");
             let mut broken = clips.clone();
             broken[1][2].data.pop();
-            let e = r.score(&broken, &specs).unwrap_err().to_string();
+            let e = score(r, &broken, &specs).unwrap_err().to_string();
             assert!(e.contains("clips[1] frame 2"), "{e}");
             let mut resized = clips.clone();
             resized[0][3] = Image::new(16, 16);
-            let e = r.score(&resized, &specs).unwrap_err().to_string();
+            let e = score(r, &resized, &specs).unwrap_err().to_string();
             assert!(e.contains("clips[0] frame 3"), "{e}");
-            let e = r.score(&[vec![]], &specs[..1]).unwrap_err().to_string();
+            let e = score(r, &[vec![]], &specs[..1]).unwrap_err().to_string();
             assert!(e.contains("clips[0] has 0 frame"), "{e}");
             // NaN / out-of-range pixels and blank clips give finite scores in range.
             let mut nan = clips[0].clone();
             nan.iter_mut().for_each(|f| f.data.iter_mut().step_by(7).for_each(|v| *v = f32::NAN));
             nan[0].data.iter_mut().step_by(11).for_each(|v| *v = 5.0);
             let blank = vec![Image::filled(RES, RES, BACKGROUND); F];
-            let s = r.score(&[nan, blank], &specs[..2]).unwrap();
+            let s = score(r, &[nan, blank], &specs[..2]).unwrap();
             assert!(s.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)), "{s:?}");
             assert_eq!(s[1], 0.0);
         }
         // MQ needs motion: a single frame is an error; VQ scores it.
         let one = vec![clips[0][..1].to_vec()];
-        assert!(mq.score(&one, &specs[..1]).unwrap_err().to_string().contains("need at least 2"));
-        assert!(vq.score(&one, &specs[..1]).unwrap()[0] > 0.9);
+        assert!(score(&mq, &one, &specs[..1]).unwrap_err().to_string().contains("need at least 2"));
+        assert!(score(&vq, &one, &specs[..1]).unwrap()[0] > 0.9);
         let bad_spec = VideoSpec { groups: vec![] };
-        assert!(mq.score(&clips[..1], &[bad_spec]).unwrap_err().to_string().contains("prompts[0]"));
+        assert!(score(&mq, &clips[..1], &[bad_spec]).unwrap_err().to_string().contains("prompts[0]"));
     }
 }

@@ -19,7 +19,7 @@ use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
 use crate::policy::layers::LoraSpec;
-use crate::policy::{guided_velocity, guided_velocity_frozen, TrainPolicy};
+use crate::policy::{guided_velocity, guided_velocity_frozen, Condition, Policy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
@@ -94,8 +94,8 @@ pub struct Trainer {
     pub cfg: Config,
     pub run_dir: PathBuf,
     /// The image or video policy being trained (LoRA adapters or every weight).
-    pub policy: Box<dyn TrainPolicy>,
-    ref_policy: Option<Box<dyn TrainPolicy>>,
+    pub policy: Box<dyn Policy>,
+    ref_policy: Option<Box<dyn Policy>>,
     opt: AdamW,
     ema: Option<Vec<Tensor>>,
     /// Prompts, rewards, maps, grids and evaluation of the modality (`task.rs`).
@@ -163,7 +163,7 @@ impl Trainer {
         )?;
         let ema = ema_init(&policy.trainable(), t.ema_decay)?;
         let mut rng_prompts = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9701);
-        let mut order: Vec<usize> = (0..task.pool_len()).collect();
+        let mut order: Vec<usize> = (0..task.pool().len()).collect();
         order.shuffle(&mut rng_prompts);
         let state = TrainState {
             step: 0,
@@ -220,11 +220,11 @@ impl Trainer {
     }
 
     /// Roll out the current policy for pool prompts `specs` (one entry per sample).
-    fn rollout(&mut self, specs: &[usize]) -> Result<(Trajectory, Tensor)> {
+    fn rollout(&mut self, specs: &[usize]) -> Result<(Trajectory, Condition)> {
         let t = &self.cfg.train;
         let shape = self.policy.latent_shape();
         let z0 = sampler::group_noise(t.prompts_per_step, t.group_size, &shape, t.shared_group_noise, &mut self.rng_noise, self.policy.device())?;
-        let cond = self.task.condition(specs, self.policy.device())?;
+        let cond = self.policy.encode(&task::prompts_at(self.task.as_ref(), specs))?;
         let n = specs.len();
         let policy = &self.policy;
         let kind = self.sde();
@@ -293,8 +293,7 @@ impl Trainer {
         if n == 0 {
             return Ok(None);
         }
-        let shape = self.policy.latent_shape();
-        Ok(Some(self.with_ema(|p| self.task.evaluate(p, &shape, n))?))
+        Ok(Some(self.with_ema(|p| self.task.evaluate(p, n))?))
     }
 
     /// Write `model.safetensors`: the full policy weights (EMA when on) in the base layout,
@@ -331,7 +330,7 @@ impl Trainer {
         let prompts = self.next_prompts();
         let specs: Vec<usize> = prompts.iter().flat_map(|&p| std::iter::repeat(p).take(t.group_size)).collect();
         let (traj, cond) = self.rollout(&specs)?;
-        let samples = self.task.decode(traj.latents.last().unwrap())?;
+        let samples = self.policy.decode(traj.latents.last().unwrap())?;
         m.time_sample_s = t0.elapsed().as_secs_f64();
 
         // 2. Rewards: one score per sample per reward; non-finite scores abort here.
@@ -402,7 +401,7 @@ impl Trainer {
     }
 
     /// Re-run the sampled transitions, compute the clipped surrogate and step the optimizer.
-    fn update(&mut self, traj: &Trajectory, cond: &Tensor, advs: &[Tensor], m: &mut StepMetrics) -> Result<()> {
+    fn update(&mut self, traj: &Trajectory, cond: &Condition, advs: &[Tensor], m: &mut StepMetrics) -> Result<()> {
         let t = self.cfg.train.clone();
         let n = advs[0].dim(0)?;
         let s_train = t.trainable_transitions(); // the last σ→0 transition is never trained
@@ -429,7 +428,7 @@ impl Trainer {
             let mut acc: Option<Vec<Tensor>> = None;
             for mb in opt_chunk.chunks(t.micro_batch) {
                 let idx = Tensor::from_vec(mb.iter().map(|&i| i as u32).collect::<Vec<_>>(), mb.len(), &device)?;
-                let cond_mb = cond.index_select(&idx, 0)?;
+                let cond_mb = cond.index_select(&idx)?;
                 for j in 0..k_train {
                     // Gather each sample's own transition k = chosen[i][j].
                     let ks: Vec<usize> = mb.iter().map(|&i| chosen[i][j]).collect();
@@ -544,7 +543,7 @@ impl Trainer {
     }
 
     /// Run `f` with the EMA weights swapped in (if EMA is on).
-    pub fn with_ema<R>(&self, f: impl FnOnce(&dyn TrainPolicy) -> Result<R>) -> Result<R> {
+    pub fn with_ema<R>(&self, f: impl FnOnce(&dyn Policy) -> Result<R>) -> Result<R> {
         let Some(ema) = &self.ema else { return f(self.policy.as_ref()) };
         let vars = self.policy.trainable();
         let saved: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
@@ -560,22 +559,21 @@ impl Trainer {
 
     /// Fixed prompts and noise every time, so grids across steps show progress.
     fn write_grid(&self, step: usize) -> Result<()> {
-        let shape = self.policy.latent_shape();
         let path = self.run_dir.join("samples").join(format!("step_{step:05}.png"));
-        self.with_ema(|p| self.task.write_grid(p, &shape, &path))
+        self.with_ema(|p| self.task.write_grid(p, &path))
     }
 
     /// For the first two prompt groups: sample | allocation map | signed advantage overlay
     /// (red = pushed up, blue = pushed down), one row per sample.
     /// Beside it, `step_N.prompts.json`: each row's prompt, reward and advantage.
-    fn write_map_grid(&self, step: usize, samples: &task::Decoded, mb: &crate::train::maps::MapBatch, scores: &[Vec<f32>], specs: &[usize]) -> Result<()> {
+    fn write_map_grid(&self, step: usize, samples: &crate::image::Samples, mb: &crate::train::maps::MapBatch, scores: &[Vec<f32>], specs: &[usize]) -> Result<()> {
         let t = &self.cfg.train;
         let ga = group_advantages(&scores[0], t.group_size, t.adv_std, t.global_std, t.adv_clip as f32)?;
         let path = self.run_dir.join("maps").join(format!("step_{step:05}.png"));
         let n = 2 * t.group_size;
         self.task.write_map_grid(samples, mb, &ga.adv, n, t.adv_clip as f32 / 2.0, &path)?;
         let cells: Vec<crate::image::LegendCell> = (0..n.min(specs.len()))
-            .map(|i| crate::image::LegendCell { prompt: self.task.prompt_text(specs[i]), score: Some(scores[0][i] as f64), note: format!("advantage {:+.2}", ga.adv[i]) })
+            .map(|i| crate::image::LegendCell { prompt: self.task.pool()[specs[i]].text.clone(), score: Some(scores[0][i] as f64), note: format!("advantage {:+.2}", ga.adv[i]) })
             .collect();
         crate::image::write_legend(&path, &cells)
     }
@@ -656,7 +654,7 @@ impl Trainer {
         for (name, v) in &vars {
             v.set(&w[name])?;
         }
-        anyhow::ensure!(st.order.len() == self.task.pool_len(), "{origin}/state.json: prompt pool size differs from the config");
+        anyhow::ensure!(st.order.len() == self.task.pool().len(), "{origin}/state.json: prompt pool size differs from the config");
         self.rng_prompts = st.rng_prompts.restore()?;
         self.rng_noise = st.rng_noise.restore()?;
         self.rng_timesteps = st.rng_timesteps.restore()?;
@@ -862,7 +860,7 @@ pub(crate) mod tests {
             let merged = ImagePolicy::load(&cfg.model, &dir.join(run::FINAL_WEIGHTS), None, &candle_core::Device::Cpu, 0).unwrap();
             let prompts = world::prompts(Split::Train, 2, 3);
             let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-            let cond = crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
+            let cond = Condition::tokens(crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap());
             let z = Tensor::ones((2, 3, 16, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
             let sig = Tensor::full(0.5f32, 2, &candle_core::Device::Cpu).unwrap();
             let d = (tr.policy.velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -875,8 +873,11 @@ pub(crate) mod tests {
         fn info(&self) -> RewardInfo {
             RewardInfo { name: "nan".into(), version: "0".into(), range: (0.0, 1.0), higher_is_better: true }
         }
-        fn score(&self, images: &[Image], _: &[PromptSpec]) -> Result<Vec<f32>> {
-            Ok((0..images.len()).map(|i| if i == 1 { f32::NAN } else { 0.5 }).collect())
+        fn inputs(&self) -> crate::reward::Inputs {
+            crate::reward::Inputs::Images
+        }
+        fn score(&self, samples: &crate::image::Samples, _: &[crate::prompt::Prompt]) -> Result<Vec<f32>> {
+            Ok((0..samples.len()).map(|i| if i == 1 { f32::NAN } else { 0.5 }).collect())
         }
     }
 
@@ -1140,7 +1141,7 @@ pub(crate) mod tests {
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
         let prompts = world::prompts(Split::Train, 8, 5);
         let redness = |tr: &Trainer| {
-            let imgs = crate::eval::generate_images(tr.policy.as_ref(), &tr.policy.latent_shape(), &prompts, 5, &cfg.sample).unwrap();
+            let imgs = crate::eval::generate_images(tr.policy.as_ref(), &prompts, 5, &cfg.sample).unwrap();
             crate::eval::mean_score(&crate::reward::redness::Redness, &imgs, &prompts).unwrap()
         };
         let before = redness(&tr);

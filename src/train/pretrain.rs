@@ -16,9 +16,9 @@ use crate::config::{Config, Modality};
 use crate::image::grid;
 use crate::policy::dit::images_to_latents;
 use crate::policy::video_dit::{clips_to_latents, VideoPolicy};
-use crate::policy::{FlowModel, ImagePolicy, Policy, TrainPolicy};
+use crate::policy::{Condition, FlowModel, ImagePolicy, Policy};
+use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
-use crate::reward::video::VideoReward;
 use crate::world::video::{render_clip, sample_video_scene, video_prompts};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::grpo::RngState;
@@ -82,16 +82,26 @@ impl LoopOutcome {
     }
 }
 
-/// Classifier-free-guidance training: each row of the token ids (B, L) becomes the empty
-/// prompt (all padding, id 0) with probability `p`, drawn from the data stream.
-fn drop_prompts(cond: Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+/// Classifier-free-guidance training: each row of the condition becomes the model's null
+/// condition (for the ShapeWorld policies the empty prompt, all padding) with probability
+/// `p`, drawn from the data stream.
+fn drop_prompts(model: &dyn FlowModel, cond: Condition, p: f64, rng: &mut ChaCha8Rng) -> Result<Condition> {
     if p <= 0.0 {
         return Ok(cond);
     }
-    let b = cond.dim(0)?;
-    let keep: Vec<u32> = (0..b).map(|_| (rng.gen::<f64>() >= p) as u32).collect();
-    let keep = Tensor::from_vec(keep, (b, 1), cond.device())?.to_dtype(cond.dtype())?;
-    Ok(cond.broadcast_mul(&keep)?)
+    let b = cond.rows()?;
+    let keep: Vec<u8> = (0..b).map(|_| (rng.gen::<f64>() >= p) as u8).collect();
+    let null = model.null_condition(&cond)?;
+    let pick = |c: &Tensor, n: &Tensor| -> candle_core::Result<Tensor> {
+        let mut shape = vec![1usize; c.rank()];
+        shape[0] = b;
+        Tensor::from_vec(keep.clone(), shape, c.device())?.broadcast_as(c.shape())?.where_cond(c, n)
+    };
+    let pooled = match (&cond.pooled, &null.pooled) {
+        (Some(c), Some(n)) => Some(pick(c, n)?),
+        _ => None,
+    };
+    Ok(Condition { seq: pick(&cond.seq, &null.seq)?, pooled })
 }
 
 /// The rectified-flow loop both modalities share: `batch` draws (clean latents x₀, token
@@ -103,7 +113,7 @@ fn flow_matching_loop(
     model: &dyn FlowModel,
     data_rng: &mut ChaCha8Rng,
     resume: bool,
-    mut batch: impl FnMut(&mut ChaCha8Rng) -> Result<(Tensor, Tensor)>,
+    mut batch: impl FnMut(&mut ChaCha8Rng) -> Result<(Tensor, Condition)>,
 ) -> Result<LoopOutcome> {
     let p = &cfg.pretrain;
     let mut opt = AdamW::new(model.base_vars(), AdamWConfig { lr: p.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: p.weight_decay })?;
@@ -124,7 +134,7 @@ fn flow_matching_loop(
     for step in start..p.steps {
         let (x0, cond) = batch(data_rng)?;
         let b = x0.dim(0)?;
-        let cond = drop_prompts(cond, p.cond_dropout, data_rng)?;
+        let cond = drop_prompts(model, cond, p.cond_dropout, data_rng)?;
         let eps = crate::sampler::randn(x0.dims(), &mut noise_rng, model.device())?;
         let sig: Vec<f32> = (0..b)
             .map(|_| {
@@ -296,7 +306,7 @@ fn pretrain_image(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
     let lo = flow_matching_loop(cfg, run_dir, &policy, &mut data_rng, resume, |rng| {
         let specs: Vec<_> = (0..p.batch_size).map(|_| pool[rng.gen_range(0..pool.len())].clone()).collect();
         let images: Vec<_> = specs.iter().map(|s| world::render(&world::sample_scene(s, rng), res).image).collect();
-        Ok((images_to_latents(&images, &device)?, policy.condition(&specs)?))
+        Ok((images_to_latents(&images, &device)?, policy.encode(&specs.iter().map(Prompt::image).collect::<Vec<_>>())?))
     })?;
     let weights = run_dir.join(run::FINAL_WEIGHTS);
     policy.save(&weights)?;
@@ -304,7 +314,7 @@ fn pretrain_image(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
     // Final sample grid on fixed train prompts and seeds.
     let grid_prompts: Vec<_> = pool.iter().take(p.grid_prompts).cloned().collect();
     if !grid_prompts.is_empty() {
-        let imgs = crate::eval::generate(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
+        let imgs = crate::eval::generate_images(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
         let big: Vec<_> = imgs.iter().map(|im| im.upscale(4)).collect();
         grid(&big, 8).save_png(&run_dir.join("samples").join("grid.png"))?;
     }
@@ -313,7 +323,7 @@ fn pretrain_image(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
         let mut out = [0.0; 2];
         for (i, split) in [Split::Eval, Split::Ood].into_iter().enumerate() {
             let prompts = world::prompts(split, p.eval_prompts, cfg.seed ^ 0xe7a1);
-            let imgs = crate::eval::generate(&policy, &prompts, cfg.seed, &cfg.sample)?;
+            let imgs = crate::eval::generate_images(&policy, &prompts, cfg.seed, &cfg.sample)?;
             out[i] = crate::eval::mean_score(&reward, &imgs, &prompts)?;
         }
         crate::io::atomic_write(
@@ -341,27 +351,27 @@ fn pretrain_video(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
         for s in &specs {
             clips.push(render_clip(&sample_video_scene(s, vm.frames, rng)?, vm.frames, vm.image_size)?.frames);
         }
-        Ok((clips_to_latents(&clips, &device)?, policy.condition(&specs)?))
+        Ok((clips_to_latents(&clips, &device)?, policy.encode(&specs.iter().map(Prompt::video).collect::<Vec<_>>())?))
     })?;
     let weights = run_dir.join(run::FINAL_WEIGHTS);
     policy.save(&weights)?;
     let grid_prompts: Vec<_> = pool.iter().take(p.grid_prompts).cloned().collect();
     if !grid_prompts.is_empty() {
-        let clips = crate::policy::video_dit::generate_clips(&policy, &policy.latent_shape(), &grid_prompts, cfg.seed, &cfg.sample)?;
+        let clips = crate::eval::generate_clips(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
         let strips: Vec<_> = clips.iter().map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
         grid(&strips, 1).save_png(&run_dir.join("samples").join("grid.png"))?;
         let listing: Vec<_> = grid_prompts.iter().map(|s| s.text()).collect();
         crate::io::atomic_write(&run_dir.join("samples").join("grid_prompts.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
     }
     let scores = if p.eval_prompts > 0 {
-        let rewards: Vec<Box<dyn VideoReward>> = vec![crate::reward::video::build("video_quality")?, crate::reward::video::build("motion_quality")?];
+        let rewards = [crate::reward::build("video_quality")?, crate::reward::build("motion_quality")?];
         let mut table = serde_json::Map::new();
         let mut both = [0.0; 2];
         for (i, split) in [Split::Eval, Split::Ood].into_iter().enumerate() {
             let specs = video_prompts(split, p.eval_prompts, cfg.seed ^ 0xe7a1);
-            let clips = crate::policy::video_dit::generate_clips(&policy, &policy.latent_shape(), &specs, cfg.seed, &cfg.sample)?;
+            let clips = crate::eval::generate_clips(&policy, &specs, cfg.seed, &cfg.sample)?;
             for r in &rewards {
-                let s = r.score(&clips, &specs)?;
+                let s = r.score(&crate::image::Samples::Clips(clips.clone()), &specs.iter().map(Prompt::video).collect::<Vec<_>>())?;
                 let m = s.iter().map(|&v| v as f64).sum::<f64>() / s.len() as f64;
                 table.entry(r.info().name).or_insert_with(|| json!({}))[split.name()] = json!(m);
                 both[i] += m / rewards.len() as f64;
@@ -520,11 +530,13 @@ mod tests {
     fn prompt_dropout_blanks_whole_rows() {
         let texts: Vec<String> = crate::world::prompts(crate::world::Split::Train, 400, 2).iter().map(|p| p.text()).collect();
         let ids = crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
+        let cond = Condition::tokens(ids.clone());
+        let model = ImagePolicy::new(&crate::policy::dit::tests::tiny(), &candle_core::Device::Cpu, 0).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let before = rng.clone();
-        assert_eq!(drop_prompts(ids.clone(), 0.0, &mut rng).unwrap().to_vec2::<u32>().unwrap(), ids.to_vec2::<u32>().unwrap());
+        assert_eq!(drop_prompts(&model, cond.clone(), 0.0, &mut rng).unwrap().seq.to_vec2::<u32>().unwrap(), ids.to_vec2::<u32>().unwrap());
         assert_eq!(rng, before);
-        let out = drop_prompts(ids.clone(), 0.25, &mut rng).unwrap().to_vec2::<u32>().unwrap();
+        let out = drop_prompts(&model, cond, 0.25, &mut rng).unwrap().seq.to_vec2::<u32>().unwrap();
         let orig = ids.to_vec2::<u32>().unwrap();
         let mut blank = 0;
         for (o, i) in out.iter().zip(&orig) {

@@ -1,18 +1,18 @@
-//! The modality side of GRPO/ViPO training. The loop in `grpo.rs` sees prompts only as
-//! indices into the task's training pool and decoded samples only through [`Task`]; the
-//! image task (ShapeWorld) and the video task (ShapeWorld-Video) differ in prompts,
-//! tokenizer, decoder, rewards, allocation maps, grids and evaluation — nothing else.
+//! The data side of GRPO/ViPO training. The loop in `grpo.rs` draws prompts as indices
+//! into the task's training pool, hands them to the policy (which encodes them and decodes
+//! its latents) and gives the decoded samples back to the task for rewards, maps, grids
+//! and evaluation; the image task (ShapeWorld) and the video task (ShapeWorld-Video)
+//! differ in prompts, allocation maps, grids and evaluation — nothing else.
 
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::config::{Algo, Config, TemporalNorm};
-use crate::image::{grid, overlay, signed_overlay, Image};
-use crate::policy::FlowModel;
+use crate::image::{grid, overlay, signed_overlay, Image, Samples};
+use crate::policy::Policy;
+use crate::prompt::Prompt;
 use crate::reward::set::RewardSet;
-use crate::reward::video::VideoReward;
 use crate::reward::RewardInfo;
 use crate::train::maps::{MapBatch, MapSource};
 use crate::world::video::{video_prompts, VideoSpec};
@@ -21,32 +21,28 @@ use crate::world::{self, PromptSpec, Split};
 /// Fixed prompts and noise of the progress grids (the same for every run and step).
 const GRID_SEED: u64 = 0x9e1d;
 
-/// Decoded samples of one rollout.
-pub enum Decoded {
-    Images(Vec<Image>),
-    Clips(Vec<Vec<Image>>),
-}
-
 pub trait Task {
-    /// Prompts in the training pool.
-    fn pool_len(&self) -> usize;
-    /// Token ids (N, L) for pool prompts `idx` (one row per sample).
-    fn condition(&self, idx: &[usize], device: &Device) -> Result<Tensor>;
-    fn decode(&self, z: &Tensor) -> Result<Decoded>;
-    /// Text of pool prompt `idx` (for grid legends).
-    fn prompt_text(&self, idx: usize) -> String;
+    /// The training pool, one prompt per entry.
+    fn pool(&self) -> &[Prompt];
     fn reward_infos(&self) -> Vec<RewardInfo>;
     fn reward_weights(&self) -> Vec<f32>;
-    /// `out[k][i]`: reward k on sample i (prompt `idx[i]`); a non-finite score is an error.
-    fn score(&self, d: &Decoded, idx: &[usize]) -> Result<Vec<Vec<f32>>>;
-    /// Allocation maps on the latent grid ((h, w), or (t, h, w) for video); None for GRPO.
-    fn maps(&self, d: &Decoded) -> Result<Option<MapBatch>>;
-    /// Progress grid: fixed train prompts and noise, ODE samples of `model`.
-    fn write_grid(&self, model: &dyn FlowModel, latent_shape: &[usize], path: &Path) -> Result<()>;
+    /// `out[k][i]`: reward k on sample i (prompt `idx[i]` of the pool); a non-finite score
+    /// is an error.
+    fn score(&self, d: &Samples, idx: &[usize]) -> Result<Vec<Vec<f32>>>;
+    /// Allocation maps at the samples' resolution ((h, w), or (t, h, w) for video); None for
+    /// GRPO. The trainer resamples them to the policy's latent grid.
+    fn maps(&self, d: &Samples) -> Result<Option<MapBatch>>;
+    /// Progress grid: fixed train prompts and noise, ODE samples of `policy`.
+    fn write_grid(&self, policy: &dyn Policy, path: &Path) -> Result<()>;
     /// Sample | map | signed advantage for the first `n` samples (`adv[i]`: scalar advantage).
-    fn write_map_grid(&self, d: &Decoded, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()>;
+    fn write_map_grid(&self, d: &Samples, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()>;
     /// Mean held-out reward on fixed `eval`/`ood` prompts and noise: (reward name, split → mean).
-    fn evaluate(&self, model: &dyn FlowModel, latent_shape: &[usize], n: usize) -> Result<(String, HashMap<String, f64>)>;
+    fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)>;
+}
+
+/// Pool prompts `idx`, one per sample.
+pub fn prompts_at(task: &dyn Task, idx: &[usize]) -> Vec<Prompt> {
+    idx.iter().map(|&i| task.pool()[i].clone()).collect()
 }
 
 /// Build the task of `cfg.modality`, checking rewards and maps before any work.
@@ -57,21 +53,12 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
         Algo::Vipo => Some(crate::train::maps::build(cfg)?),
     };
     cfg.vipo.validate()?;
+    let rewards = crate::reward::build_set(&t.rewards, cfg.modality)?;
     Ok(match cfg.modality {
-        crate::config::Modality::Image => Box::new(ImageTask::new(cfg, crate::reward::build_set(&t.rewards)?, maps)),
+        crate::config::Modality::Image => Box::new(ImageTask::new(cfg, rewards, maps)),
         crate::config::Modality::Video => {
-            let mut rewards = Vec::new();
-            for (i, e) in t.rewards.iter().enumerate() {
-                let r = crate::reward::video::build(&e.name).with_context(|| format!("train.rewards[{i}]: video runs need video rewards"))?;
-                rewards.push((r, e.weight as f32));
-            }
             let (n, seed) = pool_size_seed(cfg);
-            Box::new(VideoTask {
-                pool: video_prompts(Split::Train, n, seed),
-                rewards,
-                maps,
-                cfg: cfg.clone(),
-            })
+            Box::new(VideoTask { pool: video_prompts(Split::Train, n, seed).iter().map(Prompt::video).collect(), rewards, maps, cfg: cfg.clone() })
         }
     })
 }
@@ -89,7 +76,7 @@ fn mean(v: &[f32]) -> f64 {
 // Images: ShapeWorld
 
 pub struct ImageTask {
-    pool: Vec<PromptSpec>,
+    pool: Vec<Prompt>,
     rewards: RewardSet,
     maps: Option<Box<dyn MapSource>>,
     cfg: Config,
@@ -99,13 +86,10 @@ impl ImageTask {
     /// The ShapeWorld task with the given rewards and map source (the pool as in [`build`]).
     pub fn new(cfg: &Config, rewards: RewardSet, maps: Option<Box<dyn MapSource>>) -> Self {
         let (n, seed) = pool_size_seed(cfg);
-        Self { pool: world::prompts(Split::Train, n, seed), rewards, maps, cfg: cfg.clone() }
+        Self { pool: world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(), rewards, maps, cfg: cfg.clone() }
     }
-    fn specs(&self, idx: &[usize]) -> Vec<PromptSpec> {
-        idx.iter().map(|&i| self.pool[i].clone()).collect()
-    }
-    fn generate(&self, model: &dyn FlowModel, shape: &[usize], prompts: &[PromptSpec], seed: u64) -> Result<Vec<Image>> {
-        crate::eval::generate_images(model, shape, prompts, seed, &self.cfg.sample)
+    fn generate(&self, policy: &dyn Policy, prompts: &[PromptSpec], seed: u64) -> Result<Vec<Image>> {
+        crate::eval::generate_images(policy, prompts, seed, &self.cfg.sample)
     }
 }
 
@@ -114,33 +98,9 @@ fn legend(texts: impl Iterator<Item = String>) -> Vec<crate::image::LegendCell> 
     texts.map(|prompt| crate::image::LegendCell { prompt, score: None, note: String::new() }).collect()
 }
 
-fn images(d: &Decoded) -> &[Image] {
-    match d {
-        Decoded::Images(v) => v,
-        Decoded::Clips(_) => panic!("image task got clips"),
-    }
-}
-
-fn clips(d: &Decoded) -> &[Vec<Image>] {
-    match d {
-        Decoded::Clips(v) => v,
-        Decoded::Images(_) => panic!("video task got images"),
-    }
-}
-
 impl Task for ImageTask {
-    fn pool_len(&self) -> usize {
-        self.pool.len()
-    }
-    fn condition(&self, idx: &[usize], device: &Device) -> Result<Tensor> {
-        let texts: Vec<String> = idx.iter().map(|&i| self.pool[i].text()).collect();
-        crate::policy::dit::tokens_for(&texts, device)
-    }
-    fn decode(&self, z: &Tensor) -> Result<Decoded> {
-        Ok(Decoded::Images(crate::policy::dit::latents_to_images(z)?))
-    }
-    fn prompt_text(&self, idx: usize) -> String {
-        self.pool[idx].text()
+    fn pool(&self) -> &[Prompt] {
+        &self.pool
     }
     fn reward_infos(&self) -> Vec<RewardInfo> {
         self.rewards.infos()
@@ -148,21 +108,21 @@ impl Task for ImageTask {
     fn reward_weights(&self) -> Vec<f32> {
         self.rewards.weights()
     }
-    fn score(&self, d: &Decoded, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
-        self.rewards.score(images(d), &self.specs(idx))
+    fn score(&self, d: &Samples, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.rewards.score(d, &prompts_at(self, idx))
     }
-    fn maps(&self, d: &Decoded) -> Result<Option<MapBatch>> {
-        self.maps.as_ref().map(|m| m.maps(images(d), &[])).transpose()
+    fn maps(&self, d: &Samples) -> Result<Option<MapBatch>> {
+        self.maps.as_ref().map(|m| m.maps(d.images("allocation maps")?, &[])).transpose()
     }
-    fn write_grid(&self, model: &dyn FlowModel, shape: &[usize], path: &Path) -> Result<()> {
+    fn write_grid(&self, policy: &dyn Policy, path: &Path) -> Result<()> {
         let prompts = world::prompts(Split::Train, self.cfg.train.grid_prompts, GRID_SEED);
-        let imgs = self.generate(model, shape, &prompts, GRID_SEED)?;
+        let imgs = self.generate(policy, &prompts, GRID_SEED)?;
         let big: Vec<Image> = imgs.iter().map(|im| im.upscale(4)).collect();
         grid(&big, 8).save_png(path)?;
         crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text())))
     }
-    fn write_map_grid(&self, d: &Decoded, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
-        let ims = images(d);
+    fn write_map_grid(&self, d: &Samples, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
+        let ims = d.images("map grid")?;
         let mut tiles = Vec::new();
         for i in 0..n.min(ims.len()) {
             let pa: Vec<f32> = mb.maps[i].iter().map(|m| m * adv[i]).collect();
@@ -172,12 +132,12 @@ impl Task for ImageTask {
         }
         grid(&tiles, 6).save_png(path)
     }
-    fn evaluate(&self, model: &dyn FlowModel, shape: &[usize], n: usize) -> Result<(String, HashMap<String, f64>)> {
+    fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)> {
         let reward = crate::reward::compositional::Compositional::new();
         let mut out = HashMap::new();
         for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
             let prompts = world::prompts(split, n, crate::eval::run::EVAL_SEED);
-            let imgs = self.generate(model, shape, &prompts, crate::eval::run::EVAL_SEED)?;
+            let imgs = self.generate(policy, &prompts, crate::eval::run::EVAL_SEED)?;
             out.insert(name.to_string(), crate::eval::mean_score(&reward, &imgs, &prompts)?);
         }
         Ok(("compositional".into(), out))
@@ -188,25 +148,15 @@ impl Task for ImageTask {
 // Video: ShapeWorld-Video
 
 pub struct VideoTask {
-    pool: Vec<VideoSpec>,
-    rewards: Vec<(Box<dyn VideoReward>, f32)>,
+    pool: Vec<Prompt>,
+    rewards: RewardSet,
     maps: Option<Box<dyn MapSource>>,
     cfg: Config,
 }
 
 impl VideoTask {
-    fn generate(&self, model: &dyn FlowModel, shape: &[usize], specs: &[VideoSpec], seed: u64) -> Result<Vec<Vec<Image>>> {
-        crate::policy::video_dit::generate_clips(model, shape, specs, seed, &self.cfg.sample)
-    }
-    fn score_specs(&self, clips: &[Vec<Image>], specs: &[VideoSpec]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::new();
-        for (r, _) in &self.rewards {
-            let name = r.info().name;
-            let s = r.score(clips, specs).with_context(|| format!("reward '{name}' failed"))?;
-            crate::reward::set::check_scores(&name, &s, clips.len())?;
-            out.push(s);
-        }
-        Ok(out)
+    fn generate(&self, policy: &dyn Policy, specs: &[VideoSpec], seed: u64) -> Result<Vec<Vec<Image>>> {
+        crate::eval::generate_clips(policy, specs, seed, &self.cfg.sample)
     }
 }
 
@@ -246,43 +196,33 @@ pub fn frame_strip(frames: &[Image]) -> Image {
 }
 
 impl Task for VideoTask {
-    fn pool_len(&self) -> usize {
-        self.pool.len()
-    }
-    fn condition(&self, idx: &[usize], device: &Device) -> Result<Tensor> {
-        let specs: Vec<VideoSpec> = idx.iter().map(|&i| self.pool[i].clone()).collect();
-        crate::policy::video_dit::tokens_for_video(&specs, device)
-    }
-    fn decode(&self, z: &Tensor) -> Result<Decoded> {
-        Ok(Decoded::Clips(crate::policy::video_dit::latents_to_clips(z)?))
-    }
-    fn prompt_text(&self, idx: usize) -> String {
-        self.pool[idx].text()
+    fn pool(&self) -> &[Prompt] {
+        &self.pool
     }
     fn reward_infos(&self) -> Vec<RewardInfo> {
-        self.rewards.iter().map(|(r, _)| r.info()).collect()
+        self.rewards.infos()
     }
     fn reward_weights(&self) -> Vec<f32> {
-        self.rewards.iter().map(|(_, w)| *w).collect()
+        self.rewards.weights()
     }
-    fn score(&self, d: &Decoded, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let specs: Vec<VideoSpec> = idx.iter().map(|&i| self.pool[i].clone()).collect();
-        self.score_specs(clips(d), &specs)
+    fn score(&self, d: &Samples, idx: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.rewards.score(d, &prompts_at(self, idx))
     }
-    fn maps(&self, d: &Decoded) -> Result<Option<MapBatch>> {
+    fn maps(&self, d: &Samples) -> Result<Option<MapBatch>> {
         let v = &self.cfg.vipo;
-        self.maps.as_ref().map(|m| temporal_maps(m.as_ref(), clips(d), v.frame_stride, v.temporal_sigma, v.temporal_norm)).transpose()
+        let clips = d.clips("allocation maps")?;
+        self.maps.as_ref().map(|m| temporal_maps(m.as_ref(), clips, v.frame_stride, v.temporal_sigma, v.temporal_norm)).transpose()
     }
-    fn write_grid(&self, model: &dyn FlowModel, shape: &[usize], path: &Path) -> Result<()> {
+    fn write_grid(&self, policy: &dyn Policy, path: &Path) -> Result<()> {
         let specs = video_prompts(Split::Train, self.cfg.train.grid_prompts, GRID_SEED);
-        let cl = self.generate(model, shape, &specs, GRID_SEED)?;
+        let cl = self.generate(policy, &specs, GRID_SEED)?;
         let strips: Vec<Image> = cl.iter().map(|c| frame_strip(c).upscale(2)).collect();
         grid(&strips, 1).save_png(path)?;
         crate::image::write_legend(path, &legend(specs.iter().map(|p| p.text())))
     }
     /// Per sample, three rows: frames | map overlay per frame | signed advantage per frame.
-    fn write_map_grid(&self, d: &Decoded, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
-        let cl = clips(d);
+    fn write_map_grid(&self, d: &Samples, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
+        let cl = d.clips("map grid")?;
         let hw = mb.h * mb.w;
         let mut rows = Vec::new();
         for i in 0..n.min(cl.len()) {
@@ -302,18 +242,18 @@ impl Task for VideoTask {
         }
         grid(&rows, 1).save_png(path)
     }
-    fn evaluate(&self, model: &dyn FlowModel, shape: &[usize], n: usize) -> Result<(String, HashMap<String, f64>)> {
+    fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)> {
         let mut out = HashMap::new();
         for split in [Split::Eval, Split::Ood] {
             let specs = video_prompts(split, n, crate::eval::run::EVAL_SEED);
-            let cl = self.generate(model, shape, &specs, crate::eval::run::EVAL_SEED)?;
-            let scores = self.score_specs(&cl, &specs)?;
-            for ((r, _), s) in self.rewards.iter().zip(&scores) {
-                out.insert(format!("{}.{}", split.name(), r.info().name), mean(s));
+            let cl = self.generate(policy, &specs, crate::eval::run::EVAL_SEED)?;
+            let scores = self.rewards.score(&Samples::Clips(cl.clone()), &specs.iter().map(Prompt::video).collect::<Vec<_>>())?;
+            for (info, s) in self.rewards.infos().iter().zip(&scores) {
+                out.insert(format!("{}.{}", split.name(), info.name), mean(s));
             }
             let per_sample: Vec<f32> = (0..cl.len()).map(|i| scores.iter().map(|s| s[i]).sum::<f32>() / scores.len() as f32).collect();
             out.insert(split.name().to_string(), mean(&per_sample));
         }
-        Ok((format!("mean of {}", self.rewards.iter().map(|(r, _)| r.info().name).collect::<Vec<_>>().join(" and ")), out))
+        Ok((format!("mean of {}", self.rewards.infos().iter().map(|r| r.name.clone()).collect::<Vec<_>>().join(" and ")), out))
     }
 }
