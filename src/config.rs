@@ -319,6 +319,13 @@ pub struct TrainConfig {
     /// Prompts per split (eval, ood) scored with ODE sampling on fixed noise before the
     /// first and after the last step, into eval.json (0 = skip).
     pub eval_prompts: usize,
+    /// Train prompts from a file ("" = `prompt_pool` draws of the ShapeWorld grammar).
+    pub prompt_file: String,
+    /// Held-out prompts from a file ("" = the grammar's eval split).
+    pub eval_prompt_file: String,
+    /// Out-of-domain prompts from a file ("" = the grammar's ood split, or no ood split when
+    /// `eval_prompt_file` is set).
+    pub ood_prompt_file: String,
 }
 
 impl Default for TrainConfig {
@@ -359,6 +366,9 @@ impl Default for TrainConfig {
             grid_prompts: 8,
             prompt_pool: 512,
             eval_prompts: 64,
+            prompt_file: String::new(),
+            eval_prompt_file: String::new(),
+            ood_prompt_file: String::new(),
         }
     }
 }

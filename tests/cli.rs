@@ -141,6 +141,60 @@ fn train_grpo_then_resume_from_the_cli() {
 
 /// `vipo pretrain --resume` continues a run from its checkpoint to the same weights as an
 /// uninterrupted run (the shipped base's provenance relies on it).
+/// Train and held-out prompts from files (lines and JSONL): the run trains on the file's
+/// prompts, evaluates on a fixed choice of the eval file's, and `vipo eval` reports that
+/// split alone; prompts a reward or the policy cannot take, and malformed files, are refused
+/// before the run directory exists.
+#[test]
+fn train_and_eval_from_prompt_files() {
+    let d = tempfile::tempdir().unwrap();
+    let run = pretrain_tiny(d.path());
+    let base_set = format!("train.base={}", run.join("model.safetensors").display());
+    std::fs::write(d.path().join("train.txt"), "# ShapeWorld prompts as free text\ntwo red circles\n\na blue square left of a green triangle\n").unwrap();
+    std::fs::write(d.path().join("held.jsonl"), "{\"prompt\": \"a red square\", \"source\": \"mine\"}\n{\"prompt\": \"two blue circles\"}\n{\"prompt\": \"a green triangle\"}\n").unwrap();
+    let mut args = vec![
+        "train", "--set", &base_set, "--set", "train.steps=1", "--set", "train.prompts_per_step=2", "--set", "train.group_size=2",
+        "--set", "train.micro_batch=2", "--set", "train.grad_accum=1", "--set", "train.sample_steps=3", "--set", "train.grid_every=1",
+        "--set", "train.grid_prompts=2", "--set", "train.eval_prompts=2", "--set", "train.eval_prompt_file=held.jsonl",
+    ];
+    args.extend_from_slice(TINY);
+    let mut ok = args.clone();
+    ok.extend_from_slice(&["--set", "run_name=pf", "--set", "train.prompt_file=train.txt"]);
+    let o = vipo(&ok, d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pf = d.path().join("runs/pf");
+    let legend = std::fs::read_to_string(pf.join("samples/step_00001.prompts.json")).unwrap();
+    assert!(legend.contains("two red circles") && legend.contains("a blue square left of a green triangle"), "{legend}");
+    let ev: serde_json::Value = serde_json::from_slice(&std::fs::read(pf.join("eval.json")).unwrap()).unwrap();
+    assert!(ev["final"]["eval"].is_number() && ev["final"].get("ood").is_none(), "{ev}");
+    let o = vipo(&["eval", "--run", pf.to_str().unwrap()], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(pf.join("eval/final/eval.json")).unwrap()).unwrap();
+    assert_eq!(rep["scores"]["eval"]["compositional"].as_array().unwrap().len(), 2);
+    assert!(rep["scores"].get("ood").is_none(), "{rep}");
+
+    std::fs::write(d.path().join("cats.txt"), "a photo of a cat\n").unwrap();
+    std::fs::write(d.path().join("broken.jsonl"), "{\"prompt\": \"a red square\"}\n{\"prompt\": \"two\"\n").unwrap();
+    for (set, must) in [
+        // The compositional reward needs ShapeWorld scenes.
+        ("train.prompt_file=cats.txt", "cats.txt"),
+        ("train.prompt_file=missing.txt", "missing.txt"),
+        ("train.eval_prompt_file=broken.jsonl", "broken.jsonl:2: invalid JSON"),
+    ] {
+        let mut bad = args.clone();
+        bad.extend_from_slice(&["--set", "run_name=bad", "--set", set]);
+        let e = err(&vipo(&bad, d.path()));
+        assert!(e.contains(must), "{set}: {e}");
+        assert!(!d.path().join("runs/bad").exists(), "{set}: a refused start left runs/bad behind");
+    }
+    // A prompt-free reward takes any text, but the ShapeWorld policy's tokenizer does not.
+    let mut bad = args.clone();
+    bad.extend_from_slice(&["--set", "run_name=bad", "--set", "train.prompt_file=cats.txt", "--set", "train.rewards=[{name=\"redness\",weight=1.0}]"]);
+    let e = err(&vipo(&bad, d.path()));
+    assert!(e.contains("cats.txt") && e.contains("photo"), "{e}");
+    assert!(!d.path().join("runs/bad").exists());
+}
+
 #[test]
 fn pretrain_resume_from_the_cli_matches_an_uninterrupted_run() {
     let d = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 pub mod run;
 pub mod stats;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use rand::SeedableRng;
 
@@ -80,6 +80,33 @@ pub fn generate_clips(policy: &dyn Policy, specs: &[VideoSpec], seed: u64, cfg: 
     Ok(generate(policy, &ps, seed, cfg)?.clips("video generation")?.to_vec())
 }
 
+/// The held-out splits of an evaluation, `n` prompts each: `train.eval_prompt_file` /
+/// `train.ood_prompt_file` when set (a fixed seeded choice of `n`), else the ShapeWorld
+/// grammar's eval and ood splits of the run's modality (fixed seed). With only an eval
+/// file there is no ood split: a user's own prompts have no ShapeWorld counterpart.
+pub fn held_out_splits(cfg: &crate::config::Config, n: usize) -> Result<Vec<(&'static str, Vec<Prompt>)>> {
+    use crate::world::Split;
+    let seed = run::EVAL_SEED;
+    let grammar = |split: Split| -> Vec<Prompt> {
+        match cfg.modality {
+            crate::config::Modality::Image => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
+            crate::config::Modality::Video => crate::world::video::video_prompts(split, n, seed).iter().map(Prompt::video).collect(),
+        }
+    };
+    let file = |path: &str, field: &str| -> Result<Vec<Prompt>> {
+        let all = crate::prompt::read_prompt_file(std::path::Path::new(path)).with_context(|| format!("train.{field}"))?;
+        Ok(crate::prompt::fixed_subset(&all, n, seed))
+    };
+    let t = &cfg.train;
+    let mut out = vec![("eval", if t.eval_prompt_file.is_empty() { grammar(Split::Eval) } else { file(&t.eval_prompt_file, "eval_prompt_file")? })];
+    if !t.ood_prompt_file.is_empty() {
+        out.push(("ood", file(&t.ood_prompt_file, "ood_prompt_file")?));
+    } else if t.eval_prompt_file.is_empty() {
+        out.push(("ood", grammar(Split::Ood)));
+    }
+    Ok(out)
+}
+
 /// Mean of a reward over generated images.
 pub fn mean_score(reward: &dyn Reward, images: &[Image], prompts: &[PromptSpec]) -> Result<f64> {
     let s = reward.score(&crate::image::Samples::Images(images.to_vec()), &prompts.iter().map(crate::prompt::Prompt::image).collect::<Vec<_>>())?;
@@ -119,5 +146,29 @@ mod tests {
         assert!(ia[0].data != other_seed[0].data);
         let other_weights = ImagePolicy::new(&tiny(), &Device::Cpu, 4).unwrap();
         assert!(ia[0].data != generate_images(&other_weights, &prompts, 42, &cfg(5)).unwrap()[0].data);
+    }
+
+    /// Grammar splits by default; files replace them (a fixed choice of n); an eval file
+    /// alone drops the ood split.
+    #[test]
+    fn held_out_splits_from_grammar_or_files() {
+        let mut cfg = crate::config::Config::default();
+        let names = |v: &[(&str, Vec<Prompt>)]| v.iter().map(|(s, p)| (s.to_string(), p.len())).collect::<Vec<_>>();
+        let g = held_out_splits(&cfg, 5).unwrap();
+        assert_eq!(names(&g), [("eval".to_string(), 5), ("ood".to_string(), 5)]);
+        assert_eq!(g[0].1[0], Prompt::image(&world::prompts(Split::Eval, 5, run::EVAL_SEED)[0]));
+        let d = tempfile::tempdir().unwrap();
+        let (e, o) = (d.path().join("e.txt"), d.path().join("o.txt"));
+        std::fs::write(&e, (0..9).map(|i| format!("prompt {i}\n")).collect::<String>()).unwrap();
+        std::fs::write(&o, "a cat\na dog\n").unwrap();
+        cfg.train.eval_prompt_file = e.display().to_string();
+        let f = held_out_splits(&cfg, 4).unwrap();
+        assert_eq!(names(&f), [("eval".to_string(), 4)]);
+        assert_eq!(f, held_out_splits(&cfg, 4).unwrap(), "the same prompts every time");
+        cfg.train.ood_prompt_file = o.display().to_string();
+        assert_eq!(names(&held_out_splits(&cfg, 4).unwrap()), [("eval".to_string(), 4), ("ood".to_string(), 2)]);
+        cfg.train.ood_prompt_file = d.path().join("none.txt").display().to_string();
+        let err = format!("{:#}", held_out_splits(&cfg, 4).unwrap_err());
+        assert!(err.contains("train.ood_prompt_file") && err.contains("none.txt"), "{err}");
     }
 }

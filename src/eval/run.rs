@@ -16,7 +16,7 @@ use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
 use crate::train::run;
 use crate::world::video::VideoSpec;
-use crate::world::{self, PromptSpec, Split};
+use crate::world::PromptSpec;
 
 /// Prompt and noise seed of every evaluation (the trainer's before/after `eval.json` too).
 pub const EVAL_SEED: u64 = 0xe7a1;
@@ -144,17 +144,11 @@ fn score_clips(cfg: &Config, split: &str, clips: &[Vec<Image>], specs: &[VideoSp
     Ok(out)
 }
 
-/// What an evaluation generated, for the grids.
-pub enum Generated {
-    Images(Vec<Image>),
-    Clips(Vec<Vec<Image>>),
-}
-
 /// What an evaluation generated on one split, with the prompt text of each sample.
 pub struct SplitSamples {
     pub split: String,
     pub prompts: Vec<String>,
-    pub generated: Generated,
+    pub samples: Samples,
 }
 
 /// Evaluate a policy (image or video, per `cfg.modality`) on `n` fixed prompts per split;
@@ -164,27 +158,25 @@ pub fn evaluate_policy(policy: &dyn Policy, cfg: &Config, n: usize) -> Result<(E
     let mut rows = Vec::new();
     let mut scores = HashMap::new();
     let mut grids = Vec::new();
-    for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
-        match cfg.modality {
-            Modality::Image => {
-                let prompts = world::prompts(split, n, EVAL_SEED);
-                let images = super::generate_images(policy, &prompts, EVAL_SEED, &cfg.sample)?;
-                scores.insert(name.to_string(), score_split(cfg, name, &images, &prompts, &mut rows)?);
-                grids.push(SplitSamples { split: name.to_string(), prompts: prompts.iter().map(|p| p.text()).collect(), generated: Generated::Images(images) });
-            }
-            Modality::Video => {
-                let specs = crate::world::video::video_prompts(split, n, EVAL_SEED);
-                let clips = super::generate_clips(policy, &specs, EVAL_SEED, &cfg.sample)?;
-                scores.insert(name.to_string(), score_clips(cfg, name, &clips, &specs, &mut rows)?);
-                grids.push(SplitSamples { split: name.to_string(), prompts: specs.iter().map(|p| p.text()).collect(), generated: Generated::Clips(clips) });
+    for (name, prompts) in super::held_out_splits(cfg, n)? {
+        let samples = super::generate(policy, &prompts, EVAL_SEED, &cfg.sample)?;
+        let texts = prompts.iter().map(|p| p.text.clone()).collect();
+        let split_scores = match (&samples, crate::prompt::image_specs(&prompts, ""), crate::prompt::video_specs(&prompts, "")) {
+            (Samples::Images(images), Ok(specs), _) => score_split(cfg, name, images, &specs, &mut rows)?,
+            (Samples::Clips(clips), _, Ok(specs)) => score_clips(cfg, name, clips, &specs, &mut rows)?,
+            // Free-text prompts: the run's own rewards.
+            _ => score_rewards(&cfg.train.rewards.iter().map(|e| e.name.clone()).collect::<Vec<_>>(), name, &samples, &prompts, &mut rows)?,
+        };
+        scores.insert(name.to_string(), split_scores);
+        grids.push(SplitSamples { split: name.to_string(), prompts: texts, samples });
+    }
+    let mut ood_gap = HashMap::new();
+    if let (Some(e), Some(o)) = (scores.get("eval"), scores.get("ood")) {
+        for (name, v) in e {
+            if let Some(w) = o.get(name) {
+                ood_gap.insert(name.clone(), mean(v) - mean(w));
             }
         }
-    }
-    let names: Vec<String> = scores["eval"].keys().cloned().collect();
-    let mut ood_gap = HashMap::new();
-    for name in names {
-        let m = |s: &str| mean(&scores[s][&name]);
-        ood_gap.insert(name.clone(), m("eval") - m("ood"));
     }
     let rep = EvalReport { run: String::new(), checkpoint: String::new(), sample_steps: cfg.sample.steps, seed: EVAL_SEED, n, rows, ood_gap, scores };
     Ok((rep, grids))
@@ -313,13 +305,13 @@ const GRID_CLIPS: usize = 16;
 /// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×),
 /// and beside the PNG its legend: the prompt of each shown sample with its `scores` entry.
 pub fn save_grid(g: &SplitSamples, scores: Option<&[f64]>, path: &Path) -> Result<()> {
-    let shown = match &g.generated {
-        Generated::Images(images) => {
+    let shown = match &g.samples {
+        Samples::Images(images) => {
             let big: Vec<Image> = images.iter().take(GRID_IMAGES).map(|im| im.upscale(GRID_SCALE)).collect();
             crate::image::grid(&big, GRID_COLS).save_png(path)?;
             big.len()
         }
-        Generated::Clips(clips) => {
+        Samples::Clips(clips) => {
             let strips: Vec<Image> = clips.iter().take(GRID_CLIPS).map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
             crate::image::grid(&strips, 1).save_png(path)?;
             strips.len()

@@ -386,6 +386,9 @@ impl Reward for Compositional {
     fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
         self.score_specs(samples.images("reward 'compositional'")?, &image_specs(prompts, "reward 'compositional'")?)
     }
+    fn check_prompts(&self, prompts: &[Prompt]) -> Result<()> {
+        image_specs(prompts, "reward 'compositional'").map(|_| ())
+    }
 }
 
 impl Compositional {

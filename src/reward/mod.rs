@@ -43,6 +43,11 @@ pub trait Reward: Send + Sync {
     /// One score per sample (`prompts[i]` is sample i's). Must be finite; the trainer checks
     /// and aborts the step otherwise.
     fn score(&self, samples: &Samples, prompts: &[Prompt]) -> anyhow::Result<Vec<f32>>;
+    /// Whether the reward can score samples of these prompts, checked before a run starts
+    /// (a rule-based ShapeWorld reward needs each prompt's scene).
+    fn check_prompts(&self, _prompts: &[Prompt]) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 const KNOWN: &str = "compositional, redness, video_quality, motion_quality";

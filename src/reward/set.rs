@@ -32,6 +32,14 @@ impl RewardSet {
         self.entries.is_empty()
     }
 
+    /// Every reward can score these prompts (e.g. the ShapeWorld rewards need scenes).
+    pub fn check_prompts(&self, prompts: &[Prompt]) -> Result<()> {
+        for (r, _) in &self.entries {
+            r.check_prompts(prompts)?;
+        }
+        Ok(())
+    }
+
     /// Static info of each reward, in order.
     pub fn infos(&self) -> Vec<RewardInfo> {
         self.entries.iter().map(|(r, _)| r.info()).collect()

@@ -102,6 +102,9 @@ impl Reward for VideoQuality {
         let who = "reward 'video_quality'";
         self.score_clips(samples.clips(who)?, &video_specs(prompts, who)?)
     }
+    fn check_prompts(&self, prompts: &[Prompt]) -> Result<()> {
+        video_specs(prompts, "reward 'video_quality'").map(|_| ())
+    }
 }
 
 impl VideoQuality {
@@ -370,6 +373,9 @@ impl Reward for MotionQuality {
     fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
         let who = "reward 'motion_quality'";
         self.score_clips(samples.clips(who)?, &video_specs(prompts, who)?)
+    }
+    fn check_prompts(&self, prompts: &[Prompt]) -> Result<()> {
+        video_specs(prompts, "reward 'motion_quality'").map(|_| ())
     }
 }
 

@@ -156,6 +156,14 @@ impl Trainer {
         let lora = (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
         let load = |lora: Option<&LoraSpec>| crate::policy::load_policy(cfg, &base, lora, &device, cfg.seed);
         let policy = load(lora.as_ref())?;
+        // Every prompt through the policy's text side before any work (a word outside the
+        // ShapeWorld vocabulary, a prompt too long for the tokenizer).
+        policy.encode(task.pool()).with_context(|| if t.prompt_file.is_empty() { "the train prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) })?;
+        if t.eval_prompts > 0 {
+            for (split, prompts) in crate::eval::held_out_splits(cfg, t.eval_prompts)? {
+                policy.encode(&prompts).with_context(|| format!("held-out split {split:?}"))?;
+            }
+        }
         let ref_policy = if t.kl_beta > 0.0 { Some(load(None)?) } else { None };
         let opt = AdamW::new(
             policy.trainable(),
@@ -347,22 +355,23 @@ impl Trainer {
 
         // 3. Allocation maps (ViPO only).
         let t2 = Instant::now();
-        let maps = self.task.maps(&samples)?;
-        if maps.is_some() {
+        let sample_maps = self.task.maps(&samples)?;
+        if sample_maps.is_some() {
             m.time_map_s = t2.elapsed().as_secs_f64();
         }
-        if let Some(mb) = &maps {
+        if let Some(mb) = &sample_maps {
             m.map_fallbacks = mb.fallbacks;
             m.map_object_mass = mb.object_mass;
             m.object_area_frac = mb.object_area_frac;
-        }
-
-        if let Some(mb) = &maps {
             let every = self.cfg.vipo.map_grid_every;
             if every > 0 && (m.step == 1 || m.step % every == 0) {
                 self.write_map_grid(m.step, &samples, mb, &scores, &specs)?;
             }
         }
+        // Maps come at the samples' resolution; the per-position ratio lives on the latent
+        // grid (the same for the ShapeWorld policies, H/8 × W/8 for SD3.5 / FLUX).
+        let grid = self.policy.latent_grid();
+        let maps = sample_maps.map(|mb| mb.resample(&grid)).transpose()?;
 
         // 4. Group-relative advantages, one set per reward.
         let mut advs = Vec::new();
@@ -888,7 +897,7 @@ pub(crate) mod tests {
         let dir = d.path().join("n");
         run::create_run_dir(&dir, &cfg, false).unwrap();
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
-        tr.task = Box::new(task::ImageTask::new(&cfg, RewardSet::new(vec![(Box::new(NanReward), 1.0)]).unwrap(), None));
+        tr.task = Box::new(task::ImageTask::new(&cfg, RewardSet::new(vec![(Box::new(NanReward), 1.0)]).unwrap(), None).unwrap());
         let before = weights(&tr);
         let e = format!("{:#}", tr.train_step().err().unwrap());
         assert!(e.contains("nan") && e.contains("untouched"), "{e}");

@@ -35,6 +35,27 @@ impl MapBatch {
             Some(t) => vec![t, self.h, self.w],
         }
     }
+    /// The maps on another grid (`dims` = [h, w] or [t, h, w], as [`MapBatch::dims`]):
+    /// each target cell is the area-weighted mean of the source cells it overlaps, axis by
+    /// axis. This is how a map computed on the decoded image reaches a policy whose latent
+    /// grid is coarser (SD3.5 / FLUX: H/8 × W/8; Wan: also T/4), so the per-position ratio
+    /// always multiplies a map on its own grid. Values stay in the source's range.
+    pub fn resample(&self, dims: &[usize]) -> Result<MapBatch> {
+        let from = self.dims();
+        anyhow::ensure!(dims.len() == from.len(), "maps: cannot resample {from:?} maps to a {dims:?} grid");
+        if dims == from.as_slice() {
+            return Ok(self.clone());
+        }
+        anyhow::ensure!(dims.iter().all(|&d| d > 0), "maps: empty target grid {dims:?}");
+        let maps = self.maps.iter().map(|m| resample_axes(m, &from, dims)).collect();
+        let (t, h, w) = match dims {
+            [h, w] => (None, *h, *w),
+            [t, h, w] => (Some(*t), *h, *w),
+            _ => unreachable!(),
+        };
+        Ok(MapBatch { maps, h, w, t, ..self.clone() })
+    }
+
     /// All maps as one (N, [t,] h, w) tensor.
     pub fn tensor(&self, device: &Device) -> Result<Tensor> {
         let flat: Vec<f32> = self.maps.iter().flatten().copied().collect();
@@ -42,6 +63,56 @@ impl MapBatch {
         shape.extend(self.dims());
         Ok(Tensor::from_vec(flat, shape, device)?)
     }
+}
+
+/// Weights of a 1-D area resampling from `n` cells to `m`: row i holds (source cell, share)
+/// pairs, the shares of target cell i summing to 1.
+fn area_weights(n: usize, m: usize) -> Vec<Vec<(usize, f64)>> {
+    let scale = n as f64 / m as f64;
+    (0..m)
+        .map(|i| {
+            let (a, b) = (i as f64 * scale, (i + 1) as f64 * scale);
+            let mut row = Vec::new();
+            let mut j = a.floor() as usize;
+            while (j as f64) < b && j < n {
+                let overlap = (b.min(j as f64 + 1.0) - a.max(j as f64)).max(0.0);
+                if overlap > 0.0 {
+                    row.push((j, overlap / scale));
+                }
+                j += 1;
+            }
+            row
+        })
+        .collect()
+}
+
+/// Separable area resampling of a row-major array of shape `from` to shape `to`.
+fn resample_axes(v: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
+    let mut cur: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    let mut shape = from.to_vec();
+    for axis in 0..from.len() {
+        if shape[axis] == to[axis] {
+            continue;
+        }
+        let wts = area_weights(shape[axis], to[axis]);
+        let outer: usize = shape[..axis].iter().product();
+        let inner: usize = shape[axis + 1..].iter().product();
+        let mut next = vec![0.0; outer * to[axis] * inner];
+        for o in 0..outer {
+            for (i, row) in wts.iter().enumerate() {
+                let dst = &mut next[(o * to[axis] + i) * inner..(o * to[axis] + i + 1) * inner];
+                for &(j, share) in row {
+                    let src = &cur[(o * shape[axis] + j) * inner..(o * shape[axis] + j + 1) * inner];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d += share * s;
+                    }
+                }
+            }
+        }
+        cur = next;
+        shape[axis] = to[axis];
+    }
+    cur.into_iter().map(|x| x as f32).collect()
 }
 
 pub trait MapSource {
@@ -124,4 +195,50 @@ pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
             Box::new(PsmMap { backbone, cfg: cfg.psm.clone() })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(maps: Vec<Vec<f32>>, dims: &[usize]) -> MapBatch {
+        let (t, h, w) = match dims {
+            [h, w] => (None, *h, *w),
+            [t, h, w] => (Some(*t), *h, *w),
+            _ => unreachable!(),
+        };
+        MapBatch { maps, h, w, t, fallbacks: 0, object_mass: 0.0, object_area_frac: 0.0 }
+    }
+
+    /// A map at image resolution reaches an 8× coarser latent grid as block means, so a
+    /// known per-position pattern survives; non-integer factors split cells by area; the
+    /// same grid is left alone; video maps resample in time too.
+    #[test]
+    fn maps_resample_to_the_latent_grid() {
+        // 16×16 image map whose 8×8 blocks hold 0, 1, 2, 3 (+ a 0.5 pixel-level checker).
+        let mut m = vec![0.0f32; 256];
+        for y in 0..16 {
+            for x in 0..16 {
+                m[y * 16 + x] = ((y / 8) * 2 + x / 8) as f32 + if (x + y) % 2 == 0 { 0.5 } else { -0.5 };
+            }
+        }
+        let mb = batch(vec![m.clone()], &[16, 16]);
+        let r = mb.resample(&[2, 2]).unwrap();
+        assert_eq!((r.h, r.w, r.t), (2, 2, None));
+        for (got, want) in r.maps[0].iter().zip([0.0, 1.0, 2.0, 3.0]) {
+            assert!((got - want).abs() < 1e-6, "{:?}", r.maps[0]);
+        }
+        assert_eq!(mb.resample(&[16, 16]).unwrap().maps, mb.maps);
+        // 3 → 2: the middle cell is shared half and half.
+        let r = batch(vec![vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]], &[3, 3]).resample(&[3, 2]).unwrap();
+        for (got, want) in r.maps[0].iter().zip([1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]) {
+            assert!((got - want).abs() < 1e-6, "{:?}", r.maps[0]);
+        }
+        // (t=4, 2, 2) → (2, 1, 1): frame pairs averaged.
+        let v: Vec<f32> = (0..16).map(|i| (i / 4) as f32).collect();
+        let r = batch(vec![v], &[4, 2, 2]).resample(&[2, 1, 1]).unwrap();
+        assert_eq!((r.t, r.h, r.w), (Some(2), 1, 1));
+        assert!((r.maps[0][0] - 0.5).abs() < 1e-6 && (r.maps[0][1] - 2.5).abs() < 1e-6, "{:?}", r.maps[0]);
+        assert!(mb.resample(&[2, 2, 2]).is_err());
+    }
 }

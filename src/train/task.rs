@@ -4,7 +4,7 @@
 //! and evaluation; the image task (ShapeWorld) and the video task (ShapeWorld-Video)
 //! differ in prompts, allocation maps, grids and evaluation — nothing else.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -15,8 +15,8 @@ use crate::prompt::Prompt;
 use crate::reward::set::RewardSet;
 use crate::reward::RewardInfo;
 use crate::train::maps::{MapBatch, MapSource};
-use crate::world::video::{video_prompts, VideoSpec};
-use crate::world::{self, PromptSpec, Split};
+use crate::world::video::video_prompts;
+use crate::world::{self, Split};
 
 /// Fixed prompts and noise of the progress grids (the same for every run and step).
 const GRID_SEED: u64 = 0x9e1d;
@@ -45,7 +45,7 @@ pub fn prompts_at(task: &dyn Task, idx: &[usize]) -> Vec<Prompt> {
     idx.iter().map(|&i| task.pool()[i].clone()).collect()
 }
 
-/// Build the task of `cfg.modality`, checking rewards and maps before any work.
+/// Build the task of `cfg.modality`, checking prompts, rewards and maps before any work.
 pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
     let t = &cfg.train;
     let maps: Option<Box<dyn MapSource>> = match t.algo {
@@ -54,18 +54,45 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
     };
     cfg.vipo.validate()?;
     let rewards = crate::reward::build_set(&t.rewards, cfg.modality)?;
-    Ok(match cfg.modality {
-        crate::config::Modality::Image => Box::new(ImageTask::new(cfg, rewards, maps)),
-        crate::config::Modality::Video => {
-            let (n, seed) = pool_size_seed(cfg);
-            Box::new(VideoTask { pool: video_prompts(Split::Train, n, seed).iter().map(Prompt::video).collect(), rewards, maps, cfg: cfg.clone() })
+    let pool = train_pool(cfg)?;
+    let what = if t.prompt_file.is_empty() { "the ShapeWorld prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) };
+    rewards.check_prompts(&pool).with_context(|| what)?;
+    if t.eval_prompts > 0 {
+        for (split, prompts) in crate::eval::held_out_splits(cfg, t.eval_prompts)? {
+            rewards.check_prompts(&prompts).with_context(|| format!("held-out split {split:?}"))?;
         }
+    }
+    Ok(match cfg.modality {
+        crate::config::Modality::Image => Box::new(ImageTask { pool, rewards, maps, cfg: cfg.clone() }),
+        crate::config::Modality::Video => Box::new(VideoTask { pool, rewards, maps, cfg: cfg.clone() }),
     })
 }
 
-/// Size and seed of the RL training prompt pool (either modality).
-fn pool_size_seed(cfg: &Config) -> (usize, u64) {
-    (cfg.train.prompt_pool.max(cfg.train.prompts_per_step), cfg.seed ^ 0x7a41)
+/// The RL training prompts: `train.prompt_file`, else `prompt_pool` draws of the
+/// modality's grammar (at least `prompts_per_step`).
+fn train_pool(cfg: &Config) -> Result<Vec<Prompt>> {
+    let t = &cfg.train;
+    if !t.prompt_file.is_empty() {
+        return crate::prompt::read_prompt_file(Path::new(&t.prompt_file)).context("train.prompt_file");
+    }
+    let (n, seed) = (t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
+    Ok(match cfg.modality {
+        crate::config::Modality::Image => world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(),
+        crate::config::Modality::Video => video_prompts(Split::Train, n, seed).iter().map(Prompt::video).collect(),
+    })
+}
+
+/// Prompts of the progress grids: fixed grammar train prompts, or a fixed choice from
+/// `train.prompt_file`.
+fn grid_prompts(cfg: &Config, pool: &[Prompt]) -> Vec<Prompt> {
+    let n = cfg.train.grid_prompts;
+    if !cfg.train.prompt_file.is_empty() {
+        return crate::prompt::fixed_subset(pool, n, GRID_SEED);
+    }
+    match cfg.modality {
+        crate::config::Modality::Image => world::prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::image).collect(),
+        crate::config::Modality::Video => video_prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::video).collect(),
+    }
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -83,13 +110,9 @@ pub struct ImageTask {
 }
 
 impl ImageTask {
-    /// The ShapeWorld task with the given rewards and map source (the pool as in [`build`]).
-    pub fn new(cfg: &Config, rewards: RewardSet, maps: Option<Box<dyn MapSource>>) -> Self {
-        let (n, seed) = pool_size_seed(cfg);
-        Self { pool: world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(), rewards, maps, cfg: cfg.clone() }
-    }
-    fn generate(&self, policy: &dyn Policy, prompts: &[PromptSpec], seed: u64) -> Result<Vec<Image>> {
-        crate::eval::generate_images(policy, prompts, seed, &self.cfg.sample)
+    /// The image task with the given rewards and map source (the pool as in [`build`]).
+    pub fn new(cfg: &Config, rewards: RewardSet, maps: Option<Box<dyn MapSource>>) -> Result<Self> {
+        Ok(Self { pool: train_pool(cfg)?, rewards, maps, cfg: cfg.clone() })
     }
 }
 
@@ -115,11 +138,14 @@ impl Task for ImageTask {
         self.maps.as_ref().map(|m| m.maps(d.images("allocation maps")?, &[])).transpose()
     }
     fn write_grid(&self, policy: &dyn Policy, path: &Path) -> Result<()> {
-        let prompts = world::prompts(Split::Train, self.cfg.train.grid_prompts, GRID_SEED);
-        let imgs = self.generate(policy, &prompts, GRID_SEED)?;
-        let big: Vec<Image> = imgs.iter().map(|im| im.upscale(4)).collect();
+        let prompts = grid_prompts(&self.cfg, &self.pool);
+        if prompts.is_empty() {
+            return Ok(());
+        }
+        let s = crate::eval::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
+        let big: Vec<Image> = s.images("progress grid")?.iter().map(|im| im.upscale(4)).collect();
         grid(&big, 8).save_png(path)?;
-        crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text())))
+        crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text.clone())))
     }
     fn write_map_grid(&self, d: &Samples, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
         let ims = d.images("map grid")?;
@@ -132,16 +158,31 @@ impl Task for ImageTask {
         }
         grid(&tiles, 6).save_png(path)
     }
+    /// The compositional reward on ShapeWorld prompts; on other prompts the run's rewards
+    /// (their weighted total).
     fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)> {
-        let reward = crate::reward::compositional::Compositional::new();
+        let comp = crate::reward::compositional::Compositional::new();
         let mut out = HashMap::new();
-        for (name, split) in [("eval", Split::Eval), ("ood", Split::Ood)] {
-            let prompts = world::prompts(split, n, crate::eval::run::EVAL_SEED);
-            let imgs = self.generate(policy, &prompts, crate::eval::run::EVAL_SEED)?;
-            out.insert(name.to_string(), crate::eval::mean_score(&reward, &imgs, &prompts)?);
+        let mut name = String::new();
+        for (split, prompts) in crate::eval::held_out_splits(&self.cfg, n)? {
+            let samples = crate::eval::generate(policy, &prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
+            let scores = if prompts.iter().all(|p| p.image_spec().is_some()) {
+                name = "compositional".into();
+                crate::reward::Reward::score(&comp, &samples, &prompts)?
+            } else {
+                name = weighted_name(&self.rewards);
+                crate::reward::set::weighted_total(&self.rewards.score(&samples, &prompts)?, &self.rewards.weights())
+            };
+            out.insert(split.to_string(), mean(&scores));
         }
-        Ok(("compositional".into(), out))
+        Ok((name, out))
     }
+}
+
+/// How a weighted total of a reward set is named in eval.json.
+fn weighted_name(rewards: &RewardSet) -> String {
+    let parts: Vec<String> = rewards.infos().iter().zip(rewards.weights()).map(|(i, w)| format!("{w}·{}", i.name)).collect();
+    format!("weighted total {}", parts.join(" + "))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -152,12 +193,6 @@ pub struct VideoTask {
     rewards: RewardSet,
     maps: Option<Box<dyn MapSource>>,
     cfg: Config,
-}
-
-impl VideoTask {
-    fn generate(&self, policy: &dyn Policy, specs: &[VideoSpec], seed: u64) -> Result<Vec<Vec<Image>>> {
-        crate::eval::generate_clips(policy, specs, seed, &self.cfg.sample)
-    }
 }
 
 /// Per-frame maps of `clips` from an image map source, combined into one map per clip on
@@ -214,11 +249,14 @@ impl Task for VideoTask {
         self.maps.as_ref().map(|m| temporal_maps(m.as_ref(), clips, v.frame_stride, v.temporal_sigma, v.temporal_norm)).transpose()
     }
     fn write_grid(&self, policy: &dyn Policy, path: &Path) -> Result<()> {
-        let specs = video_prompts(Split::Train, self.cfg.train.grid_prompts, GRID_SEED);
-        let cl = self.generate(policy, &specs, GRID_SEED)?;
-        let strips: Vec<Image> = cl.iter().map(|c| frame_strip(c).upscale(2)).collect();
+        let prompts = grid_prompts(&self.cfg, &self.pool);
+        if prompts.is_empty() {
+            return Ok(());
+        }
+        let s = crate::eval::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
+        let strips: Vec<Image> = s.clips("progress grid")?.iter().map(|c| frame_strip(c).upscale(2)).collect();
         grid(&strips, 1).save_png(path)?;
-        crate::image::write_legend(path, &legend(specs.iter().map(|p| p.text())))
+        crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text.clone())))
     }
     /// Per sample, three rows: frames | map overlay per frame | signed advantage per frame.
     fn write_map_grid(&self, d: &Samples, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()> {
@@ -244,15 +282,14 @@ impl Task for VideoTask {
     }
     fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)> {
         let mut out = HashMap::new();
-        for split in [Split::Eval, Split::Ood] {
-            let specs = video_prompts(split, n, crate::eval::run::EVAL_SEED);
-            let cl = self.generate(policy, &specs, crate::eval::run::EVAL_SEED)?;
-            let scores = self.rewards.score(&Samples::Clips(cl.clone()), &specs.iter().map(Prompt::video).collect::<Vec<_>>())?;
+        for (split, prompts) in crate::eval::held_out_splits(&self.cfg, n)? {
+            let cl = crate::eval::generate(policy, &prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
+            let scores = self.rewards.score(&cl, &prompts)?;
             for (info, s) in self.rewards.infos().iter().zip(&scores) {
-                out.insert(format!("{}.{}", split.name(), info.name), mean(s));
+                out.insert(format!("{split}.{}", info.name), mean(s));
             }
             let per_sample: Vec<f32> = (0..cl.len()).map(|i| scores.iter().map(|s| s[i]).sum::<f32>() / scores.len() as f32).collect();
-            out.insert(split.name().to_string(), mean(&per_sample));
+            out.insert(split.to_string(), mean(&per_sample));
         }
         Ok((format!("mean of {}", self.rewards.infos().iter().map(|r| r.name.clone()).collect::<Vec<_>>().join(" and ")), out))
     }
