@@ -6,6 +6,7 @@ pub mod cond;
 pub mod conv;
 pub mod dit;
 pub mod layers;
+pub mod mmdit;
 pub mod ops;
 pub mod video_dit;
 
