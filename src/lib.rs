@@ -19,6 +19,7 @@ pub mod cli;
 pub mod compare;
 pub mod config;
 pub mod eval;
+pub mod hf;
 pub mod image;
 pub mod io;
 pub mod mapview;
