@@ -23,6 +23,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::layers::{layer_norm_plain, timestep_embedding, Linear, LoraCtx};
+use super::sd3_layout::diffusers_modules;
 
 /// Shape of an MMDiT. Real checkpoints: [`MmditConfig::sd35_medium`],
 /// [`MmditConfig::sd35_large`], [`MmditConfig::sd3_medium`].
@@ -87,28 +88,102 @@ fn gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x + y.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
+/// LoRA for the transformer: adapters are matched and named by diffusers module names
+/// (`transformer_blocks.3.attn.to_q`, …), the names PEFT and diffusers'
+/// `load_lora_weights` use, so the adapter map is the exported state dict.
+pub struct Lora<'a> {
+    pub ctx: &'a LoraCtx,
+    pub depth: usize,
+}
+
+/// One LoRA adapter on a row block of a layer's output.
+struct Part {
+    index: usize,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+/// A linear layer with LoRA on each of its diffusers-named parts that matches a target
+/// (SD3's fused qkv is three parts, to_q / to_k / to_v, each with its own adapter).
+struct Proj {
+    base: Linear,
+    n_parts: usize,
+    parts: Vec<Part>,
+}
+
+impl Proj {
+    fn new(vb: &VarBuilder, din: usize, dout: usize, init: Option<Init>, lora: Option<&Lora>) -> Result<Self> {
+        let base = Linear::new_with_init(vb, din, dout, true, None, init)?;
+        let mut parts = Vec::new();
+        let mut n_parts = 1;
+        if let Some(l) = lora {
+            let path = vb.prefix();
+            let Some((names, swapped)) = diffusers_modules(&path, l.depth) else {
+                candle_core::bail!("mmdit: layer {path} has no diffusers name");
+            };
+            n_parts = names.len();
+            let rows = dout / n_parts;
+            let spec = &l.ctx.spec;
+            let bound = 1.0 / (din as f64).sqrt();
+            for (index, name) in names.iter().enumerate() {
+                if !spec.targets.iter().any(|t| name.contains(t.as_str())) {
+                    continue;
+                }
+                if swapped {
+                    candle_core::bail!("train.lora_targets: LoRA on {name} (a continuous adaLN layer whose halves diffusers stores swapped) is not supported");
+                }
+                let lvb = l.ctx.vb.pp(name);
+                let a = lvb.get_with_hints((spec.rank, din), "lora_A.weight", Init::Uniform { lo: -bound, up: bound })?;
+                let b = lvb.get_with_hints((rows, spec.rank), "lora_B.weight", Init::Const(0.0))?;
+                parts.push(Part { index, a, b, scale: spec.alpha / spec.rank as f64 });
+            }
+        }
+        Ok(Self { base, n_parts, parts })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        if self.parts.is_empty() {
+            return Ok(y);
+        }
+        let din = x.dim(D::Minus1)?;
+        let x2 = x.reshape((x.elem_count() / din, din))?;
+        let rows = self.base.weight.dim(0)? / self.n_parts;
+        let mut segs = Vec::with_capacity(self.n_parts);
+        for j in 0..self.n_parts {
+            segs.push(match self.parts.iter().find(|p| p.index == j) {
+                Some(p) => (x2.matmul(&p.a.t()?)?.matmul(&p.b.t()?)? * p.scale)?,
+                None => Tensor::zeros((x2.dim(0)?, rows), y.dtype(), y.device())?,
+            });
+        }
+        let delta = Tensor::cat(&segs, 1)?.reshape(y.shape())?;
+        y + delta
+    }
+}
+
 struct Attn {
-    qkv: Linear,
+    qkv: Proj,
     /// (ln_q, ln_k) scales.
     norm: Option<(Tensor, Tensor)>,
     /// None for the last block's pre-only context stream.
-    proj: Option<Linear>,
+    proj: Option<Proj>,
     head_dim: usize,
 }
 
 impl Attn {
-    fn new(vb: &VarBuilder, cfg: &MmditConfig, pre_only: bool, lora: Option<&LoraCtx>) -> Result<Self> {
+    fn new(vb: &VarBuilder, cfg: &MmditConfig, pre_only: bool, lora: Option<&Lora>) -> Result<Self> {
         let d = cfg.hidden();
         // A checkpoint decides (SD3.5 has QK norm everywhere, SD3 nowhere); a fresh model
         // follows the config.
         let has_norm = if vb.contains_tensor("ln_q.weight") { true } else { cfg.qk_norm && !vb.contains_tensor("qkv.weight") };
-        let qkv = Linear::new(&vb.pp("qkv"), d, 3 * d, true, lora)?;
+        let qkv = Proj::new(&vb.pp("qkv"), d, 3 * d, None, lora)?;
         let norm = if has_norm {
             Some((vb.get_with_hints(cfg.head_dim, "ln_q.weight", Init::Const(1.0))?, vb.get_with_hints(cfg.head_dim, "ln_k.weight", Init::Const(1.0))?))
         } else {
             None
         };
-        let proj = if pre_only { None } else { Some(Linear::new(&vb.pp("proj"), d, d, true, lora)?) };
+        let proj = if pre_only { None } else { Some(Proj::new(&vb.pp("proj"), d, d, None, lora)?) };
         Ok(Self { qkv, norm, proj, head_dim: cfg.head_dim })
     }
 
@@ -137,13 +212,13 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor>
 }
 
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Proj,
+    fc2: Proj,
 }
 
 impl Mlp {
-    fn new(vb: &VarBuilder, d: usize, lora: Option<&LoraCtx>) -> Result<Self> {
-        Ok(Self { fc1: Linear::new(&vb.pp("fc1"), d, 4 * d, true, lora)?, fc2: Linear::new(&vb.pp("fc2"), 4 * d, d, true, lora)? })
+    fn new(vb: &VarBuilder, d: usize, lora: Option<&Lora>) -> Result<Self> {
+        Ok(Self { fc1: Proj::new(&vb.pp("fc1"), d, 4 * d, None, lora)?, fc2: Proj::new(&vb.pp("fc2"), 4 * d, d, None, lora)? })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
@@ -156,7 +231,7 @@ struct Stream {
     /// MMDiT-X: the image stream's own self-attention.
     attn2: Option<Attn>,
     mlp: Option<Mlp>,
-    ada: Linear,
+    ada: Proj,
 }
 
 /// What a stream carries from its pre-attention to its post-attention half.
@@ -169,14 +244,14 @@ struct Mods {
 }
 
 impl Stream {
-    fn new(vb: &VarBuilder, cfg: &MmditConfig, pre_only: bool, dual: bool, lora: Option<&LoraCtx>) -> Result<Self> {
+    fn new(vb: &VarBuilder, cfg: &MmditConfig, pre_only: bool, dual: bool, lora: Option<&Lora>) -> Result<Self> {
         let d = cfg.hidden();
         let attn = Attn::new(&vb.pp("attn"), cfg, pre_only, lora)?;
         let attn2 = if dual { Some(Attn::new(&vb.pp("attn2"), cfg, false, lora)?) } else { None };
         let mlp = if pre_only { None } else { Some(Mlp::new(&vb.pp("mlp"), d, lora)?) };
         let n_mods = if dual { 9 } else if pre_only { 2 } else { 6 };
         // adaLN-Zero: a fresh model starts with every gate and shift at zero.
-        let ada = Linear::new_with_init(&vb.pp("adaLN_modulation.1"), d, n_mods * d, true, lora, Some(Init::Const(0.0)))?;
+        let ada = Proj::new(&vb.pp("adaLN_modulation.1"), d, n_mods * d, Some(Init::Const(0.0)), lora)?;
         Ok(Self { attn, attn2, mlp, ada })
     }
 
@@ -250,29 +325,70 @@ pub struct Mmdit {
     patch_w: Tensor,
     patch_b: Tensor,
     pos_embed: Tensor,
-    t_mlp: (Linear, Linear),
-    y_mlp: (Linear, Linear),
-    context_embedder: Linear,
+    t_mlp: (Proj, Proj),
+    y_mlp: (Proj, Proj),
+    context_embedder: Proj,
     blocks: Vec<JointBlock>,
-    final_ada: Linear,
-    final_linear: Linear,
+    final_ada: Proj,
+    final_linear: Proj,
 }
 
 impl Mmdit {
     /// Build on `vb` (checkpoint names as in the module docs); `lora` adds adapters to
-    /// every linear layer whose name matches one of its patterns.
+    /// every linear layer (or qkv part) whose diffusers name contains one of its patterns
+    /// (Flow-GRPO's SD3 targets: attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj,
+    /// attn.to_add_out). A pattern set that matches nothing is an error.
     pub fn new(vb: &VarBuilder, cfg: &MmditConfig, lora: Option<&LoraCtx>) -> Result<Self> {
+        let lora = lora.map(|ctx| Lora { ctx, depth: cfg.depth });
+        let m = Self::build(vb, cfg, lora.as_ref())?;
+        if let Some(l) = &lora {
+            if m.lora_count() == 0 {
+                candle_core::bail!(
+                    "train.lora_targets {:?}: no layer of the SD3 transformer matches (targets are diffusers module names, e.g. attn.to_q, attn.add_k_proj, attn.to_out.0, ff.net.0.proj)",
+                    l.ctx.spec.targets
+                );
+            }
+        }
+        Ok(m)
+    }
+
+    /// LoRA adapters in the model.
+    pub fn lora_count(&self) -> usize {
+        let mut n = 0;
+        let mut add = |p: &Proj| n += p.parts.len();
+        for p in [&self.t_mlp.0, &self.t_mlp.1, &self.y_mlp.0, &self.y_mlp.1, &self.context_embedder, &self.final_ada, &self.final_linear] {
+            add(p);
+        }
+        for b in &self.blocks {
+            for s in [&b.context, &b.x] {
+                add(&s.attn.qkv);
+                s.attn.proj.iter().for_each(&mut add);
+                if let Some(a2) = &s.attn2 {
+                    add(&a2.qkv);
+                    a2.proj.iter().for_each(&mut add);
+                }
+                if let Some(m) = &s.mlp {
+                    add(&m.fc1);
+                    add(&m.fc2);
+                }
+                add(&s.ada);
+            }
+        }
+        n
+    }
+
+    fn build(vb: &VarBuilder, cfg: &MmditConfig, lora: Option<&Lora>) -> Result<Self> {
         let (d, p, c) = (cfg.hidden(), cfg.patch, cfg.in_channels);
         let bound = 1.0 / ((c * p * p) as f64).sqrt();
         let patch_w = vb.get_with_hints((d, c, p, p), "x_embedder.proj.weight", Init::Uniform { lo: -bound, up: bound })?;
         let patch_b = vb.get_with_hints(d, "x_embedder.proj.bias", Init::Const(0.0))?;
         let pos_embed = vb.get_with_hints((1, cfg.pos_embed_max * cfg.pos_embed_max, d), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 })?;
-        let mlp2 = |name: &str, i: usize| -> Result<(Linear, Linear)> {
-            Ok((Linear::new(&vb.pp(format!("{name}.mlp.0")), i, d, true, lora)?, Linear::new(&vb.pp(format!("{name}.mlp.2")), d, d, true, lora)?))
+        let mlp2 = |name: &str, i: usize| -> Result<(Proj, Proj)> {
+            Ok((Proj::new(&vb.pp(format!("{name}.mlp.0")), i, d, None, lora)?, Proj::new(&vb.pp(format!("{name}.mlp.2")), d, d, None, lora)?))
         };
         let t_mlp = mlp2("t_embedder", cfg.freq_dim)?;
         let y_mlp = mlp2("y_embedder", cfg.pooled_dim)?;
-        let context_embedder = Linear::new(&vb.pp("context_embedder"), cfg.context_dim, d, true, lora)?;
+        let context_embedder = Proj::new(&vb.pp("context_embedder"), cfg.context_dim, d, None, lora)?;
         let mut blocks = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
             let bvb = vb.pp(format!("joint_blocks.{i}"));
@@ -284,8 +400,8 @@ impl Mmdit {
                 heads: cfg.heads,
             });
         }
-        let final_ada = Linear::new_with_init(&vb.pp("final_layer.adaLN_modulation.1"), d, 2 * d, true, lora, Some(Init::Const(0.0)))?;
-        let final_linear = Linear::new_with_init(&vb.pp("final_layer.linear"), d, p * p * cfg.in_channels, true, lora, Some(Init::Const(0.0)))?;
+        let final_ada = Proj::new(&vb.pp("final_layer.adaLN_modulation.1"), d, 2 * d, Some(Init::Const(0.0)), lora)?;
+        let final_linear = Proj::new(&vb.pp("final_layer.linear"), d, p * p * cfg.in_channels, Some(Init::Const(0.0)), lora)?;
         Ok(Self { cfg: cfg.clone(), patch_w, patch_b, pos_embed, t_mlp, y_mlp, context_embedder, blocks, final_ada, final_linear })
     }
 
@@ -463,22 +579,31 @@ pub(crate) mod tests {
         assert!(g.get(map.data().lock().unwrap()[&dead].as_tensor()).is_none_or(|t| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0));
 
         let lmap = VarMap::new();
-        let spec = LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into(), "attn.proj".into(), "attn2.qkv".into(), "mlp.fc1".into()] };
+        let spec = LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.to_q".into(), "attn.to_v".into(), "attn.to_out.0".into(), "attn2.to_k".into(), "ff.net.0.proj".into(), "add_k_proj".into()] };
         let ctx_l = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 5, &Device::Cpu), spec };
         let frozen = crate::policy::frozen_builder(&map, &Device::Cpu);
         let ml = Mmdit::new(&frozen, &cfg, Some(&ctx_l)).unwrap();
         let out_l = ml.forward(&z, &sigma, &ctx, &pooled).unwrap();
         assert_eq!(max_rel(&out_l, &out), 0.0, "LoRA with B = 0 must leave the output unchanged");
         let names: Vec<String> = crate::policy::sorted_vars(&lmap).into_iter().map(|(k, _)| k).collect();
-        assert!(names.contains(&"joint_blocks.0.x_block.attn2.qkv.lora_b".to_string()), "{names:?}");
-        assert!(names.iter().all(|n| !n.contains("adaLN")), "{names:?}");
+        for want in ["transformer_blocks.0.attn2.to_k.lora_B.weight", "transformer_blocks.2.attn.add_k_proj.lora_A.weight", "transformer_blocks.1.ff.net.0.proj.lora_B.weight"] {
+            assert!(names.contains(&want.to_string()), "{want} not in {names:?}");
+        }
+        // 3 blocks × (to_q, to_v, to_out.0, ff.net.0.proj, add_k_proj) + block 0's attn2.to_k;
+        // "to_k" alone is not a target, so neither attn.to_k nor add_* other than add_k.
+        assert_eq!(ml.lora_count(), 3 * 5 + 1, "{names:?}");
+        assert!(names.iter().all(|n| !n.contains("attn.to_k.") && !n.contains("norm")), "{names:?}");
         let g = out_l.sqr().unwrap().mean_all().unwrap().backward().unwrap();
         for (name, v) in crate::policy::sorted_vars(&lmap) {
-            if name.ends_with("lora_b") {
+            if name.ends_with("lora_B.weight") {
                 let a: f32 = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
                 assert!(a.is_finite() && a > 0.0, "{name}: |grad| = {a}");
             }
         }
+        // A target that names nothing in the layout is refused.
+        let bad = LoraCtx { vb: crate::policy::seeded_var_builder(&VarMap::new(), 5, &Device::Cpu), spec: LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into()] } };
+        let e = Mmdit::new(&frozen, &cfg, Some(&bad)).err().unwrap().to_string();
+        assert!(e.contains("no layer of the SD3 transformer matches") && e.contains("attn.to_q"), "{e}");
         // Base weights are read as untracked views: no gradient reaches them.
         let base: Vec<Var> = crate::policy::sorted_vars(&map).into_iter().map(|(_, v)| v).collect();
         assert!(base.iter().all(|v| g.get(v.as_tensor()).is_none()));

@@ -8,6 +8,7 @@ pub mod dit;
 pub mod layers;
 pub mod mmdit;
 pub mod ops;
+pub mod peft;
 pub mod sd3_layout;
 pub mod video_dit;
 

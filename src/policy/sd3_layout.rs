@@ -154,6 +154,22 @@ pub fn to_diffusers(t: &HashMap<String, Tensor>) -> Result<HashMap<String, Tenso
     Ok(out)
 }
 
+/// The diffusers module names of the single-file linear layer `sai` (a path without
+/// `.weight`) in a model of `depth` blocks: three for a fused qkv (row blocks q, k, v), one
+/// otherwise; and whether its output halves are swapped between the layouts (the two
+/// continuous adaLN layers). None for a name outside the layout.
+pub fn diffusers_modules(sai: &str, depth: usize) -> Option<(Vec<String>, bool)> {
+    let swap = swapped(sai, depth);
+    if let Some((_, d)) = GLOBAL.iter().find(|(s, _)| *s == sai) {
+        return Some((vec![d.to_string()], swap));
+    }
+    let (i, within) = sai.strip_prefix("joint_blocks.")?.split_once('.')?;
+    if let Some((_, parts)) = QKV.iter().find(|(s, _)| *s == within) {
+        return Some((parts.iter().map(|p| format!("transformer_blocks.{i}.{p}")).collect(), swap));
+    }
+    BLOCK.iter().find(|(s, _)| *s == within).map(|(_, d)| (vec![format!("transformer_blocks.{i}.{d}")], swap))
+}
+
 /// The model shape a single-file-named tensor set describes (`source` names the files).
 pub fn infer_config(t: &HashMap<String, Tensor>, source: &str) -> Result<MmditConfig> {
     let get = |name: &str| t.get(name).with_context(|| format!("{source}: tensor {name} missing"));
