@@ -88,6 +88,8 @@ enum Cmd {
     Config(ConfigArgs),
     /// Speed benchmarks (release build recommended).
     Bench(BenchArgs),
+    /// What one GRPO/ViPO step of the [sd3] generator needs: parameters, memory, FLOPs.
+    Plan(ConfigArgs),
 }
 
 #[derive(Args)]
@@ -335,6 +337,11 @@ fn run(cli: Cli) -> Result<()> {
             let (out, rep) = crate::eval::run::eval_run(&a.run, &a.set, a.checkpoint, a.n, a.force)?;
             crate::eval::run::print_report(&rep);
             println!("wrote {}", out.join("eval.json").display());
+            Ok(())
+        }
+        Cmd::Plan(a) => {
+            let cfg = load_config(&a)?;
+            print!("{}", crate::plan::render(&crate::plan::sd3(&cfg)?, &cfg));
             Ok(())
         }
         Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.run.as_deref().map(|r| (r, a.checkpoint)), &load_config(&a.cfg)?),

@@ -50,6 +50,8 @@ pub struct Config {
     pub backbone: crate::backbone::BackboneConfig,
     /// `vipo compare`: methods (GRPO, ViPO, ablations) × seeds from one base.
     pub compare: CompareConfig,
+    /// A real SD3 / SD3.5 generator (so far: `vipo plan`).
+    pub sd3: Sd3Config,
 }
 
 impl Default for Config {
@@ -69,7 +71,49 @@ impl Default for Config {
             psm: crate::psm::PsmConfig::default(),
             backbone: crate::backbone::BackboneConfig::default(),
             compare: CompareConfig::default(),
+            sd3: Sd3Config::default(),
         }
+    }
+}
+
+/// A real SD3 / SD3.5 generator: where its files are and how it runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sd3Config {
+    /// Weights: a diffusers folder, a single-file .safetensors, or "org/name" in the local
+    /// Hugging Face cache ("" = none; `vipo plan` works from `variant` alone).
+    pub model: String,
+    /// The architecture the files must have: "sd3.5-medium" | "sd3.5-large" | "sd3-medium".
+    pub variant: String,
+    /// Square image side in pixels (latent side = resolution / 8).
+    pub resolution: usize,
+    /// T5 tokens in the context (after SD3's 77 CLIP tokens).
+    pub t5_tokens: usize,
+    /// Weights dtype on a GPU: "bf16" | "f16" | "f32" (CPU runs f32).
+    pub dtype: String,
+    /// Block-level activation checkpointing (recompute each block in the backward).
+    pub checkpointing: bool,
+}
+
+impl Default for Sd3Config {
+    fn default() -> Self {
+        Self { model: String::new(), variant: "sd3.5-medium".into(), resolution: 512, t5_tokens: 256, dtype: "bf16".into(), checkpointing: true }
+    }
+}
+
+impl Sd3Config {
+    /// Bytes per weight of `dtype`.
+    pub fn weight_bytes(&self) -> Result<usize> {
+        Ok(match self.dtype.as_str() {
+            "bf16" | "f16" => 2,
+            "f32" => 4,
+            other => anyhow::bail!("sd3.dtype: unknown {other:?} (bf16, f16 or f32)"),
+        })
+    }
+    pub fn validate(&self) -> Result<()> {
+        self.weight_bytes()?;
+        anyhow::ensure!(self.resolution >= 16 && self.resolution % 16 == 0, "sd3.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 patches)", self.resolution);
+        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ pub mod image;
 pub mod io;
 pub mod mapview;
 pub mod objective;
+pub mod plan;
 pub mod policy;
 pub mod prompt;
 pub mod psm;

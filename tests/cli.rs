@@ -471,3 +471,18 @@ fn export_base_records_provenance_of_final_weights_and_checkpoints() {
     let e = err(&export("ck9", Some("9")));
     assert!(e.contains("step_9.safetensors"), "{e}");
 }
+
+/// `vipo plan` on the shipped SD3.5-medium config prints the budget; a bad field is named.
+#[test]
+fn plan_prints_the_sd35_budget() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sd35-medium.toml");
+    let o = vipo(&["plan", "--config", cfg.to_str().unwrap()], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for want in ["sd3.5-medium at 512²", "parameters", "LoRA r 32 α 64", "with block checkpointing", "fits one 141 GB GPU (90 % usable): yes"] {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+    let e = err(&vipo(&["plan", "--config", cfg.to_str().unwrap(), "--set", "sd3.dtype=f8"], d.path()));
+    assert!(e.contains("sd3.dtype"), "{e}");
+}

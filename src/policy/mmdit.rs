@@ -62,12 +62,93 @@ impl MmditConfig {
     pub fn hidden(&self) -> usize {
         self.heads * self.head_dim
     }
+    /// A published shape by name ("sd3.5-medium", "sd3.5-large", "sd3-medium").
+    pub fn by_name(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "sd3.5-medium" => Self::sd35_medium(),
+            "sd3.5-large" => Self::sd35_large(),
+            "sd3-medium" => Self::sd3_medium(),
+            other => anyhow::bail!("sd3.variant: unknown {other:?} (known: sd3.5-medium, sd3.5-large, sd3-medium)"),
+        })
+    }
+
+    /// Every linear layer: (single-file path, in, out, stream), where the stream says
+    /// which tokens it runs on (per sample: one vector, the text tokens or the image
+    /// tokens). The basis of parameter, LoRA and FLOP counts (`vipo plan`).
+    pub fn linear_layers(&self) -> Vec<(String, usize, usize, Tokens)> {
+        let d = self.hidden();
+        let mut v = vec![
+            ("t_embedder.mlp.0".to_string(), self.freq_dim, d, Tokens::Vector),
+            ("t_embedder.mlp.2".into(), d, d, Tokens::Vector),
+            ("y_embedder.mlp.0".into(), self.pooled_dim, d, Tokens::Vector),
+            ("y_embedder.mlp.2".into(), d, d, Tokens::Vector),
+            ("context_embedder".into(), self.context_dim, d, Tokens::Text),
+            ("final_layer.adaLN_modulation.1".into(), d, 2 * d, Tokens::Vector),
+            ("final_layer.linear".into(), d, self.patch * self.patch * self.in_channels, Tokens::Image),
+        ];
+        for i in 0..self.depth {
+            let last = i + 1 == self.depth;
+            let dual = i < self.dual_attention_layers;
+            for (side, stream) in [("context_block", Tokens::Text), ("x_block", Tokens::Image)] {
+                let pre_only = last && side == "context_block";
+                let p = format!("joint_blocks.{i}.{side}");
+                v.push((format!("{p}.attn.qkv"), d, 3 * d, stream));
+                let mods = if side == "x_block" && dual { 9 } else if pre_only { 2 } else { 6 };
+                v.push((format!("{p}.adaLN_modulation.1"), d, mods * d, Tokens::Vector));
+                if !pre_only {
+                    v.push((format!("{p}.attn.proj"), d, d, stream));
+                    v.push((format!("{p}.mlp.fc1"), d, 4 * d, stream));
+                    v.push((format!("{p}.mlp.fc2"), 4 * d, d, stream));
+                }
+                if side == "x_block" && dual {
+                    v.push((format!("{p}.attn2.qkv"), d, 3 * d, stream));
+                    v.push((format!("{p}.attn2.proj"), d, d, stream));
+                }
+            }
+        }
+        v
+    }
+
+    /// Parameters: the linear layers (weights and biases), the patch conv, the position
+    /// table and the QK-norm scales.
+    pub fn param_count(&self) -> usize {
+        let d = self.hidden();
+        let lin: usize = self.linear_layers().iter().map(|(_, i, o, _)| i * o + o).sum();
+        let patch = d * self.in_channels * self.patch * self.patch + d;
+        let pos = self.pos_embed_max * self.pos_embed_max * d;
+        let attns = self.depth * 2 + self.dual_attention_layers;
+        let norms = if self.qk_norm { attns * 2 * self.head_dim } else { 0 };
+        lin + patch + pos + norms
+    }
+
+    /// LoRA parameters for rank `r` on the parts (diffusers modules) matching `targets`.
+    pub fn lora_param_count(&self, rank: usize, targets: &[String]) -> usize {
+        let mut n = 0;
+        for (path, din, dout, _) in self.linear_layers() {
+            if let Some((names, _)) = diffusers_modules(&path, self.depth) {
+                let rows = dout / names.len();
+                n += names.iter().filter(|m| targets.iter().any(|t| m.contains(t.as_str()))).count() * rank * (din + rows);
+            }
+        }
+        n
+    }
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.depth >= 1 && self.heads >= 1 && self.head_dim >= 1 && self.patch >= 1, "mmdit: depth, heads, head_dim and patch must be ≥ 1");
         anyhow::ensure!(self.freq_dim % 2 == 0, "mmdit: freq_dim must be even (got {})", self.freq_dim);
         anyhow::ensure!(self.dual_attention_layers < self.depth, "mmdit: dual_attention_layers {} must be < depth {} (the last block has no image self-attention)", self.dual_attention_layers, self.depth);
         Ok(())
     }
+}
+
+/// Which tokens a linear layer runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokens {
+    /// One vector per sample (timestep / pooled embeddings, adaLN).
+    Vector,
+    /// The text (context) tokens.
+    Text,
+    /// The image tokens.
+    Image,
 }
 
 /// Per-head RMSNorm with a learned scale (SD3.5's `ln_q` / `ln_k`, eps 1e-6).
@@ -607,6 +688,24 @@ pub(crate) mod tests {
         // Base weights are read as untracked views: no gradient reaches them.
         let base: Vec<Var> = crate::policy::sorted_vars(&map).into_iter().map(|(_, v)| v).collect();
         assert!(base.iter().all(|v| g.get(v.as_tensor()).is_none()));
+    }
+
+    /// The analytic counts `vipo plan` uses match the built model: every parameter, and the
+    /// LoRA parameters of a target set; SD3.5-medium comes out at its published 2.5 B.
+    #[test]
+    fn parameter_counts_match_the_model() {
+        let cfg = tiny();
+        let map = random_weights(&cfg, 6);
+        let actual: usize = crate::policy::sorted_vars(&map).iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(cfg.param_count(), actual);
+        let targets: Vec<String> = vec!["attn.to_q".into(), "attn.add_v_proj".into(), "ff.net.2".into(), "attn2.to_out.0".into()];
+        let lmap = VarMap::new();
+        let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 1, &Device::Cpu), spec: LoraSpec { rank: 3, alpha: 3.0, targets: targets.clone() } };
+        Mmdit::new(&crate::policy::frozen_builder(&map, &Device::Cpu), &cfg, Some(&ctx)).unwrap();
+        let lora: usize = crate::policy::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(cfg.lora_param_count(3, &targets), lora);
+        let b = MmditConfig::sd35_medium().param_count() as f64 / 1e9;
+        assert!((2.3..2.6).contains(&b), "SD3.5-medium: {b} B parameters");
     }
 
     /// Bad shapes are refused with a message, not a panic.
