@@ -29,8 +29,7 @@ pub struct Config {
     /// Show progress bars (false in CI / logs).
     pub progress: bool,
     /// What is generated: "image" (ShapeWorld, `[model]`) or "video" (ShapeWorld-Video,
-    /// `[video_model]`). Video so far: `vipo pretrain` (GRPO/ViPO training on video is
-    /// not wired in yet).
+    /// `[video_model]`).
     pub modality: Modality,
     /// The image policy architecture.
     pub model: DitConfig,
@@ -279,10 +278,22 @@ pub enum SdeChoice {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RewardEntry {
-    /// "compositional" | "redness"
+    /// "compositional" | "redness" | "video_quality" | "motion_quality"
     pub name: String,
     /// Coefficient of this reward's loss term.
     pub weight: f64,
+    /// The reward model's weights file, for rewards that have one ("" = none).
+    #[serde(default)]
+    pub weights: String,
+    /// Samples per reward call (0 = the whole batch at once).
+    #[serde(default)]
+    pub batch_size: usize,
+}
+
+impl RewardEntry {
+    pub fn new(name: &str, weight: f64) -> Self {
+        Self { name: name.into(), weight, weights: String::new(), batch_size: 0 }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -404,7 +415,7 @@ impl Default for TrainConfig {
             ema_decay: 0.0,
             kl_beta: 0.0,
             ratio_dev_bound: 1e-5,
-            rewards: vec![RewardEntry { name: "compositional".into(), weight: 1.0 }],
+            rewards: vec![RewardEntry::new("compositional", 1.0)],
             checkpoint_every: 10,
             grid_every: 10,
             grid_prompts: 8,

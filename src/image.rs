@@ -30,6 +30,13 @@ impl Samples {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Samples `start..start + n` (clones).
+    pub fn slice(&self, start: usize, n: usize) -> Samples {
+        match self {
+            Samples::Images(v) => Samples::Images(v[start..start + n].to_vec()),
+            Samples::Clips(v) => Samples::Clips(v[start..start + n].to_vec()),
+        }
+    }
     /// The images, for a consumer (`who`) that only takes images.
     pub fn images(&self, who: &str) -> Result<&[Image]> {
         match self {

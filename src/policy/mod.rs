@@ -5,6 +5,7 @@ pub mod block;
 pub mod cond;
 pub mod conv;
 pub mod dit;
+pub mod embed_cache;
 pub mod layers;
 pub mod mmdit;
 pub mod ops;

@@ -63,12 +63,47 @@ pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
     })
 }
 
+/// A reward of the config with its parameters: its weights file (none of today's rewards
+/// has one, so a file given to them is refused rather than ignored) and its batch size.
+pub fn build_entry(i: usize, e: &crate::config::RewardEntry) -> anyhow::Result<Box<dyn Reward>> {
+    let r = build(&e.name)?;
+    anyhow::ensure!(e.weights.is_empty(), "train.rewards[{i}].weights: reward {:?} has no weights file to load ({:?} given)", e.name, e.weights);
+    Ok(if e.batch_size > 0 { Box::new(Batched { inner: r, batch: e.batch_size }) } else { r })
+}
+
+/// A reward scored `batch` samples at a time (what fits a reward model's memory).
+pub struct Batched {
+    pub inner: Box<dyn Reward>,
+    pub batch: usize,
+}
+
+impl Reward for Batched {
+    fn info(&self) -> RewardInfo {
+        self.inner.info()
+    }
+    fn inputs(&self) -> Inputs {
+        self.inner.inputs()
+    }
+    fn check_prompts(&self, prompts: &[Prompt]) -> anyhow::Result<()> {
+        self.inner.check_prompts(prompts)
+    }
+    fn score(&self, samples: &Samples, prompts: &[Prompt]) -> anyhow::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(samples.len());
+        for start in (0..samples.len()).step_by(self.batch) {
+            let n = self.batch.min(samples.len() - start);
+            let p = if prompts.is_empty() { &[][..] } else { &prompts[start..start + n] };
+            out.extend(self.inner.score(&samples.slice(start, n), p)?);
+        }
+        Ok(out)
+    }
+}
+
 /// The weighted reward set of a run; each reward keeps its own advantage and loss term.
 /// Every reward must score what `modality` samples.
 pub fn build_set(entries: &[crate::config::RewardEntry], modality: crate::config::Modality) -> anyhow::Result<set::RewardSet> {
     let mut v = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let r = build(&e.name)?;
+        let r = build_entry(i, e)?;
         anyhow::ensure!(
             r.inputs().accepts(modality),
             "train.rewards[{i}]: reward {:?} scores {:?}, and modality = {:?} samples {}",
@@ -80,4 +115,24 @@ pub fn build_set(entries: &[crate::config::RewardEntry], modality: crate::config
         v.push((r, e.weight as f32));
     }
     set::RewardSet::new(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RewardEntry;
+    use crate::image::Image;
+
+    /// Scoring in batches gives the scores of one call; a weights file for a reward without
+    /// one is refused, naming the entry.
+    #[test]
+    fn reward_parameters() {
+        let imgs: Vec<Image> = (0..5).map(|i| Image::filled(3, 3, [i as f32 / 5.0, 0.2, 0.1])).collect();
+        let s = Samples::Images(imgs);
+        let whole = build("redness").unwrap().score(&s, &[]).unwrap();
+        let batched = build_entry(0, &RewardEntry { batch_size: 2, ..RewardEntry::new("redness", 1.0) }).unwrap();
+        assert_eq!(batched.score(&s, &[]).unwrap(), whole);
+        let e = build_entry(3, &RewardEntry { weights: "clip.safetensors".into(), ..RewardEntry::new("compositional", 1.0) }).err().unwrap().to_string();
+        assert!(e.contains("train.rewards[3].weights") && e.contains("clip.safetensors"), "{e}");
+    }
 }

@@ -752,7 +752,7 @@ pub(crate) mod tests {
         t.eval_prompts = 2;
         // Redness varies smoothly with any pixel change, so a random tiny policy gets
         // non-zero advantages.
-        t.rewards = vec![crate::config::RewardEntry { name: "redness".into(), weight: 1.0 }];
+        t.rewards = vec![crate::config::RewardEntry::new("redness", 1.0)];
         cfg
     }
 
@@ -1041,8 +1041,8 @@ pub(crate) mod tests {
         // Redness is dense on a random policy (non-zero advantages); MQ is the second,
         // separately normalised reward (DESIGN.md §1.5).
         cfg.train.rewards = vec![
-            crate::config::RewardEntry { name: "redness".into(), weight: 1.0 },
-            crate::config::RewardEntry { name: "motion_quality".into(), weight: 0.5 },
+            crate::config::RewardEntry::new("redness", 1.0),
+            crate::config::RewardEntry::new("motion_quality", 0.5),
         ];
         cfg.train.grid_every = 1;
         cfg.train.grid_prompts = 2;
@@ -1094,7 +1094,7 @@ pub(crate) mod tests {
         let e = format!("{:#}", Trainer::new(&bad, &d.path().join("bad"), false).err().unwrap());
         assert!(e.contains("vipo.temporal_sigma"), "{e}");
         let mut img_reward = g.clone();
-        img_reward.train.rewards = vec![crate::config::RewardEntry { name: "compositional".into(), weight: 1.0 }];
+        img_reward.train.rewards = vec![crate::config::RewardEntry::new("compositional", 1.0)];
         let e = format!("{:#}", Trainer::new(&img_reward, &d.path().join("bad2"), false).err().unwrap());
         assert!(e.contains("train.rewards[0]") && e.contains("video"), "{e}");
     }
