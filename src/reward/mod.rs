@@ -1,6 +1,7 @@
 //! Rewards: decoded samples (images or clips) + their prompts → one finite score per
 //! sample. One file per reward; each implements [`Reward`].
 
+pub mod clip;
 pub mod compositional;
 pub mod redness;
 pub mod set;
@@ -50,7 +51,7 @@ pub trait Reward: Send + Sync {
     }
 }
 
-const KNOWN: &str = "compositional, redness, video_quality, motion_quality";
+const KNOWN: &str = "compositional, redness, video_quality, motion_quality, clipscore, pickscore";
 
 /// A reward by its config name.
 pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
@@ -59,15 +60,32 @@ pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
         "redness" => Box::new(redness::Redness),
         "video_quality" => Box::new(video::VideoQuality::new()),
         "motion_quality" => Box::new(video::MotionQuality::new()),
+        "clipscore" | "pickscore" => anyhow::bail!("reward {name:?} needs its model: set train.rewards[].weights to a CLIPModel folder or a Hugging Face repository id"),
         other => anyhow::bail!("train.rewards: unknown reward {other:?} (known: {KNOWN})"),
     })
 }
 
-/// A reward of the config with its parameters: its weights file (none of today's rewards
-/// has one, so a file given to them is refused rather than ignored) and its batch size.
+/// A reward of the config with its parameters: its model (the CLIP-family rewards; a file
+/// given to a rule-based reward is refused rather than ignored) and its batch size.
 pub fn build_entry(i: usize, e: &crate::config::RewardEntry) -> anyhow::Result<Box<dyn Reward>> {
-    let r = build(&e.name)?;
-    anyhow::ensure!(e.weights.is_empty(), "train.rewards[{i}].weights: reward {:?} has no weights file to load ({:?} given)", e.name, e.weights);
+    use anyhow::Context;
+    let r: Box<dyn Reward> = match e.name.as_str() {
+        "clipscore" | "pickscore" => {
+            anyhow::ensure!(
+                !e.weights.is_empty(),
+                "train.rewards[{i}].weights: reward {:?} needs its CLIPModel folder or Hugging Face repository id (e.g. {})",
+                e.name,
+                if e.name == "clipscore" { "openai/clip-vit-large-patch14" } else { "yuvalkirstain/PickScore_v1" }
+            );
+            let kind = if e.name == "clipscore" { clip::Kind::ClipScore } else { clip::Kind::PickScore };
+            Box::new(clip::ClipReward::load(kind, &e.weights).with_context(|| format!("train.rewards[{i}].weights"))?)
+        }
+        _ => {
+            let r = build(&e.name)?;
+            anyhow::ensure!(e.weights.is_empty(), "train.rewards[{i}].weights: reward {:?} has no weights file to load ({:?} given)", e.name, e.weights);
+            r
+        }
+    };
     Ok(if e.batch_size > 0 { Box::new(Batched { inner: r, batch: e.batch_size }) } else { r })
 }
 

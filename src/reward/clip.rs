@@ -1,0 +1,494 @@
+//! CLIP-family rewards on real images: **CLIP score** (OpenAI CLIP ViT-L/14) and
+//! **PickScore** (a CLIP ViT-H/14 fine-tuned on Pick-a-Pic), both a Hugging Face
+//! `CLIPModel` folder: `config.json`, `model.safetensors` (or shards with an index),
+//! `tokenizer.json`, optionally `preprocessor_config.json`.
+//!
+//! * clipscore = cos(image embedding, text embedding) — the usual "CLIP score" is
+//!   100·max(cos, 0); the scale does not matter to group-normalised advantages;
+//! * pickscore = exp(logit_scale)·cos, PickScore's published scale (≈ 20–23).
+//!
+//! Preprocessing as `CLIPImageProcessor`: the image as 8-bit RGB, PIL's bicubic resize of
+//! the shortest side (reimplemented bit for bit: fixed-point weights, 8-bit intermediate),
+//! centre crop, rescale by 1/255, normalise with the configured mean / std. Frozen and inference-only,
+//! so candle's fused kernels are fine here. The towers' activations come from the config
+//! (OpenAI's CLIP uses quick_gelu; ViT-H models use gelu).
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use std::path::{Path, PathBuf};
+
+use super::{Inputs, Reward, RewardInfo};
+use crate::image::{Image, Samples};
+use crate::prompt::Prompt;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Act {
+    QuickGelu,
+    Gelu,
+}
+
+impl Act {
+    fn parse(s: &str, file: &Path, field: &str) -> Result<Self> {
+        Ok(match s {
+            "quick_gelu" => Act::QuickGelu,
+            "gelu" => Act::Gelu,
+            other => anyhow::bail!("{}: {field} = {other:?} is not supported (quick_gelu or gelu)", file.display()),
+        })
+    }
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Act::Gelu => x.gelu_erf(),
+        }
+    }
+}
+
+struct Tower {
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+    inter: usize,
+    act: Act,
+    eps: f64,
+}
+
+fn tower(v: &serde_json::Value, file: &Path, name: &str) -> Result<Tower> {
+    let get = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: {name}.{k} missing", file.display()));
+    Ok(Tower {
+        hidden: get("hidden_size")?,
+        heads: get("num_attention_heads")?,
+        layers: get("num_hidden_layers")?,
+        inter: get("intermediate_size")?,
+        act: Act::parse(v["hidden_act"].as_str().unwrap_or("quick_gelu"), file, &format!("{name}.hidden_act"))?,
+        eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-5),
+    })
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    act: Act,
+}
+
+impl Layer {
+    fn new(vb: VarBuilder, t: &Tower) -> candle_core::Result<Self> {
+        let d = t.hidden;
+        let a = vb.pp("self_attn");
+        Ok(Self {
+            ln1: layer_norm(d, t.eps, vb.pp("layer_norm1"))?,
+            q: linear(d, d, a.pp("q_proj"))?,
+            k: linear(d, d, a.pp("k_proj"))?,
+            v: linear(d, d, a.pp("v_proj"))?,
+            o: linear(d, d, a.pp("out_proj"))?,
+            ln2: layer_norm(d, t.eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, t.inter, vb.pp("mlp.fc1"))?,
+            fc2: linear(t.inter, d, vb.pp("mlp.fc2"))?,
+            heads: t.heads,
+            act: t.act,
+        })
+    }
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let h = self.ln1.forward(x)?;
+        let split = |t: Tensor| t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous();
+        let q = split((self.q.forward(&h)? * (hd as f64).powf(-0.5))?)?;
+        let (k, v) = (split(self.k.forward(&h)?)?, split(self.v.forward(&h)?)?);
+        let mut w = q.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            w = w.broadcast_add(m)?;
+        }
+        let o = candle_nn::ops::softmax_last_dim(&w)?.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let x = (x + self.o.forward(&o)?)?;
+        let h = self.act.apply(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// A Hugging Face `CLIPModel` (inference).
+pub struct ClipModel {
+    tok_emb: Tensor,
+    text_pos: Tensor,
+    text_layers: Vec<Layer>,
+    final_ln: LayerNorm,
+    text_proj: Linear,
+    eos_id: Option<u32>,
+    class_emb: Tensor,
+    patch: Tensor,
+    patch_size: usize,
+    vis_pos: Tensor,
+    pre_ln: LayerNorm,
+    vis_layers: Vec<Layer>,
+    post_ln: LayerNorm,
+    vis_proj: Linear,
+    pub logit_scale: f32,
+    pub max_tokens: usize,
+    pub image_size: usize,
+}
+
+impl ClipModel {
+    /// Load from a model folder (see the module docs).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?)
+            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let (tc, vc) = (&cfg["text_config"], &cfg["vision_config"]);
+        anyhow::ensure!(tc.is_object() && vc.is_object(), "{}: not a CLIPModel config (no text_config / vision_config)", cfg_path.display());
+        let tt = tower(tc, &cfg_path, "text_config")?;
+        let vt = tower(vc, &cfg_path, "vision_config")?;
+        let files = crate::hf::component_files(dir, "")?;
+        let tensors = crate::hf::read_component(&files, device)?;
+        let source = files[0].display().to_string();
+        anyhow::ensure!(
+            tensors.contains_key("text_model.embeddings.token_embedding.weight") && tensors.contains_key("vision_model.embeddings.class_embedding"),
+            "{source}: not a Hugging Face CLIPModel (no text_model.embeddings.token_embedding.weight / vision_model.embeddings.class_embedding)"
+        );
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let load = || -> candle_core::Result<Self> {
+            let t = vb.pp("text_model");
+            let tok_emb = t.get_unchecked("embeddings.token_embedding.weight")?;
+            let text_pos = t.get_unchecked("embeddings.position_embedding.weight")?;
+            let text_layers = (0..tt.layers).map(|i| Layer::new(t.pp(format!("encoder.layers.{i}")), &tt)).collect::<candle_core::Result<_>>()?;
+            let final_ln = layer_norm(tt.hidden, tt.eps, t.pp("final_layer_norm"))?;
+            let v = vb.pp("vision_model");
+            let patch = v.get_unchecked("embeddings.patch_embedding.weight")?;
+            let proj_dim = vb.get_unchecked("text_projection.weight")?.dim(0)?;
+            Ok(Self {
+                tok_emb,
+                max_tokens: text_pos.dim(0)?,
+                text_pos,
+                text_layers,
+                final_ln,
+                text_proj: linear_no_bias(tt.hidden, proj_dim, vb.pp("text_projection"))?,
+                eos_id: tc["eos_token_id"].as_u64().map(|x| x as u32),
+                class_emb: v.get(vt.hidden, "embeddings.class_embedding")?,
+                patch_size: patch.dim(3)?,
+                patch,
+                vis_pos: v.get_unchecked("embeddings.position_embedding.weight")?,
+                pre_ln: layer_norm(vt.hidden, vt.eps, v.pp("pre_layrnorm"))?,
+                vis_layers: (0..vt.layers).map(|i| Layer::new(v.pp(format!("encoder.layers.{i}")), &vt)).collect::<candle_core::Result<_>>()?,
+                post_ln: layer_norm(vt.hidden, vt.eps, v.pp("post_layernorm"))?,
+                vis_proj: linear_no_bias(vt.hidden, proj_dim, vb.pp("visual_projection"))?,
+                logit_scale: vb.get((), "logit_scale").and_then(|t| t.to_scalar::<f32>()).unwrap_or(4.6052),
+                image_size: vc["image_size"].as_u64().unwrap_or(224) as usize,
+            })
+        };
+        load().with_context(|| format!("{source}: does not match {}", cfg_path.display()))
+    }
+
+    /// Text embeddings (B, P) for token ids (B, L): the final hidden state at the first
+    /// end-of-text token (the highest id when the config names none, as OpenAI's CLIP).
+    pub fn text_features(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let x = self.tok_emb.embedding(&ids.flatten_all()?)?.reshape((b, l, ()))?.broadcast_add(&self.text_pos.narrow(0, 0, l)?)?;
+        let mask: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (1, 1, l, l), ids.device())?;
+        let mut x = x;
+        for layer in &self.text_layers {
+            x = layer.forward(&x, Some(&mask))?;
+        }
+        let x = self.final_ln.forward(&x)?;
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let mut pooled = Vec::with_capacity(b);
+        for (i, r) in rows.iter().enumerate() {
+            let pos = match self.eos_id {
+                Some(e) => r.iter().position(|&t| t == e).unwrap_or(l - 1),
+                None => r.iter().enumerate().max_by_key(|(j, &t)| (t, std::cmp::Reverse(*j))).map_or(0, |(j, _)| j),
+            };
+            pooled.push(x.get(i)?.get(pos)?);
+        }
+        Ok(self.text_proj.forward(&Tensor::stack(&pooled, 0)?)?)
+    }
+
+    /// Image embeddings (B, P) for preprocessed pixels (B, 3, S, S).
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let b = pixels.dim(0)?;
+        let x = pixels.conv2d(&self.patch, 0, self.patch_size, 1, 1)?;
+        let d = x.dim(1)?;
+        let x = x.flatten_from(2)?.transpose(1, 2)?;
+        let cls = self.class_emb.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.vis_pos)?;
+        let mut x = self.pre_ln.forward(&x)?;
+        for layer in &self.vis_layers {
+            x = layer.forward(&x, None)?;
+        }
+        let cls = self.post_ln.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        Ok(self.vis_proj.forward(&cls)?)
+    }
+}
+
+/// `CLIPImageProcessor`'s settings.
+pub struct Preprocess {
+    pub shortest_edge: usize,
+    pub crop: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// From `preprocessor_config.json` when present, else CLIP's defaults at `image_size`.
+    pub fn load(dir: &Path, image_size: usize) -> Result<Self> {
+        let mut p = Self { shortest_edge: image_size, crop: image_size, mean: [0.481_454_66, 0.457_827_5, 0.408_210_73], std: [0.268_629_54, 0.261_302_58, 0.275_777_1] };
+        let path = dir.join("preprocessor_config.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+            let num = |x: &serde_json::Value| x.as_u64().map(|n| n as usize);
+            p.shortest_edge = num(&v["size"]["shortest_edge"]).or(num(&v["size"])).unwrap_or(p.shortest_edge);
+            p.crop = num(&v["crop_size"]["height"]).or(num(&v["crop_size"])).unwrap_or(p.crop);
+            for (k, dst) in [("image_mean", &mut p.mean), ("image_std", &mut p.std)] {
+                if let Some(a) = v[k].as_array() {
+                    anyhow::ensure!(a.len() == 3, "{}: {k} needs 3 values", path.display());
+                    for (d, x) in dst.iter_mut().zip(a) {
+                        *d = x.as_f64().with_context(|| format!("{}: {k} is not numeric", path.display()))? as f32;
+                    }
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Pixels (3, crop, crop) of one image.
+    pub fn pixels(&self, im: &Image) -> Vec<f32> {
+        let rgb = im.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let s = self.shortest_edge;
+        let (nw, nh) = if w <= h { (s, (s * h) / w) } else { ((s * w) / h, s) };
+        let src: Vec<[u8; 3]> = rgb.pixels().map(|p| p.0).collect();
+        let r = pil_bicubic(&src, w, h, nw, nh);
+        let c = self.crop;
+        let (top, left) = (nh.saturating_sub(c) / 2, nw.saturating_sub(c) / 2);
+        let mut out = vec![0f32; 3 * c * c];
+        for y in 0..c.min(nh) {
+            for x in 0..c.min(nw) {
+                let px = r[(top + y) * nw + left + x];
+                for ch in 0..3 {
+                    out[ch * c * c + y * c + x] = (px[ch] as f32 / 255.0 - self.mean[ch]) / self.std[ch];
+                }
+            }
+        }
+        out
+    }
+}
+
+/// PIL's bicubic filter (a = −0.5).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's resampling coefficients from `n` to `m` cells: (first source cell, fixed-point
+/// weights), the filter widened by the shrink factor (antialiasing).
+fn pil_coeffs(n: usize, m: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = n as f64 / m as f64;
+    let fs = scale.max(1.0);
+    let support = 2.0 * fs;
+    (0..m)
+        .map(|i| {
+            let center = (i as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).min(n as i64) as usize;
+            let k: Vec<f64> = (lo..hi).map(|j| bicubic((j as f64 - center + 0.5) / fs)).collect();
+            let sum: f64 = k.iter().sum();
+            let one = (1u64 << PRECISION_BITS) as f64;
+            let fixed = k.iter().map(|w| w / sum).map(|w| if w < 0.0 { (-0.5 + w * one) as i64 } else { (0.5 + w * one) as i64 }).collect();
+            (lo, fixed)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// `PIL.Image.resize(…, BICUBIC)` of 8-bit RGB, bit for bit: horizontal pass, then
+/// vertical, each rounding to 8 bits as PIL does.
+fn pil_bicubic(src: &[[u8; 3]], w: usize, h: usize, nw: usize, nh: usize) -> Vec<[u8; 3]> {
+    let pass = |src: &[[u8; 3]], len: usize, lines: usize, m: usize, stride_in: usize, step_in: usize, stride_out: usize, step_out: usize| -> Vec<[u8; 3]> {
+        let co = pil_coeffs(len, m);
+        let mut out = vec![[0u8; 3]; lines * m];
+        for l in 0..lines {
+            for (i, (lo, k)) in co.iter().enumerate() {
+                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+                for (j, wt) in k.iter().enumerate() {
+                    let p = src[l * stride_in + (lo + j) * step_in];
+                    for c in 0..3 {
+                        acc[c] += p[c] as i64 * wt;
+                    }
+                }
+                out[l * stride_out + i * step_out] = [clip8(acc[0]), clip8(acc[1]), clip8(acc[2])];
+            }
+        }
+        out
+    };
+    let horiz = if nw != w { pass(src, w, h, nw, w, 1, nw, 1) } else { src.to_vec() };
+    if nh != h {
+        pass(&horiz, h, nw, nh, 1, nw, 1, nw)
+    } else {
+        horiz
+    }
+}
+
+/// Which score of the CLIP embeddings a reward reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    ClipScore,
+    PickScore,
+}
+
+pub struct ClipReward {
+    kind: Kind,
+    model: ClipModel,
+    tokenizer: tokenizers::Tokenizer,
+    pre: Preprocess,
+    device: Device,
+}
+
+impl ClipReward {
+    /// From a model folder, or a repository id in the local Hugging Face cache.
+    pub fn load(kind: Kind, spec: &str) -> Result<Self> {
+        let dir: PathBuf = crate::hf::resolve(spec)?;
+        let device = Device::Cpu;
+        let model = ClipModel::load(&dir, &device)?;
+        let tpath = dir.join("tokenizer.json");
+        anyhow::ensure!(tpath.is_file(), "{}: no tokenizer.json (PickScore's model repository has none: copy the one of laion/CLIP-ViT-H-14-laion2B-s32B-b79K beside its weights)", dir.display());
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", tpath.display()))?;
+        let pad = model.eos_id.unwrap_or(0);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams { max_length: model.max_tokens, ..Default::default() }))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
+        tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(model.max_tokens), pad_id: pad, ..Default::default() }));
+        let pre = Preprocess::load(&dir, model.image_size)?;
+        Ok(Self { kind, model, tokenizer, pre, device })
+    }
+
+    /// Token ids (B, max_tokens) of prompt texts.
+    pub fn tokens(&self, texts: &[String]) -> Result<Tensor> {
+        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("CLIP tokenizer: {e}"))?;
+        let l = self.model.max_tokens;
+        let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
+        Ok(Tensor::from_vec(ids, (texts.len(), l), &self.device)?)
+    }
+
+    /// Scores for preprocessed pixels (B, 3, S, S) and token ids.
+    pub fn score_pixels(&self, pixels: &Tensor, ids: &Tensor) -> Result<Vec<f32>> {
+        let norm = |t: Tensor| -> candle_core::Result<Tensor> { t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?) };
+        let i = norm(self.model.image_features(pixels)?)?;
+        let t = norm(self.model.text_features(ids)?)?;
+        let cos: Vec<f32> = (i * t)?.sum(D::Minus1)?.to_vec1()?;
+        Ok(match self.kind {
+            Kind::ClipScore => cos,
+            Kind::PickScore => cos.iter().map(|c| self.model.logit_scale.exp() * c).collect(),
+        })
+    }
+}
+
+impl Reward for ClipReward {
+    fn info(&self) -> RewardInfo {
+        match self.kind {
+            Kind::ClipScore => RewardInfo { name: "clipscore".into(), version: "1".into(), range: (-1.0, 1.0), higher_is_better: true },
+            Kind::PickScore => RewardInfo { name: "pickscore".into(), version: "1".into(), range: (-self.model.logit_scale.exp(), self.model.logit_scale.exp()), higher_is_better: true },
+        }
+    }
+    fn inputs(&self) -> Inputs {
+        Inputs::Images
+    }
+    fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
+        let images = samples.images(&format!("reward '{}'", self.info().name))?;
+        anyhow::ensure!(images.len() == prompts.len(), "{}: {} images but {} prompts", self.info().name, images.len(), prompts.len());
+        let s = self.pre.crop;
+        let px: Vec<f32> = images.iter().flat_map(|im| self.pre.pixels(im)).collect();
+        let pixels = Tensor::from_vec(px, (images.len(), 3, s, s), &self.device)?;
+        let ids = self.tokens(&prompts.iter().map(|p| p.text.clone()).collect::<Vec<_>>())?;
+        self.score_pixels(&pixels, &ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny")
+    }
+
+    fn golden() -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir().join("golden.json")).unwrap()).unwrap()
+    }
+
+    fn floats(v: &serde_json::Value) -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Tokens, embeddings and both scores equal transformers' on a tiny random CLIPModel
+    /// (tools/golden/clip_tiny.py); our preprocessing equals the
+    /// processor's bit for bit (PIL bicubic), so an image file scores the same too.
+    #[test]
+    fn matches_transformers_clip_on_tiny_weights() {
+        let g = golden();
+        let r = ClipReward::load(Kind::PickScore, dir().to_str().unwrap()).unwrap();
+        let prompts: Vec<String> = g["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+        let ids = r.tokens(&prompts).unwrap();
+        let want_ids: Vec<Vec<u32>> = g["input_ids"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect();
+        assert_eq!(ids.to_vec2::<u32>().unwrap(), want_ids);
+        let s = r.pre.crop;
+        let px = Tensor::from_vec(floats(&g["pixel_values"]), (1, 3, s, s), &Device::Cpu).unwrap();
+        let ie = r.model.image_features(&px).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(max_diff(&ie, &floats(&g["image_embeds"])) < 1e-4, "image embeddings");
+        let te = r.model.text_features(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want_te: Vec<f32> = g["text_embeds"].as_array().unwrap().iter().flat_map(floats).collect();
+        assert!(max_diff(&te, &want_te) < 1e-4, "text embeddings");
+        let px3 = px.repeat((3, 1, 1, 1)).unwrap();
+        let pick = r.score_pixels(&px3, &ids).unwrap();
+        assert!(max_diff(&pick, &floats(&g["pickscore"])) < 1e-3, "{pick:?}");
+        let clip = ClipReward::load(Kind::ClipScore, dir().to_str().unwrap()).unwrap();
+        assert!(max_diff(&clip.score_pixels(&px3, &ids).unwrap(), &floats(&g["cosine"])) < 1e-5);
+        // The whole path from an image file.
+        let im = Image::load(&dir().join("image.png")).unwrap();
+        let ours = r.pre.pixels(&im);
+        let gl = max_diff(&ours, &floats(&g["pixel_values"])) * 0.26 * 255.0;
+        let mean_d: f32 = ours.iter().zip(floats(&g["pixel_values"])).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32 * 0.27 * 255.0;
+        eprintln!("preprocessing: max {gl} grey levels, mean {mean_d}");
+        assert!(gl < 1e-3, "preprocessing: {gl} grey levels");
+        let ps: Vec<Prompt> = prompts.iter().map(|p| Prompt::text(p)).collect();
+        let got = r.score(&Samples::Images(vec![im; 3]), &ps).unwrap();
+        assert!(max_diff(&got, &floats(&g["pickscore"])) < 1e-3, "{got:?}");
+    }
+
+    #[test]
+    fn bad_folders_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", ClipReward::load(Kind::ClipScore, d.path().to_str().unwrap()).err().unwrap());
+        assert!(e.contains("config.json"), "{e}");
+        std::fs::copy(dir().join("config.json"), d.path().join("config.json")).unwrap();
+        let mut t = std::collections::HashMap::new();
+        t.insert("decoder.conv_in.weight".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+        crate::train::checkpoint::save_tensors(&t, &d.path().join("model.safetensors")).unwrap();
+        let e = format!("{:#}", ClipReward::load(Kind::ClipScore, d.path().to_str().unwrap()).err().unwrap());
+        assert!(e.contains("model.safetensors") && e.contains("not a Hugging Face CLIPModel"), "{e}");
+        std::fs::copy(dir().join("model.safetensors"), d.path().join("model.safetensors")).unwrap();
+        let e = format!("{:#}", ClipReward::load(Kind::ClipScore, d.path().to_str().unwrap()).err().unwrap());
+        assert!(e.contains("no tokenizer.json"), "{e}");
+    }
+}
