@@ -288,11 +288,15 @@ pub struct RewardEntry {
     /// Samples per reward call (0 = the whole batch at once).
     #[serde(default)]
     pub batch_size: usize,
+    /// The image–text model a reward head sits on ("" = the reward's default; aesthetic:
+    /// openai/clip-vit-large-patch14).
+    #[serde(default)]
+    pub backbone: String,
 }
 
 impl RewardEntry {
     pub fn new(name: &str, weight: f64) -> Self {
-        Self { name: name.into(), weight, weights: String::new(), batch_size: 0 }
+        Self { name: name.into(), weight, weights: String::new(), batch_size: 0, backbone: String::new() }
     }
 }
 

@@ -112,6 +112,7 @@ impl EmbedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
     use std::cell::Cell;
 
     fn fake_encoder<'a>(calls: &'a Cell<usize>, seen: &'a Cell<usize>) -> impl FnOnce(&[Prompt]) -> Result<Condition> + 'a {

@@ -184,6 +184,11 @@ impl ClipModel {
         load().with_context(|| format!("{source}: does not match {}", cfg_path.display()))
     }
 
+    /// Width of the joint embedding.
+    pub fn projection_dim(&self) -> usize {
+        self.vis_proj.weight().dim(0).unwrap_or(0)
+    }
+
     /// Text embeddings (B, P) for token ids (B, L): the final hidden state at the first
     /// end-of-text token (the highest id when the config names none, as OpenAI's CLIP).
     pub fn text_features(&self, ids: &Tensor) -> Result<Tensor> {

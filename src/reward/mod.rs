@@ -1,6 +1,7 @@
 //! Rewards: decoded samples (images or clips) + their prompts → one finite score per
 //! sample. One file per reward; each implements [`Reward`].
 
+pub mod aesthetic;
 pub mod clip;
 pub mod compositional;
 pub mod redness;
@@ -51,7 +52,7 @@ pub trait Reward: Send + Sync {
     }
 }
 
-const KNOWN: &str = "compositional, redness, video_quality, motion_quality, clipscore, pickscore";
+const KNOWN: &str = "compositional, redness, video_quality, motion_quality, clipscore, pickscore, aesthetic";
 
 /// A reward by its config name.
 pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
@@ -60,7 +61,7 @@ pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
         "redness" => Box::new(redness::Redness),
         "video_quality" => Box::new(video::VideoQuality::new()),
         "motion_quality" => Box::new(video::MotionQuality::new()),
-        "clipscore" | "pickscore" => anyhow::bail!("reward {name:?} needs its model: set train.rewards[].weights to a CLIPModel folder or a Hugging Face repository id"),
+        "clipscore" | "pickscore" | "aesthetic" => anyhow::bail!("reward {name:?} needs its model: set train.rewards[].weights to a CLIPModel folder or a Hugging Face repository id"),
         other => anyhow::bail!("train.rewards: unknown reward {other:?} (known: {KNOWN})"),
     })
 }
@@ -79,6 +80,11 @@ pub fn build_entry(i: usize, e: &crate::config::RewardEntry) -> anyhow::Result<B
             );
             let kind = if e.name == "clipscore" { clip::Kind::ClipScore } else { clip::Kind::PickScore };
             Box::new(clip::ClipReward::load(kind, &e.weights).with_context(|| format!("train.rewards[{i}].weights"))?)
+        }
+        "aesthetic" => {
+            anyhow::ensure!(!e.weights.is_empty(), "train.rewards[{i}].weights: reward \"aesthetic\" needs its head (sac+logos+ava1-l14-linearMSE.pth)");
+            let clip = if e.backbone.is_empty() { aesthetic::DEFAULT_CLIP } else { e.backbone.as_str() };
+            Box::new(aesthetic::Aesthetic::load(std::path::Path::new(&e.weights), clip).with_context(|| format!("train.rewards[{i}]"))?)
         }
         _ => {
             let r = build(&e.name)?;

@@ -79,7 +79,15 @@ with torch.no_grad():
     if not torch.is_tensor(te): te = te.pooler_output
     ien = ie / ie.norm(dim=-1, keepdim=True); ten = te / te.norm(dim=-1, keepdim=True)
     cos = (ten @ ien.T)[:, 0]
+# LAION's aesthetic predictor head (improved-aesthetic-predictor's MLP: Linear layers at
+# indices 0, 2, 4, 6, 7 with dropouts between, no activations) on normalised image embeddings.
+mlp = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Dropout(0.2), torch.nn.Linear(24, 12), torch.nn.Dropout(0.2),
+                          torch.nn.Linear(12, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 4), torch.nn.Linear(4, 1)).eval()
+torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, os.path.join(out, "aesthetic.pth"))
+with torch.no_grad():
+    aesthetic = mlp(ien)[:, 0]
 golden = {
+    "aesthetic": aesthetic.tolist(),
     "prompts": prompts,
     "input_ids": enc["input_ids"].tolist(),
     "pixel_values": pix[0].flatten().tolist(),
