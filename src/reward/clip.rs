@@ -23,7 +23,7 @@ use crate::image::{Image, Samples};
 use crate::prompt::Prompt;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Act {
+pub(crate) enum Act {
     QuickGelu,
     Gelu,
 }
@@ -44,16 +44,17 @@ impl Act {
     }
 }
 
-struct Tower {
-    hidden: usize,
-    heads: usize,
-    layers: usize,
-    inter: usize,
-    act: Act,
-    eps: f64,
+/// The shape of one tower (text or vision).
+pub(crate) struct Tower {
+    pub hidden: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub inter: usize,
+    pub act: Act,
+    pub eps: f64,
 }
 
-fn tower(v: &serde_json::Value, file: &Path, name: &str) -> Result<Tower> {
+pub(crate) fn tower(v: &serde_json::Value, file: &Path, name: &str) -> Result<Tower> {
     let get = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: {name}.{k} missing", file.display()));
     Ok(Tower {
         hidden: get("hidden_size")?,
@@ -147,20 +148,31 @@ impl ClipModel {
         let files = crate::hf::component_files(dir, "")?;
         let tensors = crate::hf::read_component(&files, device)?;
         let source = files[0].display().to_string();
+        let eos = tc["eos_token_id"].as_u64().map(|x| x as u32);
+        Self::from_tensors(tensors, &tt, &vt, eos, &source, device).with_context(|| format!("(config {})", cfg_path.display()))
+    }
+
+    /// From tensors in the Hugging Face `CLIPModel` names; `source` names them in errors.
+    /// `eos_id`: the end-of-text token pooled for the text embedding (None: the highest id).
+    pub(crate) fn from_tensors(tensors: std::collections::HashMap<String, Tensor>, tt: &Tower, vt: &Tower, eos_id: Option<u32>, source: &str, device: &Device) -> Result<Self> {
         anyhow::ensure!(
             tensors.contains_key("text_model.embeddings.token_embedding.weight") && tensors.contains_key("vision_model.embeddings.class_embedding"),
             "{source}: not a Hugging Face CLIPModel (no text_model.embeddings.token_embedding.weight / vision_model.embeddings.class_embedding)"
         );
+        let logit_scale = tensors.get("logit_scale").map(|t| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.get(0)?.to_scalar::<f32>())).transpose()?.unwrap_or(4.6052);
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let load = || -> candle_core::Result<Self> {
             let t = vb.pp("text_model");
             let tok_emb = t.get_unchecked("embeddings.token_embedding.weight")?;
             let text_pos = t.get_unchecked("embeddings.position_embedding.weight")?;
-            let text_layers = (0..tt.layers).map(|i| Layer::new(t.pp(format!("encoder.layers.{i}")), &tt)).collect::<candle_core::Result<_>>()?;
+            let text_layers = (0..tt.layers).map(|i| Layer::new(t.pp(format!("encoder.layers.{i}")), tt)).collect::<candle_core::Result<_>>()?;
             let final_ln = layer_norm(tt.hidden, tt.eps, t.pp("final_layer_norm"))?;
             let v = vb.pp("vision_model");
             let patch = v.get_unchecked("embeddings.patch_embedding.weight")?;
+            let vis_pos = v.get_unchecked("embeddings.position_embedding.weight")?;
             let proj_dim = vb.get_unchecked("text_projection.weight")?.dim(0)?;
+            let patch_size = patch.dim(3)?;
+            let grid = ((vis_pos.dim(0)? - 1) as f64).sqrt().round() as usize;
             Ok(Self {
                 tok_emb,
                 max_tokens: text_pos.dim(0)?,
@@ -168,20 +180,20 @@ impl ClipModel {
                 text_layers,
                 final_ln,
                 text_proj: linear_no_bias(tt.hidden, proj_dim, vb.pp("text_projection"))?,
-                eos_id: tc["eos_token_id"].as_u64().map(|x| x as u32),
+                eos_id,
                 class_emb: v.get(vt.hidden, "embeddings.class_embedding")?,
-                patch_size: patch.dim(3)?,
+                patch_size,
                 patch,
-                vis_pos: v.get_unchecked("embeddings.position_embedding.weight")?,
+                vis_pos,
                 pre_ln: layer_norm(vt.hidden, vt.eps, v.pp("pre_layrnorm"))?,
-                vis_layers: (0..vt.layers).map(|i| Layer::new(v.pp(format!("encoder.layers.{i}")), &vt)).collect::<candle_core::Result<_>>()?,
+                vis_layers: (0..vt.layers).map(|i| Layer::new(v.pp(format!("encoder.layers.{i}")), vt)).collect::<candle_core::Result<_>>()?,
                 post_ln: layer_norm(vt.hidden, vt.eps, v.pp("post_layernorm"))?,
                 vis_proj: linear_no_bias(vt.hidden, proj_dim, vb.pp("visual_projection"))?,
-                logit_scale: vb.get((), "logit_scale").and_then(|t| t.to_scalar::<f32>()).unwrap_or(4.6052),
-                image_size: vc["image_size"].as_u64().unwrap_or(224) as usize,
+                logit_scale,
+                image_size: grid * patch_size,
             })
         };
-        load().with_context(|| format!("{source}: does not match {}", cfg_path.display()))
+        load().with_context(|| format!("{source}: tensors do not fit the model shape"))
     }
 
     /// Width of the joint embedding.
@@ -228,6 +240,32 @@ impl ClipModel {
         let cls = self.post_ln.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         Ok(self.vis_proj.forward(&cls)?)
     }
+}
+
+/// `dir/tokenizer.json`, truncating and padding to the model's context (padding with the
+/// end-of-text id, or 0 when pooling takes the highest id).
+pub(crate) fn load_tokenizer(dir: &Path, model: &ClipModel) -> Result<tokenizers::Tokenizer> {
+    let tpath = dir.join("tokenizer.json");
+    anyhow::ensure!(tpath.is_file(), "{}: no tokenizer.json (PickScore's and HPSv2's weights come without one: use laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)", dir.display());
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", tpath.display()))?;
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams { max_length: model.max_tokens, ..Default::default() }))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
+    tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(model.max_tokens), pad_id: model.eos_id.unwrap_or(0), ..Default::default() }));
+    Ok(tokenizer)
+}
+
+/// Token ids (B, max_tokens) of prompt texts.
+pub(crate) fn tokenize(tokenizer: &tokenizers::Tokenizer, texts: &[String], max_tokens: usize, device: &Device) -> Result<Tensor> {
+    let enc = tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("CLIP tokenizer: {e}"))?;
+    let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
+    anyhow::ensure!(ids.len() == texts.len() * max_tokens, "CLIP tokenizer: {} ids for {} prompts of {max_tokens} tokens", ids.len(), texts.len());
+    Ok(Tensor::from_vec(ids, (texts.len(), max_tokens), device)?)
+}
+
+/// Unit-length rows.
+pub(crate) fn l2_normalize(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }
 
 /// `CLIPImageProcessor`'s settings.
@@ -371,31 +409,20 @@ impl ClipReward {
         let dir: PathBuf = crate::hf::resolve(spec)?;
         let device = Device::Cpu;
         let model = ClipModel::load(&dir, &device)?;
-        let tpath = dir.join("tokenizer.json");
-        anyhow::ensure!(tpath.is_file(), "{}: no tokenizer.json (PickScore's model repository has none: copy the one of laion/CLIP-ViT-H-14-laion2B-s32B-b79K beside its weights)", dir.display());
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", tpath.display()))?;
-        let pad = model.eos_id.unwrap_or(0);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams { max_length: model.max_tokens, ..Default::default() }))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
-        tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(model.max_tokens), pad_id: pad, ..Default::default() }));
+        let tokenizer = load_tokenizer(&dir, &model)?;
         let pre = Preprocess::load(&dir, model.image_size)?;
         Ok(Self { kind, model, tokenizer, pre, device })
     }
 
     /// Token ids (B, max_tokens) of prompt texts.
     pub fn tokens(&self, texts: &[String]) -> Result<Tensor> {
-        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("CLIP tokenizer: {e}"))?;
-        let l = self.model.max_tokens;
-        let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
-        Ok(Tensor::from_vec(ids, (texts.len(), l), &self.device)?)
+        tokenize(&self.tokenizer, texts, self.model.max_tokens, &self.device)
     }
 
     /// Scores for preprocessed pixels (B, 3, S, S) and token ids.
     pub fn score_pixels(&self, pixels: &Tensor, ids: &Tensor) -> Result<Vec<f32>> {
-        let norm = |t: Tensor| -> candle_core::Result<Tensor> { t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?) };
-        let i = norm(self.model.image_features(pixels)?)?;
-        let t = norm(self.model.text_features(ids)?)?;
+        let i = l2_normalize(&self.model.image_features(pixels)?)?;
+        let t = l2_normalize(&self.model.text_features(ids)?)?;
         let cos: Vec<f32> = (i * t)?.sum(D::Minus1)?.to_vec1()?;
         Ok(match self.kind {
             Kind::ClipScore => cos,
@@ -492,6 +519,12 @@ mod tests {
         crate::train::checkpoint::save_tensors(&t, &d.path().join("model.safetensors")).unwrap();
         let e = format!("{:#}", ClipReward::load(Kind::ClipScore, d.path().to_str().unwrap()).err().unwrap());
         assert!(e.contains("model.safetensors") && e.contains("not a Hugging Face CLIPModel"), "{e}");
+        let e = ClipModel::load(&dir(), &Device::Cpu).map(|_| ()).and_then(|_| {
+            let bad = std::collections::HashMap::from([("text_model.embeddings.token_embedding.weight".to_string(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap()), ("vision_model.embeddings.class_embedding".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap())]);
+            let t = Tower { hidden: 4, heads: 1, layers: 1, inter: 8, act: Act::Gelu, eps: 1e-5 };
+            ClipModel::from_tensors(bad, &t, &t, None, "x.pt", &Device::Cpu).map(|_| ())
+        });
+        assert!(format!("{:#}", e.unwrap_err()).contains("x.pt: tensors do not fit"));
         std::fs::copy(dir().join("model.safetensors"), d.path().join("model.safetensors")).unwrap();
         let e = format!("{:#}", ClipReward::load(Kind::ClipScore, d.path().to_str().unwrap()).err().unwrap());
         assert!(e.contains("no tokenizer.json"), "{e}");

@@ -4,6 +4,7 @@
 pub mod aesthetic;
 pub mod clip;
 pub mod compositional;
+pub mod hps;
 pub mod redness;
 pub mod set;
 pub mod video;
@@ -52,7 +53,7 @@ pub trait Reward: Send + Sync {
     }
 }
 
-const KNOWN: &str = "compositional, redness, video_quality, motion_quality, clipscore, pickscore, aesthetic";
+const KNOWN: &str = "compositional, redness, video_quality, motion_quality, clipscore, pickscore, aesthetic, hpsv2";
 
 /// A reward by its config name.
 pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
@@ -61,7 +62,7 @@ pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
         "redness" => Box::new(redness::Redness),
         "video_quality" => Box::new(video::VideoQuality::new()),
         "motion_quality" => Box::new(video::MotionQuality::new()),
-        "clipscore" | "pickscore" | "aesthetic" => anyhow::bail!("reward {name:?} needs its model: set train.rewards[].weights to a CLIPModel folder or a Hugging Face repository id"),
+        "clipscore" | "pickscore" | "aesthetic" | "hpsv2" => anyhow::bail!("reward {name:?} needs its model: set train.rewards[].weights to a CLIPModel folder or a Hugging Face repository id"),
         other => anyhow::bail!("train.rewards: unknown reward {other:?} (known: {KNOWN})"),
     })
 }
@@ -85,6 +86,11 @@ pub fn build_entry(i: usize, e: &crate::config::RewardEntry) -> anyhow::Result<B
             anyhow::ensure!(!e.weights.is_empty(), "train.rewards[{i}].weights: reward \"aesthetic\" needs its head (sac+logos+ava1-l14-linearMSE.pth)");
             let clip = if e.backbone.is_empty() { aesthetic::DEFAULT_CLIP } else { e.backbone.as_str() };
             Box::new(aesthetic::Aesthetic::load(std::path::Path::new(&e.weights), clip).with_context(|| format!("train.rewards[{i}]"))?)
+        }
+        "hpsv2" => {
+            anyhow::ensure!(!e.weights.is_empty(), "train.rewards[{i}].weights: reward \"hpsv2\" needs its checkpoint (HPS_v2.1_compressed.pt)");
+            let tok = if e.backbone.is_empty() { hps::DEFAULT_TOKENIZER } else { e.backbone.as_str() };
+            Box::new(hps::Hps::load(std::path::Path::new(&e.weights), tok).with_context(|| format!("train.rewards[{i}]"))?)
         }
         _ => {
             let r = build(&e.name)?;
