@@ -6,9 +6,9 @@ clip_tiny.py (it reuses that folder's token ids and processed image):
 Writes hps_tiny.pt — a tiny random open_clip CLIP saved the way HPSv2 ships its
 checkpoints ({"state_dict": model.state_dict()}, torch.save zip) — and golden_hps.json with
 open_clip's image/text features and the HPS score (the cosine of the normalised
-features) for the golden pixels and token ids. Heads: text width 64 → 1 head of 64,
-vision width 128 with head_width 64 → 2 heads (vipo infers heads as width / 64, except
-ViT-H/bigG's 16).
+features) for the golden pixels and token ids. One head per tower (text width 32, vision
+width 64 with head_width 64), as vipo infers open_clip heads: width / 64 (at least 1),
+16 for ViT-H (1280) and bigG (1664).
 """
 import json, os, sys
 import torch
@@ -20,8 +20,8 @@ g = json.load(open(os.path.join(out, "golden.json")))
 torch.manual_seed(1)
 model = CLIP(
     embed_dim=16,
-    vision_cfg=CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=8, image_size=32, mlp_ratio=2.0),
-    text_cfg=CLIPTextCfg(context_length=16, vocab_size=56, width=64, heads=1, layers=2, mlp_ratio=2.0),
+    vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=64, patch_size=8, image_size=32, mlp_ratio=2.0),
+    text_cfg=CLIPTextCfg(context_length=16, vocab_size=56, width=32, heads=1, layers=2, mlp_ratio=2.0),
     quick_gelu=False,
 ).eval()
 with torch.no_grad():
