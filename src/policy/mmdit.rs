@@ -609,6 +609,7 @@ pub(crate) mod tests {
         let out = core.forward(&ce.forward(&ctx).unwrap(), &x, &c, None).unwrap();
         let want = embedding::Unpatchifier::new(cfg.patch, cfg.in_channels).unwrap().unpatchify(&out, hh, ww).unwrap();
         let rel = max_rel(&got, &want);
+        eprintln!("vipo vs candle-transformers mmdit: max relative difference {rel:e}");
         assert!(rel <= 1e-4, "vipo vs candle-transformers mmdit: max relative difference {rel}");
         // The timestep embedder against candle's (f16 sinusoid, f16 weights).
         let f16 = |name: &str| tensors[name].to_dtype(DType::F16).unwrap();
