@@ -111,7 +111,7 @@ impl Sd3Config {
     }
     pub fn validate(&self) -> Result<()> {
         self.weight_bytes()?;
-        anyhow::ensure!(self.resolution >= 16 && self.resolution % 16 == 0, "sd3.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 patches)", self.resolution);
+        anyhow::ensure!(self.resolution >= 16 && self.resolution.is_multiple_of(16), "sd3.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 patches)", self.resolution);
         Ok(())
     }
 }

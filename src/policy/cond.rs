@@ -41,7 +41,7 @@ impl Condition {
     /// Every row repeated `n` times in place (a group of `n` samples per prompt).
     pub fn repeat_rows(&self, n: usize) -> Result<Self> {
         let b = self.rows()?;
-        let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat(i).take(n)).collect();
+        let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, n)).collect();
         self.index_select(&Tensor::from_vec(idx, b * n, self.seq.device())?)
     }
 

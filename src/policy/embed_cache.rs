@@ -135,7 +135,7 @@ mod tests {
         std::fs::write(&w1, b"weights one").unwrap();
         std::fs::write(&w2, b"weights two").unwrap();
         let root = d.path().join("cache");
-        let cache = EmbedCache::open(&root, &[w1.clone()]).unwrap();
+        let cache = EmbedCache::open(&root, std::slice::from_ref(&w1)).unwrap();
         let ps = |t: &[&str]| t.iter().map(|s| Prompt::text(s)).collect::<Vec<_>>();
         let (calls, seen) = (Cell::new(0), Cell::new(0));
         let a = cache.encode(&ps(&["a cat", "a dog", "a cat"]), &Device::Cpu, fake_encoder(&calls, &seen)).unwrap();
@@ -146,7 +146,7 @@ mod tests {
         assert_eq!(b.pooled.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![50.0, 50.0, 60.0]);
         assert_eq!(a.seq.get(0).unwrap().to_vec2::<f32>().unwrap(), b.seq.get(1).unwrap().to_vec2::<f32>().unwrap());
         // Reopened: everything from disk, no encoder call.
-        let again = EmbedCache::open(&root, &[w1.clone()]).unwrap();
+        let again = EmbedCache::open(&root, std::slice::from_ref(&w1)).unwrap();
         again.encode(&ps(&["a bird"]), &Device::Cpu, |_| panic!("must not encode")).unwrap();
         // Other weights: their own entries.
         let other = EmbedCache::open(&root, &[w2]).unwrap();

@@ -134,7 +134,7 @@ impl MmditConfig {
     }
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.depth >= 1 && self.heads >= 1 && self.head_dim >= 1 && self.patch >= 1, "mmdit: depth, heads, head_dim and patch must be ≥ 1");
-        anyhow::ensure!(self.freq_dim % 2 == 0, "mmdit: freq_dim must be even (got {})", self.freq_dim);
+        anyhow::ensure!(self.freq_dim.is_multiple_of(2), "mmdit: freq_dim must be even (got {})", self.freq_dim);
         anyhow::ensure!(self.dual_attention_layers < self.depth, "mmdit: dual_attention_layers {} must be < depth {} (the last block has no image self-attention)", self.dual_attention_layers, self.depth);
         Ok(())
     }

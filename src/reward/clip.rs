@@ -279,7 +279,7 @@ pub struct Preprocess {
 impl Preprocess {
     /// From `preprocessor_config.json` when present, else CLIP's defaults at `image_size`.
     pub fn load(dir: &Path, image_size: usize) -> Result<Self> {
-        let mut p = Self { shortest_edge: image_size, crop: image_size, mean: [0.481_454_66, 0.457_827_5, 0.408_210_73], std: [0.268_629_54, 0.261_302_58, 0.275_777_1] };
+        let mut p = Self { shortest_edge: image_size, crop: image_size, mean: [0.481_454_66, 0.457_827_5, 0.408_210_7], std: [0.268_629_54, 0.261_302_6, 0.275_777_1] };
         let path = dir.join("preprocessor_config.json");
         if let Ok(text) = std::fs::read_to_string(&path) {
             let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
