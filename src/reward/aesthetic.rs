@@ -67,9 +67,7 @@ impl Reward for Aesthetic {
     }
     fn score(&self, samples: &Samples, _prompts: &[Prompt]) -> Result<Vec<f32>> {
         let images = samples.images("reward 'aesthetic'")?;
-        let s = self.pre.crop;
-        let px: Vec<f32> = images.iter().flat_map(|im| self.pre.pixels(im)).collect();
-        self.score_pixels(&Tensor::from_vec(px, (images.len(), 3, s, s), &Device::Cpu)?)
+        self.score_pixels(&self.pre.batch(images, &Device::Cpu)?)
     }
 }
 

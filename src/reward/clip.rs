@@ -298,6 +298,12 @@ impl Preprocess {
         Ok(p)
     }
 
+    /// Pixels (B, 3, crop, crop) of a batch of images.
+    pub fn batch(&self, images: &[Image], device: &Device) -> Result<Tensor> {
+        let px: Vec<f32> = images.iter().flat_map(|im| self.pixels(im)).collect();
+        Ok(Tensor::from_vec(px, (images.len(), 3, self.crop, self.crop), device)?)
+    }
+
     /// Pixels (3, crop, crop) of one image.
     pub fn pixels(&self, im: &Image) -> Vec<f32> {
         let rgb = im.to_rgb8();
@@ -444,9 +450,7 @@ impl Reward for ClipReward {
     fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
         let images = samples.images(&format!("reward '{}'", self.info().name))?;
         anyhow::ensure!(images.len() == prompts.len(), "{}: {} images but {} prompts", self.info().name, images.len(), prompts.len());
-        let s = self.pre.crop;
-        let px: Vec<f32> = images.iter().flat_map(|im| self.pre.pixels(im)).collect();
-        let pixels = Tensor::from_vec(px, (images.len(), 3, s, s), &self.device)?;
+        let pixels = self.pre.batch(images, &self.device)?;
         let ids = self.tokens(&prompts.iter().map(|p| p.text.clone()).collect::<Vec<_>>())?;
         self.score_pixels(&pixels, &ids)
     }

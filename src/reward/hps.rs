@@ -139,9 +139,7 @@ impl Reward for Hps {
     fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<f32>> {
         let images = samples.images("reward 'hpsv2'")?;
         anyhow::ensure!(images.len() == prompts.len(), "hpsv2: {} images but {} prompts", images.len(), prompts.len());
-        let s = self.pre.crop;
-        let px: Vec<f32> = images.iter().flat_map(|im| self.pre.pixels(im)).collect();
-        let pixels = Tensor::from_vec(px, (images.len(), 3, s, s), &Device::Cpu)?;
+        let pixels = self.pre.batch(images, &Device::Cpu)?;
         let ids = tokenize(&self.tokenizer, &prompts.iter().map(|p| p.text.clone()).collect::<Vec<_>>(), self.model.max_tokens, &Device::Cpu)?;
         self.score_pixels(&pixels, &ids)
     }
