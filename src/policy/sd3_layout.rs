@@ -204,6 +204,42 @@ pub fn infer_config(t: &HashMap<String, Tensor>, source: &str) -> Result<MmditCo
     Ok(cfg)
 }
 
+/// Load an SD3 transformer: `spec` is a single `.safetensors` file, a diffusers model folder
+/// (its `transformer/` is used) or component folder, or a repository id in the local
+/// Hugging Face cache. Returns its single-file-named tensors and shape; when `expect` is
+/// given (the configured variant), a model of another shape is refused naming the folder
+/// and what differs.
+pub fn load_transformer(spec: &str, expect: Option<(&str, &MmditConfig)>, device: &candle_core::Device) -> Result<(MmditConfig, HashMap<String, Tensor>)> {
+    let root = crate::hf::resolve(spec)?;
+    let files = crate::hf::component_files(&root, "transformer")?;
+    let source = if files.len() == 1 { files[0].display().to_string() } else { format!("{} ({} shards)", files[0].parent().unwrap_or(&root).display(), files.len()) };
+    let t = to_sai(crate::hf::read_component(&files, device)?, &source)?;
+    let found = infer_config(&t, &source)?;
+    if let Some((name, want)) = expect {
+        check_variant(&found, want, name, &source)?;
+    }
+    Ok((found, t))
+}
+
+/// `found` must be the configured variant `name` (`want`).
+pub fn check_variant(found: &MmditConfig, want: &MmditConfig, name: &str, source: &str) -> Result<()> {
+    let mut diffs = Vec::new();
+    let mut cmp = |field: &str, a: usize, b: usize| {
+        if a != b {
+            diffs.push(format!("{field} {a} (expected {b})"));
+        }
+    };
+    cmp("blocks", found.depth, want.depth);
+    cmp("heads", found.heads, want.heads);
+    cmp("head width", found.head_dim, want.head_dim);
+    cmp("latent channels", found.in_channels, want.in_channels);
+    cmp("dual-attention blocks", found.dual_attention_layers, want.dual_attention_layers);
+    cmp("position table side", found.pos_embed_max, want.pos_embed_max);
+    cmp("QK norm", found.qk_norm as usize, want.qk_norm as usize);
+    anyhow::ensure!(diffs.is_empty(), "{source}: not {name} (sd3.variant): {}", diffs.join(", "));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +322,25 @@ mod tests {
         let prefixed: HashMap<String, Tensor> = sai.iter().map(|(k, v)| (format!("model.diffusion_model.{k}"), v.clone())).collect();
         let single = to_sai(prefixed, "single").unwrap();
         assert_eq!(infer_config(&single, "single").unwrap(), cfg);
+    }
+
+    /// A model of another shape than the configured variant is refused, naming the
+    /// folder and every difference; the same shape loads.
+    #[test]
+    fn another_variant_is_refused() {
+        let cfg = tiny();
+        let d = tempfile::tempdir().unwrap();
+        let tr = d.path().join("model/transformer");
+        std::fs::create_dir_all(&tr).unwrap();
+        crate::train::checkpoint::save_tensors(&tensors(&random_weights(&cfg, 9)), &tr.join("diffusion_pytorch_model.safetensors")).unwrap();
+        let spec = d.path().join("model");
+        let (found, _) = load_transformer(spec.to_str().unwrap(), Some(("tiny", &cfg)), &Device::Cpu).unwrap();
+        assert_eq!(found, cfg);
+        let other = MmditConfig { dual_attention_layers: 0, qk_norm: false, ..cfg.clone() };
+        let e = load_transformer(spec.to_str().unwrap(), Some(("sd3-medium", &other)), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("diffusion_pytorch_model.safetensors: not sd3-medium (sd3.variant)") && e.contains("dual-attention blocks 1 (expected 0)") && e.contains("QK norm 1 (expected 0)"), "{e}");
+        let e = load_transformer(spec.to_str().unwrap(), Some(("sd3.5-medium", &MmditConfig::sd35_medium())), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("blocks 3 (expected 24)"), "{e}");
     }
 
     /// Not a transformer, a leftover tensor, a half-split qkv: errors naming source and
