@@ -9,7 +9,10 @@
 //!
 //! Preprocessing as `CLIPImageProcessor`: the image as 8-bit RGB, PIL's bicubic resize of
 //! the shortest side (reimplemented bit for bit: fixed-point weights, 8-bit intermediate),
-//! centre crop, rescale by 1/255, normalise with the configured mean / std. Frozen and inference-only,
+//! centre crop, rescale by 1/255, normalise with the configured mean / std. (PIL's resize
+//! is what open_clip's / HPSv2's transforms and transformers' PIL backend use;
+//! transformers 5 switches to torchvision's resize when torchvision is installed, which
+//! differs by up to one grey level.) Frozen and inference-only,
 //! so candle's fused kernels are fine here. The towers' activations come from the config
 //! (OpenAI's CLIP uses quick_gelu; ViT-H models use gelu).
 
@@ -114,14 +117,82 @@ impl Layer {
     }
 }
 
+/// A CLIP text tower with its projection: the text half of a `CLIPModel`, or a
+/// `CLIPTextModelWithProjection` (SD3's `text_encoder` and `text_encoder_2`).
+pub struct ClipText {
+    tok_emb: Tensor,
+    pos: Tensor,
+    layers: Vec<Layer>,
+    final_ln: LayerNorm,
+    proj: Linear,
+    eos_id: Option<u32>,
+    pub max_tokens: usize,
+}
+
+impl ClipText {
+    /// On `vb` holding `text_model.*` and `text_projection.weight`.
+    fn new(vb: &VarBuilder, tt: &Tower, eos_id: Option<u32>) -> candle_core::Result<Self> {
+        let t = vb.pp("text_model");
+        let pos = t.get_unchecked("embeddings.position_embedding.weight")?;
+        let proj_dim = vb.get_unchecked("text_projection.weight")?.dim(0)?;
+        Ok(Self {
+            tok_emb: t.get_unchecked("embeddings.token_embedding.weight")?,
+            max_tokens: pos.dim(0)?,
+            pos,
+            layers: (0..tt.layers).map(|i| Layer::new(t.pp(format!("encoder.layers.{i}")), tt)).collect::<candle_core::Result<_>>()?,
+            final_ln: layer_norm(tt.hidden, tt.eps, t.pp("final_layer_norm"))?,
+            proj: linear_no_bias(tt.hidden, proj_dim, vb.pp("text_projection"))?,
+            eos_id,
+        })
+    }
+
+    /// A `CLIPTextModelWithProjection` folder (config.json with the text settings at the top
+    /// level, its safetensors).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?)
+            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let tt = tower(&cfg, &cfg_path, "config")?;
+        let files = crate::hf::component_files(dir, "")?;
+        let tensors = crate::hf::read_component(&files, device)?;
+        let source = files[0].display().to_string();
+        anyhow::ensure!(tensors.contains_key("text_model.embeddings.token_embedding.weight") && tensors.contains_key("text_projection.weight"), "{source}: not a CLIPTextModelWithProjection (no text_model.embeddings.token_embedding.weight / text_projection.weight)");
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::new(&vb, &tt, cfg["eos_token_id"].as_u64().map(|x| x as u32)).with_context(|| format!("{source}: tensors do not fit {}", cfg_path.display()))
+    }
+
+    /// The penultimate layer's hidden states (B, L, D) — what SD3 conditions on — and the
+    /// projected pooled embedding (B, P): the final, normed hidden state at the first
+    /// end-of-text token (the highest id when the config names none, as OpenAI's CLIP).
+    pub fn states(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l) = ids.dims2()?;
+        let mut x = self.tok_emb.embedding(&ids.flatten_all()?)?.reshape((b, l, ()))?.broadcast_add(&self.pos.narrow(0, 0, l)?)?;
+        let mask: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (1, 1, l, l), ids.device())?;
+        let mut penultimate = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, Some(&mask))?;
+            if i + 2 == self.layers.len() {
+                penultimate = x.clone();
+            }
+        }
+        let x = self.final_ln.forward(&x)?;
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let mut pooled = Vec::with_capacity(b);
+        for (i, r) in rows.iter().enumerate() {
+            let pos = match self.eos_id {
+                Some(e) => r.iter().position(|&t| t == e).unwrap_or(l - 1),
+                None => r.iter().enumerate().max_by_key(|(j, &t)| (t, std::cmp::Reverse(*j))).map_or(0, |(j, _)| j),
+            };
+            pooled.push(x.get(i)?.get(pos)?);
+        }
+        Ok((penultimate, self.proj.forward(&Tensor::stack(&pooled, 0)?)?))
+    }
+}
+
 /// A Hugging Face `CLIPModel` (inference).
 pub struct ClipModel {
-    tok_emb: Tensor,
-    text_pos: Tensor,
-    text_layers: Vec<Layer>,
-    final_ln: LayerNorm,
-    text_proj: Linear,
-    eos_id: Option<u32>,
+    text: ClipText,
     class_emb: Tensor,
     patch: Tensor,
     patch_size: usize,
@@ -132,6 +203,7 @@ pub struct ClipModel {
     vis_proj: Linear,
     pub logit_scale: f32,
     pub max_tokens: usize,
+    eos_id: Option<u32>,
     pub image_size: usize,
 }
 
@@ -162,11 +234,7 @@ impl ClipModel {
         let logit_scale = tensors.get("logit_scale").map(|t| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.get(0)?.to_scalar::<f32>())).transpose()?.unwrap_or(4.6052);
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let load = || -> candle_core::Result<Self> {
-            let t = vb.pp("text_model");
-            let tok_emb = t.get_unchecked("embeddings.token_embedding.weight")?;
-            let text_pos = t.get_unchecked("embeddings.position_embedding.weight")?;
-            let text_layers = (0..tt.layers).map(|i| Layer::new(t.pp(format!("encoder.layers.{i}")), tt)).collect::<candle_core::Result<_>>()?;
-            let final_ln = layer_norm(tt.hidden, tt.eps, t.pp("final_layer_norm"))?;
+            let text = ClipText::new(&vb, tt, eos_id)?;
             let v = vb.pp("vision_model");
             let patch = v.get_unchecked("embeddings.patch_embedding.weight")?;
             let vis_pos = v.get_unchecked("embeddings.position_embedding.weight")?;
@@ -174,13 +242,9 @@ impl ClipModel {
             let patch_size = patch.dim(3)?;
             let grid = ((vis_pos.dim(0)? - 1) as f64).sqrt().round() as usize;
             Ok(Self {
-                tok_emb,
-                max_tokens: text_pos.dim(0)?,
-                text_pos,
-                text_layers,
-                final_ln,
-                text_proj: linear_no_bias(tt.hidden, proj_dim, vb.pp("text_projection"))?,
-                eos_id,
+                max_tokens: text.max_tokens,
+                eos_id: text.eos_id,
+                text,
                 class_emb: v.get(vt.hidden, "embeddings.class_embedding")?,
                 patch_size,
                 patch,
@@ -201,28 +265,9 @@ impl ClipModel {
         self.vis_proj.weight().dim(0).unwrap_or(0)
     }
 
-    /// Text embeddings (B, P) for token ids (B, L): the final hidden state at the first
-    /// end-of-text token (the highest id when the config names none, as OpenAI's CLIP).
+    /// Text embeddings (B, P) for token ids (B, L) (see [`ClipText::states`]).
     pub fn text_features(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, l) = ids.dims2()?;
-        let x = self.tok_emb.embedding(&ids.flatten_all()?)?.reshape((b, l, ()))?.broadcast_add(&self.text_pos.narrow(0, 0, l)?)?;
-        let mask: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (1, 1, l, l), ids.device())?;
-        let mut x = x;
-        for layer in &self.text_layers {
-            x = layer.forward(&x, Some(&mask))?;
-        }
-        let x = self.final_ln.forward(&x)?;
-        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
-        let mut pooled = Vec::with_capacity(b);
-        for (i, r) in rows.iter().enumerate() {
-            let pos = match self.eos_id {
-                Some(e) => r.iter().position(|&t| t == e).unwrap_or(l - 1),
-                None => r.iter().enumerate().max_by_key(|(j, &t)| (t, std::cmp::Reverse(*j))).map_or(0, |(j, _)| j),
-            };
-            pooled.push(x.get(i)?.get(pos)?);
-        }
-        Ok(self.text_proj.forward(&Tensor::stack(&pooled, 0)?)?)
+        Ok(self.text.states(ids)?.1)
     }
 
     /// Image embeddings (B, P) for preprocessed pixels (B, 3, S, S).
@@ -510,6 +555,35 @@ mod tests {
         let ps: Vec<Prompt> = prompts.iter().map(|p| Prompt::text(p)).collect();
         let got = r.score(&Samples::Images(vec![im; 3]), &ps).unwrap();
         assert!(max_diff(&got, &floats(&g["pickscore"])) < 1e-3, "{got:?}");
+    }
+
+    /// SD3's conditioning from a CLIP text tower — the penultimate hidden states and the
+    /// projected pooled embedding — equals transformers' (hidden_states[-2], text_embeds),
+    /// also when the tower is loaded alone as a CLIPTextModelWithProjection folder.
+    #[test]
+    fn text_tower_states_for_sd3() {
+        let g = golden();
+        let r = ClipReward::load(Kind::ClipScore, dir().to_str().unwrap()).unwrap();
+        let prompts: Vec<String> = g["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+        let ids = r.tokens(&prompts).unwrap();
+        let (pen, pooled) = r.model.text.states(&ids).unwrap();
+        assert_eq!(pen.dims(), &[3, 16, 32]);
+        assert!(max_diff(&pen.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &floats(&g["penultimate"])) < 1e-4);
+        let want_te: Vec<f32> = g["text_embeds"].as_array().unwrap().iter().flat_map(floats).collect();
+        assert!(max_diff(&pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want_te) < 1e-4);
+        // The same tower as a text-encoder folder (what diffusers' text_encoder/ holds).
+        let d = tempfile::tempdir().unwrap();
+        let all = crate::train::checkpoint::read_tensors(&dir().join("model.safetensors"), &Device::Cpu).unwrap();
+        let text: std::collections::HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.") || k == "text_projection.weight").collect();
+        crate::train::checkpoint::save_tensors(&text, &d.path().join("model.safetensors")).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap()).unwrap();
+        std::fs::write(d.path().join("config.json"), cfg["text_config"].to_string()).unwrap();
+        let t = ClipText::load(d.path(), &Device::Cpu).unwrap();
+        let (pen2, pooled2) = t.states(&ids).unwrap();
+        assert_eq!(max_diff(&pen2.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &pen.flatten_all().unwrap().to_vec1::<f32>().unwrap()), 0.0);
+        assert_eq!(max_diff(&pooled2.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap()), 0.0);
+        let e = format!("{:#}", ClipText::load(&dir().join("nope"), &Device::Cpu).err().unwrap());
+        assert!(e.contains("nope/config.json"), "{e}");
     }
 
     #[test]

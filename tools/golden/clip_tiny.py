@@ -12,7 +12,7 @@ import json, os, sys
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizerFast, CLIPImageProcessor
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizerFast, CLIPImageProcessorPil as CLIPImageProcessor  # PIL resize, as the CLIP-family references
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
@@ -86,7 +86,14 @@ mlp = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Dropout(0.2), torch.
 torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, os.path.join(out, "aesthetic.pth"))
 with torch.no_grad():
     aesthetic = mlp(ien)[:, 0]
+with torch.no_grad():
+    # What SD3's text conditioning takes from a CLIP text tower: the penultimate layer's
+    # hidden states (hidden_states[-2], before the final layer norm) and the projected pooled
+    # embedding (CLIPTextModelWithProjection.text_embeds).
+    th = model.text_model(input_ids=enc["input_ids"], output_hidden_states=True)
+    penultimate = th.hidden_states[-2]
 golden = {
+    "penultimate": penultimate.flatten().tolist(),
     "aesthetic": aesthetic.tolist(),
     "prompts": prompts,
     "input_ids": enc["input_ids"].tolist(),
