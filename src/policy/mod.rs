@@ -11,6 +11,7 @@ pub mod mmdit;
 pub mod ops;
 pub mod peft;
 pub mod sd3_layout;
+pub mod sd3_text;
 pub mod video_dit;
 
 use anyhow::{Context, Result};
