@@ -12,6 +12,7 @@ pub mod ops;
 pub mod peft;
 pub mod sd3_layout;
 pub mod sd3_text;
+pub mod sd3_vae;
 pub mod video_dit;
 
 use anyhow::{Context, Result};
