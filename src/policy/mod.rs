@@ -10,6 +10,7 @@ pub mod layers;
 pub mod mmdit;
 pub mod ops;
 pub mod peft;
+pub mod sd3;
 pub mod sd3_layout;
 pub mod sd3_text;
 pub mod sd3_vae;

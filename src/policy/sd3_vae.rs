@@ -15,11 +15,13 @@ pub struct Sd3Vae {
     pub scaling_factor: f64,
     pub shift_factor: f64,
     pub latent_channels: usize,
+    /// Image side / latent side: 2^(blocks − 1) (8 for SD3's VAE).
+    pub factor: usize,
 }
 
 impl Sd3Vae {
-    pub fn new(vae: AutoEncoderKL, latent_channels: usize, scaling_factor: f64, shift_factor: f64) -> Self {
-        Self { vae, scaling_factor, shift_factor, latent_channels }
+    pub fn new(vae: AutoEncoderKL, latent_channels: usize, blocks: usize, scaling_factor: f64, shift_factor: f64) -> Self {
+        Self { vae, scaling_factor, shift_factor, latent_channels, factor: 1 << blocks.saturating_sub(1) }
     }
 
     /// A diffusers `vae/` folder (the component folder or its model root).
@@ -31,6 +33,8 @@ impl Sd3Vae {
         let num = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: {k} missing", cfg_path.display()));
         let blocks: Vec<usize> = v["block_out_channels"].as_array().with_context(|| format!("{}: block_out_channels missing", cfg_path.display()))?.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect();
         let latent_channels = num("latent_channels")?;
+        let n_blocks = blocks.len();
+        anyhow::ensure!(n_blocks > 0, "{}: block_out_channels is empty", cfg_path.display());
         let cfg = AutoEncoderKLConfig {
             block_out_channels: blocks,
             layers_per_block: num("layers_per_block")?,
@@ -45,7 +49,7 @@ impl Sd3Vae {
         anyhow::ensure!(tensors.contains_key("decoder.conv_in.weight"), "{source}: not a diffusers AutoencoderKL (no decoder.conv_in.weight)");
         let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
         let vae = AutoEncoderKL::new(vb, 3, 3, cfg).with_context(|| format!("{source}: does not match {}", cfg_path.display()))?;
-        Ok(Self::new(vae, latent_channels, v["scaling_factor"].as_f64().unwrap_or(1.5305), v["shift_factor"].as_f64().unwrap_or(0.0609)))
+        Ok(Self::new(vae, latent_channels, n_blocks, v["scaling_factor"].as_f64().unwrap_or(1.5305), v["shift_factor"].as_f64().unwrap_or(0.0609)))
     }
 
     /// Latents (B, C, h, w) → decoder output in [-1, 1], (B, 3, 8h, 8w) for SD3's VAE.
@@ -95,6 +99,7 @@ mod tests {
         let z = crate::sampler::randn(&[2, 16, 3, 4], &mut rng, &Device::Cpu).unwrap();
         let imgs = v.decode(&z).unwrap();
         assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (2, 6, 8));
+        assert_eq!(v.factor, 2);
         assert!(imgs.iter().all(|im| im.data.iter().all(|x| (0.0..=1.0).contains(x))));
         let direct = AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, cfg).unwrap().decode(&((&z / 1.5305).unwrap() + 0.0609).unwrap()).unwrap();
         let diff: f32 = (v.decode_tensor(&z).unwrap() - direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();

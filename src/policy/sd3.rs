@@ -1,0 +1,286 @@
+//! Stable Diffusion 3 / 3.5 as a vipo [`Policy`]: the trainable MMDiT ([`super::mmdit`],
+//! LoRA by diffusers module name), its frozen text side ([`super::sd3_text`]: CLIP-L,
+//! OpenCLIP-bigG, T5) and VAE ([`super::sd3_vae`]), all from one diffusers model folder
+//! (`transformer/`, `text_encoder{,_2,_3}/`, `tokenizer{,_2,_3}/tokenizer.json`, `vae/`) or a
+//! repository id in the local Hugging Face cache. Prompt encodings go through the on-disk
+//! embedding cache when one is given; CFG's unconditional input is the encoding of "" (as
+//! the diffusers pipeline's negative prompt), not zeros.
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::embed_cache::EmbedCache;
+use super::layers::{LoraCtx, LoraSpec};
+use super::mmdit::{Mmdit, MmditConfig};
+use super::sd3_text::Sd3Text;
+use super::sd3_vae::Sd3Vae;
+use super::{Condition, FlowModel, Policy};
+use crate::image::Samples;
+use crate::prompt::Prompt;
+use crate::reward::clip::ClipText;
+
+/// A tokenizer padded and truncated to `len` tokens.
+struct Tok {
+    tok: tokenizers::Tokenizer,
+    len: usize,
+}
+
+impl Tok {
+    /// `dir/tokenizer.json`, padding with the pad token its `special_tokens_map.json` names
+    /// (else `default_pad`).
+    fn load(dir: &Path, len: usize, default_pad: &str) -> Result<Self> {
+        let p = dir.join("tokenizer.json");
+        anyhow::ensure!(p.is_file(), "{}: no tokenizer.json (diffusers' CLIP tokenizer folders may hold only vocab.json/merges.txt: write one with transformers' CLIPTokenizerFast.from_pretrained(DIR).save_pretrained(DIR))", dir.display());
+        let mut tok = tokenizers::Tokenizer::from_file(&p).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", p.display()))?;
+        let pad_token = std::fs::read_to_string(dir.join("special_tokens_map.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pad_token"].as_str().map(str::to_string).or_else(|| v["pad_token"]["content"].as_str().map(str::to_string)))
+            .unwrap_or_else(|| default_pad.to_string());
+        let pad_id = tok.token_to_id(&pad_token).unwrap_or(0);
+        tok.with_truncation(Some(tokenizers::TruncationParams { max_length: len, ..Default::default() })).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        tok.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(len), pad_id, pad_token, ..Default::default() }));
+        Ok(Self { tok, len })
+    }
+    fn ids(&self, texts: &[String], device: &Device) -> Result<Tensor> {
+        crate::reward::clip::tokenize(&self.tok, texts, self.len, device)
+    }
+}
+
+pub struct Sd3Policy {
+    pub cfg: MmditConfig,
+    base: VarMap,
+    lora: Option<VarMap>,
+    model: Mmdit,
+    frozen: Mmdit,
+    text: Sd3Text,
+    toks: [Tok; 3],
+    vae: Sd3Vae,
+    latent: usize,
+    cache: Option<EmbedCache>,
+    null: Mutex<Option<Condition>>,
+    device: Device,
+}
+
+impl Sd3Policy {
+    /// Load from a diffusers model folder or repository id; `variant` (name, shape) is
+    /// checked against the transformer; `resolution` in pixels; `t5_tokens` after CLIP's 77;
+    /// `cache_root`: where prompt encodings are kept (None: encode every time).
+    pub fn load(spec: &str, variant: Option<(&str, &MmditConfig)>, resolution: usize, t5_tokens: usize, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
+        let root = crate::hf::resolve(spec)?;
+        let (cfg, tensors) = super::sd3_layout::load_transformer(root.to_str().unwrap_or(spec), variant, device)?;
+        let base = VarMap::new();
+        {
+            let mut data = base.data().lock().unwrap();
+            for (k, t) in tensors {
+                data.insert(k, Var::from_tensor(&t.to_dtype(crate::runtime::dtype(device))?)?);
+            }
+        }
+        let frozen_vb = super::frozen_builder(&base, device);
+        // The trained network, and the same on untracked views for sampling (no graph).
+        let (model, frozen, lora_map) = match lora {
+            None => (Mmdit::new(&candle_nn::VarBuilder::from_varmap(&base, crate::runtime::dtype(device), device), &cfg, None)?, Mmdit::new(&frozen_vb, &cfg, None)?, None),
+            Some(spec) => {
+                let lmap = VarMap::new();
+                let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
+                let model = Mmdit::new(&frozen_vb, &cfg, Some(&ctx))?;
+                let fctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
+                (model, Mmdit::new(&frozen_vb, &cfg, Some(&fctx))?, Some(lmap))
+            }
+        };
+        let clip_l = ClipText::load(&root.join("text_encoder"), device)?;
+        let clip_g = ClipText::load(&root.join("text_encoder_2"), device)?;
+        let (t5, t5_files) = match root.join("text_encoder_3") {
+            d if d.is_dir() => {
+                let cpath = d.join("config.json");
+                let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(&std::fs::read_to_string(&cpath).with_context(|| format!("{}: cannot read", cpath.display()))?)
+                    .with_context(|| format!("{}: not a T5 config", cpath.display()))?;
+                let files = crate::hf::component_files(&d, "")?;
+                let vb = candle_nn::VarBuilder::from_tensors(crate::hf::read_component(&files, device)?, candle_core::DType::F32, device);
+                let m = candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).with_context(|| format!("{}: does not match {}", files[0].display(), cpath.display()))?;
+                (Some(Mutex::new(m)), files)
+            }
+            _ => (None, Vec::new()),
+        };
+        let text = Sd3Text { clip_l, clip_g, t5, context_dim: cfg.context_dim };
+        let toks = [
+            Tok::load(&root.join("tokenizer"), text.clip_l.max_tokens, "<|endoftext|>")?,
+            Tok::load(&root.join("tokenizer_2"), text.clip_g.max_tokens, "!")?,
+            if text.t5.is_some() { Tok::load(&root.join("tokenizer_3"), t5_tokens, "<pad>")? } else { Tok::load(&root.join("tokenizer"), t5_tokens, "<pad>")? },
+        ];
+        let vae = Sd3Vae::load(&root.join("vae"), device)?;
+        anyhow::ensure!(vae.latent_channels == cfg.in_channels, "{}: the VAE has {} latent channels, the transformer {}", root.display(), vae.latent_channels, cfg.in_channels);
+        anyhow::ensure!(resolution % (vae.factor * cfg.patch) == 0, "sd3.resolution {resolution}: not a multiple of {} (VAE factor × patch)", vae.factor * cfg.patch);
+        let latent = resolution / vae.factor;
+        let cache = match cache_root {
+            Some(r) => {
+                let mut files: Vec<PathBuf> = Vec::new();
+                for d in ["text_encoder", "text_encoder_2"] {
+                    files.extend(crate::hf::component_files(&root.join(d), "")?);
+                }
+                files.extend(t5_files);
+                Some(EmbedCache::open(r, &files)?)
+            }
+            None => None,
+        };
+        Ok(Self { cfg, base, lora: lora_map, model, frozen, text, toks, vae, latent, cache, null: Mutex::new(None), device: device.clone() })
+    }
+
+    fn encode_raw(&self, prompts: &[Prompt]) -> Result<Condition> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
+        let ids: Vec<Tensor> = self.toks.iter().map(|t| t.ids(&texts, &self.device)).collect::<Result<_>>()?;
+        self.text.encode_ids(&ids[0], &ids[1], &ids[2])
+    }
+}
+
+impl FlowModel for Sd3Policy {
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        let pooled = cond.pooled.as_ref().ok_or_else(|| candle_core::Error::Msg("SD3: condition without a pooled embedding".into()))?;
+        self.model.forward(z, sigma, &cond.seq, pooled)
+    }
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        let pooled = cond.pooled.as_ref().ok_or_else(|| candle_core::Error::Msg("SD3: condition without a pooled embedding".into()))?;
+        self.frozen.forward(z, sigma, &cond.seq, pooled)
+    }
+    fn null_condition(&self, cond: &Condition) -> candle_core::Result<Condition> {
+        let mut null = self.null.lock().unwrap();
+        if null.is_none() {
+            *null = Some(self.encode(&[Prompt::text("")]).map_err(|e| candle_core::Error::Msg(format!("SD3: encoding the empty prompt: {e:#}")))?);
+        }
+        null.as_ref().unwrap().repeat_rows(cond.rows()?)
+    }
+    fn base_vars(&self) -> Vec<(String, Var)> {
+        super::sorted_vars(&self.base)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl Policy for Sd3Policy {
+    fn encode(&self, prompts: &[Prompt]) -> Result<Condition> {
+        match &self.cache {
+            Some(c) => c.encode(prompts, &self.device, |ps| self.encode_raw(ps)),
+            None => self.encode_raw(prompts),
+        }
+    }
+    fn decode(&self, z: &Tensor) -> Result<Samples> {
+        Ok(Samples::Images(self.vae.decode(z)?))
+    }
+    fn latent_shape(&self) -> Vec<usize> {
+        vec![self.cfg.in_channels, self.latent, self.latent]
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        super::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+    }
+    fn base_map(&self) -> &VarMap {
+        &self.base
+    }
+    fn lora_map(&self) -> Option<&VarMap> {
+        self.lora.as_ref()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::DType;
+    use std::collections::HashMap;
+
+    /// The transformer shape of the tiny model folder: 16 latent channels (the VAE's), the
+    /// two tiny 16-wide CLIP projections pooled (32), T5's 64-wide context.
+    pub(crate) fn tiny_cfg() -> MmditConfig {
+        MmditConfig { patch: 2, in_channels: 16, depth: 2, heads: 2, head_dim: 8, pooled_dim: 32, context_dim: 64, pos_embed_max: 8, freq_dim: 16, qk_norm: true, dual_attention_layers: 1 }
+    }
+
+    fn randomize(vm: &VarMap, seed: u64, scale: f64) {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        for (_, v) in crate::policy::sorted_vars(vm) {
+            v.set(&(crate::sampler::randn(v.dims(), &mut rng, &Device::Cpu).unwrap() * scale).unwrap()).unwrap();
+        }
+    }
+
+    /// A tiny SD3.5-shaped model in the diffusers folder layout: every component random,
+    /// the tokenizers the tiny CLIP BPE of tests/data/clip_tiny.
+    pub(crate) fn write_tiny_model(root: &Path) {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
+        let save = |dir: &str, file: &str, t: &HashMap<String, Tensor>| {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            crate::train::checkpoint::save_tensors(t, &root.join(dir).join(file)).unwrap();
+        };
+        let sai: HashMap<String, Tensor> = crate::policy::sorted_vars(&super::super::mmdit::tests::random_weights(&tiny_cfg(), 21)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        save("transformer", "diffusion_pytorch_model.safetensors", &super::super::sd3_layout::to_diffusers(&sai).unwrap());
+        let all = crate::train::checkpoint::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
+        let text: HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.") || k == "text_projection.weight").collect();
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("config.json")).unwrap()).unwrap();
+        for (enc, tok) in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")] {
+            std::fs::create_dir_all(root.join(tok)).unwrap();
+            std::fs::copy(data.join("tokenizer.json"), root.join(tok).join("tokenizer.json")).unwrap();
+            if enc != "text_encoder_3" {
+                save(enc, "model.safetensors", &text);
+                std::fs::write(root.join(enc).join("config.json"), cfg["text_config"].to_string()).unwrap();
+            }
+        }
+        let t5json = r#"{"vocab_size": 56, "d_model": 64, "d_kv": 8, "d_ff": 96, "num_layers": 2, "num_heads": 8, "relative_attention_num_buckets": 8,
+            "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
+            "is_encoder_decoder": true, "pad_token_id": 0, "eos_token_id": 1}"#;
+        let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(t5json).unwrap();
+        let vm = VarMap::new();
+        candle_transformers::models::t5::T5EncoderModel::load(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &t5cfg).unwrap();
+        randomize(&vm, 5, 0.3);
+        std::fs::create_dir_all(root.join("text_encoder_3")).unwrap();
+        crate::train::checkpoint::save_varmap(&vm, &root.join("text_encoder_3/model.safetensors")).unwrap();
+        std::fs::write(root.join("text_encoder_3/config.json"), t5json).unwrap();
+        let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig { block_out_channels: vec![8, 16], layers_per_block: 1, latent_channels: 16, norm_num_groups: 4, use_quant_conv: false, use_post_quant_conv: false };
+        let vm = VarMap::new();
+        candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
+        randomize(&vm, 6, 0.2);
+        std::fs::create_dir_all(root.join("vae")).unwrap();
+        crate::train::checkpoint::save_varmap(&vm, &root.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+        std::fs::write(
+            root.join("vae/config.json"),
+            r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": false, "use_post_quant_conv": false, "scaling_factor": 1.5305, "shift_factor": 0.0609}"#,
+        )
+        .unwrap();
+    }
+
+    /// The tiny SD3.5-shaped folder loads as a policy: prompts encode (through the cache,
+    /// once), ODE sampling with CFG produces images of the configured size, the sampling
+    /// path equals the trained velocity, LoRA adapters are the trainable set and start at
+    /// the base.
+    #[test]
+    fn tiny_sd35_policy_end_to_end() {
+        let d = tempfile::tempdir().unwrap();
+        write_tiny_model(&d.path().join("m"));
+        let lora = LoraSpec { rank: 2, alpha: 2.0, targets: vec!["attn.to_q".into(), "attn.to_v".into(), "attn.add_k_proj".into()] };
+        let cfg = tiny_cfg();
+        let p = Sd3Policy::load(d.path().join("m").to_str().unwrap(), Some(("tiny", &cfg)), 16, 5, Some(&lora), Some(&d.path().join("cache")), &Device::Cpu, 0).unwrap();
+        assert_eq!(p.latent_shape(), vec![16, 8, 8]);
+        let prompts = vec![Prompt::text("a red cat"), Prompt::text("a blue square")];
+        let c = p.encode(&prompts).unwrap();
+        assert_eq!((c.seq.dims(), c.pooled.as_ref().unwrap().dims()), (&[2usize, 16 + 5, 64][..], &[2usize, 32][..]));
+        let sample = crate::config::SampleConfig { steps: 2, guidance: 2.0, ..Default::default() };
+        let imgs = crate::eval::generate(&p, &prompts, 3, &sample).unwrap();
+        let imgs = imgs.images("test").unwrap();
+        assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (2, 16, 16));
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+        let z = crate::sampler::randn(&[2, 16, 8, 8], &mut rng, &Device::Cpu).unwrap();
+        let s = Tensor::new(&[0.3f32, 0.8], &Device::Cpu).unwrap();
+        let (a, b) = (p.velocity(&z, &s, &c).unwrap(), p.velocity_frozen(&z, &s, &c).unwrap());
+        assert_eq!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let names: Vec<String> = p.trainable().into_iter().map(|(k, _)| k).collect();
+        // 2 blocks × (to_q, to_v, add_k_proj) × (A, B); attn2.to_q does not contain "attn.to_q".
+        assert_eq!(names.len(), 12, "{names:?}");
+        assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+        let null = p.null_condition(&c).unwrap();
+        assert_eq!(null.seq.dims(), c.seq.dims());
+        assert!(d.path().join("cache").read_dir().unwrap().count() >= 2, "encodings cached");
+        // Another variant than configured is refused before anything else loads.
+        let e = Sd3Policy::load(d.path().join("m").to_str().unwrap(), Some(("sd3.5-medium", &MmditConfig::sd35_medium())), 16, 5, None, None, &Device::Cpu, 0).err().unwrap().to_string();
+        assert!(e.contains("not sd3.5-medium"), "{e}");
+        assert!(Sd3Policy::load(d.path().join("m").to_str().unwrap(), None, 18, 5, None, None, &Device::Cpu, 0).err().unwrap().to_string().contains("sd3.resolution 18"));
+    }
+}
