@@ -14,6 +14,8 @@ use crate::policy::dit::DitConfig;
 pub enum Modality {
     Image,
     Video,
+    /// A real SD3 / SD3.5 generator (`[sd3]`): images from free-text prompts.
+    Sd3,
 }
 
 /// Everything a run needs. Each command reads the sections it uses.

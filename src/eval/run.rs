@@ -107,7 +107,7 @@ fn score_split(cfg: &Config, split: &str, images: &[Image], prompts: &[PromptSpe
 /// video the per-clip mean of the VQ- and MQ-like rewards (reported as its own row).
 pub fn primary_reward(cfg: &Config) -> &'static str {
     match cfg.modality {
-        Modality::Image => "compositional",
+        Modality::Image | Modality::Sd3 => "compositional",
         Modality::Video => VQ_MQ,
     }
 }
@@ -184,6 +184,9 @@ pub fn evaluate_policy(policy: &dyn Policy, cfg: &Config, n: usize) -> Result<(E
 
 /// The resolved base weights of a train run without pretraining anything.
 fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
+    if cfg.modality == Modality::Sd3 {
+        return Ok(PathBuf::from(&cfg.sd3.model));
+    }
     if !cfg.train.base.is_empty() {
         let p = PathBuf::from(&cfg.train.base);
         anyhow::ensure!(p.is_file(), "{}: train.base {} does not exist", run_dir.join(run::CONFIG_FILE).display(), p.display());
@@ -225,6 +228,15 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
     let device = crate::runtime::device()?;
     let final_w = run_dir.join(run::FINAL_WEIGHTS);
     let Some(step) = step else {
+        // A real generator loads from its model folder, so its final weights are its last
+        // checkpoint (adapters on top of that folder's base).
+        if cfg.modality == Modality::Sd3 {
+            let Some(&last) = checkpoint_steps(run_dir).last() else {
+                bail!("{}: SD3 run has no checkpoint", run_dir.display());
+            };
+            let (p, _) = load_run_policy(run_dir, cfg, Some(last))?;
+            return Ok((p, "final".into()));
+        }
         if final_w.is_file() {
             return Ok((crate::policy::load_policy(cfg, &final_w, None, &device, cfg.seed)?, "final".into()));
         }

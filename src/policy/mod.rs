@@ -248,6 +248,13 @@ pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&Lo
     Ok(match cfg.modality {
         crate::config::Modality::Image => Box::new(ImagePolicy::load(&cfg.model, weights, lora, device, seed)?),
         crate::config::Modality::Video => Box::new(video_dit::VideoPolicy::load(&cfg.video_model, weights, lora, device, seed)?),
+        // A real generator loads from its model folder (`weights` is that folder's spec).
+        crate::config::Modality::Sd3 => {
+            let s = &cfg.sd3;
+            let want = if s.variant.is_empty() { None } else { Some(mmdit::MmditConfig::by_name(&s.variant)?) };
+            let cache = crate::sample::cache_dir().join("embeddings");
+            Box::new(sd3::Sd3Policy::load(&s.model, want.as_ref().map(|w| (s.variant.as_str(), w)), s.resolution, s.t5_tokens, lora, Some(&cache), device, seed)?)
+        }
     })
 }
 

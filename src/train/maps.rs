@@ -187,6 +187,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
             let s = match cfg.modality {
                 crate::config::Modality::Image => cfg.model.image_size,
                 crate::config::Modality::Video => cfg.video_model.image_size,
+                crate::config::Modality::Sd3 => cfg.sd3.resolution,
             };
             let probe = backbone.features(&[Image::filled(s, s, crate::world::BACKGROUND)])?;
             let f = &probe[0];

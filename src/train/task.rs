@@ -63,7 +63,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
         }
     }
     Ok(match cfg.modality {
-        crate::config::Modality::Image => Box::new(ImageTask { pool, rewards, maps, cfg: cfg.clone() }),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 => Box::new(ImageTask { pool, rewards, maps, cfg: cfg.clone() }),
         crate::config::Modality::Video => Box::new(VideoTask { pool, rewards, maps, cfg: cfg.clone() }),
     })
 }
@@ -77,7 +77,7 @@ fn train_pool(cfg: &Config) -> Result<Vec<Prompt>> {
     }
     let (n, seed) = (t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
     Ok(match cfg.modality {
-        crate::config::Modality::Image => world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 => world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(),
         crate::config::Modality::Video => video_prompts(Split::Train, n, seed).iter().map(Prompt::video).collect(),
     })
 }
@@ -90,7 +90,7 @@ fn grid_prompts(cfg: &Config, pool: &[Prompt]) -> Vec<Prompt> {
         return crate::prompt::fixed_subset(pool, n, GRID_SEED);
     }
     match cfg.modality {
-        crate::config::Modality::Image => world::prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::image).collect(),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 => world::prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::image).collect(),
         crate::config::Modality::Video => video_prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::video).collect(),
     }
 }
@@ -114,6 +114,11 @@ impl ImageTask {
     pub fn new(cfg: &Config, rewards: RewardSet, maps: Option<Box<dyn MapSource>>) -> Result<Self> {
         Ok(Self { pool: train_pool(cfg)?, rewards, maps, cfg: cfg.clone() })
     }
+}
+
+/// Upscale factor of a grid tile: ShapeWorld's 32² images 4×, real generators' as they are.
+pub fn grid_scale(im: &Image) -> usize {
+    (128 / im.w.max(1)).max(1)
 }
 
 /// Legend cells of a grid of prompts (no scores).
@@ -143,7 +148,7 @@ impl Task for ImageTask {
             return Ok(());
         }
         let s = crate::eval::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
-        let big: Vec<Image> = s.images("progress grid")?.iter().map(|im| im.upscale(4)).collect();
+        let big: Vec<Image> = s.images("progress grid")?.iter().map(|im| im.upscale(grid_scale(im))).collect();
         grid(&big, 8).save_png(path)?;
         crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text.clone())))
     }
@@ -152,9 +157,10 @@ impl Task for ImageTask {
         let mut tiles = Vec::new();
         for i in 0..n.min(ims.len()) {
             let pa: Vec<f32> = mb.maps[i].iter().map(|m| m * adv[i]).collect();
-            tiles.push(ims[i].upscale(4));
-            tiles.push(overlay(&ims[i], &mb.maps[i], 0.7).upscale(4));
-            tiles.push(signed_overlay(&ims[i], &pa, adv_scale).upscale(4));
+            let f = grid_scale(&ims[i]);
+            tiles.push(ims[i].upscale(f));
+            tiles.push(overlay(&ims[i], &mb.maps[i], 0.7).upscale(f));
+            tiles.push(signed_overlay(&ims[i], &pa, adv_scale).upscale(f));
         }
         grid(&tiles, 6).save_png(path)
     }
