@@ -116,9 +116,10 @@ impl ImageTask {
     }
 }
 
-/// Upscale factor of a grid tile: ShapeWorld's 32² images 4×, real generators' as they are.
+/// Upscale factor of a grid tile: ShapeWorld's small images 4×, real generators' (≥ 128²)
+/// as they are.
 pub fn grid_scale(im: &Image) -> usize {
-    (128 / im.w.max(1)).max(1)
+    if im.w <= 64 { 4 } else { (256 / im.w).max(1) }
 }
 
 /// Legend cells of a grid of prompts (no scores).
