@@ -486,6 +486,10 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         (None, Some(ck)) => (load_config(&a.cfg)?, ck.clone()),
         _ => anyhow::bail!("give exactly one of --run DIR or --checkpoint FILE"),
     };
+    anyhow::ensure!(
+        cfg.modality != config::Modality::Sd3,
+        "vipo sample: SD3 runs are not supported yet (use vipo eval --run DIR, which samples its fixed prompts from the last checkpoint)"
+    );
     let device = crate::runtime::device()?;
     if cfg.modality == config::Modality::Video {
         let specs = read_prompts_with(&a.prompt, a.prompts.as_deref(), crate::world::video::VideoSpec::parse)?;
