@@ -617,7 +617,7 @@ fn side_by_side(cfg: &Config, dir: &Path) -> Result<Vec<crate::report::Figure>> 
     let grids = cols.iter().map(|(_, png)| crate::image::Image::load(png)).collect::<Result<Vec<_>>>()?;
     let out_dir = dir.join("side_by_side");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
-    let cell = eval_run::GRID_SCALE * cfg.model.image_size;
+    let cell = crate::image::grid_scale(cfg.model.image_size) * cfg.model.image_size;
     let mut figs = Vec::new();
     for (i, first) in legends[0].iter().take(SIDE_BY_SIDE_ROWS).enumerate() {
         let tiles = grids.iter().map(|g| crate::image::grid_cell(g, cell, cell, eval_run::GRID_COLS, i)).collect::<Result<Vec<_>>>()?;

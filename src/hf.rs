@@ -100,6 +100,19 @@ pub fn component_files(path: &Path, subfolder: &str) -> Result<Vec<PathBuf>> {
     }
 }
 
+/// A JSON file (a model's `config.json`), errors naming it.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+/// Every tensor of the component in folder `dir` ([`component_files`], [`read_component`]),
+/// and a name for it in errors (its file, or its first shard).
+pub fn read_folder(dir: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, String)> {
+    let files = component_files(dir, "")?;
+    Ok((read_component(&files, device)?, files[0].display().to_string()))
+}
+
 /// Every tensor of a component's files (a tensor in two shards is an error).
 pub fn read_component(files: &[PathBuf], device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();

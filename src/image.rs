@@ -152,6 +152,12 @@ impl Image {
     }
 }
 
+/// Upscale factor of a grid tile `w` pixels wide: ShapeWorld's small images 4×, real
+/// generators' (≥ 128²) about as they are.
+pub fn grid_scale(w: usize) -> usize {
+    if w <= 64 { 4 } else { (256 / w).max(1) }
+}
+
 /// Tile images into a grid with a 1-pixel white border, `cols` per row.
 pub fn grid(images: &[Image], cols: usize) -> Image {
     if images.is_empty() {

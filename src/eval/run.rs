@@ -307,19 +307,18 @@ pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Op
     Ok((out, rep))
 }
 
-/// Columns and upscale factor of an image evaluation grid ([`save_grid`]).
+/// Columns of an image evaluation grid ([`save_grid`]; tiles upscaled by `image::grid_scale`).
 pub const GRID_COLS: usize = 8;
-pub const GRID_SCALE: usize = 4;
 /// Samples an evaluation grid shows: 4 rows of images, or 16 clips.
 const GRID_IMAGES: usize = 4 * GRID_COLS;
 const GRID_CLIPS: usize = 16;
 
-/// The first 32 images (8 per row, 4×) or the first 16 clips (one frame strip per row, 2×),
+/// The first 32 images (8 per row, small ones 4×: `image::grid_scale`) or the first 16 clips (one frame strip per row, 2×),
 /// and beside the PNG its legend: the prompt of each shown sample with its `scores` entry.
 pub fn save_grid(g: &SplitSamples, scores: Option<&[f64]>, path: &Path) -> Result<()> {
     let shown = match &g.samples {
         Samples::Images(images) => {
-            let big: Vec<Image> = images.iter().take(GRID_IMAGES).map(|im| im.upscale(GRID_SCALE)).collect();
+            let big: Vec<Image> = images.iter().take(GRID_IMAGES).map(|im| im.upscale(crate::image::grid_scale(im.w))).collect();
             crate::image::grid(&big, GRID_COLS).save_png(path)?;
             big.len()
         }

@@ -550,11 +550,7 @@ pub(crate) mod tests {
         let map = VarMap::new();
         let vb = crate::policy::seeded_var_builder(&map, seed, &Device::Cpu);
         Mmdit::new(&vb, cfg, None).unwrap();
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        for (_, v) in crate::policy::sorted_vars(&map) {
-            let t = crate::sampler::randn(v.dims(), &mut rng, &Device::Cpu).unwrap();
-            v.set(&(t * 0.2).unwrap()).unwrap();
-        }
+        crate::policy::randomize_vars(&map, seed, 0.2);
         map
     }
 

@@ -270,6 +270,17 @@ pub(crate) fn assert_every_var_has_gradient(grads: &candle_core::backprop::GradS
     }
 }
 
+/// Test weights: every variable of `map` redrawn from N(0, scale²), in name order, from a
+/// stream seeded by `seed` (initialisers leave gates, heads and norms at constants, which
+/// would hide what a parity test must see).
+#[cfg(test)]
+pub(crate) fn randomize_vars(map: &VarMap, seed: u64, scale: f64) {
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    for (_, v) in sorted_vars(map) {
+        v.set(&(crate::sampler::randn(v.dims(), &mut rng, v.device()).unwrap() * scale).unwrap()).unwrap();
+    }
+}
+
 /// Variables of a map sorted by name (a stable order for optimizers and checkpoints).
 pub fn sorted_vars(map: &VarMap) -> Vec<(String, Var)> {
     let data = map.data().lock().unwrap();

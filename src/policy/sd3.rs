@@ -93,17 +93,16 @@ impl Sd3Policy {
         };
         let clip_l = ClipText::load(&root.join("text_encoder"), device)?;
         let clip_g = ClipText::load(&root.join("text_encoder_2"), device)?;
-        let (t5, t5_files) = match root.join("text_encoder_3") {
-            d if d.is_dir() => {
-                let cpath = d.join("config.json");
-                let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(&std::fs::read_to_string(&cpath).with_context(|| format!("{}: cannot read", cpath.display()))?)
-                    .with_context(|| format!("{}: not a T5 config", cpath.display()))?;
-                let files = crate::hf::component_files(&d, "")?;
-                let vb = candle_nn::VarBuilder::from_tensors(crate::hf::read_component(&files, device)?, candle_core::DType::F32, device);
-                let m = candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).with_context(|| format!("{}: does not match {}", files[0].display(), cpath.display()))?;
-                (Some(Mutex::new(m)), files)
-            }
-            _ => (None, Vec::new()),
+        let t5_dir = root.join("text_encoder_3");
+        let t5 = if t5_dir.is_dir() {
+            let cpath = t5_dir.join("config.json");
+            let t5cfg: candle_transformers::models::t5::Config = serde_json::from_value(crate::hf::read_json(&cpath)?).with_context(|| format!("{}: not a T5 config", cpath.display()))?;
+            let (tensors, source) = crate::hf::read_folder(&t5_dir, device)?;
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
+            let m = candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).with_context(|| format!("{source}: does not match {}", cpath.display()))?;
+            Some(Mutex::new(m))
+        } else {
+            None
         };
         let text = Sd3Text { clip_l, clip_g, t5, context_dim: cfg.context_dim };
         let toks = [
@@ -117,11 +116,11 @@ impl Sd3Policy {
         let latent = resolution / vae.factor;
         let cache = match cache_root {
             Some(r) => {
+                // The encoders' weight files identify their encodings.
                 let mut files: Vec<PathBuf> = Vec::new();
-                for d in ["text_encoder", "text_encoder_2"] {
-                    files.extend(crate::hf::component_files(&root.join(d), "")?);
+                for d in ["text_encoder", "text_encoder_2", "text_encoder_3"].map(|d| root.join(d)).iter().filter(|d| d.is_dir()) {
+                    files.extend(crate::hf::component_files(d, "")?);
                 }
-                files.extend(t5_files);
                 Some(EmbedCache::open(r, &files)?)
             }
             None => None,
@@ -196,13 +195,6 @@ pub(crate) mod tests {
         MmditConfig { patch: 2, in_channels: 16, depth: 2, heads: 2, head_dim: 8, pooled_dim: 32, context_dim: 64, pos_embed_max: 8, freq_dim: 16, qk_norm: true, dual_attention_layers: 1 }
     }
 
-    fn randomize(vm: &VarMap, seed: u64, scale: f64) {
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        for (_, v) in crate::policy::sorted_vars(vm) {
-            v.set(&(crate::sampler::randn(v.dims(), &mut rng, &Device::Cpu).unwrap() * scale).unwrap()).unwrap();
-        }
-    }
-
     /// A tiny SD3.5-shaped model in the diffusers folder layout: every component random,
     /// the tokenizers the tiny CLIP BPE of tests/data/clip_tiny.
     pub(crate) fn write_tiny_model(root: &Path) {
@@ -230,14 +222,14 @@ pub(crate) mod tests {
         let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(t5json).unwrap();
         let vm = VarMap::new();
         candle_transformers::models::t5::T5EncoderModel::load(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &t5cfg).unwrap();
-        randomize(&vm, 5, 0.3);
+        crate::policy::randomize_vars(&vm, 5, 0.3);
         std::fs::create_dir_all(root.join("text_encoder_3")).unwrap();
         crate::train::checkpoint::save_varmap(&vm, &root.join("text_encoder_3/model.safetensors")).unwrap();
         std::fs::write(root.join("text_encoder_3/config.json"), t5json).unwrap();
         let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig { block_out_channels: vec![8, 16], layers_per_block: 1, latent_channels: 16, norm_num_groups: 4, use_quant_conv: false, use_post_quant_conv: false };
         let vm = VarMap::new();
         candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
-        randomize(&vm, 6, 0.2);
+        crate::policy::randomize_vars(&vm, 6, 0.2);
         std::fs::create_dir_all(root.join("vae")).unwrap();
         crate::train::checkpoint::save_varmap(&vm, &root.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(

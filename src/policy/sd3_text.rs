@@ -71,10 +71,7 @@ mod tests {
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let t5 = candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).unwrap();
         // VarMap-created weights start at candle's defaults (some zero): draw them all.
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(4);
-        for (_, v) in crate::policy::sorted_vars(&vm) {
-            v.set(&(crate::sampler::randn(v.dims(), &mut rng, &Device::Cpu).unwrap() * 0.3).unwrap()).unwrap();
-        }
+        crate::policy::randomize_vars(&vm, 4, 0.3);
         let mut s = Sd3Text { clip_l: load(), clip_g: load(), t5: Some(Mutex::new(t5)), context_dim: 64 };
         let ids = Tensor::new(&[[54u32, 17, 35, 37, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55], [54, 17, 50, 51, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55, 55]], &Device::Cpu).unwrap();
         let t5_ids = Tensor::new(&[[5u32, 9, 1, 0, 0], [7, 1, 0, 0, 0]], &Device::Cpu).unwrap();

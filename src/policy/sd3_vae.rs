@@ -28,8 +28,7 @@ impl Sd3Vae {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
         let cfg_path = dir.join("config.json");
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?)
-            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let v = crate::hf::read_json(&cfg_path)?;
         let num = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: {k} missing", cfg_path.display()));
         let blocks: Vec<usize> = v["block_out_channels"].as_array().with_context(|| format!("{}: block_out_channels missing", cfg_path.display()))?.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect();
         let latent_channels = num("latent_channels")?;
@@ -43,9 +42,7 @@ impl Sd3Vae {
             use_quant_conv: v["use_quant_conv"].as_bool().unwrap_or(true),
             use_post_quant_conv: v["use_post_quant_conv"].as_bool().unwrap_or(true),
         };
-        let files = crate::hf::component_files(&dir, "")?;
-        let tensors = crate::hf::read_component(&files, device)?;
-        let source = files[0].display().to_string();
+        let (tensors, source) = crate::hf::read_folder(&dir, device)?;
         anyhow::ensure!(tensors.contains_key("decoder.conv_in.weight"), "{source}: not a diffusers AutoencoderKL (no decoder.conv_in.weight)");
         let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
         let vae = AutoEncoderKL::new(vb, 3, 3, cfg).with_context(|| format!("{source}: does not match {}", cfg_path.display()))?;
@@ -81,10 +78,8 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         AutoEncoderKL::new(vb, 3, 3, cfg.clone()).unwrap();
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
-        for (_, v) in crate::policy::sorted_vars(&vm) {
-            v.set(&(crate::sampler::randn(v.dims(), &mut rng, &Device::Cpu).unwrap() * 0.2).unwrap()).unwrap();
-        }
+        crate::policy::randomize_vars(&vm, 3, 0.2);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(7);
         let d = tempfile::tempdir().unwrap();
         let vae_dir = d.path().join("model/vae");
         std::fs::create_dir_all(&vae_dir).unwrap();

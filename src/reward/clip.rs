@@ -150,12 +150,9 @@ impl ClipText {
     /// level, its safetensors).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?)
-            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let cfg = crate::hf::read_json(&cfg_path)?;
         let tt = tower(&cfg, &cfg_path, "config")?;
-        let files = crate::hf::component_files(dir, "")?;
-        let tensors = crate::hf::read_component(&files, device)?;
-        let source = files[0].display().to_string();
+        let (tensors, source) = crate::hf::read_folder(dir, device)?;
         anyhow::ensure!(tensors.contains_key("text_model.embeddings.token_embedding.weight") && tensors.contains_key("text_projection.weight"), "{source}: not a CLIPTextModelWithProjection (no text_model.embeddings.token_embedding.weight / text_projection.weight)");
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         Self::new(&vb, &tt, cfg["eos_token_id"].as_u64().map(|x| x as u32)).with_context(|| format!("{source}: tensors do not fit {}", cfg_path.display()))
@@ -192,7 +189,7 @@ impl ClipText {
 
 /// A Hugging Face `CLIPModel` (inference).
 pub struct ClipModel {
-    text: ClipText,
+    pub text: ClipText,
     class_emb: Tensor,
     patch: Tensor,
     patch_size: usize,
@@ -202,8 +199,6 @@ pub struct ClipModel {
     post_ln: LayerNorm,
     vis_proj: Linear,
     pub logit_scale: f32,
-    pub max_tokens: usize,
-    eos_id: Option<u32>,
     pub image_size: usize,
 }
 
@@ -211,15 +206,12 @@ impl ClipModel {
     /// Load from a model folder (see the module docs).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?)
-            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let cfg = crate::hf::read_json(&cfg_path)?;
         let (tc, vc) = (&cfg["text_config"], &cfg["vision_config"]);
         anyhow::ensure!(tc.is_object() && vc.is_object(), "{}: not a CLIPModel config (no text_config / vision_config)", cfg_path.display());
         let tt = tower(tc, &cfg_path, "text_config")?;
         let vt = tower(vc, &cfg_path, "vision_config")?;
-        let files = crate::hf::component_files(dir, "")?;
-        let tensors = crate::hf::read_component(&files, device)?;
-        let source = files[0].display().to_string();
+        let (tensors, source) = crate::hf::read_folder(dir, device)?;
         let eos = tc["eos_token_id"].as_u64().map(|x| x as u32);
         Self::from_tensors(tensors, &tt, &vt, eos, &source, device).with_context(|| format!("(config {})", cfg_path.display()))
     }
@@ -242,8 +234,6 @@ impl ClipModel {
             let patch_size = patch.dim(3)?;
             let grid = ((vis_pos.dim(0)? - 1) as f64).sqrt().round() as usize;
             Ok(Self {
-                max_tokens: text.max_tokens,
-                eos_id: text.eos_id,
                 text,
                 class_emb: v.get(vt.hidden, "embeddings.class_embedding")?,
                 patch_size,
@@ -289,14 +279,14 @@ impl ClipModel {
 
 /// `dir/tokenizer.json`, truncating and padding to the model's context (padding with the
 /// end-of-text id, or 0 when pooling takes the highest id).
-pub(crate) fn load_tokenizer(dir: &Path, model: &ClipModel) -> Result<tokenizers::Tokenizer> {
+pub(crate) fn load_tokenizer(dir: &Path, text: &ClipText) -> Result<tokenizers::Tokenizer> {
     let tpath = dir.join("tokenizer.json");
     anyhow::ensure!(tpath.is_file(), "{}: no tokenizer.json (PickScore's and HPSv2's weights come without one: use laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)", dir.display());
     let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", tpath.display()))?;
     tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length: model.max_tokens, ..Default::default() }))
+        .with_truncation(Some(tokenizers::TruncationParams { max_length: text.max_tokens, ..Default::default() }))
         .map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
-    tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(model.max_tokens), pad_id: model.eos_id.unwrap_or(0), ..Default::default() }));
+    tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(text.max_tokens), pad_id: text.eos_id.unwrap_or(0), ..Default::default() }));
     Ok(tokenizer)
 }
 
@@ -460,14 +450,14 @@ impl ClipReward {
         let dir: PathBuf = crate::hf::resolve(spec)?;
         let device = Device::Cpu;
         let model = ClipModel::load(&dir, &device)?;
-        let tokenizer = load_tokenizer(&dir, &model)?;
+        let tokenizer = load_tokenizer(&dir, &model.text)?;
         let pre = Preprocess::load(&dir, model.image_size)?;
         Ok(Self { kind, model, tokenizer, pre, device })
     }
 
     /// Token ids (B, max_tokens) of prompt texts.
     pub fn tokens(&self, texts: &[String]) -> Result<Tensor> {
-        tokenize(&self.tokenizer, texts, self.model.max_tokens, &self.device)
+        tokenize(&self.tokenizer, texts, self.model.text.max_tokens, &self.device)
     }
 
     /// Scores for preprocessed pixels (B, 3, S, S) and token ids.

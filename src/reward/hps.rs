@@ -117,7 +117,7 @@ impl Hps {
         let (tensors, text, vision) = to_hf(raw, &source)?;
         let model = ClipModel::from_tensors(tensors, &text, &vision, None, &source, &Device::Cpu)?;
         let dir = crate::hf::resolve(tokenizer_from).context("HPSv2's tokenizer (train.rewards[].backbone)")?;
-        let tokenizer = load_tokenizer(&dir, &model)?;
+        let tokenizer = load_tokenizer(&dir, &model.text)?;
         let pre = Preprocess::load(&dir, model.image_size)?;
         Ok(Self { model, tokenizer, pre })
     }
@@ -140,7 +140,7 @@ impl Reward for Hps {
         let images = samples.images("reward 'hpsv2'")?;
         anyhow::ensure!(images.len() == prompts.len(), "hpsv2: {} images but {} prompts", images.len(), prompts.len());
         let pixels = self.pre.batch(images, &Device::Cpu)?;
-        let ids = tokenize(&self.tokenizer, &prompts.iter().map(|p| p.text.clone()).collect::<Vec<_>>(), self.model.max_tokens, &Device::Cpu)?;
+        let ids = tokenize(&self.tokenizer, &prompts.iter().map(|p| p.text.clone()).collect::<Vec<_>>(), self.model.text.max_tokens, &Device::Cpu)?;
         self.score_pixels(&pixels, &ids)
     }
 }

@@ -164,10 +164,8 @@ impl Trainer {
         // Every prompt through the policy's text side before any work (a word outside the
         // ShapeWorld vocabulary, a prompt too long for the tokenizer).
         policy.encode(task.pool()).with_context(|| if t.prompt_file.is_empty() { "the train prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) })?;
-        if t.eval_prompts > 0 {
-            for (split, prompts) in crate::eval::held_out_splits(cfg, t.eval_prompts)? {
-                policy.encode(&prompts).with_context(|| format!("held-out split {split:?}"))?;
-            }
+        for (split, prompts) in task.held_out() {
+            policy.encode(prompts).with_context(|| format!("held-out split {split:?}"))?;
         }
         let ref_policy = if t.kl_beta > 0.0 { Some(load(None)?) } else { None };
         let opt = AdamW::new(
@@ -302,11 +300,10 @@ impl Trainer {
     /// Held-out reward on fixed eval/ood prompts and noise (EMA weights when on): the
     /// compositional reward for images, VQ/MQ for video.
     fn evaluate(&self) -> Result<Option<(String, HashMap<String, f64>)>> {
-        let n = self.cfg.train.eval_prompts;
-        if n == 0 {
+        if self.cfg.train.eval_prompts == 0 {
             return Ok(None);
         }
-        Ok(Some(self.with_ema(|p| self.task.evaluate(p, n))?))
+        Ok(Some(self.with_ema(|p| self.task.evaluate(p))?))
     }
 
     /// Write `model.safetensors`: the full policy weights (EMA when on) in the base layout,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::config::{Algo, Config, TemporalNorm};
-use crate::image::{grid, overlay, signed_overlay, Image, Samples};
+use crate::image::{grid, grid_scale, overlay, signed_overlay, Image, Samples};
 use crate::policy::Policy;
 use crate::prompt::Prompt;
 use crate::reward::set::RewardSet;
@@ -36,8 +36,12 @@ pub trait Task {
     fn write_grid(&self, policy: &dyn Policy, path: &Path) -> Result<()>;
     /// Sample | map | signed advantage for the first `n` samples (`adv[i]`: scalar advantage).
     fn write_map_grid(&self, d: &Samples, mb: &MapBatch, adv: &[f32], n: usize, adv_scale: f32, path: &Path) -> Result<()>;
-    /// Mean held-out reward on fixed `eval`/`ood` prompts and noise: (reward name, split → mean).
-    fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)>;
+    /// The held-out splits (`train.eval_prompts` prompts each; none when that is 0), read
+    /// once when the task is built.
+    fn held_out(&self) -> &[(&'static str, Vec<Prompt>)];
+    /// Mean held-out reward on the fixed [`Task::held_out`] prompts and noise: (reward name,
+    /// split → mean).
+    fn evaluate(&self, policy: &dyn Policy) -> Result<(String, HashMap<String, f64>)>;
 }
 
 /// Pool prompts `idx`, one per sample.
@@ -57,15 +61,22 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
     let pool = train_pool(cfg)?;
     let what = if t.prompt_file.is_empty() { "the ShapeWorld prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) };
     rewards.check_prompts(&pool).with_context(|| what)?;
-    if t.eval_prompts > 0 {
-        for (split, prompts) in crate::eval::held_out_splits(cfg, t.eval_prompts)? {
-            rewards.check_prompts(&prompts).with_context(|| format!("held-out split {split:?}"))?;
-        }
+    let held_out = held_out(cfg)?;
+    for (split, prompts) in &held_out {
+        rewards.check_prompts(prompts).with_context(|| format!("held-out split {split:?}"))?;
     }
     Ok(match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 => Box::new(ImageTask { pool, rewards, maps, cfg: cfg.clone() }),
-        crate::config::Modality::Video => Box::new(VideoTask { pool, rewards, maps, cfg: cfg.clone() }),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 => Box::new(ImageTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
+        crate::config::Modality::Video => Box::new(VideoTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
     })
+}
+
+/// The held-out splits of the run's evaluations (none when `train.eval_prompts` is 0).
+fn held_out(cfg: &Config) -> Result<Vec<(&'static str, Vec<Prompt>)>> {
+    match cfg.train.eval_prompts {
+        0 => Ok(Vec::new()),
+        n => crate::eval::held_out_splits(cfg, n),
+    }
 }
 
 /// The RL training prompts: `train.prompt_file`, else `prompt_pool` draws of the
@@ -104,6 +115,7 @@ fn mean(v: &[f32]) -> f64 {
 
 pub struct ImageTask {
     pool: Vec<Prompt>,
+    held_out: Vec<(&'static str, Vec<Prompt>)>,
     rewards: RewardSet,
     maps: Option<Box<dyn MapSource>>,
     cfg: Config,
@@ -112,14 +124,8 @@ pub struct ImageTask {
 impl ImageTask {
     /// The image task with the given rewards and map source (the pool as in [`build`]).
     pub fn new(cfg: &Config, rewards: RewardSet, maps: Option<Box<dyn MapSource>>) -> Result<Self> {
-        Ok(Self { pool: train_pool(cfg)?, rewards, maps, cfg: cfg.clone() })
+        Ok(Self { pool: train_pool(cfg)?, held_out: held_out(cfg)?, rewards, maps, cfg: cfg.clone() })
     }
-}
-
-/// Upscale factor of a grid tile: ShapeWorld's small images 4×, real generators' (≥ 128²)
-/// as they are.
-pub fn grid_scale(im: &Image) -> usize {
-    if im.w <= 64 { 4 } else { (256 / im.w).max(1) }
 }
 
 /// Legend cells of a grid of prompts (no scores).
@@ -149,7 +155,7 @@ impl Task for ImageTask {
             return Ok(());
         }
         let s = crate::eval::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
-        let big: Vec<Image> = s.images("progress grid")?.iter().map(|im| im.upscale(grid_scale(im))).collect();
+        let big: Vec<Image> = s.images("progress grid")?.iter().map(|im| im.upscale(grid_scale(im.w))).collect();
         grid(&big, 8).save_png(path)?;
         crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text.clone())))
     }
@@ -158,7 +164,7 @@ impl Task for ImageTask {
         let mut tiles = Vec::new();
         for i in 0..n.min(ims.len()) {
             let pa: Vec<f32> = mb.maps[i].iter().map(|m| m * adv[i]).collect();
-            let f = grid_scale(&ims[i]);
+            let f = grid_scale(ims[i].w);
             tiles.push(ims[i].upscale(f));
             tiles.push(overlay(&ims[i], &mb.maps[i], 0.7).upscale(f));
             tiles.push(signed_overlay(&ims[i], &pa, adv_scale).upscale(f));
@@ -167,18 +173,21 @@ impl Task for ImageTask {
     }
     /// The compositional reward on ShapeWorld prompts; on other prompts the run's rewards
     /// (their weighted total).
-    fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)> {
+    fn held_out(&self) -> &[(&'static str, Vec<Prompt>)] {
+        &self.held_out
+    }
+    fn evaluate(&self, policy: &dyn Policy) -> Result<(String, HashMap<String, f64>)> {
         let comp = crate::reward::compositional::Compositional::new();
         let mut out = HashMap::new();
         let mut name = String::new();
-        for (split, prompts) in crate::eval::held_out_splits(&self.cfg, n)? {
-            let samples = crate::eval::generate(policy, &prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
+        for (split, prompts) in &self.held_out {
+            let samples = crate::eval::generate(policy, prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
             let scores = if prompts.iter().all(|p| p.image_spec().is_some()) {
                 name = "compositional".into();
-                crate::reward::Reward::score(&comp, &samples, &prompts)?
+                crate::reward::Reward::score(&comp, &samples, prompts)?
             } else {
                 name = weighted_name(&self.rewards);
-                crate::reward::set::weighted_total(&self.rewards.score(&samples, &prompts)?, &self.rewards.weights())
+                crate::reward::set::weighted_total(&self.rewards.score(&samples, prompts)?, &self.rewards.weights())
             };
             out.insert(split.to_string(), mean(&scores));
         }
@@ -197,6 +206,7 @@ fn weighted_name(rewards: &RewardSet) -> String {
 
 pub struct VideoTask {
     pool: Vec<Prompt>,
+    held_out: Vec<(&'static str, Vec<Prompt>)>,
     rewards: RewardSet,
     maps: Option<Box<dyn MapSource>>,
     cfg: Config,
@@ -287,11 +297,14 @@ impl Task for VideoTask {
         }
         grid(&rows, 1).save_png(path)
     }
-    fn evaluate(&self, policy: &dyn Policy, n: usize) -> Result<(String, HashMap<String, f64>)> {
+    fn held_out(&self) -> &[(&'static str, Vec<Prompt>)] {
+        &self.held_out
+    }
+    fn evaluate(&self, policy: &dyn Policy) -> Result<(String, HashMap<String, f64>)> {
         let mut out = HashMap::new();
-        for (split, prompts) in crate::eval::held_out_splits(&self.cfg, n)? {
-            let cl = crate::eval::generate(policy, &prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
-            let scores = self.rewards.score(&cl, &prompts)?;
+        for (split, prompts) in &self.held_out {
+            let cl = crate::eval::generate(policy, prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
+            let scores = self.rewards.score(&cl, prompts)?;
             for (info, s) in self.rewards.infos().iter().zip(&scores) {
                 out.insert(format!("{split}.{}", info.name), mean(s));
             }
