@@ -118,6 +118,54 @@ pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: us
     Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
 }
 
+/// What block checkpointing buys: one LoRA training forward+backward of an SD3.5-shaped
+/// MMDiT (SD3.5-medium's layout shrunk to 8 blocks of 512, 32² latents = 256 image
+/// tokens, 77 + 32 text tokens, batch 4), time and the process's peak RSS above what the
+/// weights and inputs take. Peak RSS is per process: run once with
+/// `--set sd3.checkpointing=true` and once with `false`.
+pub struct MmditBench {
+    pub depth: usize,
+    pub hidden: usize,
+    pub image_tokens: usize,
+    pub text_tokens: usize,
+    pub batch: usize,
+    pub params: usize,
+    pub checkpointing: bool,
+    pub fwd_bwd_ms: f64,
+    pub base_mb: f64,
+    pub peak_mb: f64,
+}
+
+pub fn bench_mmdit(checkpointing: bool, iters: usize) -> anyhow::Result<MmditBench> {
+    use crate::policy::layers::{LoraCtx, LoraSpec};
+    use crate::policy::mmdit::{Mmdit, MmditConfig};
+    anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
+    let dev = crate::runtime::device()?;
+    let cfg = MmditConfig { depth: 8, heads: 8, head_dim: 64, pooled_dim: 256, context_dim: 512, pos_embed_max: 32, dual_attention_layers: 4, ..MmditConfig::sd35_medium() };
+    let (batch, side, text) = (4usize, 32usize, 77 + 32);
+    let base = candle_nn::VarMap::new();
+    Mmdit::new(&crate::policy::seeded_var_builder(&base, 0, &dev), &cfg, None)?;
+    let lmap = candle_nn::VarMap::new();
+    let spec = LoraSpec { rank: 8, alpha: 8.0, targets: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"].map(String::from).to_vec() };
+    let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 1, &dev), spec };
+    let m = Mmdit::new(&crate::policy::frozen_builder(&base, &dev), &cfg, Some(&ctx))?;
+    let m = if checkpointing { m.checkpointed() } else { m };
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let z = crate::sampler::randn(&[batch, cfg.in_channels, side, side], &mut rng, &dev)?;
+    let context = crate::sampler::randn(&[batch, text, cfg.context_dim], &mut rng, &dev)?;
+    let pooled = crate::sampler::randn(&[batch, cfg.pooled_dim], &mut rng, &dev)?;
+    let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
+    let params = crate::policy::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
+    let base_mb = crate::runtime::memory_mb().map_or(0.0, |(rss, _)| rss);
+    let fwd_bwd_ms = time_ms(iters, &|| {
+        let g = m.backward(&m.forward(&z, &sigma, &context, &pooled)?.sqr()?.mean_all()?)?;
+        anyhow::ensure!(crate::policy::sorted_vars(&lmap).iter().all(|(_, v)| g.get(v.as_tensor()).is_some()), "an adapter got no gradient");
+        Ok(())
+    })?;
+    let peak_mb = crate::runtime::memory_mb().map_or(0.0, |(_, peak)| peak);
+    Ok(MmditBench { depth: cfg.depth, hidden: cfg.hidden(), image_tokens: (side / 2) * (side / 2), text_tokens: text, batch, params, checkpointing, fwd_bwd_ms, base_mb, peak_mb })
+}
+
 /// Median milliseconds of `iters` runs of `f`, after one warm-up run.
 fn time_ms(iters: usize, f: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
@@ -159,12 +207,20 @@ pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize,
 
 /// `vipo bench [block|policy|psm|video|step|all]` (`all` leaves out the slow `step`).
 pub fn run_cli(what: &str, iters: usize, samples_of: Option<(&std::path::Path, Option<usize>)>, cfg: &crate::config::Config) -> anyhow::Result<()> {
-    let known = ["block", "policy", "psm", "video", "step", "all"];
+    let known = ["block", "policy", "psm", "video", "step", "mmdit", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
     println!("threads: {}", crate::runtime::threads());
     if what == "step" {
         anyhow::ensure!(samples_of.is_none(), "bench: --run applies to `vipo bench psm` only");
         step::print(cfg, &step::bench_step(cfg, iters)?);
+        return Ok(());
+    }
+    if what == "mmdit" {
+        let b = bench_mmdit(cfg.sd3.checkpointing, iters)?;
+        println!(
+            "mmdit {} blocks × {} wide, {} image + {} text tokens, batch {}, LoRA r 8 ({} params), checkpointing {}: fwd+bwd {:.0} ms, peak RSS {:.0} MB over the {:.0} MB of weights and inputs",
+            b.depth, b.hidden, b.image_tokens, b.text_tokens, b.batch, b.params, if b.checkpointing { "on" } else { "off" }, b.fwd_bwd_ms, b.peak_mb - b.base_mb, b.base_mb
+        );
         return Ok(());
     }
     if what == "block" || what == "all" {

@@ -212,7 +212,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: block | policy | psm | video | step | all (all = every one but step)
+    /// What to measure: block | policy | psm | video | step | mmdit | all (all = every one but step and mmdit)
     #[arg(default_value = "all")]
     what: String,
     /// Timed iterations (median reported).

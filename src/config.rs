@@ -90,7 +90,9 @@ pub struct Sd3Config {
     pub resolution: usize,
     /// T5 tokens in the context (after SD3's 77 CLIP tokens).
     pub t5_tokens: usize,
-    /// Weights dtype on a GPU: "bf16" | "f16" | "f32" (CPU runs f32).
+    /// Dtype of the transformer's base weights and T5: "bf16" | "f16" | "f32". Activations
+    /// run in it (norms and softmax in f32); LoRA adapters, the optimizer and the sampler's
+    /// latents stay f32. Full fine-tuning needs "f32". On a CPU bf16 is slower than f32.
     pub dtype: String,
     /// Block-level activation checkpointing (recompute each block in the backward).
     pub checkpointing: bool,
@@ -103,6 +105,16 @@ impl Default for Sd3Config {
 }
 
 impl Sd3Config {
+    /// `dtype` as a candle dtype.
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+        Ok(match self.dtype.as_str() {
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            "f32" => candle_core::DType::F32,
+            other => anyhow::bail!("sd3.dtype: unknown {other:?} (bf16, f16 or f32)"),
+        })
+    }
+
     /// Bytes per weight of `dtype`.
     pub fn weight_bytes(&self) -> Result<usize> {
         Ok(match self.dtype.as_str() {

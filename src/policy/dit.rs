@@ -558,6 +558,14 @@ pub(crate) mod tests {
         let moved = (l.velocity_frozen(&z, &s, &c).unwrap() - before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(moved > 0.0, "the frozen views did not see the adapters' update");
         same(&l);
+        // The KL reference of a LoRA run: the adapters switched off is the base as loaded,
+        // bit for bit, untracked; a policy without adapters has none.
+        let plain = ImagePolicy::load(&tiny_conv(), &path, None, &Device::Cpu, 0).unwrap();
+        let r = l.velocity_base(&z, &s, &c).unwrap().unwrap();
+        assert!(!r.track_op());
+        let d = (r - plain.velocity_frozen(&z, &s, &c).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "adapters off differs from the base by {d}");
+        assert!(plain.velocity_base(&z, &s, &c).is_none());
         let g = l.velocity(&z, &s, &c).unwrap().sqr().unwrap().mean_all().unwrap().backward().unwrap();
         for (name, v) in l.base_vars() {
             assert!(g.get(v.as_tensor()).is_none(), "{name}: a frozen base weight got a gradient");

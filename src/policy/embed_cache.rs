@@ -46,9 +46,12 @@ pub fn file_digest(root: &Path, path: &Path) -> Result<String> {
 }
 
 impl EmbedCache {
-    /// The cache of the encoders whose weights are `files` (in their order), under `root`.
-    pub fn open(root: &Path, files: &[PathBuf]) -> Result<Self> {
+    /// The cache of the encoders whose weights are `files` (in their order), run as
+    /// `setting` says (dtype, token counts: anything else that changes an encoding), under
+    /// `root`.
+    pub fn open(root: &Path, files: &[PathBuf], setting: &str) -> Result<Self> {
         let mut h = Sha256::new();
+        h.update(setting.as_bytes());
         for f in files {
             h.update(file_digest(root, f)?.as_bytes());
         }
@@ -126,7 +129,7 @@ mod tests {
     }
 
     /// A prompt is encoded once (duplicates in a batch too), later batches come from disk
-    /// in their own order, other encoder weights get their own entries, and a damaged
+    /// in their own order, other encoder weights or settings get their own entries, and a damaged
     /// entry is an error naming it.
     #[test]
     fn each_prompt_is_encoded_once_per_encoder() {
@@ -135,7 +138,7 @@ mod tests {
         std::fs::write(&w1, b"weights one").unwrap();
         std::fs::write(&w2, b"weights two").unwrap();
         let root = d.path().join("cache");
-        let cache = EmbedCache::open(&root, std::slice::from_ref(&w1)).unwrap();
+        let cache = EmbedCache::open(&root, std::slice::from_ref(&w1), "a").unwrap();
         let ps = |t: &[&str]| t.iter().map(|s| Prompt::text(s)).collect::<Vec<_>>();
         let (calls, seen) = (Cell::new(0), Cell::new(0));
         let a = cache.encode(&ps(&["a cat", "a dog", "a cat"]), &Device::Cpu, fake_encoder(&calls, &seen)).unwrap();
@@ -146,12 +149,16 @@ mod tests {
         assert_eq!(b.pooled.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![50.0, 50.0, 60.0]);
         assert_eq!(a.seq.get(0).unwrap().to_vec2::<f32>().unwrap(), b.seq.get(1).unwrap().to_vec2::<f32>().unwrap());
         // Reopened: everything from disk, no encoder call.
-        let again = EmbedCache::open(&root, std::slice::from_ref(&w1)).unwrap();
+        let again = EmbedCache::open(&root, std::slice::from_ref(&w1), "a").unwrap();
         again.encode(&ps(&["a bird"]), &Device::Cpu, |_| panic!("must not encode")).unwrap();
         // Other weights: their own entries.
-        let other = EmbedCache::open(&root, &[w2]).unwrap();
+        let other = EmbedCache::open(&root, &[w2], "a").unwrap();
         other.encode(&ps(&["a bird"]), &Device::Cpu, fake_encoder(&calls, &seen)).unwrap();
         assert_eq!(calls.get(), 3);
+        // The same weights run otherwise (another dtype or token count): their own entries.
+        let otherwise = EmbedCache::open(&root, std::slice::from_ref(&w1), "b").unwrap();
+        otherwise.encode(&ps(&["a bird"]), &Device::Cpu, fake_encoder(&calls, &seen)).unwrap();
+        assert_eq!(calls.get(), 4);
         // A damaged entry.
         std::fs::write(again.path("a bird"), b"garbage").unwrap();
         let e = format!("{:#}", again.encode(&ps(&["a bird"]), &Device::Cpu, |_| panic!("must not encode")).unwrap_err());

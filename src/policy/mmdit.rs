@@ -19,8 +19,11 @@
 //! candle-transformers 0.11 skips it there, so its forward differs from the reference on
 //! SD3.5 checkpoints (the parity test uses weights without those two tensors).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, TensorId, D};
 use candle_nn::{Init, VarBuilder};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::layers::{layer_norm_plain, timestep_embedding, Linear, LoraCtx};
 use super::sd3_layout::diffusers_modules;
@@ -151,12 +154,28 @@ pub enum Tokens {
     Image,
 }
 
-/// Per-head RMSNorm with a learned scale (SD3.5's `ln_q` / `ln_k`, eps 1e-6).
+/// `f` computed in f32 for a bf16 / f16 `x` (norms and softmax: mixed precision as torch
+/// autocast runs them), the result back in `x`'s dtype; f32 passes straight through.
+fn in_f32(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 | DType::F64 => f(x),
+        dt => f(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
+    }
+}
+
+/// Layer norm without affine parameters (eps 1e-6), in f32.
+fn ln(x: &Tensor) -> Result<Tensor> {
+    in_f32(x, |x| layer_norm_plain(x, 1e-6))
+}
+
+/// Per-head RMSNorm with a learned scale (SD3.5's `ln_q` / `ln_k`, eps 1e-6), in f32.
 fn rms_norm_heads(x: &Tensor, weight: &Tensor, head_dim: usize) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
-    let xh = x.reshape((b, n, d / head_dim, head_dim))?;
-    let r = (xh.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
-    xh.broadcast_div(&r)?.broadcast_mul(weight)?.reshape((b, n, d))
+    in_f32(x, |x| {
+        let xh = x.reshape((b, n, d / head_dim, head_dim))?;
+        let r = (xh.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
+        xh.broadcast_div(&r)?.broadcast_mul(&weight.to_dtype(x.dtype())?)?.reshape((b, n, d))
+    })
 }
 
 /// x·(1 + scale) + shift, with (B, D) modulation broadcast over tokens.
@@ -234,7 +253,8 @@ impl Proj {
         let mut segs = Vec::with_capacity(self.n_parts);
         for j in 0..self.n_parts {
             segs.push(match self.parts.iter().find(|p| p.index == j) {
-                Some(p) => (x2.matmul(&p.a.t()?)?.matmul(&p.b.t()?)? * p.scale)?,
+                // Adapters stay f32 (the optimizer's precision) under bf16 base weights.
+                Some(p) => (x2.matmul(&p.a.to_dtype(x2.dtype())?.t()?)?.matmul(&p.b.to_dtype(x2.dtype())?.t()?)? * p.scale)?,
                 None => Tensor::zeros((x2.dim(0)?, rows), y.dtype(), y.device())?,
             });
         }
@@ -288,7 +308,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor>
     let split = |t: &Tensor| t.reshape((b, t.dim(1)?, heads, hd))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let w = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let p = candle_nn::ops::softmax(&w, D::Minus1)?;
+    let p = in_f32(&w, |w| candle_nn::ops::softmax(w, D::Minus1))?;
     p.matmul(&v)?.transpose(1, 2)?.reshape((b, nq, d))
 }
 
@@ -342,7 +362,7 @@ impl Stream {
         let m = self.ada.forward(&c.silu()?)?;
         let n = if self.attn2.is_some() { 9 } else if self.mlp.is_none() { 2 } else { 6 };
         let ch = m.chunk(n, D::Minus1)?;
-        let xn = layer_norm_plain(x, 1e-6)?;
+        let xn = ln(x)?;
         let qkv = self.attn.qkv(&modulate(&xn, &ch[0], &ch[1])?)?;
         if n == 2 {
             return Ok((qkv, None, None));
@@ -362,7 +382,7 @@ impl Stream {
             x = gated(&x, &a2.proj.as_ref().unwrap().forward(o2)?, g2)?;
         }
         let mlp = self.mlp.as_ref().unwrap();
-        let h = modulate(&layer_norm_plain(&x, 1e-6)?, &m.shift_mlp, &m.scale_mlp)?;
+        let h = modulate(&ln(&x)?, &m.shift_mlp, &m.scale_mlp)?;
         gated(&x, &mlp.forward(&h)?, &m.gate_mlp)
     }
 }
@@ -399,6 +419,90 @@ impl JointBlock {
         };
         Ok((ctx, x))
     }
+
+    /// The block on one packed tensor [context; image; c] (B, L + N + 1, D) → [context';
+    /// image'] (B, L + N, D); the last block passes its context through unchanged.
+    fn forward_packed(&self, packed: &Tensor, l: usize, n: usize) -> Result<Tensor> {
+        let ctx = packed.narrow(1, 0, l)?;
+        let x = packed.narrow(1, l, n)?;
+        let c = packed.narrow(1, l + n, 1)?.squeeze(1)?;
+        let (nc, nx) = self.forward(&ctx, &x, &c)?;
+        Tensor::cat(&[nc.as_ref().unwrap_or(&ctx), &nx], 1)
+    }
+}
+
+/// Gradients of the weights inside checkpointed blocks, by tensor id: the recomputation
+/// in a block's backward is a graph of its own, so its weight gradients reach the
+/// caller's [`GradStore`] through [`Mmdit::backward`], not through candle's backprop.
+type SideGrads = Arc<Mutex<HashMap<TensorId, Tensor>>>;
+
+/// One joint block as a single graph node (block-level activation checkpointing): the
+/// forward runs the block without recording a graph, so only the block's packed input is
+/// kept; the backward recomputes the block with a graph, backpropagates the incoming
+/// gradient through it, returns the input's gradient and adds the weights' gradients to
+/// the side store. Peak activation memory is one block's graph plus every block's input,
+/// for one more forward of each block.
+struct Checkpoint {
+    block: Arc<JointBlock>,
+    l: usize,
+    n: usize,
+    grads: SideGrads,
+}
+
+impl Checkpoint {
+    /// The block on a storage without a graph; storage of a fresh contiguous result.
+    fn run(&self, storage: candle_core::Storage, layout: &candle_core::Layout) -> Result<(Tensor, candle_core::Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("mmdit checkpoint: input must be contiguous from offset 0");
+        }
+        let t = Tensor::from_storage(storage, layout.shape().clone(), candle_core::op::BackpropOp::none(), false);
+        // LoRA weights are Vars, so the block records a graph anyway; detaching drops it.
+        let out = self.block.forward_packed(&t, self.l, self.n)?.detach();
+        let out = if out.is_contiguous() && out.layout().start_offset() == 0 { out } else { out.copy()? };
+        let shape = out.shape().clone();
+        Ok((out, shape))
+    }
+}
+
+impl candle_core::CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "mmdit-block-checkpoint"
+    }
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (out, shape) = self.run(candle_core::Storage::Cpu(s.clone()), l)?;
+        let (st, _) = out.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(c) => Ok((c.clone(), shape)),
+            _ => candle_core::bail!("mmdit checkpoint: result left the CPU"),
+        }
+    }
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (out, shape) = self.run(candle_core::Storage::Cuda(s.try_clone(l)?), l)?;
+        let (st, ol) = out.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cuda(c) => Ok((c.try_clone(ol)?, shape)),
+            _ => candle_core::bail!("mmdit checkpoint: result left the GPU"),
+        }
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let x = candle_core::Var::from_tensor(&arg.detach())?;
+        let out = self.block.forward_packed(x.as_tensor(), self.l, self.n)?;
+        let mut g = (out * grad_res.detach())?.sum_all()?.backward()?;
+        // Detached: candle's gradients can carry ops that reference the recomputed
+        // activations, which would keep every block's graph alive until the step ends.
+        let gx = g.remove(x.as_tensor()).map(|t| t.detach());
+        let mut side = self.grads.lock().unwrap();
+        for id in g.get_ids().copied().collect::<Vec<_>>() {
+            let t = g.get_id(id).unwrap().detach();
+            let sum = match side.remove(&id) {
+                Some(prev) => (prev + t)?,
+                None => t,
+            };
+            side.insert(id, sum);
+        }
+        Ok(gx)
+    }
 }
 
 pub struct Mmdit {
@@ -409,9 +513,11 @@ pub struct Mmdit {
     t_mlp: (Proj, Proj),
     y_mlp: (Proj, Proj),
     context_embedder: Proj,
-    blocks: Vec<JointBlock>,
+    blocks: Vec<Arc<JointBlock>>,
     final_ada: Proj,
     final_linear: Proj,
+    /// Block-level activation checkpointing: the side store of weight gradients.
+    checkpoint: Option<SideGrads>,
 }
 
 impl Mmdit {
@@ -475,15 +581,38 @@ impl Mmdit {
             let bvb = vb.pp(format!("joint_blocks.{i}"));
             let last = i + 1 == cfg.depth;
             let dual = if bvb.contains_tensor("x_block.attn.qkv.weight") { bvb.contains_tensor("x_block.attn2.qkv.weight") } else { i < cfg.dual_attention_layers };
-            blocks.push(JointBlock {
+            blocks.push(Arc::new(JointBlock {
                 context: Stream::new(&bvb.pp("context_block"), cfg, last, false, lora)?,
                 x: Stream::new(&bvb.pp("x_block"), cfg, false, dual, lora)?,
                 heads: cfg.heads,
-            });
+            }));
         }
         let final_ada = Proj::new(&vb.pp("final_layer.adaLN_modulation.1"), d, 2 * d, Some(Init::Const(0.0)), lora)?;
         let final_linear = Proj::new(&vb.pp("final_layer.linear"), d, p * p * cfg.in_channels, Some(Init::Const(0.0)), lora)?;
-        Ok(Self { cfg: cfg.clone(), patch_w, patch_b, pos_embed, t_mlp, y_mlp, context_embedder, blocks, final_ada, final_linear })
+        Ok(Self { cfg: cfg.clone(), patch_w, patch_b, pos_embed, t_mlp, y_mlp, context_embedder, blocks, final_ada, final_linear, checkpoint: None })
+    }
+
+    /// Turn block-level activation checkpointing on: the forward keeps only each block's
+    /// input and [`Mmdit::backward`] recomputes every block once. Gradients must then be
+    /// taken with [`Mmdit::backward`].
+    pub fn checkpointed(mut self) -> Self {
+        self.checkpoint = Some(Arc::new(Mutex::new(HashMap::new())));
+        self
+    }
+
+    /// `loss.backward()`, plus the weight gradients of checkpointed blocks.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let Some(side) = &self.checkpoint else { return loss.backward() };
+        side.lock().unwrap().clear();
+        let mut grads = loss.backward()?;
+        for (id, g) in side.lock().unwrap().drain() {
+            let sum = match grads.get_id(id) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert_id(id, sum);
+        }
+        Ok(grads)
     }
 
     /// The centre crop of the position table for an (h, w) patch grid, (1, h·w, D).
@@ -500,6 +629,9 @@ impl Mmdit {
     /// (B, L, context_dim) and pooled text embeddings (B, pooled_dim). SD3's timestep is
     /// 1000·σ.
     pub fn forward(&self, z: &Tensor, sigma: &Tensor, context: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        // Weights in bf16 / f16: the inputs run in their dtype, the velocity returns in z's.
+        let (out_dt, dt) = (z.dtype(), self.patch_w.dtype());
+        let (z, context, pooled) = (&z.to_dtype(dt)?, &context.to_dtype(dt)?, &pooled.to_dtype(dt)?);
         let (b, c, hh, ww) = z.dims4()?;
         let p = self.cfg.patch;
         if hh % p != 0 || ww % p != 0 {
@@ -511,13 +643,25 @@ impl Mmdit {
         let d = self.cfg.hidden();
         let x = patches.matmul(&self.patch_w.reshape((d, c * p * p))?.t()?)?.broadcast_add(&self.patch_b)?.reshape((b, h * w, d))?;
         let x = x.broadcast_add(&self.positions(h, w)?)?;
-        let t = timestep_embedding(&(sigma.to_dtype(DType::F32)? * 1000.0)?.to_dtype(z.dtype())?, self.cfg.freq_dim)?;
+        let t = timestep_embedding(&(sigma.to_dtype(DType::F32)? * 1000.0)?, self.cfg.freq_dim)?.to_dtype(dt)?;
         let temb = self.t_mlp.1.forward(&self.t_mlp.0.forward(&t)?.silu()?)?;
         let yemb = self.y_mlp.1.forward(&self.y_mlp.0.forward(pooled)?.silu()?)?;
         let cvec = (temb + yemb)?;
         let mut ctx = self.context_embedder.forward(context)?;
         let mut x = x;
+        let l = ctx.dim(1)?;
         for blk in &self.blocks {
+            if let Some(grads) = &self.checkpoint {
+                let packed = Tensor::cat(&[&ctx, &x, &cvec.unsqueeze(1)?.contiguous()?], 1)?;
+                // With LoRA only inside the blocks nothing upstream is tracked, and candle
+                // records an op only on a tracked input: make the input a leaf so the
+                // backward reaches every block.
+                let packed = if packed.track_op() { packed } else { candle_core::Var::from_tensor(&packed)?.into_inner() };
+                let out = packed.apply_op1(Checkpoint { block: blk.clone(), l, n: h * w, grads: grads.clone() })?;
+                ctx = out.narrow(1, 0, l)?;
+                x = out.narrow(1, l, h * w)?;
+                continue;
+            }
             let (nc, nx) = blk.forward(&ctx, &x, &cvec)?;
             x = nx;
             if let Some(nc) = nc {
@@ -525,9 +669,9 @@ impl Mmdit {
             }
         }
         let m = self.final_ada.forward(&cvec.silu()?)?.chunk(2, D::Minus1)?;
-        let out = self.final_linear.forward(&modulate(&layer_norm_plain(&x, 1e-6)?, &m[0], &m[1])?)?;
+        let out = self.final_linear.forward(&modulate(&ln(&x)?, &m[0], &m[1])?)?;
         // (B, h·w, p·p·C) in (py, px, c) order → (B, C, H, W).
-        out.reshape((b, h, w, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, hh, ww))
+        out.reshape((b, h, w, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, hh, ww))?.to_dtype(out_dt)
     }
 }
 
@@ -703,6 +847,52 @@ pub(crate) mod tests {
         assert_eq!(cfg.lora_param_count(3, &targets), lora);
         let b = MmditConfig::sd35_medium().param_count() as f64 / 1e9;
         assert!((2.3..2.6).contains(&b), "SD3.5-medium: {b} B parameters");
+    }
+
+    /// Block checkpointing changes memory, not results: the same output bit for bit, the
+    /// same gradients (up to summation order) for LoRA adapters, base weights and the
+    /// input, through the trainer's path (`Mmdit::backward`).
+    #[test]
+    fn checkpointed_blocks_give_the_same_output_and_gradients() {
+        let cfg = tiny();
+        let (z, sigma, ctx, pooled) = inputs(&cfg, 2);
+        let zv = Var::from_tensor(&z).unwrap();
+        // Full fine-tuning with a tracked input (its gradient compared too); LoRA with an
+        // untracked one, as the trainer runs it (nothing upstream of the blocks tracked).
+        let grads_of = |m: &Mmdit, vars: &[(String, Var)], z_tracked: bool| {
+            let zin = if z_tracked { zv.as_tensor().clone() } else { z.clone() };
+            let out = m.forward(&zin, &sigma, &ctx, &pooled).unwrap();
+            let g = m.backward(&(out.sqr().unwrap().mean_all().unwrap() + out.sin().unwrap().sum_all().unwrap()).unwrap()).unwrap();
+            let mut v: Vec<(String, Tensor)> = vars.iter().map(|(k, v)| (k.clone(), g.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).clone())).collect();
+            if z_tracked {
+                v.push(("z".into(), g.get(zv.as_tensor()).unwrap().clone()));
+            }
+            (out, v)
+        };
+        // Full fine-tuning: every base weight is a Var.
+        let map = random_weights(&cfg, 8);
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let vars: Vec<_> = crate::policy::sorted_vars(&map).into_iter().filter(|(k, _)| !k.ends_with("context_block.attn.ln_q.weight") || !k.starts_with(&format!("joint_blocks.{}", cfg.depth - 1))).collect();
+        let (o1, g1) = grads_of(&Mmdit::new(&vb, &cfg, None).unwrap(), &vars, true);
+        let (o2, g2) = grads_of(&Mmdit::new(&vb, &cfg, None).unwrap().checkpointed(), &vars, true);
+        assert_eq!(max_rel(&o1, &o2), 0.0);
+        for ((k, a), (_, b)) in g1.iter().zip(&g2) {
+            assert!(max_rel(a, b) < 1e-5, "{k}: {}", max_rel(a, b));
+        }
+        // LoRA: adapters only inside the blocks.
+        let lmap = VarMap::new();
+        let spec = LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.to_q".into(), "ff.net.2".into(), "attn2.to_v".into()] };
+        let l = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 2, &Device::Cpu), spec };
+        let frozen = crate::policy::frozen_builder(&map, &Device::Cpu);
+        let plain = Mmdit::new(&frozen, &cfg, Some(&l)).unwrap();
+        crate::policy::randomize_vars(&lmap, 9, 0.2);
+        let lvars = crate::policy::sorted_vars(&lmap);
+        let (o1, g1) = grads_of(&plain, &lvars, false);
+        let (o2, g2) = grads_of(&Mmdit::new(&frozen, &cfg, Some(&l)).unwrap().checkpointed(), &lvars, false);
+        assert_eq!(max_rel(&o1, &o2), 0.0);
+        for ((k, a), (_, b)) in g1.iter().zip(&g2) {
+            assert!(max_rel(a, b) < 1e-5, "{k}: {}", max_rel(a, b));
+        }
     }
 
     /// Bad shapes are refused with a message, not a panic.

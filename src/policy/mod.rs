@@ -46,6 +46,17 @@ pub trait FlowModel {
     fn null_condition(&self, cond: &Condition) -> candle_core::Result<Condition> {
         cond.zeros_like()
     }
+    /// The base network without the trained adapters, untracked: the KL reference of a
+    /// LoRA run, read from the same weights instead of a second copy of the model. None
+    /// for a policy without adapters (full fine-tuning keeps a copy of its start).
+    fn velocity_base(&self, _z: &Tensor, _sigma: &Tensor, _cond: &Condition) -> Option<candle_core::Result<Tensor>> {
+        None
+    }
+    /// Gradients of `loss` for every trainable weight. A policy that recomputes parts of
+    /// its forward in the backward (activation checkpointing) collects their gradients here.
+    fn backward(&self, loss: &Tensor) -> candle_core::Result<candle_core::backprop::GradStore> {
+        loss.backward()
+    }
     /// Every base weight by name (what pretraining trains and saves).
     fn base_vars(&self) -> Vec<(String, Var)>;
     fn device(&self) -> &Device;
@@ -62,6 +73,12 @@ pub fn guided_velocity<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Ten
 /// [`guided_velocity`] through [`FlowModel::velocity_frozen`] (sampling, no gradients).
 pub fn guided_velocity_frozen<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Condition, w: f64) -> candle_core::Result<Tensor> {
     guided(model, |z, s, c| model.velocity_frozen(z, s, c), z, sigma, cond, w)
+}
+
+/// [`guided_velocity`] through [`FlowModel::velocity_base`] (the adapters switched off).
+pub fn guided_velocity_base<M: FlowModel + ?Sized>(model: &M, z: &Tensor, sigma: &Tensor, cond: &Condition, w: f64) -> candle_core::Result<Tensor> {
+    let base = |z: &Tensor, s: &Tensor, c: &Condition| model.velocity_base(z, s, c).unwrap_or_else(|| candle_core::bail!("the policy has no adapters to switch off"));
+    guided(model, base, z, sigma, cond, w)
 }
 
 fn guided<M: FlowModel + ?Sized>(
@@ -87,6 +104,9 @@ impl FlowModel for ImagePolicy {
     }
     fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
         self.frozen.forward(z, sigma, &cond.seq)
+    }
+    fn velocity_base(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> Option<candle_core::Result<Tensor>> {
+        self.base_net.as_ref().map(|m| m.forward(z, sigma, &cond.seq))
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
         sorted_vars(&self.base)
@@ -130,6 +150,8 @@ pub struct ImagePolicy {
     pub model: Dit,
     /// The same network on untracked views of every weight, for sampling.
     frozen: Dit,
+    /// LoRA runs: the base network alone, untracked (the KL reference).
+    base_net: Option<Dit>,
     device: Device,
 }
 
@@ -142,7 +164,7 @@ impl ImagePolicy {
         let vb = seeded_var_builder(&base, seed, device);
         let model = Dit::new(&vb, cfg, None)?;
         let frozen = Dit::new(&frozen_builder(&base, device), cfg, None)?;
-        Ok(Self { cfg: cfg.clone(), base, lora: None, model, frozen, device: device.clone() })
+        Ok(Self { cfg: cfg.clone(), base, lora: None, model, frozen, base_net: None, device: device.clone() })
     }
 
     /// Load base weights from a safetensors checkpoint (names and shapes checked against
@@ -157,8 +179,8 @@ impl ImagePolicy {
             return Err(explain_conv_mismatch(e, cfg, weights));
         }
         let frozen_base = frozen_builder(&base, device);
-        let (lora_map, model, frozen) = match lora {
-            None => (None, Dit::new(&vb, cfg, None)?, Dit::new(&frozen_base, cfg, None)?),
+        let (lora_map, model, frozen, base_net) = match lora {
+            None => (None, Dit::new(&vb, cfg, None)?, Dit::new(&frozen_base, cfg, None)?, None),
             Some(spec) => {
                 let lmap = VarMap::new();
                 let ctx = LoraCtx { vb: seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
@@ -167,10 +189,10 @@ impl ImagePolicy {
                 anyhow::ensure!(n > 0, "lora.targets {:?}: pattern matches no linear layer of the policy", spec.targets);
                 let frozen_ctx = LoraCtx { vb: frozen_builder(&lmap, device), spec: spec.clone() };
                 let frozen = Dit::new(&frozen_base, cfg, Some(&frozen_ctx))?;
-                (Some(lmap), model, frozen)
+                (Some(lmap), model, frozen, Some(Dit::new(&frozen_base, cfg, None)?))
             }
         };
-        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, frozen, device: device.clone() })
+        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, frozen, base_net, device: device.clone() })
     }
 
     /// Overwrite the image-token position table with DiT's 2-D sin-cos values
@@ -253,7 +275,8 @@ pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&Lo
             let s = &cfg.sd3;
             let want = if s.variant.is_empty() { None } else { Some(mmdit::MmditConfig::by_name(&s.variant)?) };
             let cache = crate::sample::cache_dir().join("embeddings");
-            Box::new(sd3::Sd3Policy::load(&s.model, want.as_ref().map(|w| (s.variant.as_str(), w)), s.resolution, s.t5_tokens, lora, Some(&cache), device, seed)?)
+            let shape = sd3::Sd3Shape { resolution: s.resolution, t5_tokens: s.t5_tokens, checkpointing: s.checkpointing, dtype: s.candle_dtype()? };
+            Box::new(sd3::Sd3Policy::load(&s.model, want.as_ref().map(|w| (s.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?)
         }
     })
 }
@@ -339,9 +362,14 @@ impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
 /// views share the variables' storage, so optimizer steps, EMA swaps and checkpoint
 /// restores (all `Var::set`, in place) show through without rebuilding the network.
 pub fn frozen_builder(map: &VarMap, device: &Device) -> VarBuilder<'static> {
+    frozen_builder_as(map, crate::runtime::dtype(device), device)
+}
+
+/// [`frozen_builder`] for weights kept in `dtype` (a bf16 base).
+pub fn frozen_builder_as(map: &VarMap, dtype: candle_core::DType, device: &Device) -> VarBuilder<'static> {
     let data = map.data().lock().unwrap();
     let views = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-    VarBuilder::from_tensors(views, crate::runtime::dtype(device), device)
+    VarBuilder::from_tensors(views, dtype, device)
 }
 
 /// A VarBuilder over `map` whose new variables come from a stream seeded with `seed`.

@@ -50,12 +50,27 @@ impl Tok {
     }
 }
 
+/// How the model is run: sampling resolution, T5 tokens, checkpointing.
+#[derive(Clone, Debug)]
+pub struct Sd3Shape {
+    /// Image side in pixels.
+    pub resolution: usize,
+    /// T5 tokens after CLIP's 77.
+    pub t5_tokens: usize,
+    /// Block-level activation checkpointing of the trained transformer.
+    pub checkpointing: bool,
+    /// The transformer's base weights and T5 (LoRA adapters stay f32).
+    pub dtype: candle_core::DType,
+}
+
 pub struct Sd3Policy {
     pub cfg: MmditConfig,
     base: VarMap,
     lora: Option<VarMap>,
     model: Mmdit,
     frozen: Mmdit,
+    /// LoRA runs: the transformer without adapters, untracked (the KL reference).
+    base_net: Option<Mmdit>,
     text: Sd3Text,
     toks: [Tok; 3],
     vae: Sd3Vae,
@@ -67,30 +82,33 @@ pub struct Sd3Policy {
 
 impl Sd3Policy {
     /// Load from a diffusers model folder or repository id; `variant` (name, shape) is
-    /// checked against the transformer; `resolution` in pixels; `t5_tokens` after CLIP's 77;
-    /// `cache_root`: where prompt encodings are kept (None: encode every time).
-    pub fn load(spec: &str, variant: Option<(&str, &MmditConfig)>, resolution: usize, t5_tokens: usize, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
+    /// checked against the transformer; `cache_root`: where prompt encodings are kept
+    /// (None: encode every time).
+    pub fn load(spec: &str, variant: Option<(&str, &MmditConfig)>, shape: &Sd3Shape, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
+        let Sd3Shape { resolution, t5_tokens, checkpointing, dtype } = shape.clone();
+        anyhow::ensure!(lora.is_some() || dtype == candle_core::DType::F32, "sd3.dtype = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs sd3.dtype = \"f32\"");
         let root = crate::hf::resolve(spec)?;
         let (cfg, tensors) = super::sd3_layout::load_transformer(root.to_str().unwrap_or(spec), variant, device)?;
         let base = VarMap::new();
         {
             let mut data = base.data().lock().unwrap();
             for (k, t) in tensors {
-                data.insert(k, Var::from_tensor(&t.to_dtype(crate::runtime::dtype(device))?)?);
+                data.insert(k, Var::from_tensor(&t.to_dtype(dtype)?)?);
             }
         }
-        let frozen_vb = super::frozen_builder(&base, device);
+        let frozen_vb = super::frozen_builder_as(&base, dtype, device);
         // The trained network, and the same on untracked views for sampling (no graph).
-        let (model, frozen, lora_map) = match lora {
-            None => (Mmdit::new(&candle_nn::VarBuilder::from_varmap(&base, crate::runtime::dtype(device), device), &cfg, None)?, Mmdit::new(&frozen_vb, &cfg, None)?, None),
+        let (model, frozen, base_net, lora_map) = match lora {
+            None => (Mmdit::new(&candle_nn::VarBuilder::from_varmap(&base, dtype, device), &cfg, None)?, Mmdit::new(&frozen_vb, &cfg, None)?, None, None),
             Some(spec) => {
                 let lmap = VarMap::new();
                 let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
                 let model = Mmdit::new(&frozen_vb, &cfg, Some(&ctx))?;
                 let fctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
-                (model, Mmdit::new(&frozen_vb, &cfg, Some(&fctx))?, Some(lmap))
+                (model, Mmdit::new(&frozen_vb, &cfg, Some(&fctx))?, Some(Mmdit::new(&frozen_vb, &cfg, None)?), Some(lmap))
             }
         };
+        let model = if checkpointing { model.checkpointed() } else { model };
         let clip_l = ClipText::load(&root.join("text_encoder"), device)?;
         let clip_g = ClipText::load(&root.join("text_encoder_2"), device)?;
         let t5_dir = root.join("text_encoder_3");
@@ -98,7 +116,7 @@ impl Sd3Policy {
             let cpath = t5_dir.join("config.json");
             let t5cfg: candle_transformers::models::t5::Config = serde_json::from_value(crate::hf::read_json(&cpath)?).with_context(|| format!("{}: not a T5 config", cpath.display()))?;
             let (tensors, source) = crate::hf::read_folder(&t5_dir, device)?;
-            let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
             let m = candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).with_context(|| format!("{source}: does not match {}", cpath.display()))?;
             Some(Mutex::new(m))
         } else {
@@ -121,11 +139,12 @@ impl Sd3Policy {
                 for d in ["text_encoder", "text_encoder_2", "text_encoder_3"].map(|d| root.join(d)).iter().filter(|d| d.is_dir()) {
                     files.extend(crate::hf::component_files(d, "")?);
                 }
-                Some(EmbedCache::open(r, &files)?)
+                // The T5 dtype and token count change the encodings too.
+                Some(EmbedCache::open(r, &files, &format!("t5 {dtype:?}, {t5_tokens} tokens"))?)
             }
             None => None,
         };
-        Ok(Self { cfg, base, lora: lora_map, model, frozen, text, toks, vae, latent, cache, null: Mutex::new(None), device: device.clone() })
+        Ok(Self { cfg, base, lora: lora_map, model, frozen, base_net, text, toks, vae, latent, cache, null: Mutex::new(None), device: device.clone() })
     }
 
     fn encode_raw(&self, prompts: &[Prompt]) -> Result<Condition> {
@@ -143,6 +162,13 @@ impl FlowModel for Sd3Policy {
     fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
         let pooled = cond.pooled.as_ref().ok_or_else(|| candle_core::Error::Msg("SD3: condition without a pooled embedding".into()))?;
         self.frozen.forward(z, sigma, &cond.seq, pooled)
+    }
+    fn velocity_base(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> Option<candle_core::Result<Tensor>> {
+        let pooled = cond.pooled.as_ref()?;
+        self.base_net.as_ref().map(|m| m.forward(z, sigma, &cond.seq, pooled))
+    }
+    fn backward(&self, loss: &Tensor) -> candle_core::Result<candle_core::backprop::GradStore> {
+        self.model.backward(loss)
     }
     fn null_condition(&self, cond: &Condition) -> candle_core::Result<Condition> {
         let mut null = self.null.lock().unwrap();
@@ -243,13 +269,17 @@ pub(crate) mod tests {
     /// once), ODE sampling with CFG produces images of the configured size, the sampling
     /// path equals the trained velocity, LoRA adapters are the trainable set and start at
     /// the base.
+    fn shape(resolution: usize) -> Sd3Shape {
+        Sd3Shape { resolution, t5_tokens: 5, checkpointing: false, dtype: DType::F32 }
+    }
+
     #[test]
     fn tiny_sd35_policy_end_to_end() {
         let d = tempfile::tempdir().unwrap();
         write_tiny_model(&d.path().join("m"));
         let lora = LoraSpec { rank: 2, alpha: 2.0, targets: vec!["attn.to_q".into(), "attn.to_v".into(), "attn.add_k_proj".into()] };
         let cfg = tiny_cfg();
-        let p = Sd3Policy::load(d.path().join("m").to_str().unwrap(), Some(("tiny", &cfg)), 16, 5, Some(&lora), Some(&d.path().join("cache")), &Device::Cpu, 0).unwrap();
+        let p = Sd3Policy::load(d.path().join("m").to_str().unwrap(), Some(("tiny", &cfg)), &shape(16), Some(&lora), Some(&d.path().join("cache")), &Device::Cpu, 0).unwrap();
         assert_eq!(p.latent_shape(), vec![16, 8, 8]);
         let prompts = vec![Prompt::text("a red cat"), Prompt::text("a blue square")];
         let c = p.encode(&prompts).unwrap();
@@ -267,12 +297,39 @@ pub(crate) mod tests {
         // 2 blocks × (to_q, to_v, add_k_proj) × (A, B); attn2.to_q does not contain "attn.to_q".
         assert_eq!(names.len(), 12, "{names:?}");
         assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+        // Adapters moved: the KL reference (adapters off) is still the base as loaded.
+        for (_, v) in p.trainable() {
+            v.set(&(v.as_tensor() + 0.1).unwrap()).unwrap();
+        }
+        let plain = Sd3Policy::load(d.path().join("m").to_str().unwrap(), None, &shape(16), None, None, &Device::Cpu, 0).unwrap();
+        let diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff(p.velocity_base(&z, &s, &c).unwrap().unwrap(), plain.velocity_frozen(&z, &s, &c).unwrap()), 0.0);
+        assert!(diff(p.velocity_frozen(&z, &s, &c).unwrap(), plain.velocity_frozen(&z, &s, &c).unwrap()) > 0.0);
+        // bf16 base weights (and T5), f32 adapters: the velocity within bf16 precision of
+        // the f32 one, f32 out, and gradients reach the adapters.
+        let bf = Sd3Policy::load(d.path().join("m").to_str().unwrap(), None, &Sd3Shape { dtype: DType::BF16, ..shape(16) }, Some(&lora), None, &Device::Cpu, 0).unwrap();
+        for (_, v) in bf.trainable() {
+            assert_eq!(v.dtype(), DType::F32);
+            v.set(&(v.as_tensor() + 0.1).unwrap()).unwrap();
+        }
+        let cb = bf.encode(&prompts).unwrap();
+        let (vf, vb) = (p.velocity(&z, &s, &c).unwrap(), bf.velocity(&z, &s, &cb).unwrap());
+        assert_eq!(vb.dtype(), DType::F32);
+        let rel = diff(vf.clone(), vb.clone()) / vf.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(rel > 0.0 && rel < 0.05, "bf16 vs f32: {rel}");
+        let g = bf.backward(&vb.sqr().unwrap().mean_all().unwrap()).unwrap();
+        for (k, v) in bf.trainable().iter().filter(|(k, _)| k.contains("lora_B")) {
+            let a = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(a.is_finite() && a > 0.0, "{k}: {a}");
+        }
+        let e = Sd3Policy::load(d.path().join("m").to_str().unwrap(), None, &Sd3Shape { dtype: DType::BF16, ..shape(16) }, None, None, &Device::Cpu, 0).err().unwrap().to_string();
+        assert!(e.contains("full fine-tuning"), "{e}");
         let null = p.null_condition(&c).unwrap();
         assert_eq!(null.seq.dims(), c.seq.dims());
         assert!(d.path().join("cache").read_dir().unwrap().count() >= 2, "encodings cached");
         // Another variant than configured is refused before anything else loads.
-        let e = Sd3Policy::load(d.path().join("m").to_str().unwrap(), Some(("sd3.5-medium", &MmditConfig::sd35_medium())), 16, 5, None, None, &Device::Cpu, 0).err().unwrap().to_string();
+        let e = Sd3Policy::load(d.path().join("m").to_str().unwrap(), Some(("sd3.5-medium", &MmditConfig::sd35_medium())), &shape(16), None, None, &Device::Cpu, 0).err().unwrap().to_string();
         assert!(e.contains("not sd3.5-medium"), "{e}");
-        assert!(Sd3Policy::load(d.path().join("m").to_str().unwrap(), None, 18, 5, None, None, &Device::Cpu, 0).err().unwrap().to_string().contains("sd3.resolution 18"));
+        assert!(Sd3Policy::load(d.path().join("m").to_str().unwrap(), None, &shape(18), None, None, &Device::Cpu, 0).err().unwrap().to_string().contains("sd3.resolution 18"));
     }
 }

@@ -192,6 +192,8 @@ pub struct VideoPolicy {
     pub model: VideoDit,
     /// Every weight untracked, for sampling.
     frozen: VideoDit,
+    /// LoRA runs: the base network alone, untracked (the KL reference).
+    base_net: Option<VideoDit>,
     device: candle_core::Device,
 }
 
@@ -208,6 +210,7 @@ impl VideoPolicy {
         }
         let frozen_base = super::frozen_builder(&base, device);
         let mut lora_map = None;
+        let mut base_net = None;
         let mut frozen = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, None)?;
         if let Some(spec) = lora {
             // Same scheme as the image policy: adapters in their own map, bound to the base.
@@ -216,10 +219,10 @@ impl VideoPolicy {
             model = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&ctx))?;
             anyhow::ensure!(!lmap.all_vars().is_empty(), "lora.targets {:?}: pattern matches no linear layer of the video policy", spec.targets);
             let frozen_ctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
-            frozen = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&frozen_ctx))?;
+            base_net = Some(std::mem::replace(&mut frozen, VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&frozen_ctx))?));
             lora_map = Some(lmap);
         }
-        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, frozen, device: device.clone() })
+        Ok(Self { cfg: cfg.clone(), base, lora: lora_map, model, frozen, base_net, device: device.clone() })
     }
 
     /// Fresh, seeded weights.
@@ -269,6 +272,9 @@ impl super::FlowModel for VideoPolicy {
     }
     fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Result<Tensor> {
         self.frozen.forward(z, sigma, &cond.seq)
+    }
+    fn velocity_base(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Option<Result<Tensor>> {
+        self.base_net.as_ref().map(|m| m.forward(z, sigma, &cond.seq))
     }
     fn base_vars(&self) -> Vec<(String, candle_core::Var)> {
         super::sorted_vars(&self.base)

@@ -19,7 +19,7 @@ use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
 use crate::policy::layers::LoraSpec;
-use crate::policy::{guided_velocity, guided_velocity_frozen, Condition, Policy};
+use crate::policy::{guided_velocity, guided_velocity_base, guided_velocity_frozen, Condition, Policy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
 use crate::train::checkpoint::{read_tensors, save_tensors};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
@@ -95,7 +95,9 @@ pub struct Trainer {
     pub run_dir: PathBuf,
     /// The image or video policy being trained (LoRA adapters or every weight).
     pub policy: Box<dyn Policy>,
-    ref_policy: Option<Box<dyn Policy>>,
+    /// The KL reference: None without KL; for LoRA runs the policy itself with its adapters
+    /// off ([`KlReference::AdaptersOff`]), else a copy of the starting weights.
+    kl_ref: Option<KlReference>,
     opt: AdamW,
     ema: Option<Vec<Tensor>>,
     /// Prompts, rewards, maps, grids and evaluation of the modality (`task.rs`).
@@ -105,6 +107,16 @@ pub struct Trainer {
     rng_noise: ChaCha8Rng,
     rng_timesteps: ChaCha8Rng,
     sigmas: Vec<f64>,
+}
+
+/// Where the KL penalty's reference velocity comes from.
+enum KlReference {
+    /// The trained policy's base network with the LoRA adapters switched off: the base
+    /// weights never change in a LoRA run, so this is the starting policy, without a
+    /// second copy of the model in memory.
+    AdaptersOff,
+    /// Full fine-tuning changes the base weights: a copy of the starting policy.
+    Copy(Box<dyn Policy>),
 }
 
 /// Resolve `train.base` ("" = the shipped base when it fits, else the cached base).
@@ -167,7 +179,11 @@ impl Trainer {
         for (split, prompts) in task.held_out() {
             policy.encode(prompts).with_context(|| format!("held-out split {split:?}"))?;
         }
-        let ref_policy = if t.kl_beta > 0.0 { Some(load(None)?) } else { None };
+        let kl_ref = match (t.kl_beta > 0.0, policy.lora_map().is_some()) {
+            (false, _) => None,
+            (true, true) => Some(KlReference::AdaptersOff),
+            (true, false) => Some(KlReference::Copy(load(None)?)),
+        };
         let opt = AdamW::new(
             policy.trainable(),
             AdamWConfig { lr: t.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: t.weight_decay },
@@ -188,7 +204,7 @@ impl Trainer {
         let mut tr = Self {
             cfg: cfg.clone(),
             run_dir: run_dir.to_path_buf(),
-            ref_policy,
+            kl_ref,
             opt,
             ema,
             task,
@@ -459,9 +475,13 @@ impl Trainer {
                     let steps: Vec<(f64, f64)> = ks.iter().map(|&k| (self.sigmas[k], self.sigmas[k + 1])).collect();
                     let (mean, stds) = sampler::transition_rows(kind, &z, &v, &steps, sigma1)?;
                     let new_dense = sampler::log_prob_dense_rows(&z_next, &mean, &stds)?;
-                    let kl_rows = match &self.ref_policy {
-                        Some(refp) => {
-                            let vr = guided_velocity_frozen(refp.as_ref(), &z, &sig, &cond_mb, self.cfg.sample.guidance)?;
+                    let kl_rows = match &self.kl_ref {
+                        Some(r) => {
+                            let w = self.cfg.sample.guidance;
+                            let vr = match r {
+                                KlReference::AdaptersOff => guided_velocity_base(self.policy.as_ref(), &z, &sig, &cond_mb, w)?,
+                                KlReference::Copy(refp) => guided_velocity_frozen(refp.as_ref(), &z, &sig, &cond_mb, w)?,
+                            };
                             let (mean_ref, _) = sampler::transition_rows(kind, &z, &vr, &steps, sigma1)?;
                             Some(kl_penalty(&mean, &mean_ref, &stds)?)
                         }
@@ -505,7 +525,7 @@ impl Trainer {
                     }
                     let loss = (loss / (k_train * opt_chunk.len().div_ceil(t.micro_batch)) as f64)?;
                     loss_sum += loss.to_scalar::<f32>()? as f64;
-                    let grads = loss.backward()?;
+                    let grads = self.policy.backward(&loss)?;
                     let g = self.opt.collect_grads(&grads)?;
                     acc = Some(match acc {
                         None => g,
@@ -1172,30 +1192,43 @@ pub(crate) mod tests {
     /// to end (rollouts with CFG through the real-generator policy, rewards on decoded
     /// images, ViPO's maps resampled from image resolution to the latent grid, the on-policy
     /// parity check), the adapters export for diffusers, the merged single file loads, and
-    /// `vipo eval` evaluates the run from its last checkpoint.
+    /// `vipo eval` evaluates the run from its last checkpoint. GRPO with block
+    /// checkpointing trains exactly as without (same rewards, gradient norms to 1e-5); the
+    /// ViPO run adds the KL penalty against the adapters-off reference; a bf16 run passes
+    /// the on-policy parity check too.
     #[test]
     fn tiny_sd35_grpo_and_vipo_end_to_end() {
         let d = tempfile::tempdir().unwrap();
         let model = d.path().join("sd35");
         crate::policy::sd3::tests::write_tiny_model(&model);
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sd35.toml");
-        for algo in ["grpo", "vipo"] {
-            let sets = vec![format!("sd3.model={}", model.display()), format!("out_dir={}", d.path().display()), format!("run_name={algo}"), format!("train.algo={algo}"), "progress=false".into()];
+        let mut runs = Vec::new();
+        for (name, algo, extra) in [("grpo", "grpo", vec![]), ("grpo-ckpt", "grpo", vec!["sd3.checkpointing=true"]), ("vipo", "vipo", vec!["sd3.checkpointing=true", "train.kl_beta=0.04"]), ("vipo-bf16", "vipo", vec!["sd3.checkpointing=true", "sd3.dtype=bf16"])] {
+            let mut sets = vec![format!("sd3.model={}", model.display()), format!("out_dir={}", d.path().display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
+            sets.extend(extra.iter().map(|s| s.to_string()));
             let cfg: Config = crate::config::load(Some(&file), &sets).unwrap();
-            let dir = d.path().join(algo);
+            let dir = d.path().join(name);
             run::create_run_dir(&dir, &cfg, false).unwrap();
             let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
             let m = tr.train().unwrap();
             assert_eq!(m.len(), 2);
-            assert!(m.iter().all(|x| x.reward_mean.is_finite() && x.ratio_dev_first < 1e-5), "{algo}: {m:?}");
-            if algo == "vipo" {
+            assert!(m.iter().all(|x| x.reward_mean.is_finite() && x.ratio_dev_first < 1e-5), "{name}: {m:?}");
+            if name == "vipo" {
                 assert!(dir.join("maps/step_00001.png").is_file());
+                // The first optimizer step starts at the base (B = 0), the second (same
+                // rollout batch) has moved; the reference stays at the base.
+                assert!(m[0].kl > 0.0 && m[1].kl > m[0].kl, "KL {} then {}", m[0].kl, m[1].kl);
             }
             assert!(dir.join("lora/pytorch_lora_weights.safetensors").is_file() && dir.join("lora/adapter_config.json").is_file());
             let merged = crate::train::checkpoint::read_tensors(&dir.join(run::FINAL_WEIGHTS), &candle_core::Device::Cpu).unwrap();
             assert!(merged.contains_key("joint_blocks.0.x_block.attn.qkv.weight"), "single-file names");
             let (_, rep) = crate::eval::run::eval_run(&dir, &[], None, Some(2), false).unwrap();
             assert!(rep.row("eval", "compositional").is_some() && rep.row("ood", "compositional").is_some());
+            runs.push(m);
+        }
+        for (a, b) in runs[0].iter().zip(&runs[1]) {
+            assert_eq!(a.reward_mean, b.reward_mean, "checkpointing changed the rollouts");
+            assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm.abs().max(1e-12), "grad norm {} vs {} with checkpointing", a.grad_norm, b.grad_norm);
         }
     }
 }
