@@ -245,6 +245,11 @@ pub fn main() -> i32 {
     }
 }
 
+/// Run one command line (`["vipo", "train", …]`) as `main` would, returning its error.
+pub fn run_args<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
+    run(Cli::try_parse_from(args)?)
+}
+
 fn load_config(a: &ConfigArgs) -> Result<Config> {
     quiet(config::load(a.config.as_deref(), &a.set)?, a)
 }
@@ -462,10 +467,17 @@ fn map_cmd(a: MapArgs) -> Result<()> {
             let mut ca = a.cfg.clone();
             ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
             let cfg = load_config(&ca)?;
-            let device = crate::runtime::device()?;
-            let policy = crate::policy::ImagePolicy::load(&cfg.model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, cfg.seed)?;
-            let prompts = crate::world::prompts(crate::world::Split::Eval, a.n, 7);
-            let imgs = crate::eval::generate_images(&policy, &prompts, 0, &cfg.sample)?;
+            let imgs = if cfg.modality == config::Modality::Sd3 {
+                // The run's held-out eval prompts, from its last checkpoint.
+                let (policy, _) = crate::eval::run::load_run_policy(run, &cfg, None)?;
+                let prompts = crate::eval::held_out_splits(&cfg, a.n)?.remove(0).1;
+                crate::eval::generate(policy.as_ref(), &prompts, 0, &cfg.sample)?.images("vipo map")?.to_vec()
+            } else {
+                let device = crate::runtime::device()?;
+                let policy = crate::policy::ImagePolicy::load(&cfg.model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, cfg.seed)?;
+                let prompts = crate::world::prompts(crate::world::Split::Eval, a.n, 7);
+                crate::eval::generate_images(&policy, &prompts, 0, &cfg.sample)?
+            };
             (cfg, imgs.into_iter().enumerate().map(|(i, im)| (format!("sample_{i:03}"), im)).collect())
         }
         _ => anyhow::bail!("give --image FILE (repeatable) or --run DIR, not both"),
@@ -486,10 +498,20 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         (None, Some(ck)) => (load_config(&a.cfg)?, ck.clone()),
         _ => anyhow::bail!("give exactly one of --run DIR or --checkpoint FILE"),
     };
-    anyhow::ensure!(
-        cfg.modality != config::Modality::Sd3,
-        "vipo sample: SD3 runs are not supported yet (use vipo eval --run DIR, which samples its fixed prompts from the last checkpoint)"
-    );
+    if cfg.modality == config::Modality::Sd3 {
+        // Free text through the run's own text encoders, from its last checkpoint.
+        let run = a.run.as_ref().context("vipo sample: an SD3 policy loads from its run (--run DIR), not from a weights file")?;
+        let mut prompts: Vec<crate::prompt::Prompt> = a.prompt.iter().map(|t| crate::prompt::Prompt::text(t)).collect();
+        if let Some(f) = &a.prompts {
+            prompts.extend(crate::prompt::read_prompt_file(f)?);
+        }
+        anyhow::ensure!(!prompts.is_empty(), "vipo sample: no prompts (--prompt TEXT or --prompts FILE)");
+        let (policy, which) = crate::eval::run::load_run_policy(run, &cfg, None)?;
+        policy.encode(&prompts).context("vipo sample: the prompts")?;
+        let n = crate::sample::write_text_samples(policy.as_ref(), &prompts, a.seed, &cfg.sample, &a.out)?;
+        println!("wrote {n} samples ({which} weights) and grid.png to {} (prompts in samples.json)", a.out.display());
+        return Ok(());
+    }
     let device = crate::runtime::device()?;
     if cfg.modality == config::Modality::Video {
         let specs = read_prompts_with(&a.prompt, a.prompts.as_deref(), crate::world::video::VideoSpec::parse)?;

@@ -28,6 +28,26 @@ pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg
     Ok(images.len())
 }
 
+/// Generate one image per free-text prompt into `out` (any image policy, e.g. SD3):
+/// `sample_000.png`…, `grid.png` and `samples.json` (prompt → file). No score: free text
+/// has no scene for the compositional reward.
+pub fn write_text_samples(policy: &dyn Policy, prompts: &[crate::prompt::Prompt], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
+    let samples = crate::eval::generate(policy, prompts, seed, cfg)?;
+    let images = samples.images("vipo sample")?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
+    let mut listing = Vec::new();
+    for (i, (im, p)) in images.iter().zip(prompts).enumerate() {
+        let name = format!("sample_{i:03}.png");
+        im.save_png(&out.join(&name))?;
+        listing.push(json!({"prompt": p.text, "file": name}));
+    }
+    let scale = crate::image::grid_scale(images[0].w);
+    let big: Vec<_> = images.iter().map(|im| im.upscale(scale)).collect();
+    crate::image::grid(&big, 8).save_png(&out.join("grid.png"))?;
+    crate::io::atomic_write(&out.join("samples.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
+    Ok(images.len())
+}
+
 /// Generate one clip per video prompt into `out`: `clip_000.png`… (frames side by side),
 /// `grid.png` and `samples.json` (prompt → file → video_quality and motion_quality).
 pub fn write_clips(policy: &crate::policy::video_dit::VideoPolicy, specs: &[crate::world::video::VideoSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {

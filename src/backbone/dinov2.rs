@@ -225,6 +225,11 @@ impl Dinov2 {
             .with_context(|| format!("{}: cannot build {name}", path.display()))
     }
 
+    /// Any DINOv2 size (width and depth from the tensors, `heads` from the model's config).
+    pub fn load_any(path: &std::path::Path, name: &str, heads: usize, input_size: usize) -> Result<Self> {
+        Self::new(&Weights::open(path)?, name, None, heads, input_size).with_context(|| format!("{}: cannot build {name}", path.display()))
+    }
+
     /// Position embeddings for a `g × g` patch grid: (1, 1 + g², D).
     fn pos_embed(&self, g: usize) -> Result<Tensor> {
         if g == self.pos_grid {
@@ -357,7 +362,7 @@ pub fn bicubic_resize_hwc(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::path::Path;
@@ -487,6 +492,33 @@ mod tests {
             assert_eq!(m.pos_embed(37).unwrap().dims(), &[1, 1 + 37 * 37, 32]);
             assert_eq!(m.pos_embed(16).unwrap().dims(), &[1, 1 + 16 * 16, 32]);
         }
+    }
+
+    /// A DINOv2 model folder in the HF layout, with the config.json of `heads` heads.
+    pub(crate) fn write_tiny_folder(dir: &Path, dim: usize, layers: usize, heads: usize) {
+        std::fs::create_dir_all(dir).unwrap();
+        crate::train::checkpoint::save_tensors(&random_checkpoint(dim, layers, false), &dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), format!(r#"{{"model_type": "dinov2", "hidden_size": {dim}, "num_hidden_layers": {layers}, "num_attention_heads": {heads}}}"#)).unwrap();
+    }
+
+    /// `backbone.weights` as a model folder or the file in it; `dinov2` takes its size from
+    /// config.json, a named size is checked against the tensors.
+    #[test]
+    fn loads_from_a_model_folder_or_the_hf_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let snap = d.path().join("dinov2-tiny");
+        write_tiny_folder(&snap, 32, 2, 4);
+        let cfg = |name: &str, w: &str| crate::backbone::BackboneConfig { name: name.into(), tap: "last".into(), weights: Some(w.into()), input_size: 28 };
+        let f = crate::backbone::load(&cfg("dinov2", snap.to_str().unwrap())).unwrap().features(&[img(2)]).unwrap();
+        assert_eq!((f[0].h, f[0].w, f[0].d), (2, 2, 32));
+        // (Repository ids resolve through hf::resolve, tested in hf.rs; the environment
+        // variable is not set here, tests run in parallel.)
+        assert!(crate::backbone::load(&cfg("dinov2", snap.join("model.safetensors").to_str().unwrap())).is_ok());
+        let e = format!("{:#}", crate::backbone::load(&cfg("dinov2_b", snap.to_str().unwrap())).err().unwrap());
+        assert!(e.contains("768"), "{e}");
+        std::fs::remove_file(snap.join("config.json")).unwrap();
+        let e = format!("{:#}", crate::backbone::load(&cfg("dinov2", snap.to_str().unwrap())).err().unwrap());
+        assert!(e.contains("config.json") && e.contains("dinov2_s"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod pth;
 pub mod resnet;
 
 use crate::image::Image;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -44,7 +44,8 @@ pub trait Backbone: Send + Sync {
 pub struct BackboneConfig {
     /// "mobilenet_v2" (offline default, weights ship in `weights/`), "resnet18", "resnet34",
     /// "resnet50", "resnet101", "resnet152" (torchvision layout), "dinov2_s", "dinov2_b",
-    /// "dinov2_l", "dinov2_g" (Hugging Face `facebook/dinov2-*` layout).
+    /// "dinov2_l", "dinov2_g" (Hugging Face `facebook/dinov2-*` layout, size checked), or
+    /// "dinov2" (any size, read from the model folder's config.json).
     pub name: String,
     /// Layer whose output is the feature map: "features.K" (K = 0..=18) for MobileNetV2,
     /// "layer1".."layer4" for ResNet, "last" for DINOv2 (final-layernormed last-layer patch
@@ -52,6 +53,8 @@ pub struct BackboneConfig {
     pub tap: String,
     /// Weights file (.safetensors or .pth). Default for mobilenet_v2: `mobilenet_v2.safetensors`
     /// in `$VIPO_WEIGHTS` if set, else in the crate's `weights/` directory; required otherwise.
+    /// DINOv2 also takes its Hugging Face folder or repository id (`facebook/dinov2-base`,
+    /// looked up in the local cache).
     pub weights: Option<PathBuf>,
     /// Images are resized (bilinear, antialiased when shrinking) to input_size × input_size.
     /// 224 is the ImageNet resolution; 112 is ~4× faster with a 2× coarser grid. DINOv2 needs a
@@ -74,6 +77,26 @@ pub fn default_weights(file: &str) -> PathBuf {
     }
 }
 
+/// DINOv2 weights given as a file, a Hugging Face model folder, or a repository id in the
+/// local Hugging Face cache (`facebook/dinov2-base`): the safetensors (or .pth) file and
+/// the head count from the `config.json` beside it, when there is one.
+fn dinov2_files(spec: &std::path::Path) -> Result<(PathBuf, Option<usize>)> {
+    let path = crate::hf::resolve(&spec.to_string_lossy())?;
+    let file = if path.is_dir() {
+        let files = crate::hf::component_files(&path, "")?;
+        anyhow::ensure!(files.len() == 1, "{}: DINOv2 weights in {} shards; vipo reads one file", path.display(), files.len());
+        files[0].clone()
+    } else {
+        path
+    };
+    let config = file.parent().map(|d| d.join("config.json")).filter(|c| c.is_file());
+    let heads = match config {
+        Some(c) => Some(crate::hf::read_json(&c)?["num_attention_heads"].as_u64().with_context(|| format!("{}: no num_attention_heads", c.display()))? as usize),
+        None => None,
+    };
+    Ok((file, heads))
+}
+
 /// Builds the configured backbone. The name, tap and input size are checked first, then
 /// every tensor of the weights file (name and shape), so a wrong architecture fails here,
 /// naming the file and the tensor, before any image is processed.
@@ -93,15 +116,21 @@ pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
             let tap = resnet::parse_tap(&cfg.tap)?;
             Ok(Box::new(resnet::ResNet::load(&need_weights()?, depth, tap, cfg.input_size)?))
         }
-        name if dinov2::Variant::from_name(name).is_some() => {
-            let variant = dinov2::Variant::from_name(name).unwrap_or(dinov2::Variant::S);
+        name if name == "dinov2" || dinov2::Variant::from_name(name).is_some() => {
             if cfg.tap != "last" {
                 bail!("{name}: unknown tap `{}` (DINOv2 exposes `last`: final-layernormed last-layer patch tokens)", cfg.tap);
             }
             if cfg.input_size == 0 || !cfg.input_size.is_multiple_of(14) {
                 bail!("{name}: input_size {} must be a multiple of the patch size 14 (e.g. 224)", cfg.input_size);
             }
-            Ok(Box::new(dinov2::Dinov2::load(&need_weights()?, variant, name, cfg.input_size)?))
+            let (file, heads) = dinov2_files(&need_weights()?)?;
+            Ok(Box::new(match dinov2::Variant::from_name(name) {
+                Some(variant) => dinov2::Dinov2::load(&file, variant, name, cfg.input_size)?,
+                None => {
+                    let heads = heads.with_context(|| format!("backbone.name = \"dinov2\": the size comes from the model's config.json (num_attention_heads), and there is none beside {}; name the size instead (dinov2_s, dinov2_b, dinov2_l, dinov2_g)", file.display()))?;
+                    dinov2::Dinov2::load_any(&file, name, heads, cfg.input_size)?
+                }
+            }))
         }
         "mobilenet_v2" => {
             let tap = mobilenet_v2::parse_tap(&cfg.tap)?;
@@ -112,7 +141,7 @@ pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
             Ok(Box::new(mobilenet_v2::MobileNetV2::load(&path, tap, cfg.input_size)?))
         }
         other => bail!(
-            "unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g)"
+            "unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g, dinov2)"
         ),
     }
 }

@@ -1194,18 +1194,26 @@ pub(crate) mod tests {
     /// parity check), the adapters export for diffusers, the merged single file loads, and
     /// `vipo eval` evaluates the run from its last checkpoint. GRPO with block
     /// checkpointing trains exactly as without (same rewards, gradient norms to 1e-5); the
-    /// ViPO run adds the KL penalty against the adapters-off reference; a bf16 run passes
+    /// ViPO run adds the KL penalty against the adapters-off reference and takes its maps
+    /// from a DINOv2 model folder; a bf16 run passes
     /// the on-policy parity check too.
     #[test]
     fn tiny_sd35_grpo_and_vipo_end_to_end() {
         let d = tempfile::tempdir().unwrap();
         let model = d.path().join("sd35");
         crate::policy::sd3::tests::write_tiny_model(&model);
+        let dino = d.path().join("dinov2");
+        crate::backbone::dinov2::tests::write_tiny_folder(&dino, 32, 2, 4);
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sd35.toml");
         let mut runs = Vec::new();
+        let dino_maps = ["backbone.name=dinov2".to_string(), "backbone.tap=last".into(), "backbone.input_size=56".into(), format!("backbone.weights={}", dino.display())];
         for (name, algo, extra) in [("grpo", "grpo", vec![]), ("grpo-ckpt", "grpo", vec!["sd3.checkpointing=true"]), ("vipo", "vipo", vec!["sd3.checkpointing=true", "train.kl_beta=0.04"]), ("vipo-bf16", "vipo", vec!["sd3.checkpointing=true", "sd3.dtype=bf16"])] {
             let mut sets = vec![format!("sd3.model={}", model.display()), format!("out_dir={}", d.path().display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
             sets.extend(extra.iter().map(|s| s.to_string()));
+            if name == "vipo" {
+                // Real images get DINOv2 maps (a tiny one in the HF folder layout).
+                sets.extend(dino_maps.iter().cloned());
+            }
             let cfg: Config = crate::config::load(Some(&file), &sets).unwrap();
             let dir = d.path().join(name);
             run::create_run_dir(&dir, &cfg, false).unwrap();
@@ -1224,8 +1232,34 @@ pub(crate) mod tests {
             assert!(merged.contains_key("joint_blocks.0.x_block.attn.qkv.weight"), "single-file names");
             let (_, rep) = crate::eval::run::eval_run(&dir, &[], None, Some(2), false).unwrap();
             assert!(rep.row("eval", "compositional").is_some() && rep.row("ood", "compositional").is_some());
+            if name == "vipo" {
+                // The run's report: well-formed, its grids captioned with the prompts' text.
+                let input = crate::run_report::run_report_input(&dir).unwrap();
+                crate::report::write_report(&input, &dir.join("report.html")).unwrap();
+                let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+                crate::report::check_well_formed(&html).unwrap();
+                let grid: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("samples/step_00000.prompts.json")).unwrap()).unwrap();
+                let prompt = grid[0]["prompt"].as_str().unwrap();
+                assert!(html.contains(&format!("<li>{}</li>", crate::report::escape(prompt))), "no caption {prompt:?}");
+            }
             runs.push(m);
         }
+        // The README's command lines on the same folder: train, then sample free text, map
+        // and report the run.
+        let cli = |args: &[&str]| crate::cli::run_args(std::iter::once("vipo").chain(args.iter().copied()).map(String::from));
+        let (m, out) = (format!("sd3.model={}", model.display()), format!("out_dir={}", d.path().display()));
+        cli(&["train", "--config", file.to_str().unwrap(), "--set", &m, "--set", &out, "--set", "run_name=cli", "--set", "train.algo=vipo", "--quiet"]).unwrap();
+        let run = d.path().join("cli");
+        let samples = d.path().join("samples");
+        cli(&["sample", "--run", run.to_str().unwrap(), "--prompt", "a photo of a cat", "--prompt", "a red bicycle", "--out", samples.to_str().unwrap()]).unwrap();
+        let listing: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(samples.join("samples.json")).unwrap()).unwrap();
+        assert_eq!(listing[1]["prompt"], "a red bicycle");
+        assert!(samples.join("sample_001.png").is_file() && samples.join("grid.png").is_file());
+        let maps = d.path().join("maps");
+        cli(&["map", "--run", run.to_str().unwrap(), "--n", "2", "--out", maps.to_str().unwrap()]).unwrap();
+        assert!(maps.join("sample_001_overlay.png").is_file());
+        cli(&["report", run.to_str().unwrap()]).unwrap();
+        assert!(run.join("report.html").is_file());
         for (a, b) in runs[0].iter().zip(&runs[1]) {
             assert_eq!(a.reward_mean, b.reward_mean, "checkpointing changed the rollouts");
             assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm.abs().max(1e-12), "grad norm {} vs {} with checkpointing", a.grad_norm, b.grad_norm);
