@@ -20,12 +20,13 @@
 //! SD3.5 checkpoints (the parity test uses weights without those two tensors).
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, TensorId, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use super::layers::{layer_norm_plain, timestep_embedding, Linear, LoraCtx};
+use super::adapted::{Lora, Proj};
+use super::checkpoint::{checkpointed, PackedBlock, SideGrads};
+use super::layers::{layer_norm_plain, timestep_embedding, LoraCtx};
 use super::sd3_layout::diffusers_modules;
 
 /// Shape of an MMDiT. Real checkpoints: [`MmditConfig::sd35_medium`],
@@ -186,81 +187,6 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 /// x + gate·y, with a (B, D) gate broadcast over tokens.
 fn gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x + y.broadcast_mul(&gate.unsqueeze(1)?)?
-}
-
-/// LoRA for the transformer: adapters are matched and named by diffusers module names
-/// (`transformer_blocks.3.attn.to_q`, …), the names PEFT and diffusers'
-/// `load_lora_weights` use, so the adapter map is the exported state dict.
-pub struct Lora<'a> {
-    pub ctx: &'a LoraCtx,
-    pub depth: usize,
-}
-
-/// One LoRA adapter on a row block of a layer's output.
-struct Part {
-    index: usize,
-    a: Tensor,
-    b: Tensor,
-    scale: f64,
-}
-
-/// A linear layer with LoRA on each of its diffusers-named parts that matches a target
-/// (SD3's fused qkv is three parts, to_q / to_k / to_v, each with its own adapter).
-struct Proj {
-    base: Linear,
-    n_parts: usize,
-    parts: Vec<Part>,
-}
-
-impl Proj {
-    fn new(vb: &VarBuilder, din: usize, dout: usize, init: Option<Init>, lora: Option<&Lora>) -> Result<Self> {
-        let base = Linear::new_with_init(vb, din, dout, true, None, init)?;
-        let mut parts = Vec::new();
-        let mut n_parts = 1;
-        if let Some(l) = lora {
-            let path = vb.prefix();
-            let Some((names, swapped)) = diffusers_modules(&path, l.depth) else {
-                candle_core::bail!("mmdit: layer {path} has no diffusers name");
-            };
-            n_parts = names.len();
-            let rows = dout / n_parts;
-            let spec = &l.ctx.spec;
-            let bound = 1.0 / (din as f64).sqrt();
-            for (index, name) in names.iter().enumerate() {
-                if !spec.targets.iter().any(|t| name.contains(t.as_str())) {
-                    continue;
-                }
-                if swapped {
-                    candle_core::bail!("train.lora_targets: LoRA on {name} (a continuous adaLN layer whose halves diffusers stores swapped) is not supported");
-                }
-                let lvb = l.ctx.vb.pp(name);
-                let a = lvb.get_with_hints((spec.rank, din), "lora_A.weight", Init::Uniform { lo: -bound, up: bound })?;
-                let b = lvb.get_with_hints((rows, spec.rank), "lora_B.weight", Init::Const(0.0))?;
-                parts.push(Part { index, a, b, scale: spec.alpha / spec.rank as f64 });
-            }
-        }
-        Ok(Self { base, n_parts, parts })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
-        if self.parts.is_empty() {
-            return Ok(y);
-        }
-        let din = x.dim(D::Minus1)?;
-        let x2 = x.reshape((x.elem_count() / din, din))?;
-        let rows = self.base.weight.dim(0)? / self.n_parts;
-        let mut segs = Vec::with_capacity(self.n_parts);
-        for j in 0..self.n_parts {
-            segs.push(match self.parts.iter().find(|p| p.index == j) {
-                // Adapters stay f32 (the optimizer's precision) under bf16 base weights.
-                Some(p) => (x2.matmul(&p.a.to_dtype(x2.dtype())?.t()?)?.matmul(&p.b.to_dtype(x2.dtype())?.t()?)? * p.scale)?,
-                None => Tensor::zeros((x2.dim(0)?, rows), y.dtype(), y.device())?,
-            });
-        }
-        let delta = Tensor::cat(&segs, 1)?.reshape(y.shape())?;
-        y + delta
-    }
 }
 
 struct Attn {
@@ -431,77 +357,16 @@ impl JointBlock {
     }
 }
 
-/// Gradients of the weights inside checkpointed blocks, by tensor id: the recomputation
-/// in a block's backward is a graph of its own, so its weight gradients reach the
-/// caller's [`GradStore`] through [`Mmdit::backward`], not through candle's backprop.
-type SideGrads = Arc<Mutex<HashMap<TensorId, Tensor>>>;
-
-/// One joint block as a single graph node (block-level activation checkpointing): the
-/// forward runs the block without recording a graph, so only the block's packed input is
-/// kept; the backward recomputes the block with a graph, backpropagates the incoming
-/// gradient through it, returns the input's gradient and adds the weights' gradients to
-/// the side store. Peak activation memory is one block's graph plus every block's input,
-/// for one more forward of each block.
-struct Checkpoint {
+/// A joint block over [context; image; c] for [`super::checkpoint`].
+struct JointPacked {
     block: Arc<JointBlock>,
     l: usize,
     n: usize,
-    grads: SideGrads,
 }
 
-impl Checkpoint {
-    /// The block on a storage without a graph; storage of a fresh contiguous result.
-    fn run(&self, storage: candle_core::Storage, layout: &candle_core::Layout) -> Result<(Tensor, candle_core::Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("mmdit checkpoint: input must be contiguous from offset 0");
-        }
-        let t = Tensor::from_storage(storage, layout.shape().clone(), candle_core::op::BackpropOp::none(), false);
-        // LoRA weights are Vars, so the block records a graph anyway; detaching drops it.
-        let out = self.block.forward_packed(&t, self.l, self.n)?.detach();
-        let out = if out.is_contiguous() && out.layout().start_offset() == 0 { out } else { out.copy()? };
-        let shape = out.shape().clone();
-        Ok((out, shape))
-    }
-}
-
-impl candle_core::CustomOp1 for Checkpoint {
-    fn name(&self) -> &'static str {
-        "mmdit-block-checkpoint"
-    }
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (out, shape) = self.run(candle_core::Storage::Cpu(s.clone()), l)?;
-        let (st, _) = out.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("mmdit checkpoint: result left the CPU"),
-        }
-    }
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (out, shape) = self.run(candle_core::Storage::Cuda(s.try_clone(l)?), l)?;
-        let (st, ol) = out.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cuda(c) => Ok((c.try_clone(ol)?, shape)),
-            _ => candle_core::bail!("mmdit checkpoint: result left the GPU"),
-        }
-    }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let x = candle_core::Var::from_tensor(&arg.detach())?;
-        let out = self.block.forward_packed(x.as_tensor(), self.l, self.n)?;
-        let mut g = (out * grad_res.detach())?.sum_all()?.backward()?;
-        // Detached: candle's gradients can carry ops that reference the recomputed
-        // activations, which would keep every block's graph alive until the step ends.
-        let gx = g.remove(x.as_tensor()).map(|t| t.detach());
-        let mut side = self.grads.lock().unwrap();
-        for id in g.get_ids().copied().collect::<Vec<_>>() {
-            let t = g.get_id(id).unwrap().detach();
-            let sum = match side.remove(&id) {
-                Some(prev) => (prev + t)?,
-                None => t,
-            };
-            side.insert(id, sum);
-        }
-        Ok(gx)
+impl PackedBlock for JointPacked {
+    fn forward_packed(&self, packed: &Tensor) -> Result<Tensor> {
+        self.block.forward_packed(packed, self.l, self.n)
     }
 }
 
@@ -526,7 +391,9 @@ impl Mmdit {
     /// (Flow-GRPO's SD3 targets: attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj,
     /// attn.to_add_out). A pattern set that matches nothing is an error.
     pub fn new(vb: &VarBuilder, cfg: &MmditConfig, lora: Option<&LoraCtx>) -> Result<Self> {
-        let lora = lora.map(|ctx| Lora { ctx, depth: cfg.depth });
+        let depth = cfg.depth;
+        let names = move |path: &str| diffusers_modules(path, depth).map(|(names, swapped)| (names.into_iter().map(|n| (n, 0)).collect(), swapped));
+        let lora = lora.map(|ctx| Lora { ctx, names: &names, model: "SD3 transformer" });
         let m = Self::build(vb, cfg, lora.as_ref())?;
         if let Some(l) = &lora {
             if m.lora_count() == 0 {
@@ -542,7 +409,7 @@ impl Mmdit {
     /// LoRA adapters in the model.
     pub fn lora_count(&self) -> usize {
         let mut n = 0;
-        let mut add = |p: &Proj| n += p.parts.len();
+        let mut add = |p: &Proj| n += p.adapters();
         for p in [&self.t_mlp.0, &self.t_mlp.1, &self.y_mlp.0, &self.y_mlp.1, &self.context_embedder, &self.final_ada, &self.final_linear] {
             add(p);
         }
@@ -596,23 +463,16 @@ impl Mmdit {
     /// input and [`Mmdit::backward`] recomputes every block once. Gradients must then be
     /// taken with [`Mmdit::backward`].
     pub fn checkpointed(mut self) -> Self {
-        self.checkpoint = Some(Arc::new(Mutex::new(HashMap::new())));
+        self.checkpoint = Some(SideGrads::default());
         self
     }
 
     /// `loss.backward()`, plus the weight gradients of checkpointed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        let Some(side) = &self.checkpoint else { return loss.backward() };
-        side.lock().unwrap().clear();
-        let mut grads = loss.backward()?;
-        for (id, g) in side.lock().unwrap().drain() {
-            let sum = match grads.get_id(id) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            grads.insert_id(id, sum);
+        match &self.checkpoint {
+            Some(side) => super::checkpoint::backward(loss, side),
+            None => loss.backward(),
         }
-        Ok(grads)
     }
 
     /// The centre crop of the position table for an (h, w) patch grid, (1, h·w, D).
@@ -653,11 +513,7 @@ impl Mmdit {
         for blk in &self.blocks {
             if let Some(grads) = &self.checkpoint {
                 let packed = Tensor::cat(&[&ctx, &x, &cvec.unsqueeze(1)?.contiguous()?], 1)?;
-                // With LoRA only inside the blocks nothing upstream is tracked, and candle
-                // records an op only on a tracked input: make the input a leaf so the
-                // backward reaches every block.
-                let packed = if packed.track_op() { packed } else { candle_core::Var::from_tensor(&packed)?.into_inner() };
-                let out = packed.apply_op1(Checkpoint { block: blk.clone(), l, n: h * w, grads: grads.clone() })?;
+                let out = checkpointed(Arc::new(JointPacked { block: blk.clone(), l, n: h * w }), &packed, grads)?;
                 ctx = out.narrow(1, 0, l)?;
                 x = out.narrow(1, l, h * w)?;
                 continue;

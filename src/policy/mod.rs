@@ -1,7 +1,9 @@
 //! Trainable flow-matching policies. A policy predicts velocity for a batch of latents,
 //! noise levels and prompt conditioning; a new model is one new file behind [`Policy`].
 
+pub mod adapted;
 pub mod block;
+pub mod checkpoint;
 pub mod cond;
 pub mod conv;
 pub mod dit;
