@@ -111,6 +111,20 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     xc.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
+/// `f` computed in f32 for a bf16 / f16 `x` (norms and softmax: mixed precision as torch
+/// autocast runs them), the result back in `x`'s dtype; f32 passes straight through.
+pub fn in_f32(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 | DType::F64 => f(x),
+        dt => f(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
+    }
+}
+
+/// Layer norm without affine parameters (eps 1e-6), in f32.
+pub fn ln(x: &Tensor) -> Result<Tensor> {
+    in_f32(x, |x| layer_norm_plain(x, 1e-6))
+}
+
 /// Layer norm with learned scale and shift (used by the text encoder).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {

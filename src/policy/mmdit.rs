@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use super::adapted::{Lora, Proj};
 use super::checkpoint::{checkpointed, PackedBlock, SideGrads};
-use super::layers::{layer_norm_plain, timestep_embedding, LoraCtx};
+use super::layers::{in_f32, ln, timestep_embedding, LoraCtx};
 use super::sd3_layout::diffusers_modules;
 
 /// Shape of an MMDiT. Real checkpoints: [`MmditConfig::sd35_medium`],
@@ -153,20 +153,6 @@ pub enum Tokens {
     Text,
     /// The image tokens.
     Image,
-}
-
-/// `f` computed in f32 for a bf16 / f16 `x` (norms and softmax: mixed precision as torch
-/// autocast runs them), the result back in `x`'s dtype; f32 passes straight through.
-fn in_f32(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F32 | DType::F64 => f(x),
-        dt => f(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
-    }
-}
-
-/// Layer norm without affine parameters (eps 1e-6), in f32.
-fn ln(x: &Tensor) -> Result<Tensor> {
-    in_f32(x, |x| layer_norm_plain(x, 1e-6))
 }
 
 /// Per-head RMSNorm with a learned scale (SD3.5's `ln_q` / `ln_k`, eps 1e-6), in f32.

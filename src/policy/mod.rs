@@ -8,6 +8,7 @@ pub mod cond;
 pub mod conv;
 pub mod dit;
 pub mod embed_cache;
+pub mod flux;
 pub mod layers;
 pub mod mmdit;
 pub mod ops;
