@@ -378,7 +378,7 @@ impl Mmdit {
     /// attn.to_add_out). A pattern set that matches nothing is an error.
     pub fn new(vb: &VarBuilder, cfg: &MmditConfig, lora: Option<&LoraCtx>) -> Result<Self> {
         let depth = cfg.depth;
-        let names = move |path: &str| diffusers_modules(path, depth).map(|(names, swapped)| (names.into_iter().map(|n| (n, 0)).collect(), swapped));
+        let names = move |path: &str| super::sd3_layout::diffusers_parts(path, depth);
         let lora = lora.map(|ctx| Lora { ctx, names: &names, model: "SD3 transformer" });
         let m = Self::build(vb, cfg, lora.as_ref())?;
         if let Some(l) = &lora {

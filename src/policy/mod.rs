@@ -9,6 +9,7 @@ pub mod conv;
 pub mod dit;
 pub mod embed_cache;
 pub mod flux;
+pub mod flux_layout;
 pub mod layers;
 pub mod mmdit;
 pub mod ops;
@@ -140,6 +141,12 @@ pub trait Policy: FlowModel {
     fn trainable(&self) -> Vec<(String, Var)>;
     fn base_map(&self) -> &VarMap;
     fn lora_map(&self) -> Option<&VarMap>;
+    /// For a real generator, the diffusers module names of its single-file linear layers
+    /// ([`adapted::DiffusersNames`]): its adapters then export for diffusers / PEFT and
+    /// merge into the single file. None for the ShapeWorld policies.
+    fn diffusers_names(&self) -> Option<Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + '_>> {
+        None
+    }
 }
 
 /// The embedded ShapeWorld policy: base weights in one VarMap, optional LoRA adapters in

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::sd3_layout::diffusers_modules;
+use super::adapted::DiffusersNames;
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -34,16 +34,20 @@ pub fn export(dir: &Path, adapters: &HashMap<String, Tensor>, rank: usize, alpha
     crate::io::atomic_write(&dir.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)?.as_bytes())
 }
 
-/// The single-file base weights with every adapter merged in.
-pub fn merge(base: &HashMap<String, Tensor>, adapters: &HashMap<String, Tensor>, rank: usize, alpha: f64, depth: usize) -> Result<HashMap<String, Tensor>> {
-    // diffusers module → (single-file layer, row block, blocks in that layer)
-    let mut place: HashMap<String, (String, usize, usize)> = HashMap::new();
-    for k in base.keys() {
+/// The single-file base weights with every adapter merged in; `names` maps a
+/// single-file layer to its diffusers modules (the policy's [`super::Policy::diffusers_names`]).
+pub fn merge(base: &HashMap<String, Tensor>, adapters: &HashMap<String, Tensor>, rank: usize, alpha: f64, names: DiffusersNames) -> Result<HashMap<String, Tensor>> {
+    // diffusers module → (single-file layer, its output rows)
+    let mut place: HashMap<String, (String, std::ops::Range<usize>)> = HashMap::new();
+    for (k, w) in base {
         if let Some(layer) = k.strip_suffix(".weight") {
-            if let Some((names, _)) = diffusers_modules(layer, depth) {
-                let n = names.len();
-                for (j, name) in names.into_iter().enumerate() {
-                    place.insert(name, (layer.to_string(), j, n));
+            if let Some((modules, _)) = names(layer) {
+                let share = w.dim(0)? / modules.len();
+                let mut start = 0;
+                for (name, rows) in modules {
+                    let rows = if rows == 0 { share } else { rows };
+                    place.insert(name, (layer.to_string(), start..start + rows));
+                    start += rows;
                 }
             }
         }
@@ -53,13 +57,18 @@ pub fn merge(base: &HashMap<String, Tensor>, adapters: &HashMap<String, Tensor>,
     for (k, a) in adapters {
         let Some(module) = k.strip_suffix(".lora_A.weight") else { continue };
         let b = adapters.get(&format!("{module}.lora_B.weight")).with_context(|| format!("adapter {module}: lora_A without lora_B"))?;
-        let (layer, j, n) = place.get(module).with_context(|| format!("adapter {module}: no such layer in the base weights"))?;
+        let (layer, rows) = place.get(module).with_context(|| format!("adapter {module}: no such layer in the base weights"))?;
         let wname = format!("{layer}.weight");
         let w = &out[&wname];
-        let rows = w.dim(0)? / n;
         let delta = (b.matmul(a)? * s)?.to_dtype(w.dtype())?;
-        let mut blocks: Vec<Tensor> = (0..*n).map(|i| w.narrow(0, i * rows, rows)).collect::<candle_core::Result<_>>()?;
-        blocks[*j] = (&blocks[*j] + delta)?;
+        let mut blocks = Vec::new();
+        if rows.start > 0 {
+            blocks.push(w.narrow(0, 0, rows.start)?);
+        }
+        blocks.push((w.narrow(0, rows.start, rows.len())? + delta)?);
+        if rows.end < w.dim(0)? {
+            blocks.push(w.narrow(0, rows.end, w.dim(0)? - rows.end)?);
+        }
         let merged = Tensor::cat(&blocks, 0)?;
         out.insert(wname, merged);
     }
@@ -113,7 +122,9 @@ mod tests {
         assert_eq!(conf["target_modules"].as_array().unwrap().len(), 8);
 
         let base_t: HashMap<String, Tensor> = crate::policy::sorted_vars(&base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        let merged = merge(&base_t, &adapters, 2, 4.0, cfg.depth).unwrap();
+        let depth = cfg.depth;
+        let names = move |l: &str| crate::policy::sd3_layout::diffusers_parts(l, depth);
+        let merged = merge(&base_t, &adapters, 2, 4.0, &names).unwrap();
         let mm = Mmdit::new(&VarBuilder::from_tensors(merged, DType::F32, &Device::Cpu), &cfg, None).unwrap();
         let z = crate::sampler::randn(&[1, cfg.in_channels, 4, 4], &mut rng, &Device::Cpu).unwrap();
         let c = crate::sampler::randn(&[1, 3, cfg.context_dim], &mut rng, &Device::Cpu).unwrap();

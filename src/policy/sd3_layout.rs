@@ -170,6 +170,12 @@ pub fn diffusers_modules(sai: &str, depth: usize) -> Option<(Vec<String>, bool)>
     BLOCK.iter().find(|(s, _)| *s == within).map(|(_, d)| (vec![format!("transformer_blocks.{i}.{d}")], swap))
 }
 
+/// [`diffusers_modules`] in the form [`super::adapted::DiffusersNames`] takes (equal row
+/// shares).
+pub fn diffusers_parts(sai: &str, depth: usize) -> Option<(Vec<(String, usize)>, bool)> {
+    diffusers_modules(sai, depth).map(|(names, swapped)| (names.into_iter().map(|n| (n, 0)).collect(), swapped))
+}
+
 /// The model shape a single-file-named tensor set describes (`source` names the files).
 pub fn infer_config(t: &HashMap<String, Tensor>, source: &str) -> Result<MmditConfig> {
     let get = |name: &str| t.get(name).with_context(|| format!("{source}: tensor {name} missing"));

@@ -118,13 +118,14 @@ impl Layer {
 }
 
 /// A CLIP text tower with its projection: the text half of a `CLIPModel`, or a
-/// `CLIPTextModelWithProjection` (SD3's `text_encoder` and `text_encoder_2`).
+/// `CLIPTextModelWithProjection` (SD3's `text_encoder` and `text_encoder_2`); or without
+/// one, a `CLIPTextModel` (FLUX's `text_encoder`, pooled output only).
 pub struct ClipText {
     tok_emb: Tensor,
     pos: Tensor,
     layers: Vec<Layer>,
     final_ln: LayerNorm,
-    proj: Linear,
+    proj: Option<Linear>,
     eos_id: Option<u32>,
     pub max_tokens: usize,
 }
@@ -134,14 +135,17 @@ impl ClipText {
     fn new(vb: &VarBuilder, tt: &Tower, eos_id: Option<u32>) -> candle_core::Result<Self> {
         let t = vb.pp("text_model");
         let pos = t.get_unchecked("embeddings.position_embedding.weight")?;
-        let proj_dim = vb.get_unchecked("text_projection.weight")?.dim(0)?;
+        let proj = match vb.get_unchecked("text_projection.weight") {
+            Ok(w) => Some(linear_no_bias(tt.hidden, w.dim(0)?, vb.pp("text_projection"))?),
+            Err(_) => None,
+        };
         Ok(Self {
             tok_emb: t.get_unchecked("embeddings.token_embedding.weight")?,
             max_tokens: pos.dim(0)?,
             pos,
             layers: (0..tt.layers).map(|i| Layer::new(t.pp(format!("encoder.layers.{i}")), tt)).collect::<candle_core::Result<_>>()?,
             final_ln: layer_norm(tt.hidden, tt.eps, t.pp("final_layer_norm"))?,
-            proj: linear_no_bias(tt.hidden, proj_dim, vb.pp("text_projection"))?,
+            proj,
             eos_id,
         })
     }
@@ -149,11 +153,18 @@ impl ClipText {
     /// A `CLIPTextModelWithProjection` folder (config.json with the text settings at the top
     /// level, its safetensors).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let t = Self::load_any(dir, device)?;
+        anyhow::ensure!(t.proj.is_some(), "{}: not a CLIPTextModelWithProjection (no text_projection.weight)", dir.display());
+        Ok(t)
+    }
+
+    /// A `CLIPTextModel` or `CLIPTextModelWithProjection` folder.
+    pub fn load_any(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let cfg = crate::hf::read_json(&cfg_path)?;
         let tt = tower(&cfg, &cfg_path, "config")?;
         let (tensors, source) = crate::hf::read_folder(dir, device)?;
-        anyhow::ensure!(tensors.contains_key("text_model.embeddings.token_embedding.weight") && tensors.contains_key("text_projection.weight"), "{source}: not a CLIPTextModelWithProjection (no text_model.embeddings.token_embedding.weight / text_projection.weight)");
+        anyhow::ensure!(tensors.contains_key("text_model.embeddings.token_embedding.weight"), "{source}: not a CLIP text model (no text_model.embeddings.token_embedding.weight)");
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         Self::new(&vb, &tt, cfg["eos_token_id"].as_u64().map(|x| x as u32)).with_context(|| format!("{source}: tensors do not fit {}", cfg_path.display()))
     }
@@ -162,6 +173,19 @@ impl ClipText {
     /// projected pooled embedding (B, P): the final, normed hidden state at the first
     /// end-of-text token (the highest id when the config names none, as OpenAI's CLIP).
     pub fn states(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (penultimate, pooler) = self.run(ids)?;
+        let proj = self.proj.as_ref().context("CLIP text model without text_projection: no projected embedding")?;
+        Ok((penultimate, proj.forward(&pooler)?))
+    }
+
+    /// The pooled output before the projection (`pooler_output` of transformers'
+    /// `CLIPTextModel`, FLUX's pooled text input), (B, hidden).
+    pub fn pooler(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.run(ids)?.1)
+    }
+
+    /// (penultimate hidden states, final-normed state at the end-of-text token).
+    fn run(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, l) = ids.dims2()?;
         let mut x = self.tok_emb.embedding(&ids.flatten_all()?)?.reshape((b, l, ()))?.broadcast_add(&self.pos.narrow(0, 0, l)?)?;
         let mask: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
@@ -183,7 +207,7 @@ impl ClipText {
             };
             pooled.push(x.get(i)?.get(pos)?);
         }
-        Ok((penultimate, self.proj.forward(&Tensor::stack(&pooled, 0)?)?))
+        Ok((penultimate, Tensor::stack(&pooled, 0)?))
     }
 }
 

@@ -328,13 +328,13 @@ impl Trainer {
         let path = self.run_dir.join(run::FINAL_WEIGHTS);
         self.with_ema(|p| {
             let mut out: HashMap<String, Tensor> = crate::policy::sorted_vars(p.base_map()).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-            if let (Some(l), crate::config::Modality::Sd3) = (p.lora_map(), self.cfg.modality) {
-                // SD3: the adapters as diffusers / PEFT load them, and the merged single file.
+            if let (Some(l), Some(names)) = (p.lora_map(), p.diffusers_names()) {
+                // A real generator: the adapters as diffusers / PEFT load them, and the
+                // merged single file.
                 let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
                 let t = &self.cfg.train;
                 crate::policy::peft::export(&self.run_dir.join("lora"), &lv, t.lora_rank, t.lora_alpha, &t.lora_targets)?;
-                let depth = out.keys().filter_map(|k| k.strip_prefix("joint_blocks.")?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1);
-                out = crate::policy::peft::merge(&out, &lv, t.lora_rank, t.lora_alpha, depth)?;
+                out = crate::policy::peft::merge(&out, &lv, t.lora_rank, t.lora_alpha, &*names)?;
             } else if let Some(l) = p.lora_map() {
                 let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
                 let s = self.cfg.train.lora_alpha / self.cfg.train.lora_rank as f64;
