@@ -467,7 +467,7 @@ fn map_cmd(a: MapArgs) -> Result<()> {
             let mut ca = a.cfg.clone();
             ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
             let cfg = load_config(&ca)?;
-            let imgs = if cfg.modality == config::Modality::Sd3 {
+            let imgs = if cfg.modality.is_real() {
                 // The run's held-out eval prompts, from its last checkpoint.
                 let (policy, _) = crate::eval::run::load_run_policy(run, &cfg, None)?;
                 let prompts = crate::eval::held_out_splits(&cfg, a.n)?.remove(0).1;
@@ -498,9 +498,9 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         (None, Some(ck)) => (load_config(&a.cfg)?, ck.clone()),
         _ => anyhow::bail!("give exactly one of --run DIR or --checkpoint FILE"),
     };
-    if cfg.modality == config::Modality::Sd3 {
+    if cfg.modality.is_real() {
         // Free text through the run's own text encoders, from its last checkpoint.
-        let run = a.run.as_ref().context("vipo sample: an SD3 policy loads from its run (--run DIR), not from a weights file")?;
+        let run = a.run.as_ref().context("vipo sample: a real generator loads from its run (--run DIR), not from a weights file")?;
         let mut prompts: Vec<crate::prompt::Prompt> = a.prompt.iter().map(|t| crate::prompt::Prompt::text(t)).collect();
         if let Some(f) = &a.prompts {
             prompts.extend(crate::prompt::read_prompt_file(f)?);

@@ -16,6 +16,15 @@ pub enum Modality {
     Video,
     /// A real SD3 / SD3.5 generator (`[sd3]`): images from free-text prompts.
     Sd3,
+    /// A real FLUX.1 generator (`[flux]`): images from free-text prompts.
+    Flux,
+}
+
+impl Modality {
+    /// A real generator loaded from its model files (SD3, FLUX), not a ShapeWorld policy.
+    pub fn is_real(self) -> bool {
+        matches!(self, Modality::Sd3 | Modality::Flux)
+    }
 }
 
 /// Everything a run needs. Each command reads the sections it uses.
@@ -51,8 +60,32 @@ pub struct Config {
     pub backbone: crate::backbone::BackboneConfig,
     /// `vipo compare`: methods (GRPO, ViPO, ablations) × seeds from one base.
     pub compare: CompareConfig,
-    /// A real SD3 / SD3.5 generator (so far: `vipo plan`).
+    /// A real SD3 / SD3.5 generator (`modality = "sd3"`).
     pub sd3: Sd3Config,
+    /// A real FLUX.1 generator (`modality = "flux"`).
+    pub flux: FluxSection,
+}
+
+impl Config {
+    /// A real generator's model spec and the field it comes from ("sd3.model"); None for
+    /// the ShapeWorld policies.
+    pub fn real_model(&self) -> Option<(&'static str, &str)> {
+        match self.modality {
+            Modality::Sd3 => Some(("sd3.model", &self.sd3.model)),
+            Modality::Flux => Some(("flux.model", &self.flux.model)),
+            Modality::Image | Modality::Video => None,
+        }
+    }
+
+    /// Side of a generated image (or frame) in pixels.
+    pub fn image_size(&self) -> usize {
+        match self.modality {
+            Modality::Image => self.model.image_size,
+            Modality::Video => self.video_model.image_size,
+            Modality::Sd3 => self.sd3.resolution,
+            Modality::Flux => self.flux.resolution,
+        }
+    }
 }
 
 impl Default for Config {
@@ -73,6 +106,7 @@ impl Default for Config {
             backbone: crate::backbone::BackboneConfig::default(),
             compare: CompareConfig::default(),
             sd3: Sd3Config::default(),
+            flux: FluxSection::default(),
         }
     }
 }
@@ -104,15 +138,60 @@ impl Default for Sd3Config {
     }
 }
 
+/// A weights dtype field ("bf16" | "f16" | "f32").
+fn parse_dtype(field: &str, s: &str) -> Result<candle_core::DType> {
+    Ok(match s {
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        "f32" => candle_core::DType::F32,
+        other => anyhow::bail!("{field}: unknown {other:?} (bf16, f16 or f32)"),
+    })
+}
+
+/// A real FLUX.1 generator: where its files are and how it runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FluxSection {
+    /// A diffusers FLUX folder (`transformer/`, `text_encoder/` CLIP-L, `text_encoder_2/`
+    /// T5-XXL, `tokenizer{,_2}/tokenizer.json`, `vae/`) or "org/name" in the local HF cache.
+    pub model: String,
+    /// "flux.1-dev" | "flux.1-schnell" | "" (take the files' shape).
+    pub variant: String,
+    /// Square image side in pixels (latent side = resolution / 8, packed 2×2).
+    pub resolution: usize,
+    /// T5 tokens (FLUX.1-dev: 512, schnell: 256).
+    pub t5_tokens: usize,
+    /// Dtype of the transformer's base weights and T5 (adapters, optimizer, latents f32).
+    pub dtype: String,
+    /// Block-level activation checkpointing.
+    pub checkpointing: bool,
+    /// FLUX.1-dev's guidance-scale input (distilled CFG; FLUX is sampled without CFG, so
+    /// `sample.guidance` must stay 1). Ignored by schnell.
+    pub guidance: f64,
+}
+
+impl Default for FluxSection {
+    fn default() -> Self {
+        Self { model: String::new(), variant: "flux.1-dev".into(), resolution: 512, t5_tokens: 512, dtype: "bf16".into(), checkpointing: true, guidance: 3.5 }
+    }
+}
+
+impl FluxSection {
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+        parse_dtype("flux.dtype", &self.dtype)
+    }
+    pub fn validate(&self) -> Result<()> {
+        self.candle_dtype()?;
+        anyhow::ensure!(self.resolution >= 16 && self.resolution.is_multiple_of(16), "flux.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 packing)", self.resolution);
+        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "flux.guidance: {} is not a non-negative number", self.guidance);
+        Ok(())
+    }
+}
+
 impl Sd3Config {
     /// `dtype` as a candle dtype.
     pub fn candle_dtype(&self) -> Result<candle_core::DType> {
-        Ok(match self.dtype.as_str() {
-            "bf16" => candle_core::DType::BF16,
-            "f16" => candle_core::DType::F16,
-            "f32" => candle_core::DType::F32,
-            other => anyhow::bail!("sd3.dtype: unknown {other:?} (bf16, f16 or f32)"),
-        })
+        parse_dtype("sd3.dtype", &self.dtype)
     }
 
     /// Bytes per weight of `dtype`.

@@ -82,6 +82,7 @@ pub fn cached_base_path(cfg: &Config) -> PathBuf {
         crate::config::Modality::Image => ("base", serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample))),
         crate::config::Modality::Video => ("vbase", serde_json::to_string(&(&cfg.video_model, &cfg.pretrain, cfg.seed, &cfg.sample))),
         crate::config::Modality::Sd3 => ("sd3", serde_json::to_string(&cfg.sd3)),
+        crate::config::Modality::Flux => ("flux", serde_json::to_string(&cfg.flux)),
     };
     // Fields added later are left out of the key at their old (default-equivalent) values,
     // so caches written before they existed stay valid; they are the last field of their

@@ -89,7 +89,7 @@ fn random_base(cfg: &Config, dir: &std::path::Path) -> Result<PathBuf> {
     match cfg.modality {
         Modality::Image => crate::policy::ImagePolicy::new(&cfg.model, &dev, cfg.seed)?.save(&path)?,
         Modality::Video => crate::policy::video_dit::VideoPolicy::new(&cfg.video_model, &dev, cfg.seed)?.save(&path)?,
-        Modality::Sd3 => anyhow::bail!("vipo bench step: an SD3 step needs a model (sd3.model), not random weights"),
+        Modality::Sd3 | Modality::Flux => anyhow::bail!("vipo bench step: a real generator's step needs its model files, not random weights"),
     }
     Ok(path)
 }

@@ -89,7 +89,7 @@ pub fn held_out_splits(cfg: &crate::config::Config, n: usize) -> Result<Vec<(&'s
     let seed = run::EVAL_SEED;
     let grammar = |split: Split| -> Vec<Prompt> {
         match cfg.modality {
-            crate::config::Modality::Image | crate::config::Modality::Sd3 => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
+            crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
             crate::config::Modality::Video => crate::world::video::video_prompts(split, n, seed).iter().map(Prompt::video).collect(),
         }
     };

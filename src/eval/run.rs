@@ -107,7 +107,7 @@ fn score_split(cfg: &Config, split: &str, images: &[Image], prompts: &[PromptSpe
 /// video the per-clip mean of the VQ- and MQ-like rewards (reported as its own row).
 pub fn primary_reward(cfg: &Config) -> &'static str {
     match cfg.modality {
-        Modality::Image | Modality::Sd3 => "compositional",
+        Modality::Image | Modality::Sd3 | Modality::Flux => "compositional",
         Modality::Video => VQ_MQ,
     }
 }
@@ -184,8 +184,8 @@ pub fn evaluate_policy(policy: &dyn Policy, cfg: &Config, n: usize) -> Result<(E
 
 /// The resolved base weights of a train run without pretraining anything.
 fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
-    if cfg.modality == Modality::Sd3 {
-        return Ok(PathBuf::from(&cfg.sd3.model));
+    if let Some((_, model)) = cfg.real_model() {
+        return Ok(PathBuf::from(model));
     }
     if !cfg.train.base.is_empty() {
         let p = PathBuf::from(&cfg.train.base);
@@ -230,7 +230,7 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
     let Some(step) = step else {
         // A real generator loads from its model folder, so its final weights are its last
         // checkpoint (adapters on top of that folder's base).
-        if cfg.modality == Modality::Sd3 {
+        if cfg.modality.is_real() {
             let Some(&last) = checkpoint_steps(run_dir).last() else {
                 bail!("{}: SD3 run has no checkpoint", run_dir.display());
             };

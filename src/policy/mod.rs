@@ -10,6 +10,7 @@ pub mod dit;
 pub mod embed_cache;
 pub mod flux;
 pub mod flux_layout;
+pub mod flux_policy;
 pub mod layers;
 pub mod mmdit;
 pub mod ops;
@@ -287,6 +288,15 @@ pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&Lo
             let cache = crate::sample::cache_dir().join("embeddings");
             let shape = sd3::Sd3Shape { resolution: s.resolution, t5_tokens: s.t5_tokens, checkpointing: s.checkpointing, dtype: s.candle_dtype()? };
             Box::new(sd3::Sd3Policy::load(&s.model, want.as_ref().map(|w| (s.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?)
+        }
+        crate::config::Modality::Flux => {
+            let f = &cfg.flux;
+            f.validate()?;
+            anyhow::ensure!(cfg.sample.guidance == 1.0, "sample.guidance = {}: FLUX is sampled without classifier-free guidance; set it to 1 (flux.guidance = {} is FLUX.1-dev's guidance input)", cfg.sample.guidance, f.guidance);
+            let want = if f.variant.is_empty() { None } else { Some(flux::FluxConfig::by_name(&f.variant)?) };
+            let cache = crate::sample::cache_dir().join("embeddings");
+            let shape = flux_policy::FluxShape { resolution: f.resolution, t5_tokens: f.t5_tokens, checkpointing: f.checkpointing, dtype: f.candle_dtype()?, guidance: f.guidance };
+            Box::new(flux_policy::FluxPolicy::load(&f.model, want.as_ref().map(|w| (f.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?)
         }
     })
 }

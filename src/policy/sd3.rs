@@ -6,7 +6,7 @@
 //! embedding cache when one is given; CFG's unconditional input is the encoding of "" (as
 //! the diffusers pipeline's negative prompt), not zeros.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use crate::prompt::Prompt;
 use crate::reward::clip::ClipText;
 
 /// A tokenizer padded and truncated to `len` tokens.
-struct Tok {
+pub(crate) struct Tok {
     tok: tokenizers::Tokenizer,
     len: usize,
 }
@@ -31,7 +31,7 @@ struct Tok {
 impl Tok {
     /// `dir/tokenizer.json`, padding with the pad token its `special_tokens_map.json` names
     /// (else `default_pad`).
-    fn load(dir: &Path, len: usize, default_pad: &str) -> Result<Self> {
+    pub(crate) fn load(dir: &Path, len: usize, default_pad: &str) -> Result<Self> {
         let p = dir.join("tokenizer.json");
         anyhow::ensure!(p.is_file(), "{}: no tokenizer.json (diffusers' CLIP tokenizer folders may hold only vocab.json/merges.txt: write one with transformers' CLIPTokenizerFast.from_pretrained(DIR).save_pretrained(DIR))", dir.display());
         let mut tok = tokenizers::Tokenizer::from_file(&p).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", p.display()))?;
@@ -45,7 +45,7 @@ impl Tok {
         tok.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(len), pad_id, pad_token, ..Default::default() }));
         Ok(Self { tok, len })
     }
-    fn ids(&self, texts: &[String], device: &Device) -> Result<Tensor> {
+    pub(crate) fn ids(&self, texts: &[String], device: &Device) -> Result<Tensor> {
         crate::reward::clip::tokenize(&self.tok, texts, self.len, device)
     }
 }
@@ -112,16 +112,7 @@ impl Sd3Policy {
         let clip_l = ClipText::load(&root.join("text_encoder"), device)?;
         let clip_g = ClipText::load(&root.join("text_encoder_2"), device)?;
         let t5_dir = root.join("text_encoder_3");
-        let t5 = if t5_dir.is_dir() {
-            let cpath = t5_dir.join("config.json");
-            let t5cfg: candle_transformers::models::t5::Config = serde_json::from_value(crate::hf::read_json(&cpath)?).with_context(|| format!("{}: not a T5 config", cpath.display()))?;
-            let (tensors, source) = crate::hf::read_folder(&t5_dir, device)?;
-            let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-            let m = candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).with_context(|| format!("{source}: does not match {}", cpath.display()))?;
-            Some(Mutex::new(m))
-        } else {
-            None
-        };
+        let t5 = if t5_dir.is_dir() { Some(Mutex::new(super::sd3_text::load_t5(&t5_dir, dtype, device)?)) } else { None };
         let text = Sd3Text { clip_l, clip_g, t5, context_dim: cfg.context_dim };
         let toks = [
             Tok::load(&root.join("tokenizer"), text.clip_l.max_tokens, "<|endoftext|>")?,

@@ -121,9 +121,9 @@ enum KlReference {
 
 /// Resolve `train.base` ("" = the shipped base when it fits, else the cached base).
 pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
-    if cfg.modality == crate::config::Modality::Sd3 {
-        anyhow::ensure!(!cfg.sd3.model.is_empty(), "sd3.model: empty; set it to a diffusers model folder or a Hugging Face repository id in the local cache");
-        return Ok(PathBuf::from(&cfg.sd3.model));
+    if let Some((field, model)) = cfg.real_model() {
+        anyhow::ensure!(!model.is_empty(), "{field}: empty; set it to a diffusers model folder or a Hugging Face repository id in the local cache");
+        return Ok(PathBuf::from(model));
     }
     if cfg.train.base.is_empty() {
         crate::base::default_base(cfg, false)
@@ -148,7 +148,7 @@ fn check_base_prediction(cfg: &Config, base: &Path) -> Result<()> {
     let (section, mine, theirs) = match cfg.modality {
         crate::config::Modality::Image => ("model", cfg.model.prediction, saved.model.prediction),
         crate::config::Modality::Video => ("video_model", cfg.video_model.prediction, saved.video_model.prediction),
-        crate::config::Modality::Sd3 => return Ok(()),
+        crate::config::Modality::Sd3 | crate::config::Modality::Flux => return Ok(()),
     };
     anyhow::ensure!(
         mine == theirs,

@@ -184,11 +184,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
         MapKind::Psm => {
             let backbone = crate::backbone::load(&cfg.backbone)?;
             // Probe once so K > D or K > N is reported before training starts.
-            let s = match cfg.modality {
-                crate::config::Modality::Image => cfg.model.image_size,
-                crate::config::Modality::Video => cfg.video_model.image_size,
-                crate::config::Modality::Sd3 => cfg.sd3.resolution,
-            };
+            let s = cfg.image_size();
             let probe = backbone.features(&[Image::filled(s, s, crate::world::BACKGROUND)])?;
             let f = &probe[0];
             cfg.psm.validate(f.d)?;

@@ -263,7 +263,7 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
     validate(&cfg.pretrain)?;
     cfg.sample.validate()?; // the grid and base scores at the end sample with it
     match cfg.modality {
-        Modality::Sd3 => anyhow::bail!("modality = \"sd3\": vipo post-trains a pretrained SD3; there is nothing to pretrain"),
+        Modality::Sd3 | Modality::Flux => anyhow::bail!("modality = {:?}: vipo post-trains a pretrained real generator; there is nothing to pretrain", format!("{:?}", cfg.modality).to_lowercase()),
         Modality::Image => cfg.model.validate(),
         Modality::Video => {
             cfg.video_model.validate()?;
@@ -284,7 +284,7 @@ pub fn pretrain_from(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretr
     match cfg.modality {
         Modality::Image => pretrain_image(cfg, run_dir, resume),
         Modality::Video => pretrain_video(cfg, run_dir, resume),
-        Modality::Sd3 => unreachable!("refused by validate_config"),
+        Modality::Sd3 | Modality::Flux => unreachable!("refused by validate_config"),
     }
 }
 

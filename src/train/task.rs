@@ -66,7 +66,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
         rewards.check_prompts(prompts).with_context(|| format!("held-out split {split:?}"))?;
     }
     Ok(match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 => Box::new(ImageTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => Box::new(ImageTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
         crate::config::Modality::Video => Box::new(VideoTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
     })
 }
@@ -88,7 +88,7 @@ fn train_pool(cfg: &Config) -> Result<Vec<Prompt>> {
     }
     let (n, seed) = (t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
     Ok(match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 => world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(),
         crate::config::Modality::Video => video_prompts(Split::Train, n, seed).iter().map(Prompt::video).collect(),
     })
 }
@@ -101,7 +101,7 @@ fn grid_prompts(cfg: &Config, pool: &[Prompt]) -> Vec<Prompt> {
         return crate::prompt::fixed_subset(pool, n, GRID_SEED);
     }
     match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 => world::prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::image).collect(),
+        crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => world::prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::image).collect(),
         crate::config::Modality::Video => video_prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::video).collect(),
     }
 }

@@ -1,0 +1,249 @@
+//! FLUX.1 as a vipo [`Policy`]: the trainable transformer ([`super::flux`], LoRA by
+//! diffusers module name), its frozen text side — CLIP-L's pooled output (77 tokens) and
+//! T5-XXL's token states (`flux.t5_tokens`) — and the 16-channel VAE, from one diffusers
+//! model folder (`transformer/`, `text_encoder/`, `text_encoder_2/`,
+//! `tokenizer{,_2}/tokenizer.json`, `vae/`) or a repository id in the local Hugging Face
+//! cache; the transformer may also come from BFL's single file. FLUX.1-dev takes its
+//! guidance scale as an input and is sampled without CFG; schnell has no guidance input.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::embed_cache::EmbedCache;
+use super::flux::{Flux, FluxConfig};
+use super::layers::{LoraCtx, LoraSpec};
+use super::sd3::Tok;
+use super::sd3_vae::Sd3Vae;
+use super::{Condition, FlowModel, Policy};
+use crate::image::Samples;
+use crate::prompt::Prompt;
+use crate::reward::clip::ClipText;
+
+/// How the model is run.
+#[derive(Clone, Debug)]
+pub struct FluxShape {
+    pub resolution: usize,
+    pub t5_tokens: usize,
+    pub checkpointing: bool,
+    /// The transformer's base weights and T5 (LoRA adapters stay f32).
+    pub dtype: DType,
+    /// FLUX.1-dev's guidance-scale input.
+    pub guidance: f64,
+}
+
+pub struct FluxPolicy {
+    pub cfg: FluxConfig,
+    base: VarMap,
+    lora: Option<VarMap>,
+    model: Flux,
+    frozen: Flux,
+    base_net: Option<Flux>,
+    clip: ClipText,
+    t5: Mutex<candle_transformers::models::t5::T5EncoderModel>,
+    toks: [Tok; 2],
+    vae: Sd3Vae,
+    latent: usize,
+    guidance: f64,
+    cache: Option<EmbedCache>,
+    device: Device,
+}
+
+impl FluxPolicy {
+    /// Load from a diffusers model folder or repository id; `variant` (name, shape) is
+    /// checked against the transformer; `cache_root`: where prompt encodings are kept.
+    pub fn load(spec: &str, variant: Option<(&str, &FluxConfig)>, shape: &FluxShape, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
+        let FluxShape { resolution, t5_tokens, checkpointing, dtype, guidance } = shape.clone();
+        anyhow::ensure!(lora.is_some() || dtype == DType::F32, "flux.dtype = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs flux.dtype = \"f32\"");
+        let root = crate::hf::resolve(spec)?;
+        let (cfg, tensors) = super::flux_layout::load_transformer(&root, variant, device)?;
+        let base = VarMap::new();
+        {
+            let mut data = base.data().lock().unwrap();
+            for (k, t) in tensors {
+                data.insert(k, Var::from_tensor(&t.to_dtype(dtype)?)?);
+            }
+        }
+        let frozen_vb = super::frozen_builder_as(&base, dtype, device);
+        let (model, frozen, base_net, lora_map) = match lora {
+            None => (Flux::new(&candle_nn::VarBuilder::from_varmap(&base, dtype, device), &cfg, None)?, Flux::new(&frozen_vb, &cfg, None)?, None, None),
+            Some(spec) => {
+                let lmap = VarMap::new();
+                let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
+                let model = Flux::new(&frozen_vb, &cfg, Some(&ctx))?;
+                let fctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
+                (model, Flux::new(&frozen_vb, &cfg, Some(&fctx))?, Some(Flux::new(&frozen_vb, &cfg, None)?), Some(lmap))
+            }
+        };
+        let model = if checkpointing { model.checkpointed() } else { model };
+        let clip = ClipText::load_any(&root.join("text_encoder"), device)?;
+        let t5 = super::sd3_text::load_t5(&root.join("text_encoder_2"), dtype, device)?;
+        let toks = [Tok::load(&root.join("tokenizer"), clip.max_tokens, "<|endoftext|>")?, Tok::load(&root.join("tokenizer_2"), t5_tokens, "<pad>")?];
+        let vae = Sd3Vae::load(&root.join("vae"), device)?;
+        anyhow::ensure!(vae.latent_channels * 4 == cfg.in_channels, "{}: the VAE has {} latent channels, the transformer packs {}", root.display(), vae.latent_channels, cfg.in_channels);
+        anyhow::ensure!(resolution % (vae.factor * 2) == 0, "flux.resolution {resolution}: not a multiple of {} (VAE factor × 2×2 packing)", vae.factor * 2);
+        let cache = match cache_root {
+            Some(r) => {
+                let mut files: Vec<PathBuf> = Vec::new();
+                for d in ["text_encoder", "text_encoder_2"] {
+                    files.extend(crate::hf::component_files(&root.join(d), "")?);
+                }
+                Some(EmbedCache::open(r, &files, &format!("flux: t5 {dtype:?}, {t5_tokens} tokens"))?)
+            }
+            None => None,
+        };
+        Ok(Self { latent: resolution / vae.factor, cfg, base, lora: lora_map, model, frozen, base_net, clip, t5: Mutex::new(t5), toks, vae, guidance, cache, device: device.clone() })
+    }
+
+    fn encode_raw(&self, prompts: &[Prompt]) -> Result<Condition> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
+        let pooled = self.clip.pooler(&self.toks[0].ids(&texts, &self.device)?)?;
+        let seq = self.t5.lock().unwrap().forward(&self.toks[1].ids(&texts, &self.device)?)?.to_dtype(DType::F32)?;
+        Ok(Condition { seq, pooled: Some(pooled) })
+    }
+
+    fn run(&self, m: &Flux, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        let pooled = cond.pooled.as_ref().ok_or_else(|| candle_core::Error::Msg("FLUX: condition without a pooled embedding".into()))?;
+        let g = if self.cfg.guidance_embed { Some(Tensor::full(self.guidance as f32, z.dim(0)?, z.device())?) } else { None };
+        m.forward(z, sigma, &cond.seq, pooled, g.as_ref())
+    }
+}
+
+impl FlowModel for FluxPolicy {
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        self.run(&self.model, z, sigma, cond)
+    }
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> candle_core::Result<Tensor> {
+        self.run(&self.frozen, z, sigma, cond)
+    }
+    fn velocity_base(&self, z: &Tensor, sigma: &Tensor, cond: &Condition) -> Option<candle_core::Result<Tensor>> {
+        self.base_net.as_ref().map(|m| self.run(m, z, sigma, cond))
+    }
+    fn null_condition(&self, _: &Condition) -> candle_core::Result<Condition> {
+        candle_core::bail!("FLUX is sampled without classifier-free guidance: set sample.guidance = 1 (flux.guidance is FLUX.1-dev's guidance input)")
+    }
+    fn backward(&self, loss: &Tensor) -> candle_core::Result<candle_core::backprop::GradStore> {
+        self.model.backward(loss)
+    }
+    fn base_vars(&self) -> Vec<(String, Var)> {
+        super::sorted_vars(&self.base)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl Policy for FluxPolicy {
+    fn encode(&self, prompts: &[Prompt]) -> Result<Condition> {
+        match &self.cache {
+            Some(c) => c.encode(prompts, &self.device, |ps| self.encode_raw(ps)),
+            None => self.encode_raw(prompts),
+        }
+    }
+    fn decode(&self, z: &Tensor) -> Result<Samples> {
+        Ok(Samples::Images(self.vae.decode(z)?))
+    }
+    fn latent_shape(&self) -> Vec<usize> {
+        vec![self.cfg.in_channels / 4, self.latent, self.latent]
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        super::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+    }
+    fn base_map(&self) -> &VarMap {
+        &self.base
+    }
+    fn lora_map(&self) -> Option<&VarMap> {
+        self.lora.as_ref()
+    }
+    fn diffusers_names(&self) -> Option<Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + '_>> {
+        Some(Box::new(move |l: &str| super::flux::diffusers_modules(l, &self.cfg)))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A tiny FLUX.1-dev-shaped model in the diffusers folder layout: the transformer of
+    /// `flux::tests::tiny` (T5 width 10, CLIP pooled 32), CLIP-L as a CLIPTextModel from
+    /// tests/data/clip_tiny, a random T5 and 16-channel VAE (FLUX's scale and shift).
+    pub(crate) fn write_tiny_model(root: &Path) {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
+        let cfg = FluxConfig { vec_in_dim: 32, ..super::super::flux::tests::tiny() };
+        let bfl: HashMap<String, Tensor> = super::super::sorted_vars(&super::super::flux::tests::random_weights(&cfg, 31)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        std::fs::create_dir_all(root.join("transformer")).unwrap();
+        crate::train::checkpoint::save_tensors(&super::super::flux_layout::to_diffusers(&bfl, &cfg).unwrap(), &root.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+        std::fs::write(root.join("transformer/config.json"), r#"{"_class_name": "FluxTransformer2DModel", "axes_dims_rope": [4, 6, 6], "guidance_embeds": true}"#).unwrap();
+        let all = crate::train::checkpoint::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
+        let text: HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.")).collect();
+        let ccfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("config.json")).unwrap()).unwrap();
+        std::fs::create_dir_all(root.join("text_encoder")).unwrap();
+        crate::train::checkpoint::save_tensors(&text, &root.join("text_encoder/model.safetensors")).unwrap();
+        std::fs::write(root.join("text_encoder/config.json"), ccfg["text_config"].to_string()).unwrap();
+        for tok in ["tokenizer", "tokenizer_2"] {
+            std::fs::create_dir_all(root.join(tok)).unwrap();
+            std::fs::copy(data.join("tokenizer.json"), root.join(tok).join("tokenizer.json")).unwrap();
+        }
+        let t5json = r#"{"vocab_size": 56, "d_model": 10, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2, "relative_attention_num_buckets": 8,
+            "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
+            "is_encoder_decoder": true, "pad_token_id": 0, "eos_token_id": 1}"#;
+        let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(t5json).unwrap();
+        let vm = VarMap::new();
+        candle_transformers::models::t5::T5EncoderModel::load(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &t5cfg).unwrap();
+        crate::policy::randomize_vars(&vm, 8, 0.3);
+        std::fs::create_dir_all(root.join("text_encoder_2")).unwrap();
+        crate::train::checkpoint::save_varmap(&vm, &root.join("text_encoder_2/model.safetensors")).unwrap();
+        std::fs::write(root.join("text_encoder_2/config.json"), t5json).unwrap();
+        let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig { block_out_channels: vec![8, 16], layers_per_block: 1, latent_channels: 16, norm_num_groups: 4, use_quant_conv: false, use_post_quant_conv: false };
+        let vm = VarMap::new();
+        candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
+        crate::policy::randomize_vars(&vm, 9, 0.2);
+        std::fs::create_dir_all(root.join("vae")).unwrap();
+        crate::train::checkpoint::save_varmap(&vm, &root.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+        std::fs::write(
+            root.join("vae/config.json"),
+            r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": false, "use_post_quant_conv": false, "scaling_factor": 0.3611, "shift_factor": 0.1159}"#,
+        )
+        .unwrap();
+    }
+
+    /// The tiny FLUX folder loads as a policy: prompts encode to T5 states and CLIP's pooled
+    /// output, sampling without CFG gives images of the configured size, the sampling path
+    /// equals the trained velocity, CFG is refused, adapters off is the base.
+    #[test]
+    fn tiny_flux_policy_end_to_end() {
+        let d = tempfile::tempdir().unwrap();
+        write_tiny_model(&d.path().join("m"));
+        let lora = LoraSpec { rank: 2, alpha: 2.0, targets: vec!["attn.to_q".into(), "attn.add_k_proj".into(), "proj_mlp".into()] };
+        let shape = FluxShape { resolution: 16, t5_tokens: 6, checkpointing: true, dtype: DType::F32, guidance: 3.5 };
+        let p = FluxPolicy::load(d.path().join("m").to_str().unwrap(), None, &shape, Some(&lora), Some(&d.path().join("cache")), &Device::Cpu, 0).unwrap();
+        assert_eq!(p.latent_shape(), vec![16, 8, 8]);
+        let prompts = vec![Prompt::text("a red cat"), Prompt::text("a blue square")];
+        let c = p.encode(&prompts).unwrap();
+        assert_eq!((c.seq.dims(), c.pooled.as_ref().unwrap().dims()), (&[2usize, 6, 10][..], &[2usize, 32][..]));
+        let sample = crate::config::SampleConfig { steps: 2, guidance: 1.0, ..Default::default() };
+        let imgs = crate::eval::generate(&p, &prompts, 3, &sample).unwrap();
+        let imgs = imgs.images("test").unwrap();
+        assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (2, 16, 16));
+        let cfg_on = crate::config::SampleConfig { guidance: 2.0, ..sample };
+        assert!(format!("{:#}", crate::eval::generate(&p, &prompts, 3, &cfg_on).err().unwrap()).contains("without classifier-free guidance"));
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+        let z = crate::sampler::randn(&[2, 16, 8, 8], &mut rng, &Device::Cpu).unwrap();
+        let s = Tensor::new(&[0.3f32, 0.8], &Device::Cpu).unwrap();
+        let diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff(p.velocity(&z, &s, &c).unwrap(), p.velocity_frozen(&z, &s, &c).unwrap()), 0.0, "checkpointed training path vs sampling path");
+        for (_, v) in p.trainable() {
+            v.set(&(v.as_tensor() + 0.1).unwrap()).unwrap();
+        }
+        let plain = FluxPolicy::load(d.path().join("m").to_str().unwrap(), None, &FluxShape { checkpointing: false, ..shape.clone() }, None, None, &Device::Cpu, 0).unwrap();
+        assert_eq!(diff(p.velocity_base(&z, &s, &c).unwrap().unwrap(), plain.velocity_frozen(&z, &s, &c).unwrap()), 0.0);
+        assert!(diff(p.velocity_frozen(&z, &s, &c).unwrap(), plain.velocity_frozen(&z, &s, &c).unwrap()) > 0.0);
+        // 2 double × (to_q, add_k_proj) + 2 single × (to_q, proj_mlp), A and B each.
+        assert_eq!(p.trainable().len(), 16);
+        let e = format!("{:#}", FluxPolicy::load(d.path().join("m").to_str().unwrap(), Some(("flux.1-dev", &FluxConfig::dev())), &shape, None, None, &Device::Cpu, 0).err().unwrap());
+        assert!(e.contains("not flux.1-dev"), "{e}");
+    }
+}
