@@ -346,7 +346,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Plan(a) => {
             let cfg = load_config(&a)?;
-            print!("{}", crate::plan::render(&crate::plan::sd3(&cfg)?, &cfg));
+            print!("{}", crate::plan::render(&crate::plan::plan(&cfg)?, &cfg));
             Ok(())
         }
         Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.run.as_deref().map(|r| (r, a.checkpoint)), &load_config(&a.cfg)?),

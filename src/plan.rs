@@ -36,6 +36,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Plan {
     pub model: String,
+    pub resolution: usize,
+    pub dtype: String,
+    pub checkpointing: bool,
     pub params: f64,
     pub trainable: f64,
     pub image_tokens: usize,
@@ -110,41 +113,123 @@ pub fn sd3(cfg: &Config) -> Result<Plan> {
         params
     };
     let (fwd, act, block) = per_sample(&m, n, l, bytes);
+    Ok(assemble(cfg, Arch { model: s.variant.clone(), resolution: s.resolution, dtype: s.dtype.clone(), checkpointing: s.checkpointing, params, trainable, n, l, fwd, act, block, blocks: m.depth, hidden: m.hidden(), bytes, text_encoders: CLIP_L + CLIP_G + T5_XXL }))
+}
+
+/// What a plan needs from one architecture.
+struct Arch {
+    model: String,
+    resolution: usize,
+    dtype: String,
+    checkpointing: bool,
+    params: f64,
+    trainable: f64,
+    /// Image and text tokens.
+    n: usize,
+    l: usize,
+    /// Forward FLOPs, kept activations and one block's activations (bytes) per sample.
+    fwd: f64,
+    act: f64,
+    block: f64,
+    /// Checkpointed blocks and the width of their inputs.
+    blocks: usize,
+    hidden: usize,
+    bytes: f64,
+    /// Text encoder parameters.
+    text_encoders: f64,
+}
+
+fn assemble(cfg: &Config, a: Arch) -> Plan {
+    let t = &cfg.train;
     let cfg_mult = if cfg.sample.guidance != 1.0 { 2.0 } else { 1.0 };
     let rows = t.micro_batch as f64 * cfg_mult;
-    let act_full = act * rows;
+    let act_full = a.act * rows;
     // Checkpointed: every block's input (image + text tokens), plus one block live.
-    let act_ckpt = rows * (m.depth as f64 * (n + l) as f64 * m.hidden() as f64 * bytes + block);
-    let activations = if s.checkpointing { act_ckpt } else { act_full };
-    let weights = params * bytes;
+    let act_ckpt = rows * (a.blocks as f64 * (a.n + a.l) as f64 * a.hidden as f64 * a.bytes + a.block);
+    let activations = if a.checkpointing { act_ckpt } else { act_full };
+    let weights = a.params * a.bytes;
     // Full fine-tuning with a KL term needs a frozen copy; LoRA turns its adapters off.
     let reference = if t.kl_beta > 0.0 && t.lora_rank == 0 { weights } else { 0.0 };
-    let optimizer = trainable * 16.0;
-    let vae = VAE_DECODER * bytes;
-    let rollout = rows * block;
+    let optimizer = a.trainable * 16.0;
+    let vae = VAE_DECODER * a.bytes;
+    let rollout = rows * a.block;
     let samples = (t.prompts_per_step * t.group_size) as f64;
     let k_train = ((t.timestep_fraction * t.trainable_transitions() as f64).round()).max(1.0);
-    let bwd = if t.lora_rank > 0 { 1.0 } else { 2.0 } + if s.checkpointing { 1.0 } else { 0.0 };
+    let bwd = if t.lora_rank > 0 { 1.0 } else { 2.0 } + if a.checkpointing { 1.0 } else { 0.0 };
     let kl = if t.kl_beta > 0.0 { 1.0 } else { 0.0 };
-    Ok(Plan {
-        model: s.variant.clone(),
-        params,
-        trainable,
-        image_tokens: n,
-        text_tokens: l,
+    Plan {
+        model: a.model,
+        resolution: a.resolution,
+        dtype: a.dtype,
+        checkpointing: a.checkpointing,
+        params: a.params,
+        trainable: a.trainable,
+        image_tokens: a.n,
+        text_tokens: a.l,
         weights_bytes: weights + reference,
         optimizer_bytes: optimizer,
-        text_encoder_bytes: (CLIP_L + CLIP_G + T5_XXL) * bytes,
+        text_encoder_bytes: a.text_encoders * a.bytes,
         vae_bytes: vae,
         activations_bytes: act_full,
         activations_checkpointed_bytes: act_ckpt,
         rollout_bytes: rollout,
         train_peak_bytes: weights + reference + optimizer + vae + activations.max(rollout),
-        encode_peak_bytes: (CLIP_L + CLIP_G + T5_XXL) * bytes,
-        forward_flops: fwd,
-        rollout_flops: samples * t.sample_steps as f64 * fwd * cfg_mult,
-        update_flops: samples * k_train * fwd * cfg_mult * (1.0 + bwd + kl),
-    })
+        encode_peak_bytes: a.text_encoders * a.bytes,
+        forward_flops: a.fwd,
+        rollout_flops: samples * t.sample_steps as f64 * a.fwd * cfg_mult,
+        update_flops: samples * k_train * a.fwd * cfg_mult * (1.0 + bwd + kl),
+    }
+}
+
+/// Plan a GRPO / ViPO step of the `[flux]` generator under `[train]` (same rules as SD3:
+/// double blocks attend over text + image tokens in two streams, single blocks over the
+/// joint sequence; text encoders CLIP-L and T5-XXL).
+pub fn flux(cfg: &Config) -> Result<Plan> {
+    let f = &cfg.flux;
+    f.validate()?;
+    cfg.train.validate()?;
+    let m = crate::policy::flux::FluxConfig::by_name(&f.variant)?;
+    let t = &cfg.train;
+    let bytes = f.candle_dtype()?.size_in_bytes() as f64;
+    let n = (f.resolution / 16) * (f.resolution / 16);
+    let l = f.t5_tokens;
+    let params = m.param_count() as f64;
+    let trainable = if t.lora_rank > 0 {
+        let k = m.lora_param_count(t.lora_rank, &t.lora_targets) as f64;
+        anyhow::ensure!(k > 0.0, "train.lora_targets {:?}: no layer of {} matches (targets are diffusers module names, e.g. attn.to_q, attn.add_k_proj, proj_mlp)", t.lora_targets, f.variant);
+        k
+    } else {
+        params
+    };
+    let (nf, lf, d, h) = (n as f64, l as f64, m.hidden as f64, m.heads as f64);
+    let (mut fwd, mut act) = (0.0, 0.0);
+    for (name, din, dout) in m.linear_layers() {
+        let tokens = if name.starts_with("single_blocks.") && !name.ends_with("modulation.lin") {
+            nf + lf
+        } else if name.ends_with("_mod.lin") || name.ends_with("modulation.lin") || name.starts_with("time_in") || name.starts_with("vector_in") || name.starts_with("guidance_in") || name.starts_with("final_layer.adaLN") {
+            1.0
+        } else if name.starts_with("txt_in") || name.contains(".txt_") {
+            lf
+        } else {
+            nf
+        };
+        fwd += 2.0 * din as f64 * dout as f64 * tokens;
+        act += din as f64 * tokens;
+    }
+    let s = nf + lf;
+    let blk = 2.0 * h * s * s + 8.0 * d * s;
+    fwd += (m.depth + m.depth_single) as f64 * 4.0 * s * s * d;
+    act += (m.depth + m.depth_single) as f64 * blk;
+    let block = blk + s * d * 12.0;
+    Ok(assemble(cfg, Arch { model: f.variant.clone(), resolution: f.resolution, dtype: f.dtype.clone(), checkpointing: f.checkpointing, params, trainable, n, l, fwd, act: act * bytes, block: block * bytes, blocks: m.depth + m.depth_single, hidden: m.hidden, bytes, text_encoders: CLIP_L + T5_XXL }))
+}
+
+/// The plan of the configured real generator.
+pub fn plan(cfg: &Config) -> Result<Plan> {
+    match cfg.modality {
+        crate::config::Modality::Flux => flux(cfg),
+        _ => sd3(cfg),
+    }
 }
 
 /// The plan as the table `vipo plan` prints.
@@ -155,7 +240,7 @@ pub fn render(p: &Plan, cfg: &Config) -> String {
     o.push_str(&format!(
         "{} at {}², {} image + {} text tokens; {} prompts × group {} = {} samples, {} rollout steps, micro-batch {}{}\n",
         p.model,
-        cfg.sd3.resolution,
+        p.resolution,
         p.image_tokens,
         p.text_tokens,
         t.prompts_per_step,
@@ -171,7 +256,7 @@ pub fn render(p: &Plan, cfg: &Config) -> String {
         p.trainable / 1e6,
         if t.lora_rank > 0 { format!("LoRA r {} α {} on {}", t.lora_rank, t.lora_alpha, t.lora_targets.join(", ")) } else { "full fine-tuning".into() }
     ));
-    o.push_str(&format!("memory ({}):\n", cfg.sd3.dtype));
+    o.push_str(&format!("memory ({}):\n", p.dtype));
     o.push_str(&format!("  weights           {:>10}\n", g(p.weights_bytes)));
     o.push_str(&format!("  optimizer         {:>10}  (f32 params + grads + AdamW moments)\n", g(p.optimizer_bytes)));
     o.push_str(&format!("  VAE decoder       {:>10}\n", g(p.vae_bytes)));
@@ -179,7 +264,7 @@ pub fn render(p: &Plan, cfg: &Config) -> String {
     o.push_str(&format!("  activations       {:>10}  with block checkpointing\n", g(p.activations_checkpointed_bytes)));
     o.push_str(&format!("  rollout working   {:>10}  one block of a rollout micro-batch\n", g(p.rollout_bytes)));
     o.push_str(&format!("  text encoders     {:>10}  while prompts are encoded (then cached and offloaded)\n", g(p.text_encoder_bytes)));
-    o.push_str(&format!("peak, training      {:>10}  (checkpointing {})\n", g(p.train_peak_bytes), if cfg.sd3.checkpointing { "on" } else { "off" }));
+    o.push_str(&format!("peak, training      {:>10}  (checkpointing {})\n", g(p.train_peak_bytes), if p.checkpointing { "on" } else { "off" }));
     o.push_str(&format!("peak, encoding      {:>10}\n", g(p.encode_peak_bytes)));
     for card in [80.0, 141.0] {
         let fits = p.train_peak_bytes.max(p.encode_peak_bytes) / GIB <= card * 0.9;
@@ -228,5 +313,21 @@ mod tests {
         let mut bad = cfg;
         bad.sd3.variant = "sd4".into();
         assert!(sd3(&bad).unwrap_err().to_string().contains("sd3.variant"));
+    }
+
+    /// configs/flux-dev.toml: FLUX.1-dev's 11.9 B transformer with LoRA fits one 80 GB card
+    /// with checkpointing; the papers' full fine-tuning (f32 weights and AdamW) fits no
+    /// single card; 1 024 image tokens at 512² (2×2-packed 64² latents).
+    #[test]
+    fn flux_dev_plan() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/flux-dev.toml");
+        let cfg: Config = crate::config::load(Some(&file), &[]).unwrap();
+        let p = plan(&cfg).unwrap();
+        assert_eq!((p.image_tokens, p.text_tokens), (1024, 512));
+        assert!((11.8e9..12.0e9).contains(&p.params));
+        assert!(p.train_peak_bytes / GIB < 80.0 * 0.9, "{}", render(&p, &cfg));
+        let full: Config = crate::config::load(Some(&file), &["train.lora_rank=0".into(), "flux.dtype=f32".into()]).unwrap();
+        assert!(plan(&full).unwrap().train_peak_bytes / GIB > 141.0);
+        assert!(render(&p, &cfg).starts_with("flux.1-dev at 512²"));
     }
 }
