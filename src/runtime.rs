@@ -59,13 +59,18 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Device for trainable and frozen models. CPU unless built with `--features cuda`
-/// and `VIPO_DEVICE=cuda` is set (so a CUDA build still runs its CPU tests).
+/// Device for trainable and frozen models: the CPU, or in a build with `--features cuda`
+/// GPU 0 unless `VIPO_DEVICE=cpu` (how a CUDA build runs its tests on a machine without one).
 pub fn device() -> anyhow::Result<Device> {
+    // A CUDA build runs on the GPU unless VIPO_DEVICE=cpu; without one it says so in one
+    // line before any work.
     #[cfg(feature = "cuda")]
     {
-        if std::env::var("VIPO_DEVICE").map(|v| v == "cuda").unwrap_or(false) {
-            return Ok(Device::new_cuda(0)?);
+        if std::env::var("VIPO_DEVICE").map(|v| v != "cpu").unwrap_or(true) {
+            return Device::new_cuda(0).map_err(|e| {
+                let why = e.to_string().replace('\n', " ");
+                anyhow::anyhow!("no CUDA device ({why}); this is a CUDA build of vipo: run it on a machine with an NVIDIA GPU and driver, or set VIPO_DEVICE=cpu")
+            });
         }
     }
     Ok(Device::Cpu)

@@ -89,7 +89,8 @@ impl DitBlock {
         if cb != b || cd != d {
             candle_core::bail!("policy/block.rs: conditioning c has shape ({cb}, {cd}), expected ({b}, {d})");
         }
-        if self.cfg.fused {
+        // The fused ops are CPU kernels; elsewhere the reference path (same numbers) runs.
+        if self.cfg.fused && x.device().is_cpu() {
             self.forward_fused(x, c, b, n, d)
         } else {
             self.forward_reference(x, c, b, n, d)
@@ -143,6 +144,9 @@ impl DitBlock {
 /// `Linear::forward` through the fused `ops::linear_bias` (LoRA term added with candle ops).
 pub(crate) fn fused_linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let Some(bias) = &l.bias else { return l.forward(x) };
+    if !x.device().is_cpu() {
+        return l.forward(x); // the fused kernel is CPU code
+    }
     let y = ops::linear_bias(x, &l.weight, bias)?;
     match &l.lora {
         None => Ok(y),

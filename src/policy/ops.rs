@@ -431,6 +431,9 @@ impl CustomOp3 for LnModulateBwd {
 
 /// Tanh-approximated GELU with a single-pass backward.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.gelu(); // candle's tanh-approximated GELU, with its backward
+    }
     x.contiguous()?.apply_op1(Gelu)
 }
 
@@ -863,7 +866,19 @@ mod tests {
 /// tap-major (tap = dy·3 + dx, offsets −1..=1) then channel. The composed version (pad, nine
 /// narrows, cat) spent most of its backward building zero-padded copies.
 pub fn im2col3x3(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return im2col3x3_composed(x); // the kernel is CPU code
+    }
     x.contiguous()?.apply_op1(Im2Col)
+}
+
+/// [`im2col3x3`] from candle ops (pad, nine shifted views, cat): the same numbers on any
+/// device.
+pub fn im2col3x3_composed(x: &Tensor) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let p = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let taps: Vec<Tensor> = (0..9).map(|t| p.narrow(1, t / 3, h)?.narrow(2, t % 3, w)).collect::<Result<_>>()?;
+    Tensor::cat(&taps, 3)
 }
 
 struct Im2Col;
@@ -953,5 +968,30 @@ impl CustomOp1 for Col2Im {
         let c = c9 / 9;
         let out = dispatch!(s, "col2im3x3", |v| storage(col2im(contiguous(v, l, "grad")?, b, h, w, c)));
         Ok((out, Shape::from((b, h, w, c))))
+    }
+}
+
+#[cfg(test)]
+mod device_fallback_tests {
+    use super::*;
+    use candle_core::Device;
+
+
+    /// The composed im2col a GPU runs equals the CPU kernel, values and gradients.
+    #[test]
+    fn im2col_composed_equals_the_kernel() {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        let x = candle_core::Var::from_tensor(&crate::sampler::randn(&[2, 5, 4, 3], &mut rng, &Device::Cpu).unwrap()).unwrap();
+        let (a, b) = (im2col3x3(x.as_tensor()).unwrap(), im2col3x3_composed(x.as_tensor()).unwrap());
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&a), flat(&b));
+        let w = crate::sampler::randn(a.dims(), &mut rng, &Device::Cpu).unwrap();
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (flat(ga.get(x.as_tensor()).unwrap()), flat(gb.get(x.as_tensor()).unwrap()));
+        assert!(ga.iter().zip(&gb).all(|(p, q)| (p - q).abs() < 1e-5));
+        let g = gelu_tanh(x.as_tensor()).unwrap();
+        let r = x.as_tensor().gelu().unwrap();
+        assert!(flat(&g).iter().zip(flat(&r)).all(|(p, q)| (p - q).abs() < 1e-5), "the GPU's gelu is the same tanh GELU");
     }
 }
