@@ -29,6 +29,15 @@ pub fn checkpointed(block: Arc<dyn PackedBlock>, packed: &Tensor, grads: &SideGr
     packed.apply_op1(Checkpoint { block, grads: grads.clone() })
 }
 
+/// `loss.backward()`, plus the weight gradients the checkpointed blocks collected when a
+/// model checkpoints (`side` is its store).
+pub fn backward_opt(loss: &Tensor, side: Option<&SideGrads>) -> Result<GradStore> {
+    match side {
+        Some(s) => backward(loss, s),
+        None => loss.backward(),
+    }
+}
+
 /// `loss.backward()` plus the weight gradients the checkpointed blocks collected.
 pub fn backward(loss: &Tensor, side: &SideGrads) -> Result<GradStore> {
     side.0.lock().unwrap().clear();

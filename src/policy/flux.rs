@@ -466,10 +466,7 @@ impl Flux {
 
     /// `loss.backward()`, plus the weight gradients of checkpointed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        match &self.checkpoint {
-            Some(side) => super::checkpoint::backward(loss, side),
-            None => loss.backward(),
-        }
+        super::checkpoint::backward_opt(loss, self.checkpoint.as_ref())
     }
 
     /// Velocity for latents z (B, C, H, W) at noise levels σ (B,) with T5 tokens

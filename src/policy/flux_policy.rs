@@ -190,24 +190,8 @@ pub(crate) mod tests {
         let t5json = r#"{"vocab_size": 56, "d_model": 10, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2, "relative_attention_num_buckets": 8,
             "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
             "is_encoder_decoder": true, "pad_token_id": 0, "eos_token_id": 1}"#;
-        let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(t5json).unwrap();
-        let vm = VarMap::new();
-        candle_transformers::models::t5::T5EncoderModel::load(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &t5cfg).unwrap();
-        crate::policy::randomize_vars(&vm, 8, 0.3);
-        std::fs::create_dir_all(root.join("text_encoder_2")).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &root.join("text_encoder_2/model.safetensors")).unwrap();
-        std::fs::write(root.join("text_encoder_2/config.json"), t5json).unwrap();
-        let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig { block_out_channels: vec![8, 16], layers_per_block: 1, latent_channels: 16, norm_num_groups: 4, use_quant_conv: false, use_post_quant_conv: false };
-        let vm = VarMap::new();
-        candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
-        crate::policy::randomize_vars(&vm, 9, 0.2);
-        std::fs::create_dir_all(root.join("vae")).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &root.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-        std::fs::write(
-            root.join("vae/config.json"),
-            r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": false, "use_post_quant_conv": false, "scaling_factor": 0.3611, "shift_factor": 0.1159}"#,
-        )
-        .unwrap();
+        super::super::sd3::tests::write_tiny_t5(&root.join("text_encoder_2"), t5json, 8);
+        super::super::sd3::tests::write_tiny_vae(&root.join("vae"), 0.3611, 0.1159, 9);
     }
 
     /// The tiny FLUX folder loads as a policy: prompts encode to T5 states and CLIP's pooled

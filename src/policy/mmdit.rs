@@ -455,10 +455,7 @@ impl Mmdit {
 
     /// `loss.backward()`, plus the weight gradients of checkpointed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        match &self.checkpoint {
-            Some(side) => super::checkpoint::backward(loss, side),
-            None => loss.backward(),
-        }
+        super::checkpoint::backward_opt(loss, self.checkpoint.as_ref())
     }
 
     /// The centre crop of the position table for an (h, w) patch grid, (1, h·w, D).

@@ -240,22 +240,33 @@ pub(crate) mod tests {
         let t5json = r#"{"vocab_size": 56, "d_model": 64, "d_kv": 8, "d_ff": 96, "num_layers": 2, "num_heads": 8, "relative_attention_num_buckets": 8,
             "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
             "is_encoder_decoder": true, "pad_token_id": 0, "eos_token_id": 1}"#;
-        let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(t5json).unwrap();
+        write_tiny_t5(&root.join("text_encoder_3"), t5json, 5);
+        write_tiny_vae(&root.join("vae"), 1.5305, 0.0609, 6);
+    }
+
+    /// A random T5 encoder folder (transformers' layout) of the config `json`.
+    pub(crate) fn write_tiny_t5(dir: &Path, json: &str, seed: u64) {
+        let t5cfg: candle_transformers::models::t5::Config = serde_json::from_str(json).unwrap();
         let vm = VarMap::new();
         candle_transformers::models::t5::T5EncoderModel::load(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &t5cfg).unwrap();
-        crate::policy::randomize_vars(&vm, 5, 0.3);
-        std::fs::create_dir_all(root.join("text_encoder_3")).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &root.join("text_encoder_3/model.safetensors")).unwrap();
-        std::fs::write(root.join("text_encoder_3/config.json"), t5json).unwrap();
+        crate::policy::randomize_vars(&vm, seed, 0.3);
+        std::fs::create_dir_all(dir).unwrap();
+        crate::train::checkpoint::save_varmap(&vm, &dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), json).unwrap();
+    }
+
+    /// A random 16-channel diffusers AutoencoderKL folder (2 blocks: 2× downsampling) with
+    /// the given latent scale and shift.
+    pub(crate) fn write_tiny_vae(dir: &Path, scale: f64, shift: f64, seed: u64) {
         let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig { block_out_channels: vec![8, 16], layers_per_block: 1, latent_channels: 16, norm_num_groups: 4, use_quant_conv: false, use_post_quant_conv: false };
         let vm = VarMap::new();
         candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
-        crate::policy::randomize_vars(&vm, 6, 0.2);
-        std::fs::create_dir_all(root.join("vae")).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &root.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+        crate::policy::randomize_vars(&vm, seed, 0.2);
+        std::fs::create_dir_all(dir).unwrap();
+        crate::train::checkpoint::save_varmap(&vm, &dir.join("diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(
-            root.join("vae/config.json"),
-            r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": false, "use_post_quant_conv": false, "scaling_factor": 1.5305, "shift_factor": 0.0609}"#,
+            dir.join("config.json"),
+            format!(r#"{{"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": false, "use_post_quant_conv": false, "scaling_factor": {scale}, "shift_factor": {shift}}}"#),
         )
         .unwrap();
     }
