@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use super::embed_cache::EmbedCache;
 use super::flux::{Flux, FluxConfig};
-use super::layers::{LoraCtx, LoraSpec};
+use super::layers::LoraSpec;
 use super::sd3::Tok;
 use super::sd3_vae::Sd3Vae;
 use super::{Condition, FlowModel, Policy};
@@ -56,27 +56,9 @@ impl FluxPolicy {
     /// checked against the transformer; `cache_root`: where prompt encodings are kept.
     pub fn load(spec: &str, variant: Option<(&str, &FluxConfig)>, shape: &FluxShape, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
         let FluxShape { resolution, t5_tokens, checkpointing, dtype, guidance } = shape.clone();
-        anyhow::ensure!(lora.is_some() || dtype == DType::F32, "flux.dtype = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs flux.dtype = \"f32\"");
         let root = crate::hf::resolve(spec)?;
         let (cfg, tensors) = super::flux_layout::load_transformer(&root, variant, device)?;
-        let base = VarMap::new();
-        {
-            let mut data = base.data().lock().unwrap();
-            for (k, t) in tensors {
-                data.insert(k, Var::from_tensor(&t.to_dtype(dtype)?)?);
-            }
-        }
-        let frozen_vb = super::frozen_builder_as(&base, dtype, device);
-        let (model, frozen, base_net, lora_map) = match lora {
-            None => (Flux::new(&candle_nn::VarBuilder::from_varmap(&base, dtype, device), &cfg, None)?, Flux::new(&frozen_vb, &cfg, None)?, None, None),
-            Some(spec) => {
-                let lmap = VarMap::new();
-                let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
-                let model = Flux::new(&frozen_vb, &cfg, Some(&ctx))?;
-                let fctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
-                (model, Flux::new(&frozen_vb, &cfg, Some(&fctx))?, Some(Flux::new(&frozen_vb, &cfg, None)?), Some(lmap))
-            }
-        };
+        let super::Nets { base, lora: lora_map, model, frozen, base_net } = super::Nets::build(tensors, dtype, "flux.dtype", lora, device, seed, |vb, l| Flux::new(vb, &cfg, l))?;
         let model = if checkpointing { model.checkpointed() } else { model };
         let clip = ClipText::load_any(&root.join("text_encoder"), device)?;
         let t5 = super::sd3_text::load_t5(&root.join("text_encoder_2"), dtype, device)?;

@@ -301,6 +301,43 @@ pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&Lo
     })
 }
 
+/// The networks of a real generator over one set of base weights: the trained one (LoRA
+/// adapters on untracked base views, or every weight a `Var` for full fine-tuning), the
+/// same on untracked views for sampling, and for LoRA runs the base alone (the KL
+/// reference), all sharing the weights' storage.
+pub struct Nets<M> {
+    pub base: VarMap,
+    pub lora: Option<VarMap>,
+    pub model: M,
+    pub frozen: M,
+    pub base_net: Option<M>,
+}
+
+impl<M> Nets<M> {
+    /// `tensors` as base weights in `dtype` (full fine-tuning needs f32); `build` makes a
+    /// network on a VarBuilder with optional adapters; `field` names the dtype setting.
+    pub fn build(tensors: std::collections::HashMap<String, Tensor>, dtype: candle_core::DType, field: &str, lora: Option<&LoraSpec>, device: &Device, seed: u64, build: impl Fn(&VarBuilder, Option<&LoraCtx>) -> candle_core::Result<M>) -> Result<Self> {
+        anyhow::ensure!(lora.is_some() || dtype == candle_core::DType::F32, "{field} = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs {field} = \"f32\"");
+        let base = VarMap::new();
+        {
+            let mut data = base.data().lock().unwrap();
+            for (k, t) in tensors {
+                data.insert(k, Var::from_tensor(&t.to_dtype(dtype)?)?);
+            }
+        }
+        let frozen_vb = frozen_builder_as(&base, dtype, device);
+        Ok(match lora {
+            None => Self { model: build(&VarBuilder::from_varmap(&base, dtype, device), None)?, frozen: build(&frozen_vb, None)?, base_net: None, lora: None, base },
+            Some(spec) => {
+                let lmap = VarMap::new();
+                let model = build(&frozen_vb, Some(&LoraCtx { vb: seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() }))?;
+                let frozen = build(&frozen_vb, Some(&LoraCtx { vb: frozen_builder(&lmap, device), spec: spec.clone() }))?;
+                Self { model, frozen, base_net: Some(build(&frozen_vb, None)?), lora: Some(lmap), base }
+            }
+        })
+    }
+}
+
 /// Test guard against candle ops that silently drop gradients: every variable got a
 /// finite, non-zero gradient from `grads`.
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::embed_cache::EmbedCache;
-use super::layers::{LoraCtx, LoraSpec};
+use super::layers::LoraSpec;
 use super::mmdit::{Mmdit, MmditConfig};
 use super::sd3_text::Sd3Text;
 use super::sd3_vae::Sd3Vae;
@@ -86,28 +86,9 @@ impl Sd3Policy {
     /// (None: encode every time).
     pub fn load(spec: &str, variant: Option<(&str, &MmditConfig)>, shape: &Sd3Shape, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
         let Sd3Shape { resolution, t5_tokens, checkpointing, dtype } = shape.clone();
-        anyhow::ensure!(lora.is_some() || dtype == candle_core::DType::F32, "sd3.dtype = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs sd3.dtype = \"f32\"");
         let root = crate::hf::resolve(spec)?;
         let (cfg, tensors) = super::sd3_layout::load_transformer(root.to_str().unwrap_or(spec), variant, device)?;
-        let base = VarMap::new();
-        {
-            let mut data = base.data().lock().unwrap();
-            for (k, t) in tensors {
-                data.insert(k, Var::from_tensor(&t.to_dtype(dtype)?)?);
-            }
-        }
-        let frozen_vb = super::frozen_builder_as(&base, dtype, device);
-        // The trained network, and the same on untracked views for sampling (no graph).
-        let (model, frozen, base_net, lora_map) = match lora {
-            None => (Mmdit::new(&candle_nn::VarBuilder::from_varmap(&base, dtype, device), &cfg, None)?, Mmdit::new(&frozen_vb, &cfg, None)?, None, None),
-            Some(spec) => {
-                let lmap = VarMap::new();
-                let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
-                let model = Mmdit::new(&frozen_vb, &cfg, Some(&ctx))?;
-                let fctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
-                (model, Mmdit::new(&frozen_vb, &cfg, Some(&fctx))?, Some(Mmdit::new(&frozen_vb, &cfg, None)?), Some(lmap))
-            }
-        };
+        let super::Nets { base, lora: lora_map, model, frozen, base_net } = super::Nets::build(tensors, dtype, "sd3.dtype", lora, device, seed, |vb, l| Mmdit::new(vb, &cfg, l))?;
         let model = if checkpointing { model.checkpointed() } else { model };
         let clip_l = ClipText::load(&root.join("text_encoder"), device)?;
         let clip_g = ClipText::load(&root.join("text_encoder_2"), device)?;
