@@ -33,7 +33,11 @@ pub enum Inputs {
 impl Inputs {
     pub fn accepts(self, modality: crate::config::Modality) -> bool {
         use crate::config::Modality;
-        matches!((self, modality), (Inputs::Any, _) | (Inputs::Images, Modality::Image) | (Inputs::Clips, Modality::Video))
+        match self {
+            Inputs::Any => true,
+            Inputs::Images => modality != Modality::Video,
+            Inputs::Clips => modality == Modality::Video,
+        }
     }
 }
 

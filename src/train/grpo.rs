@@ -1276,7 +1276,7 @@ pub(crate) mod tests {
         let model = d.path().join("flux");
         crate::policy::flux_policy::tests::write_tiny_model(&model);
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-flux.toml");
-        for (name, algo, extra) in [("grpo", "grpo", vec![]), ("vipo", "vipo", vec!["train.kl_beta=0.04"])] {
+        for (name, algo, extra) in [("grpo", "grpo", vec![]), ("vipo", "vipo", vec!["train.kl_beta=0.04", r#"train.rewards=[{name="redness",weight=1.0},{name="compositional",weight=0.5}]"#])] {
             let mut sets = vec![format!("flux.model={}", model.display()), format!("out_dir={}", d.path().display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
             sets.extend(extra.iter().map(|s| s.to_string()));
             let cfg: Config = crate::config::load(Some(&file), &sets).unwrap();
