@@ -1,7 +1,8 @@
 //! Stable Diffusion 3 / 3.5 as a vipo [`Policy`]: the trainable MMDiT ([`super::mmdit`],
 //! LoRA by diffusers module name), its frozen text side ([`super::sd3_text`]: CLIP-L,
 //! OpenCLIP-bigG, T5) and VAE ([`super::sd3_vae`]), all from one diffusers model folder
-//! (`transformer/`, `text_encoder{,_2,_3}/`, `tokenizer{,_2,_3}/tokenizer.json`, `vae/`) or a
+//! (`transformer/`, `text_encoder{,_2,_3}/`, `tokenizer{,_2,_3}/` — tokenizer.json, or CLIP's
+//! vocab.json + merges.txt — and `vae/`) or a
 //! repository id in the local Hugging Face cache. Prompt encodings go through the on-disk
 //! embedding cache when one is given; CFG's unconditional input is the encoding of "" (as
 //! the diffusers pipeline's negative prompt), not zeros.
@@ -29,12 +30,18 @@ pub(crate) struct Tok {
 }
 
 impl Tok {
-    /// `dir/tokenizer.json`, padding with the pad token its `special_tokens_map.json` names
+    /// `dir/tokenizer.json` (or a CLIP tokenizer's vocab.json + merges.txt), padding with the
+    /// pad token its `special_tokens_map.json` names
     /// (else `default_pad`).
     pub(crate) fn load(dir: &Path, len: usize, default_pad: &str) -> Result<Self> {
         let p = dir.join("tokenizer.json");
-        anyhow::ensure!(p.is_file(), "{}: no tokenizer.json (diffusers' CLIP tokenizer folders may hold only vocab.json/merges.txt: write one with transformers' CLIPTokenizerFast.from_pretrained(DIR).save_pretrained(DIR))", dir.display());
-        let mut tok = tokenizers::Tokenizer::from_file(&p).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", p.display()))?;
+        let mut tok = if p.is_file() {
+            tokenizers::Tokenizer::from_file(&p).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", p.display()))?
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            clip_tokenizer_from_files(dir)?
+        } else {
+            anyhow::bail!("{}: neither tokenizer.json nor vocab.json + merges.txt", dir.display());
+        };
         let pad_token = std::fs::read_to_string(dir.join("special_tokens_map.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -61,6 +68,39 @@ pub struct Sd3Shape {
     pub checkpointing: bool,
     /// The transformer's base weights and T5 (LoRA adapters stay f32).
     pub dtype: candle_core::DType,
+}
+
+/// A CLIP tokenizer from the slow tokenizer's `vocab.json` + `merges.txt` (what diffusers'
+/// SD3 and FLUX `tokenizer/` folders hold), built as transformers' CLIPTokenizerFast
+/// conversion builds it: NFC, whitespace runs to one space, lowercase; CLIP's split
+/// pattern; byte-level BPE with `</w>` word ends; `<|startoftext|>` … `<|endoftext|>`.
+pub(crate) fn clip_tokenizer_from_files(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let vocab_path = dir.join("vocab.json");
+    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_value(crate::hf::read_json(&vocab_path)?).map_err(|e| anyhow::anyhow!("{}: not a vocabulary ({e})", vocab_path.display()))?;
+    let merges_path = dir.join("merges.txt");
+    let text = std::fs::read_to_string(&merges_path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", merges_path.display()))?;
+    let merges: Vec<[&str; 2]> = text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(|l| l.split_once(' ').map(|(a, b)| [a, b]).ok_or_else(|| anyhow::anyhow!("{}: line {l:?} is not a merge pair", merges_path.display())))
+        .collect::<Result<_>>()?;
+    let id = |t: &str| vocab.get(t).and_then(|v| v.as_u64()).ok_or_else(|| anyhow::anyhow!("{}: no token {t}", vocab_path.display()));
+    let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+    let special = |t: &str, i: u64| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special("<|startoftext|>", bos), special("<|endoftext|>", eos)],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}, {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos], "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    json.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| anyhow::anyhow!("{}: cannot build a CLIP tokenizer from vocab.json + merges.txt ({e})", dir.display()))
 }
 
 pub struct Sd3Policy {
@@ -256,6 +296,30 @@ pub(crate) mod tests {
     /// once), ODE sampling with CFG produces images of the configured size, the sampling
     /// path equals the trained velocity, LoRA adapters are the trainable set and start at
     /// the base.
+    /// A CLIP tokenizer folder with only the slow files (vocab.json + merges.txt, as
+    /// diffusers ships SD3's and FLUX's) tokenizes exactly as transformers' fast
+    /// tokenizer.json of the same vocabulary.
+    #[test]
+    fn clip_tokenizer_from_vocab_and_merges() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
+        let fast: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("tokenizer.json")).unwrap()).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("vocab.json"), fast["model"]["vocab"].to_string()).unwrap();
+        let merges: Vec<String> = fast["model"]["merges"].as_array().unwrap().iter().map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
+        std::fs::write(d.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
+        let built = clip_tokenizer_from_files(d.path()).unwrap();
+        let reference = tokenizers::Tokenizer::from_file(data.join("tokenizer.json")).unwrap();
+        for text in ["a red cat", "A  RED\tcat's", "two blue squares, left of 3 circles!", "", "reddish careers"] {
+            let (a, b) = (built.encode(text, true).unwrap(), reference.encode(text, true).unwrap());
+            assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
+        }
+        // And Tok loads such a folder.
+        let t = Tok::load(d.path(), 8, "<|endoftext|>").unwrap();
+        assert_eq!(t.ids(&["a red cat".into()], &Device::Cpu).unwrap().dims(), &[1, 8]);
+        std::fs::remove_file(d.path().join("merges.txt")).unwrap();
+        assert!(Tok::load(d.path(), 8, "!").err().unwrap().to_string().contains("merges.txt"));
+    }
+
     fn shape(resolution: usize) -> Sd3Shape {
         Sd3Shape { resolution, t5_tokens: 5, checkpointing: false, dtype: DType::F32 }
     }
