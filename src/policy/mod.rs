@@ -318,6 +318,10 @@ impl<M> Nets<M> {
     /// network on a VarBuilder with optional adapters; `field` names the dtype setting.
     pub fn build(tensors: std::collections::HashMap<String, Tensor>, dtype: candle_core::DType, field: &str, lora: Option<&LoraSpec>, device: &Device, seed: u64, build: impl Fn(&VarBuilder, Option<&LoraCtx>) -> candle_core::Result<M>) -> Result<Self> {
         anyhow::ensure!(lora.is_some() || dtype == candle_core::DType::F32, "{field} = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs {field} = \"f32\"");
+        // bf16's range does not fit f16: a bf16 checkpoint would overflow silently.
+        if let Some((name, _)) = tensors.iter().find(|(_, t)| t.dtype() == candle_core::DType::BF16 && dtype == candle_core::DType::F16) {
+            anyhow::bail!("{field} = \"f16\": the checkpoint is bf16 (tensor {name}), whose range f16 cannot hold; use \"bf16\" or \"f32\"");
+        }
         let base = VarMap::new();
         {
             let mut data = base.data().lock().unwrap();
@@ -335,6 +339,27 @@ impl<M> Nets<M> {
                 Self { model, frozen, base_net: Some(build(&frozen_vb, None)?), lora: Some(lmap), base }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod nets_tests {
+    use super::*;
+
+    /// A bf16 checkpoint is refused in f16, full fine-tuning in bf16; LoRA in bf16 keeps
+    /// the base in bf16 and the adapters in f32.
+    #[test]
+    fn dtype_rules() {
+        let t = std::collections::HashMap::from([("w.weight".to_string(), Tensor::ones((4, 3), candle_core::DType::BF16, &Device::Cpu).unwrap()), ("w.bias".to_string(), Tensor::zeros(4, candle_core::DType::BF16, &Device::Cpu).unwrap())]);
+        let spec = LoraSpec { rank: 1, alpha: 1.0, targets: vec!["w".into()] };
+        let lin = |vb: &VarBuilder, l: Option<&LoraCtx>| layers::Linear::new(&vb.pp("w"), 3, 4, true, l);
+        let e = Nets::build(t.clone(), candle_core::DType::F16, "flux.dtype", Some(&spec), &Device::Cpu, 0, lin).err().unwrap().to_string();
+        assert!(e.contains("flux.dtype") && e.contains("bf16") && e.contains("w."), "{e}");
+        let e = Nets::build(t.clone(), candle_core::DType::BF16, "sd3.dtype", None, &Device::Cpu, 0, lin).err().unwrap().to_string();
+        assert!(e.contains("full fine-tuning"), "{e}");
+        let n = Nets::build(t, candle_core::DType::BF16, "sd3.dtype", Some(&spec), &Device::Cpu, 0, lin).unwrap();
+        assert!(sorted_vars(&n.base).iter().all(|(_, v)| v.dtype() == candle_core::DType::BF16));
+        assert!(n.base_net.is_some() && sorted_vars(n.lora.as_ref().unwrap()).iter().all(|(_, v)| v.dtype() == candle_core::DType::F32));
     }
 }
 
