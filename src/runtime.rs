@@ -68,7 +68,8 @@ pub fn device() -> anyhow::Result<Device> {
     {
         if std::env::var("VIPO_DEVICE").map(|v| v != "cpu").unwrap_or(true) {
             return Device::new_cuda(0).map_err(|e| {
-                let why = e.to_string().replace('\n', " ");
+                // The first line: candle appends a backtrace when RUST_BACKTRACE is set.
+                let why = e.to_string().lines().next().unwrap_or_default().trim().to_string();
                 anyhow::anyhow!("no CUDA device ({why}); this is a CUDA build of vipo: run it on a machine with an NVIDIA GPU and driver, or set VIPO_DEVICE=cpu")
             });
         }

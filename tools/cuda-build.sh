@@ -41,7 +41,10 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
     ln -sf libcuda.so.1 "$STUB/libcuda.so"
   fi
 fi
-RUNPATH=$LINKS${STUB:+:$STUB}
+LINKPATH=$LINKS${STUB:+:$STUB}
+# At run time the binary asks for the versioned names (libcublas.so.13), which live in the
+# wheels' lib folder.
+RUNPATH=$TK/lib${STUB:+:$STUB}
 if [ "${1:-}" = "--env" ]; then
   echo "export LD_LIBRARY_PATH=$RUNPATH\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
   exit 0
@@ -49,8 +52,8 @@ fi
 export CUDA_HOME=$TK CUDA_PATH=$TK CUDA_ROOT=$TK PATH=$TK/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}   # H100/H200; there is no nvidia-smi to ask
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2}
-export LIBRARY_PATH=$RUNPATH${LIBRARY_PATH:+:$LIBRARY_PATH}
-export LD_LIBRARY_PATH=$RUNPATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LIBRARY_PATH=$LINKPATH${LIBRARY_PATH:+:$LIBRARY_PATH}
+export LD_LIBRARY_PATH=$RUNPATH:$LINKS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cd "$ROOT"
 cargo build --release --features cuda --target-dir target/cuda "$@"
 echo "cuda-build: target/cuda/release/vipo (run with: eval \"\$(tools/cuda-build.sh --env)\")" >&2
