@@ -133,7 +133,12 @@ pub fn foreground_mask(im: &Image) -> Vec<f32> {
         .collect()
 }
 
-fn stats(maps: &[Vec<f32>], images: &[Image]) -> (f64, f64) {
+/// (map mass on object pixels, object area share), averaged; (0, 0) — "not measured" —
+/// for a real generator's images, whose objects no ShapeWorld background colour marks.
+fn stats(maps: &[Vec<f32>], images: &[Image], shapeworld: bool) -> (f64, f64) {
+    if !shapeworld {
+        return (0.0, 0.0);
+    }
     let (mut mass, mut area) = (0.0, 0.0);
     for (m, im) in maps.iter().zip(images) {
         let (a, b) = psm::map_object_mass(m, &foreground_mask(im));
@@ -144,7 +149,10 @@ fn stats(maps: &[Vec<f32>], images: &[Image]) -> (f64, f64) {
     (mass / n, area / n)
 }
 
-pub struct OnesMap;
+pub struct OnesMap {
+    /// ShapeWorld samples (object statistics measurable).
+    pub shapeworld: bool,
+}
 
 impl MapSource for OnesMap {
     fn name(&self) -> String {
@@ -153,7 +161,7 @@ impl MapSource for OnesMap {
     fn maps(&self, images: &[Image], _: &[PromptSpec]) -> Result<MapBatch> {
         let (h, w) = (images[0].h, images[0].w);
         let maps = vec![vec![1.0; h * w]; images.len()];
-        let (object_mass, object_area_frac) = stats(&maps, images);
+        let (object_mass, object_area_frac) = stats(&maps, images, self.shapeworld);
         Ok(MapBatch { maps, h, w, t: None, fallbacks: 0, object_mass, object_area_frac })
     }
 }
@@ -162,6 +170,8 @@ impl MapSource for OnesMap {
 pub struct PsmMap {
     pub backbone: Box<dyn Backbone>,
     pub cfg: PsmConfig,
+    /// ShapeWorld samples (object statistics measurable).
+    pub shapeworld: bool,
 }
 
 impl MapSource for PsmMap {
@@ -172,7 +182,7 @@ impl MapSource for PsmMap {
         let (h, w) = (images[0].h, images[0].w);
         let feats = self.backbone.features(images)?;
         let (maps, fallbacks) = psm::allocation_maps(&feats, h, w, &self.cfg);
-        let (object_mass, object_area_frac) = stats(&maps, images);
+        let (object_mass, object_area_frac) = stats(&maps, images, self.shapeworld);
         Ok(MapBatch { maps, h, w, t: None, fallbacks, object_mass, object_area_frac })
     }
 }
@@ -180,7 +190,7 @@ impl MapSource for PsmMap {
 /// Build the configured map source, validating backbone and PSM settings up front.
 pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
     Ok(match cfg.vipo.map {
-        MapKind::Ones => Box::new(OnesMap),
+        MapKind::Ones => Box::new(OnesMap { shapeworld: !cfg.modality.is_real() }),
         MapKind::Psm => {
             let backbone = crate::backbone::load(&cfg.backbone)?;
             // Probe once so K > D or K > N is reported before training starts.
@@ -189,7 +199,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
             let f = &probe[0];
             cfg.psm.validate(f.d)?;
             anyhow::ensure!(cfg.psm.k <= f.n(), "psm.k = {} exceeds the {} patches of the {} feature grid", cfg.psm.k, f.n(), backbone.name());
-            Box::new(PsmMap { backbone, cfg: cfg.psm.clone() })
+            Box::new(PsmMap { backbone, cfg: cfg.psm.clone(), shapeworld: !cfg.modality.is_real() })
         }
     })
 }
