@@ -196,11 +196,7 @@ impl Sd3Config {
 
     /// Bytes per weight of `dtype`.
     pub fn weight_bytes(&self) -> Result<usize> {
-        Ok(match self.dtype.as_str() {
-            "bf16" | "f16" => 2,
-            "f32" => 4,
-            other => anyhow::bail!("sd3.dtype: unknown {other:?} (bf16, f16 or f32)"),
-        })
+        Ok(self.candle_dtype()?.size_in_bytes())
     }
     pub fn validate(&self) -> Result<()> {
         self.weight_bytes()?;

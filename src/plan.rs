@@ -98,22 +98,28 @@ pub fn sd3(cfg: &Config) -> Result<Plan> {
     s.validate()?;
     cfg.train.validate()?;
     let m = MmditConfig::by_name(&s.variant)?;
-    let t = &cfg.train;
     let bytes = s.weight_bytes()? as f64;
     let lat = s.resolution / 8;
     let n = (lat / m.patch) * (lat / m.patch);
     anyhow::ensure!(lat / m.patch <= m.pos_embed_max, "sd3.resolution {}: a {}×{} patch grid exceeds {}'s {}×{} position table", s.resolution, lat / m.patch, lat / m.patch, s.variant, m.pos_embed_max, m.pos_embed_max);
     let l = 77 + s.t5_tokens;
     let params = m.param_count() as f64;
-    let trainable = if t.lora_rank > 0 {
-        let n = m.lora_param_count(t.lora_rank, &t.lora_targets) as f64;
-        anyhow::ensure!(n > 0.0, "train.lora_targets {:?}: no layer of {} matches (targets are diffusers module names, e.g. attn.to_q, attn.add_k_proj, attn.to_out.0)", t.lora_targets, s.variant);
-        n
-    } else {
-        params
-    };
+    let trainable = trainable(cfg, params, |r, ts| m.lora_param_count(r, ts), &s.variant, "attn.to_out.0")?;
     let (fwd, act, block) = per_sample(&m, n, l, bytes);
     Ok(assemble(cfg, Arch { model: s.variant.clone(), resolution: s.resolution, dtype: s.dtype.clone(), checkpointing: s.checkpointing, params, trainable, n, l, fwd, act, block, blocks: m.depth, hidden: m.hidden(), bytes, text_encoders: CLIP_L + CLIP_G + T5_XXL }))
+}
+
+/// Trainable parameters: every one for full fine-tuning, else the LoRA parameters
+/// `lora(rank, targets)` counts (a target set matching nothing in `variant` is an error;
+/// `example` is a third target name worth suggesting for it).
+fn trainable(cfg: &Config, params: f64, lora: impl Fn(usize, &[String]) -> usize, variant: &str, example: &str) -> Result<f64> {
+    let t = &cfg.train;
+    if t.lora_rank == 0 {
+        return Ok(params);
+    }
+    let n = lora(t.lora_rank, &t.lora_targets) as f64;
+    anyhow::ensure!(n > 0.0, "train.lora_targets {:?}: no layer of {variant} matches (targets are diffusers module names, e.g. attn.to_q, attn.add_k_proj, {example})", t.lora_targets);
+    Ok(n)
 }
 
 /// What a plan needs from one architecture.
@@ -189,18 +195,11 @@ pub fn flux(cfg: &Config) -> Result<Plan> {
     f.validate()?;
     cfg.train.validate()?;
     let m = crate::policy::flux::FluxConfig::by_name(&f.variant)?;
-    let t = &cfg.train;
     let bytes = f.candle_dtype()?.size_in_bytes() as f64;
     let n = (f.resolution / 16) * (f.resolution / 16);
     let l = f.t5_tokens;
     let params = m.param_count() as f64;
-    let trainable = if t.lora_rank > 0 {
-        let k = m.lora_param_count(t.lora_rank, &t.lora_targets) as f64;
-        anyhow::ensure!(k > 0.0, "train.lora_targets {:?}: no layer of {} matches (targets are diffusers module names, e.g. attn.to_q, attn.add_k_proj, proj_mlp)", t.lora_targets, f.variant);
-        k
-    } else {
-        params
-    };
+    let trainable = trainable(cfg, params, |r, ts| m.lora_param_count(r, ts), &f.variant, "proj_mlp")?;
     let (nf, lf, d, h) = (n as f64, l as f64, m.hidden as f64, m.heads as f64);
     let (mut fwd, mut act) = (0.0, 0.0);
     for (name, din, dout) in m.linear_layers() {

@@ -63,6 +63,17 @@ impl Prompt {
     }
 }
 
+/// `n` ShapeWorld prompts of `split` drawn with `seed` for a run of `modality`: scenes
+/// for the image generators (the ShapeWorld policy, and as free text SD3 / FLUX), motion
+/// scenes for video.
+pub fn grammar_prompts(modality: crate::config::Modality, split: crate::world::Split, n: usize, seed: u64) -> Vec<Prompt> {
+    use crate::config::Modality;
+    match modality {
+        Modality::Image | Modality::Sd3 | Modality::Flux => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
+        Modality::Video => crate::world::video::video_prompts(split, n, seed).iter().map(Prompt::video).collect(),
+    }
+}
+
 /// The ShapeWorld image scenes of `prompts`, for a consumer (`who`) that needs them.
 pub fn image_specs(prompts: &[Prompt], who: &str) -> Result<Vec<PromptSpec>> {
     prompts

@@ -12,20 +12,10 @@ use crate::world::PromptSpec;
 /// Generate one image per prompt into `out` (`sample_000.png`…, `grid.png`,
 /// `samples.json` listing prompt → file → compositional score). Returns the count.
 pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
     let images = crate::eval::generate_images(policy, prompts, seed, cfg)?;
-    let reward = Compositional::new();
-    let scores = reward.score_specs(&images, prompts)?;
-    let mut listing = Vec::new();
-    for (i, (im, p)) in images.iter().zip(prompts).enumerate() {
-        let name = format!("sample_{i:03}.png");
-        im.save_png(&out.join(&name))?;
-        listing.push(json!({"prompt": p.text(), "file": name, "score": scores[i]}));
-    }
-    let big: Vec<_> = images.iter().map(|im| im.upscale(4)).collect();
-    crate::image::grid(&big, 8).save_png(&out.join("grid.png"))?;
-    crate::io::atomic_write(&out.join("samples.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
-    Ok(images.len())
+    let scores = Compositional::new().score_specs(&images, prompts)?;
+    let entries = prompts.iter().zip(&scores).map(|(p, s)| json!({"prompt": p.text(), "score": s})).collect();
+    save_images(&images, entries, out)
 }
 
 /// Generate one image per free-text prompt into `out` (any image policy, e.g. SD3):
@@ -33,16 +23,22 @@ pub fn write_samples(policy: &dyn Policy, prompts: &[PromptSpec], seed: u64, cfg
 /// has no scene for the compositional reward.
 pub fn write_text_samples(policy: &dyn Policy, prompts: &[crate::prompt::Prompt], seed: u64, cfg: &SampleConfig, out: &Path) -> Result<usize> {
     let samples = crate::eval::generate(policy, prompts, seed, cfg)?;
-    let images = samples.images("vipo sample")?;
+    let entries = prompts.iter().map(|p| json!({"prompt": p.text})).collect();
+    save_images(samples.images("vipo sample")?, entries, out)
+}
+
+/// `sample_000.png`… for `images`, their grid (tiles scaled by `image::grid_scale`) and
+/// `samples.json`: each image's `entries` object with its file name added.
+fn save_images(images: &[crate::image::Image], entries: Vec<serde_json::Value>, out: &Path) -> Result<usize> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output directory", out.display()))?;
     let mut listing = Vec::new();
-    for (i, (im, p)) in images.iter().zip(prompts).enumerate() {
+    for (i, (im, mut entry)) in images.iter().zip(entries).enumerate() {
         let name = format!("sample_{i:03}.png");
         im.save_png(&out.join(&name))?;
-        listing.push(json!({"prompt": p.text, "file": name}));
+        entry["file"] = json!(name);
+        listing.push(entry);
     }
-    let scale = crate::image::grid_scale(images[0].w);
-    let big: Vec<_> = images.iter().map(|im| im.upscale(scale)).collect();
+    let big: Vec<_> = images.iter().map(|im| im.upscale(crate::image::grid_scale(im.w))).collect();
     crate::image::grid(&big, 8).save_png(&out.join("grid.png"))?;
     crate::io::atomic_write(&out.join("samples.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
     Ok(images.len())

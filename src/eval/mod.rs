@@ -87,12 +87,7 @@ pub fn generate_clips(policy: &dyn Policy, specs: &[VideoSpec], seed: u64, cfg: 
 pub fn held_out_splits(cfg: &crate::config::Config, n: usize) -> Result<Vec<(&'static str, Vec<Prompt>)>> {
     use crate::world::Split;
     let seed = run::EVAL_SEED;
-    let grammar = |split: Split| -> Vec<Prompt> {
-        match cfg.modality {
-            crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
-            crate::config::Modality::Video => crate::world::video::video_prompts(split, n, seed).iter().map(Prompt::video).collect(),
-        }
-    };
+    let grammar = |split: Split| crate::prompt::grammar_prompts(cfg.modality, split, n, seed);
     let file = |path: &str, field: &str| -> Result<Vec<Prompt>> {
         let all = crate::prompt::read_prompt_file(std::path::Path::new(path)).with_context(|| format!("train.{field}"))?;
         Ok(crate::prompt::fixed_subset(&all, n, seed))

@@ -15,6 +15,24 @@ use super::layers::{Linear, LoraCtx};
 /// swapped). None for a name outside the layout.
 pub type DiffusersNames<'a> = &'a dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)>;
 
+/// [`DiffusersNames`] boxed, as a policy hands it out ([`super::Policy::diffusers_names`]).
+pub type BoxedNames<'a> = Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + 'a>;
+
+/// Each diffusers module's rows of a layer with `dout` output rows, in order (a module
+/// given 0 rows takes an equal share).
+pub fn row_ranges(modules: Vec<(String, usize)>, dout: usize) -> Vec<(String, std::ops::Range<usize>)> {
+    let share = dout / modules.len().max(1);
+    let mut start = 0;
+    modules
+        .into_iter()
+        .map(|(name, rows)| {
+            let rows = if rows == 0 { share } else { rows };
+            start += rows;
+            (name, start - rows..start)
+        })
+        .collect()
+}
+
 /// LoRA for a transformer: the adapter spec and where its names come from.
 pub struct Lora<'a> {
     pub ctx: &'a LoraCtx,
@@ -46,27 +64,24 @@ impl Proj {
             let Some((names, swapped)) = (l.names)(&path) else {
                 candle_core::bail!("{}: layer {path} has no diffusers name", l.model);
             };
-            let share = dout / names.len();
             let spec = &l.ctx.spec;
             let bound = 1.0 / (din as f64).sqrt();
-            let mut start = 0;
-            for (name, rows) in &names {
-                let rows = if *rows == 0 { share } else { *rows };
-                let range = start..start + rows;
-                start += rows;
+            let ranges = row_ranges(names, dout);
+            let covered = ranges.last().map_or(0, |(_, r)| r.end);
+            if covered != dout {
+                candle_core::bail!("{}: the diffusers modules of {path} cover {covered} of its {dout} output rows", l.model);
+            }
+            for (name, range) in ranges {
                 if !spec.targets.iter().any(|t| name.contains(t.as_str())) {
                     continue;
                 }
                 if swapped {
                     candle_core::bail!("train.lora_targets: LoRA on {name} (a continuous adaLN layer whose halves diffusers stores swapped) is not supported");
                 }
-                let lvb = l.ctx.vb.pp(name);
+                let lvb = l.ctx.vb.pp(&name);
                 let a = lvb.get_with_hints((spec.rank, din), "lora_A.weight", Init::Uniform { lo: -bound, up: bound })?;
-                let b = lvb.get_with_hints((rows, spec.rank), "lora_B.weight", Init::Const(0.0))?;
+                let b = lvb.get_with_hints((range.len(), spec.rank), "lora_B.weight", Init::Const(0.0))?;
                 parts.push(Part { rows: range, a, b, scale: spec.alpha / spec.rank as f64 });
-            }
-            if start != dout {
-                candle_core::bail!("{}: the diffusers modules of {path} cover {start} of its {dout} output rows", l.model);
             }
         }
         Ok(Self { base, parts })

@@ -115,10 +115,9 @@ impl FluxConfig {
         let mut n = 0;
         for (name, din, dout) in self.linear_layers() {
             let Some((parts, _)) = diffusers_modules(&name, self) else { continue };
-            let share = dout / parts.len();
-            for (module, rows) in parts {
+            for (module, rows) in super::adapted::row_ranges(parts, dout) {
                 if targets.iter().any(|t| module.contains(t.as_str())) {
-                    n += rank * (din + if rows == 0 { share } else { rows });
+                    n += rank * (din + rows.len());
                 }
             }
         }

@@ -111,15 +111,12 @@ pub fn to_diffusers(t: &HashMap<String, Tensor>, cfg: &FluxConfig) -> Result<Has
     let mut out = HashMap::new();
     for (layer, _, dout) in cfg.linear_layers() {
         let (modules, swapped) = diffusers_modules(&layer, cfg).with_context(|| format!("{layer}: no diffusers name"))?;
+        let ranges = super::adapted::row_ranges(modules, dout);
         for suffix in ["weight", "bias"] {
             let full = t.get(&format!("{layer}.{suffix}")).with_context(|| format!("{layer}.{suffix} missing"))?;
             let full = if swapped { swap_halves(full)? } else { full.clone() };
-            let share = dout / modules.len();
-            let mut start = 0;
-            for (m, rows) in &modules {
-                let rows = if *rows == 0 { share } else { *rows };
-                out.insert(format!("{m}.{suffix}"), full.narrow(0, start, rows)?);
-                start += rows;
+            for (m, rows) in &ranges {
+                out.insert(format!("{m}.{suffix}"), full.narrow(0, rows.start, rows.len())?);
             }
         }
     }

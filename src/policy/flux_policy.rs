@@ -139,7 +139,7 @@ impl Policy for FluxPolicy {
     fn lora_map(&self) -> Option<&VarMap> {
         self.lora.as_ref()
     }
-    fn diffusers_names(&self) -> Option<Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + '_>> {
+    fn diffusers_names(&self) -> Option<super::adapted::BoxedNames<'_>> {
         Some(Box::new(move |l: &str| super::flux::diffusers_modules(l, &self.cfg)))
     }
 }

@@ -145,7 +145,7 @@ pub trait Policy: FlowModel {
     /// For a real generator, the diffusers module names of its single-file linear layers
     /// ([`adapted::DiffusersNames`]): its adapters then export for diffusers / PEFT and
     /// merge into the single file. None for the ShapeWorld policies.
-    fn diffusers_names(&self) -> Option<Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + '_>> {
+    fn diffusers_names(&self) -> Option<adapted::BoxedNames<'_>> {
         None
     }
 }

@@ -42,12 +42,8 @@ pub fn merge(base: &HashMap<String, Tensor>, adapters: &HashMap<String, Tensor>,
     for (k, w) in base {
         if let Some(layer) = k.strip_suffix(".weight") {
             if let Some((modules, _)) = names(layer) {
-                let share = w.dim(0)? / modules.len();
-                let mut start = 0;
-                for (name, rows) in modules {
-                    let rows = if rows == 0 { share } else { rows };
-                    place.insert(name, (layer.to_string(), start..start + rows));
-                    start += rows;
+                for (name, rows) in super::adapted::row_ranges(modules, w.dim(0)?) {
+                    place.insert(name, (layer.to_string(), rows));
                 }
             }
         }

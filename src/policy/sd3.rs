@@ -219,7 +219,7 @@ impl Policy for Sd3Policy {
     fn lora_map(&self) -> Option<&VarMap> {
         self.lora.as_ref()
     }
-    fn diffusers_names(&self) -> Option<Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + '_>> {
+    fn diffusers_names(&self) -> Option<super::adapted::BoxedNames<'_>> {
         let depth = self.cfg.depth;
         Some(Box::new(move |l: &str| super::sd3_layout::diffusers_parts(l, depth)))
     }

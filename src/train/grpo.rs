@@ -328,15 +328,15 @@ impl Trainer {
         let path = self.run_dir.join(run::FINAL_WEIGHTS);
         self.with_ema(|p| {
             let mut out: HashMap<String, Tensor> = crate::policy::sorted_vars(p.base_map()).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-            if let (Some(l), Some(names)) = (p.lora_map(), p.diffusers_names()) {
+            let Some(l) = p.lora_map() else { return save_tensors(&out, &path) };
+            let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            if let Some(names) = p.diffusers_names() {
                 // A real generator: the adapters as diffusers / PEFT load them, and the
                 // merged single file.
-                let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
                 let t = &self.cfg.train;
                 crate::policy::peft::export(&self.run_dir.join("lora"), &lv, t.lora_rank, t.lora_alpha, &t.lora_targets)?;
                 out = crate::policy::peft::merge(&out, &lv, t.lora_rank, t.lora_alpha, &*names)?;
-            } else if let Some(l) = p.lora_map() {
-                let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            } else {
                 let s = self.cfg.train.lora_alpha / self.cfg.train.lora_rank as f64;
                 for (name, a) in &lv {
                     if let Some(prefix) = name.strip_suffix(".lora_a") {
@@ -1188,6 +1188,21 @@ pub(crate) mod tests {
         assert!(after > before + 0.03, "redness {before:.3} → {after:.3}");
     }
 
+    /// Train `file` (a tiny real-generator config, its model set by `model`) as run `name`
+    /// under `out` with `train.algo = algo` and the `extra` overrides: the run directory and
+    /// its two steps' metrics.
+    fn train_tiny(file: &Path, model: &str, out: &Path, name: &str, algo: &str, extra: Vec<String>) -> (PathBuf, Vec<StepMetrics>) {
+        let mut sets = vec![model.to_string(), format!("out_dir={}", out.display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
+        sets.extend(extra);
+        let cfg: Config = crate::config::load(Some(file), &sets).unwrap();
+        let dir = out.join(name);
+        run::create_run_dir(&dir, &cfg, false).unwrap();
+        let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
+        let m = tr.train().unwrap();
+        assert_eq!(m.len(), 2, "{name}");
+        (dir, m)
+    }
+
     /// `configs/tiny-sd35.toml` on a tiny SD3.5-layout model folder: GRPO and ViPO run end
     /// to end (rollouts with CFG through the real-generator policy, rewards on decoded
     /// images, ViPO's maps resampled from image resolution to the latent grid, the on-policy
@@ -1208,18 +1223,12 @@ pub(crate) mod tests {
         let mut runs = Vec::new();
         let dino_maps = ["backbone.name=dinov2".to_string(), "backbone.tap=last".into(), "backbone.input_size=56".into(), format!("backbone.weights={}", dino.display())];
         for (name, algo, extra) in [("grpo", "grpo", vec![]), ("grpo-ckpt", "grpo", vec!["sd3.checkpointing=true"]), ("vipo", "vipo", vec!["sd3.checkpointing=true", "train.kl_beta=0.04"]), ("vipo-bf16", "vipo", vec!["sd3.checkpointing=true", "sd3.dtype=bf16"])] {
-            let mut sets = vec![format!("sd3.model={}", model.display()), format!("out_dir={}", d.path().display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
-            sets.extend(extra.iter().map(|s| s.to_string()));
+            let mut sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
             if name == "vipo" {
                 // Real images get DINOv2 maps (a tiny one in the HF folder layout).
                 sets.extend(dino_maps.iter().cloned());
             }
-            let cfg: Config = crate::config::load(Some(&file), &sets).unwrap();
-            let dir = d.path().join(name);
-            run::create_run_dir(&dir, &cfg, false).unwrap();
-            let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
-            let m = tr.train().unwrap();
-            assert_eq!(m.len(), 2);
+            let (dir, m) = train_tiny(&file, &format!("sd3.model={}", model.display()), d.path(), name, algo, sets);
             assert!(m.iter().all(|x| x.reward_mean.is_finite() && x.ratio_dev_first < 1e-5), "{name}: {m:?}");
             if name == "vipo" {
                 assert!(dir.join("maps/step_00001.png").is_file());
@@ -1277,14 +1286,7 @@ pub(crate) mod tests {
         crate::policy::flux_policy::tests::write_tiny_model(&model);
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-flux.toml");
         for (name, algo, extra) in [("grpo", "grpo", vec![]), ("vipo", "vipo", vec!["train.kl_beta=0.04", r#"train.rewards=[{name="redness",weight=1.0},{name="compositional",weight=0.5}]"#])] {
-            let mut sets = vec![format!("flux.model={}", model.display()), format!("out_dir={}", d.path().display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
-            sets.extend(extra.iter().map(|s| s.to_string()));
-            let cfg: Config = crate::config::load(Some(&file), &sets).unwrap();
-            let dir = d.path().join(name);
-            run::create_run_dir(&dir, &cfg, false).unwrap();
-            let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
-            let m = tr.train().unwrap();
-            assert_eq!(m.len(), 2);
+            let (dir, m) = train_tiny(&file, &format!("flux.model={}", model.display()), d.path(), name, algo, extra.iter().map(|s| s.to_string()).collect());
             assert!(m.iter().all(|x| x.reward_mean.is_finite() && x.ratio_dev_first < 1e-5 && x.grad_norm > 0.0), "{name}: {m:?}");
             if name == "vipo" {
                 assert!(dir.join("maps/step_00001.png").is_file());

@@ -15,8 +15,7 @@ use crate::prompt::Prompt;
 use crate::reward::set::RewardSet;
 use crate::reward::RewardInfo;
 use crate::train::maps::{MapBatch, MapSource};
-use crate::world::video::video_prompts;
-use crate::world::{self, Split};
+use crate::world::Split;
 
 /// Fixed prompts and noise of the progress grids (the same for every run and step).
 const GRID_SEED: u64 = 0x9e1d;
@@ -87,10 +86,7 @@ fn train_pool(cfg: &Config) -> Result<Vec<Prompt>> {
         return crate::prompt::read_prompt_file(Path::new(&t.prompt_file)).context("train.prompt_file");
     }
     let (n, seed) = (t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
-    Ok(match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => world::prompts(Split::Train, n, seed).iter().map(Prompt::image).collect(),
-        crate::config::Modality::Video => video_prompts(Split::Train, n, seed).iter().map(Prompt::video).collect(),
-    })
+    Ok(crate::prompt::grammar_prompts(cfg.modality, Split::Train, n, seed))
 }
 
 /// Prompts of the progress grids: fixed grammar train prompts, or a fixed choice from
@@ -100,10 +96,7 @@ fn grid_prompts(cfg: &Config, pool: &[Prompt]) -> Vec<Prompt> {
     if !cfg.train.prompt_file.is_empty() {
         return crate::prompt::fixed_subset(pool, n, GRID_SEED);
     }
-    match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => world::prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::image).collect(),
-        crate::config::Modality::Video => video_prompts(Split::Train, n, GRID_SEED).iter().map(Prompt::video).collect(),
-    }
+    crate::prompt::grammar_prompts(cfg.modality, Split::Train, n, GRID_SEED)
 }
 
 fn mean(v: &[f32]) -> f64 {
