@@ -107,7 +107,8 @@ impl Proj {
                 segs.push(Tensor::zeros((x2.dim(0)?, p.rows.start - at), y.dtype(), y.device())?);
             }
             // Adapters stay f32 (the optimizer's precision) under bf16 base weights.
-            segs.push((x2.matmul(&p.a.to_dtype(x2.dtype())?.t()?)?.matmul(&p.b.to_dtype(x2.dtype())?.t()?)? * p.scale)?);
+            // Scaled at rank r (the small tensor), as in `block::fused_linear`.
+            segs.push((x2.matmul(&p.a.to_dtype(x2.dtype())?.t()?)? * p.scale)?.matmul(&p.b.to_dtype(x2.dtype())?.t()?)?);
             at = p.rows.end;
         }
         if at < dout {

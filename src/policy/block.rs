@@ -151,8 +151,9 @@ pub(crate) fn fused_linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
     match &l.lora {
         None => Ok(y),
         Some((a, b, s)) => {
-            let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-            y + (low * *s)?
+            // Scaled at rank r, not at the output width: one pass over a 1/r-sized tensor.
+            let low = (x.broadcast_matmul(&a.t()?)? * *s)?.broadcast_matmul(&b.t()?)?;
+            y + low
         }
     }
 }

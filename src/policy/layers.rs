@@ -94,8 +94,8 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some((a, b, s)) = &self.lora {
-            let low = x2.matmul(&a.t()?)?;
-            y = (y + (low.matmul(&b.t()?)? * *s)?)?;
+            let low = (x2.matmul(&a.t()?)? * *s)?; // scaled at rank r: a small tensor
+            y = (y + low.matmul(&b.t()?)?)?;
         }
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;

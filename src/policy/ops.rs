@@ -750,6 +750,24 @@ mod tests {
         }
     }
 
+    /// The vendored candle-core's backprop stores a node's first gradient as it is
+    /// (vendor/candle-core/VIPO_PATCH.md). Every way a gradient can arrive is exercised:
+    /// a node used several times (accumulation), transposed and narrowed views feeding a
+    /// matmul's backward (which refuses strided gradients), broadcasts, a custom op.
+    #[test]
+    fn backprop_patch_matches_finite_differences() {
+        fd_check(&[&[3, 4], &[2], &[3, 2, 2]], |t| {
+            let (x, b, q) = (&t[0], &t[1], &t[2]);
+            let shared = x.t()?.matmul(x)?; // x twice, one of them a transposed view
+            let narrowed = x.narrow(1, 1, 2)?.broadcast_add(b)?.sqr()?;
+            let doubled = (x + x)?;
+            let batched = x.reshape((3, 2, 2))?.transpose(1, 2)?.matmul(q)?.transpose(1, 2)?.matmul(q)?;
+            let custom = gelu_tanh(&(x * 0.5)?)?;
+            let parts = [shared, narrowed, doubled, batched, custom];
+            Tensor::cat(&parts.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?, 0)
+        });
+    }
+
     /// Reference attention composed from candle ops (same layout convention).
     fn attention_ref(qkv: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, n, d3) = qkv.dims3()?;
@@ -885,27 +903,34 @@ struct Im2Col;
 struct Col2Im;
 
 fn im2col_fwd<T: Elem>(x: &[T], b: usize, h: usize, w: usize, c: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); b * h * w * 9 * c];
-    out.par_chunks_mut(w * 9 * c).enumerate().for_each(|(r, orow)| {
+    // Every element is written once below (a copy or a padding zero), so the buffer is not
+    // zero-filled first: that memset was 2 % of a training step.
+    let len = b * h * w * 9 * c;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(w * 9 * c).enumerate().for_each(|(r, orow)| {
         let (n, i) = (r / h, r % h);
-        for dy in 0..3 {
-            let yy = i as isize + dy as isize - 1;
-            if yy < 0 || yy >= h as isize {
-                continue;
-            }
-            let src = &x[(n * h + yy as usize) * w * c..][..w * c];
-            for j in 0..w {
+        for j in 0..w {
+            for dy in 0..3 {
+                let yy = i as isize + dy as isize - 1;
                 for dx in 0..3 {
                     let xx = j as isize + dx as isize - 1;
-                    if xx < 0 || xx >= w as isize {
-                        continue;
+                    let dst = &mut orow[(j * 9 + dy * 3 + dx) * c..][..c];
+                    if yy < 0 || yy >= h as isize || xx < 0 || xx >= w as isize {
+                        dst.iter_mut().for_each(|d| {
+                            d.write(T::zero());
+                        });
+                    } else {
+                        let src = &x[((n * h + yy as usize) * w + xx as usize) * c..][..c];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| {
+                            d.write(v);
+                        });
                     }
-                    let t = dy * 3 + dx;
-                    orow[(j * 9 + t) * c..][..c].copy_from_slice(&src[xx as usize * c..][..c]);
                 }
             }
         }
     });
+    // SAFETY: the loop above initialised all `len` elements (9 taps × c for every pixel).
+    unsafe { out.set_len(len) };
     out
 }
 
