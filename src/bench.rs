@@ -9,6 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::policy::block::{BlockConfig, DitBlock};
 
+pub mod gen_step;
 pub mod step;
 
 /// Timings of one DiT block (median milliseconds over the measured iterations).
@@ -205,14 +206,20 @@ pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize,
     Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
 }
 
-/// `vipo bench [block|policy|psm|video|step|all]` (`all` leaves out the slow `step`).
-pub fn run_cli(what: &str, iters: usize, samples_of: Option<(&std::path::Path, Option<usize>)>, cfg: &crate::config::Config) -> anyhow::Result<()> {
-    let known = ["block", "policy", "psm", "video", "step", "mmdit", "all"];
+/// `vipo bench [block|policy|psm|video|step|gen-step|mmdit|all]` (`all` leaves out the slow
+/// `step`, `gen-step` and `mmdit`).
+pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std::path::Path, Option<usize>)>, cfg: &crate::config::Config) -> anyhow::Result<()> {
+    let known = ["block", "policy", "psm", "video", "step", "gen-step", "mmdit", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
     println!("threads: {}", crate::runtime::threads());
     if what == "step" {
         anyhow::ensure!(samples_of.is_none(), "bench: --run applies to `vipo bench psm` only");
         step::print(cfg, &step::bench_step(cfg, iters)?);
+        return Ok(());
+    }
+    if what == "gen-step" {
+        anyhow::ensure!(samples_of.is_none(), "bench: --run applies to `vipo bench psm` only");
+        gen_step::print(cfg, &gen_step::bench_gen_step(cfg, None, iters, steps)?);
         return Ok(());
     }
     if what == "mmdit" {

@@ -212,12 +212,17 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: block | policy | psm | video | step | mmdit | all (all = every one but step and mmdit)
+    /// What to measure: block | policy | psm | video | step | gen-step | mmdit | all (all = every one but step, gen-step and mmdit).
+    /// gen-step: a real generator's step (the config's sd3/flux variant) at full size on random weights
     #[arg(default_value = "all")]
     what: String,
     /// Timed iterations (median reported).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// `gen-step` only: timed training steps after one warm-up step (0: only the
+    /// transformer forward + backward).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
     /// `psm` only: measure map mass on this run's own samples (64 `vipo eval` prompts,
     /// foreground masks) instead of on ground-truth renders.
     #[arg(long)]
@@ -349,7 +354,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", crate::plan::render(&crate::plan::plan(&cfg)?, &cfg));
             Ok(())
         }
-        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.run.as_deref().map(|r| (r, a.checkpoint)), &load_config(&a.cfg)?),
+        Cmd::Bench(a) => crate::bench::run_cli(&a.what, a.iters, a.steps, a.run.as_deref().map(|r| (r, a.checkpoint)), &load_config(&a.cfg)?),
     }
 }
 

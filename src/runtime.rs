@@ -67,14 +67,29 @@ pub fn device() -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
         if std::env::var("VIPO_DEVICE").map(|v| v != "cpu").unwrap_or(true) {
-            return Device::new_cuda(0).map_err(|e| {
+            // One device per process: candle gives every `new_cuda` its own id and refuses
+            // to combine tensors of two (the policy's with the reward's or the backbone's).
+            static GPU: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+            if let Some(d) = GPU.get() {
+                return Ok(d.clone());
+            }
+            let d = Device::new_cuda(0).map_err(|e| {
                 // The first line: candle appends a backtrace when RUST_BACKTRACE is set.
                 let why = e.to_string().lines().next().unwrap_or_default().trim().to_string();
                 anyhow::anyhow!("no CUDA device ({why}); this is a CUDA build of vipo: run it on a machine with an NVIDIA GPU and driver, or set VIPO_DEVICE=cpu")
-            });
+            })?;
+            return Ok(GPU.get_or_init(|| d).clone());
         }
     }
     Ok(Device::Cpu)
+}
+
+/// With `VIPO_TRACE` set, each phase of a training step prints its time to stderr as it
+/// ends (how a run cut off by a time limit still says where its time went).
+pub fn trace(what: &str, secs: f64) {
+    if std::env::var_os("VIPO_TRACE").is_some() {
+        eprintln!("trace: {what} {secs:.2} s");
+    }
 }
 
 /// Compute dtype for a device: f32 on CPU, bf16 would be chosen on GPU for real-scale models.

@@ -33,7 +33,15 @@ impl StepBench {
 }
 
 /// A scratch run directory removed on drop (map grids of a ViPO step land there).
-struct Scratch(PathBuf);
+pub(super) struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(what: &str) -> Result<Self> {
+        let p = std::env::temp_dir().join(format!("vipo-bench-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("bench {what}: cannot create {}", p.display()))?;
+        Ok(Self(p))
+    }
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -44,8 +52,7 @@ impl Drop for Scratch {
 /// Run `iters + 1` training steps of `cfg` (the first is a warm-up) and report medians.
 pub fn bench_step(cfg: &Config, iters: usize) -> Result<StepBench> {
     anyhow::ensure!(iters >= 1, "bench step: iters must be ≥ 1");
-    let scratch = Scratch(std::env::temp_dir().join(format!("vipo-bench-step-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).with_context(|| format!("bench step: cannot create {}", scratch.0.display()))?;
+    let scratch = Scratch::new("step")?;
     let mut cfg = cfg.clone();
     cfg.progress = false;
     cfg.train.eval_prompts = 0;
@@ -57,12 +64,17 @@ pub fn bench_step(cfg: &Config, iters: usize) -> Result<StepBench> {
         cfg.train.base = base.display().to_string();
     }
     let mut tr = Trainer::new(&cfg, &scratch.0, false)?;
+    time_steps(&mut tr, &cfg, iters, true)
+}
+
+/// `iters` steps of a built trainer (after one warm-up step if `warm_up`), medians per phase.
+pub(super) fn time_steps(tr: &mut Trainer, cfg: &Config, iters: usize, warm_up: bool) -> Result<StepBench> {
     let mut ms: Vec<StepMetrics> = Vec::new();
     let mut totals = Vec::new();
-    for i in 0..=iters {
+    for i in 0..iters + usize::from(warm_up) {
         let t = std::time::Instant::now();
         let m = tr.train_step()?;
-        if i > 0 {
+        if i > 0 || !warm_up {
             totals.push(t.elapsed().as_secs_f64());
             ms.push(m);
         }

@@ -135,6 +135,12 @@ pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
     }
 }
 
+/// The configured LoRA adapters (`train.lora_rank` 0 = full fine-tuning).
+pub fn lora_spec(cfg: &Config) -> Option<LoraSpec> {
+    let t = &cfg.train;
+    (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() })
+}
+
 /// A weights file does not say whether its network predicts x̂₀ or v, and both have the
 /// same tensors, so a mismatch would sample garbage silently. When the base sits in a run
 /// directory (pretrain runs and the cache do), its `config.toml` says; refuse a mismatch.
@@ -164,25 +170,36 @@ impl Trainer {
     /// Build a trainer for a fresh run in `run_dir` (already created), or restore the
     /// latest checkpoint of `run_dir` when `resume` is true.
     pub fn new(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Self> {
+        cfg.train.validate()?;
+        cfg.sample.validate()?;
+        let device = crate::runtime::device()?;
+        let base = base_weights(cfg)?;
+        let load = |lora: Option<&LoraSpec>| crate::policy::load_policy(cfg, &base, lora, &device, cfg.seed);
+        let policy = load(lora_spec(cfg).as_ref())?;
+        // Full fine-tuning's KL reference is a second copy of the start.
+        let kl_copy = if cfg.train.kl_beta > 0.0 && policy.lora_map().is_none() { Some(load(None)?) } else { None };
+        Self::with_policy(cfg, run_dir, resume, policy, kl_copy)
+    }
+
+    /// [`Trainer::new`] for a policy built by the caller (`vipo bench gen-step` builds
+    /// real generators' transformers on random weights); `kl_copy`: the frozen start a
+    /// full fine-tuning run with `kl_beta > 0` measures its KL against.
+    pub fn with_policy(cfg: &Config, run_dir: &Path, resume: bool, policy: Box<dyn Policy>, kl_copy: Option<Box<dyn Policy>>) -> Result<Self> {
         let t = &cfg.train;
         t.validate()?;
         cfg.sample.validate()?;
-        let device = crate::runtime::device()?;
         let task = task::build(cfg)?;
-        let base = base_weights(cfg)?;
-        let lora = (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
-        let load = |lora: Option<&LoraSpec>| crate::policy::load_policy(cfg, &base, lora, &device, cfg.seed);
-        let policy = load(lora.as_ref())?;
         // Every prompt through the policy's text side before any work (a word outside the
         // ShapeWorld vocabulary, a prompt too long for the tokenizer).
         policy.encode(task.pool()).with_context(|| if t.prompt_file.is_empty() { "the train prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) })?;
         for (split, prompts) in task.held_out() {
             policy.encode(prompts).with_context(|| format!("held-out split {split:?}"))?;
         }
-        let kl_ref = match (t.kl_beta > 0.0, policy.lora_map().is_some()) {
-            (false, _) => None,
-            (true, true) => Some(KlReference::AdaptersOff),
-            (true, false) => Some(KlReference::Copy(load(None)?)),
+        let kl_ref = match (t.kl_beta > 0.0, policy.lora_map().is_some(), kl_copy) {
+            (false, _, _) => None,
+            (true, true, _) => Some(KlReference::AdaptersOff),
+            (true, false, Some(copy)) => Some(KlReference::Copy(copy)),
+            (true, false, None) => bail!("train.kl_beta = {}: full fine-tuning needs a copy of the starting policy as its KL reference", t.kl_beta),
         };
         let opt = AdamW::new(
             policy.trainable(),
@@ -365,11 +382,13 @@ impl Trainer {
         let (traj, cond) = self.rollout(&specs)?;
         let samples = self.policy.decode(traj.latents.last().unwrap())?;
         m.time_sample_s = t0.elapsed().as_secs_f64();
+        crate::runtime::trace("rollout + decode", m.time_sample_s);
 
         // 2. Rewards: one score per sample per reward; non-finite scores abort here.
         let t1 = Instant::now();
         let scores = self.task.score(&samples, &specs).with_context(|| format!("step {}: reward failed; weights left untouched", m.step))?;
         m.time_reward_s = t1.elapsed().as_secs_f64();
+        crate::runtime::trace("reward", m.time_reward_s);
         let weights = self.task.reward_weights();
         let total = crate::reward::set::weighted_total(&scores, &weights);
         m.reward_mean = mean(&total);
@@ -383,6 +402,7 @@ impl Trainer {
         let sample_maps = self.task.maps(&samples)?;
         if sample_maps.is_some() {
             m.time_map_s = t2.elapsed().as_secs_f64();
+            crate::runtime::trace("maps", m.time_map_s);
         }
         if let Some(mb) = &sample_maps {
             m.map_fallbacks = mb.fallbacks;
@@ -429,6 +449,7 @@ impl Trainer {
         let t3 = Instant::now();
         self.update(&traj, &cond, &adv_tensors, &mut m)?;
         m.time_update_s = t3.elapsed().as_secs_f64();
+        crate::runtime::trace("update", m.time_update_s);
         m.rss_mb = crate::runtime::memory_mb().map_or(0.0, |(rss, _)| rss);
         self.state.step += 1;
         Ok(m)
@@ -1310,5 +1331,18 @@ pub(crate) mod tests {
         let cfg: Config = crate::config::load(Some(&file), &[format!("flux.model={}", model.display()), "sample.guidance=4.5".into()]).unwrap();
         let e = format!("{:#}", Trainer::new(&cfg, &d.path().join("cfg"), false).err().unwrap());
         assert!(e.contains("sample.guidance"), "{e}");
+    }
+
+    /// Not a check: writes the tiny SD3.5 and FLUX folders (and a tiny DINOv2) under
+    /// `$VIPO_TINY_DIR`, for running `configs/tiny-*.toml` by hand or on a GPU machine
+    /// (`cargo test --release -- --ignored write_tiny_models`).
+    #[test]
+    #[ignore]
+    fn write_tiny_models() {
+        let Ok(dir) = std::env::var("VIPO_TINY_DIR") else { panic!("set VIPO_TINY_DIR") };
+        let dir = Path::new(&dir);
+        crate::policy::sd3::tests::write_tiny_model(&dir.join("sd35"));
+        crate::policy::flux_policy::tests::write_tiny_model(&dir.join("flux"));
+        crate::backbone::dinov2::tests::write_tiny_folder(&dir.join("dinov2"), 32, 2, 4);
     }
 }
