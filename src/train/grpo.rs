@@ -173,22 +173,28 @@ impl Trainer {
         cfg.train.validate()?;
         cfg.sample.validate()?;
         let device = crate::runtime::device()?;
+        // The task (prompts, rewards, maps) is checked before any weights are loaded.
+        let task = task::build(cfg)?;
         let base = base_weights(cfg)?;
         let load = |lora: Option<&LoraSpec>| crate::policy::load_policy(cfg, &base, lora, &device, cfg.seed);
         let policy = load(lora_spec(cfg).as_ref())?;
         // Full fine-tuning's KL reference is a second copy of the start.
         let kl_copy = if cfg.train.kl_beta > 0.0 && policy.lora_map().is_none() { Some(load(None)?) } else { None };
-        Self::with_policy(cfg, run_dir, resume, policy, kl_copy)
+        Self::assemble(cfg, run_dir, resume, task, policy, kl_copy)
     }
 
     /// [`Trainer::new`] for a policy built by the caller (`vipo bench gen-step` builds
     /// real generators' transformers on random weights); `kl_copy`: the frozen start a
     /// full fine-tuning run with `kl_beta > 0` measures its KL against.
     pub fn with_policy(cfg: &Config, run_dir: &Path, resume: bool, policy: Box<dyn Policy>, kl_copy: Option<Box<dyn Policy>>) -> Result<Self> {
-        let t = &cfg.train;
-        t.validate()?;
+        cfg.train.validate()?;
         cfg.sample.validate()?;
         let task = task::build(cfg)?;
+        Self::assemble(cfg, run_dir, resume, task, policy, kl_copy)
+    }
+
+    fn assemble(cfg: &Config, run_dir: &Path, resume: bool, task: Box<dyn Task>, policy: Box<dyn Policy>, kl_copy: Option<Box<dyn Policy>>) -> Result<Self> {
+        let t = &cfg.train;
         // Every prompt through the policy's text side before any work (a word outside the
         // ShapeWorld vocabulary, a prompt too long for the tokenizer).
         policy.encode(task.pool()).with_context(|| if t.prompt_file.is_empty() { "the train prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) })?;
