@@ -339,6 +339,17 @@ pub fn print(cfg: &Config, b: &GenStepBench) {
 mod tests {
     use super::*;
 
+    /// A config that is not a real generator, or has no named variant, is refused in one
+    /// line before anything is built.
+    #[test]
+    fn gen_step_refuses_configs_without_a_real_generator() {
+        let e = format!("{:#}", bench_gen_step(&Config::default(), None, 1, 0).err().unwrap());
+        assert!(e.contains("not a real generator"), "{e}");
+        let cfg: Config = crate::config::load(None, &["modality=flux".to_string(), "flux.variant=".to_string()]).unwrap();
+        let e = format!("{:#}", bench_gen_step(&cfg, None, 1, 0).err().unwrap());
+        assert!(e.contains("flux.variant"), "{e}");
+    }
+
     /// The random generator runs a GRPO and a ViPO step through the trainer on the CPU at
     /// a shrunk shape: finite rewards, on-policy first ratio, every adapter trained.
     #[test]
