@@ -1,9 +1,9 @@
 //! `vipo bench gen-step`: a real generator's training step at full size on random weights.
 //! The transformer of the config's `sd3.variant` / `flux.variant` (SD3.5-Medium, FLUX.1-dev…)
 //! and a VAE of the published shape are built with random weights directly on the device
-//! (seeded on a GPU; candle's CPU generator takes no seed), in the configured dtype, with the configured LoRA and block checkpointing, and
-//! run through the same [`Trainer`] step as `vipo train` (rollout, decode, reward, maps,
-//! advantages, update). Speed does not depend on the weights' values, so this times the
+//! (seeded on a GPU; candle's CPU generator takes no seed), in the configured dtype, with
+//! the configured LoRA and block checkpointing, and run through the same [`Trainer`] step
+//! as `vipo train` (rollout, decode, reward, maps, advantages, update). Speed does not depend on the weights' values, so this times the
 //! step where no checkpoint can be downloaded.
 //!
 //! What is not the real step, by choice: the text side is a fixed random embedding of the
