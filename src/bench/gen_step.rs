@@ -73,25 +73,23 @@ pub struct RandomGenerator {
 /// (norm scales 1, biases 0), every other tensor N(0, 0.02²) (the models' Kaiming inits
 /// grow the residual stream over 24–57 blocks). Drawn in f32 and cast, since candle's CUDA
 /// RNG has no bf16; nothing passes through host memory, so a 12 B model builds in seconds.
-struct DeviceRandn {
-    made: Mutex<HashMap<String, Tensor>>,
-}
+#[derive(Clone, Default)]
+struct DeviceRandn(Arc<Mutex<HashMap<String, Tensor>>>);
 
 impl DeviceRandn {
-    fn builder(dtype: DType, device: &Device) -> (Arc<Self>, VarBuilder<'static>) {
-        let me = Arc::new(Self { made: Mutex::new(HashMap::new()) });
-        (me.clone(), VarBuilder::from_backend(Box::new(Shared(me)), dtype, device.clone()))
+    /// A VarBuilder drawing fresh weights, and a handle to take them back by name.
+    fn builder(dtype: DType, device: &Device) -> (Self, VarBuilder<'static>) {
+        let me = Self::default();
+        (me.clone(), VarBuilder::from_backend(Box::new(me), dtype, device.clone()))
     }
     fn take(&self) -> HashMap<String, Tensor> {
-        std::mem::take(&mut *self.made.lock().unwrap())
+        std::mem::take(&mut *self.0.lock().unwrap())
     }
 }
 
-struct Shared(Arc<DeviceRandn>);
-
-impl candle_nn::var_builder::SimpleBackend for Shared {
+impl candle_nn::var_builder::SimpleBackend for DeviceRandn {
     fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut made = self.0.made.lock().unwrap();
+        let mut made = self.0.lock().unwrap();
         if let Some(t) = made.get(name) {
             if t.shape() != &s {
                 candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", t.shape());
@@ -110,7 +108,7 @@ impl candle_nn::var_builder::SimpleBackend for Shared {
         candle_core::bail!("{name}: not made yet")
     }
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.made.lock().unwrap().contains_key(name)
+        self.0.lock().unwrap().contains_key(name)
     }
 }
 
