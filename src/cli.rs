@@ -219,8 +219,8 @@ struct BenchArgs {
     /// Timed iterations (median reported).
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// `gen-step` only: timed training steps after one warm-up step (0: only the
-    /// transformer forward + backward).
+    /// `gen-step` only: timed training steps after the transformer timings, with no
+    /// warm-up step of their own (0: only the transformer forward and forward + backward).
     #[arg(long, default_value_t = 1)]
     steps: usize,
     /// `psm` only: measure map mass on this run's own samples (64 `vipo eval` prompts,

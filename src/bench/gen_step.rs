@@ -3,8 +3,9 @@
 //! and a VAE of the published shape are built with random weights directly on the device
 //! (seeded on a GPU; candle's CPU generator takes no seed), in the configured dtype, with
 //! the configured LoRA and block checkpointing, and run through the same [`Trainer`] step
-//! as `vipo train` (rollout, decode, reward, maps, advantages, update). Speed does not depend on the weights' values, so this times the
-//! step where no checkpoint can be downloaded.
+//! as `vipo train` (rollout, decode, reward, maps, advantages, update). Speed does not
+//! depend on the weights' values, so this times the step where no checkpoint can be
+//! downloaded.
 //!
 //! What is not the real step, by choice: the text side is a fixed random embedding of the
 //! encoders' output shape (a real run encodes each prompt once and caches it, so the
@@ -116,12 +117,16 @@ impl RandomGenerator {
     /// `shape` at `resolution`² with `text_tokens` conditioning tokens, base weights in
     /// `dtype`, LoRA per `cfg.train`, on `device`.
     pub fn new(cfg: &Config, shape: &Shape, device: &Device) -> Result<Self> {
+        // The same checks as a real run (dtype, resolution a multiple of 16, guidance).
+        match shape {
+            Shape::Sd3(_) => cfg.sd3.validate()?,
+            Shape::Flux(_) => cfg.flux.validate()?,
+        }
         let (resolution, text_tokens, dtype, checkpointing, guidance) = match (&cfg.modality, shape) {
             (Modality::Sd3, Shape::Sd3(_)) => (cfg.sd3.resolution, 77 + cfg.sd3.t5_tokens, cfg.sd3.candle_dtype()?, cfg.sd3.checkpointing, None),
             (Modality::Flux, Shape::Flux(c)) => (cfg.flux.resolution, cfg.flux.t5_tokens, cfg.flux.candle_dtype()?, cfg.flux.checkpointing, c.guidance_embed.then_some(cfg.flux.guidance as f32)),
             (m, _) => anyhow::bail!("bench gen-step: modality {m:?} does not match the transformer {shape:?}"),
         };
-        anyhow::ensure!(resolution % 16 == 0, "bench gen-step: resolution {resolution} is not a multiple of 16 (VAE factor 8 × 2×2 patches)");
         if let Device::Cuda(_) = device {
             device.set_seed(cfg.seed)?;
         }

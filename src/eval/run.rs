@@ -254,8 +254,7 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
         let have = checkpoint_steps(run_dir);
         bail!("{}: no checkpoint for step {step} (available: {})", run_dir.display(), if have.is_empty() { "none".into() } else { format!("{have:?}") });
     }
-    let t = &cfg.train;
-    let lora = (t.lora_rank > 0).then(|| crate::policy::layers::LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() });
+    let lora = crate::train::grpo::lora_spec(cfg);
     let policy = crate::policy::load_policy(cfg, &train_base(cfg, run_dir)?, lora.as_ref(), &device, cfg.seed)?;
     let file = if dir.join("ema.safetensors").is_file() { dir.join("ema.safetensors") } else { dir.join("trainable.safetensors") };
     let w = crate::train::checkpoint::read_tensors(&file, &device)?;
