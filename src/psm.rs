@@ -977,12 +977,14 @@ pub fn allocation_maps_with_errors(
     out_w: usize,
     cfg: &PsmConfig,
 ) -> (Vec<Vec<f32>>, Vec<(usize, String)>) {
+    use rayon::prelude::*;
+    let results: Vec<Result<Vec<f32>>> = feats.par_iter().map(|f| allocation_map(f, out_h, out_w, cfg).map(|s| s.map)).collect();
     let mut errors = Vec::new();
-    let maps = feats
-        .iter()
+    let maps = results
+        .into_iter()
         .enumerate()
-        .map(|(i, f)| match allocation_map(f, out_h, out_w, cfg) {
-            Ok(s) => s.map,
+        .map(|(i, r)| match r {
+            Ok(m) => m,
             Err(e) => {
                 errors.push((i, format!("{e:#}")));
                 vec![1.0; out_h * out_w]

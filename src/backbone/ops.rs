@@ -185,10 +185,21 @@ impl FoldedConv {
                         continue; // stays zero: padding
                     }
                     let src = &plane[iy as usize * w..][..w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * stride + kx) as isize - pad as isize;
-                        if ix >= 0 && (ix as usize) < w {
-                            *d = src[ix as usize];
+                    // Output columns whose input column ox·stride + kx − pad lies in 0..w;
+                    // the rest stay zero (padding).
+                    let lo = (pad.saturating_sub(kx)).div_ceil(stride);
+                    let hi = (w + pad).saturating_sub(kx).div_ceil(stride).min(ow);
+                    if lo < hi {
+                        let first = lo * stride + kx - pad;
+                        let dst = &mut dst[lo..hi];
+                        if stride == 1 {
+                            dst.copy_from_slice(&src[first..first + dst.len()]);
+                        } else {
+                            // Whole stride-sized chunks (the last may be short): no per-element
+                            // iterator state, so the loop compiles to plain loads and stores.
+                            for (d, c) in dst.iter_mut().zip(src[first..].chunks(stride)) {
+                                *d = c[0];
+                            }
                         }
                     }
                 }
@@ -216,25 +227,79 @@ impl FoldedConv {
     }
 }
 
-/// Runs `f(plane_index, plane)` over consecutive `plane`-sized chunks of `data` on all cores.
+/// Runs `f(plane_index, plane)` over consecutive `plane`-sized chunks of `data` on the
+/// global rayon pool (sized by `runtime::init`; its idle workers sleep). Small planes are
+/// grouped so that each task has some 16 K values of work.
 fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let planes = data.len() / plane.max(1);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(planes)
-        .max(1);
-    let per = planes.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for (t, chunk) in data.chunks_mut(per * plane).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (i, p) in chunk.chunks_mut(plane).enumerate() {
-                    f(t * per + i, p);
+    use rayon::prelude::*;
+    let plane = plane.max(1);
+    data.par_chunks_mut(plane).with_min_len((16 * 1024 / plane).max(1)).enumerate().for_each(|(i, p)| f(i, p));
+}
+
+/// Run `$body` compiled for AVX2 + FMA where the CPU has them (the default build targets
+/// baseline x86-64, whose SSE2 loops are half as wide). Rust never contracts a·b + c
+/// into an FMA, so both variants give identical bits.
+macro_rules! avx2_or_plain {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
                 }
-            });
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
         }
-    });
+    };
+}
+
+avx2_or_plain! {
+    /// Bias plus activation over one plane, in place.
+    fn bias_act_plane(xs: &mut [f32], b: f32, act: Act) {
+        match act {
+            Act::Relu6 => xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0)),
+            Act::Relu => xs.iter_mut().for_each(|x| *x = (*x + b).max(0.0)),
+            Act::None => xs.iter_mut().for_each(|x| *x += b),
+        }
+    }
+}
+
+avx2_or_plain! {
+    /// One output plane (oh × `ow`) of a 3×3 depthwise convolution from its zero-padded
+    /// input: for stride 1 one plane `sw` = pw wide; for stride 2 four `sub_len`-long
+    /// sub-planes (row parity × column parity, `sw` = ow + 1 wide), where input (2·oy + ky,
+    /// 2·ox + kx) sits in sub-plane (ky % 2, kx % 2) at row oy + ky / 2, column ox + kx / 2.
+    /// Either way tap (ky, kx) adds one contiguous run to a "virtual" output `sw` wide
+    /// (whose extra columns are dropped), so every loop is a long vector loop. Sums in the
+    /// order bias + k0·x0 + k1·x1 + … + k8·x8, as a direct loop would.
+    fn dw_plane(pad: &[f32], o: &mut [f32], kk: &[f32; 9], bb: f32, stride: usize, relu6: bool, sw: usize, sub_len: usize, ow: usize) {
+        let oh = o.len() / ow;
+        let n = (oh - 1) * sw + ow;
+        let mut acc = vec![bb; n];
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let start = if stride == 1 { ky * sw + kx } else { ((ky % 2) * 2 + kx % 2) * sub_len + (ky / 2) * sw + kx / 2 };
+                let kv = kk[ky * 3 + kx];
+                for (d, s) in acc.iter_mut().zip(&pad[start..start + n]) {
+                    *d += kv * s;
+                }
+            }
+        }
+        if relu6 {
+            acc.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+        }
+        for (oy, orow) in o.chunks_mut(ow).enumerate() {
+            orow.copy_from_slice(&acc[oy * sw..oy * sw + ow]);
+        }
+    }
 }
 
 /// Activation fused into the bias pass.
@@ -274,12 +339,7 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
         let plane: usize = dims[2..].iter().product();
         let d1 = dims[1];
         par_planes(&mut v[start..end], plane, |p, xs| {
-            let b = self.bias[if self.cfirst { p / d1 } else { p % c }];
-            match self.act {
-                Act::Relu6 => xs.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0)),
-                Act::Relu => xs.iter_mut().for_each(|x| *x = (*x + b).max(0.0)),
-                Act::None => xs.iter_mut().for_each(|x| *x += b),
-            }
+            bias_act_plane(xs, self.bias[if self.cfirst { p / d1 } else { p % c }], self.act);
         });
         Ok(())
     }
@@ -366,36 +426,36 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
         let mut out = vec![0f32; b * c * oh * ow];
         let (pw, ph) = (w + 2, h + 2);
         par_planes(&mut out, oh * ow, |p, o| {
-            // Zero-padded copy of the plane so the 3×3 loop needs no bounds tests.
-            let mut pad = vec![0f32; ph * pw];
+            // The zero-padded plane (ph × pw), for stride 2 split into its four (row parity,
+            // column parity) sub-planes, each `sw` wide and oh + 1 high, so that every tap
+            // of the 3×3 kernel reads one contiguous run (see `dw_plane`).
             let src = &xin[p * h * w..(p + 1) * h * w];
+            let (sw, sub_len) = if stride == 1 { (pw, ph * pw) } else { (ow + 1, (oh + 1) * (ow + 1)) };
+            let mut pad = vec![0f32; sub_len * stride * stride];
             for y in 0..h {
-                pad[(y + 1) * pw + 1..(y + 1) * pw + 1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+                let s = &src[y * w..(y + 1) * w];
+                if stride == 1 {
+                    pad[(y + 1) * pw + 1..][..w].copy_from_slice(s);
+                } else {
+                    // Padded (py, px) = (y + 1, x + 1): even x goes to the odd-column
+                    // sub-plane at x / 2, odd x to the even-column one at (x + 1) / 2.
+                    let py = y + 1;
+                    let row = (py % 2 * 2) * sub_len + (py / 2) * sw;
+                    let (even_cols, odd_cols) = pad[row..].split_at_mut(sub_len);
+                    for (j, pair) in s.chunks_exact(2).enumerate() {
+                        odd_cols[j] = pair[0];
+                        even_cols[j + 1] = pair[1];
+                    }
+                    if w % 2 == 1 {
+                        odd_cols[w / 2] = s[w - 1];
+                    }
+                }
             }
             // (B, C, H, W): plane p is channel p % C; (C, B, H, W): channel p / B (named b and c below).
             let ch = if self.cfirst { p / c } else { p % c };
             let kk: &[f32; 9] = self.k[ch * 9..ch * 9 + 9].try_into().unwrap_or(&[0.0; 9]);
             let bb = self.bias[ch];
-            for oy in 0..oh {
-                let r0 = &pad[(oy * stride) * pw..][..pw];
-                let r1 = &pad[(oy * stride + 1) * pw..][..pw];
-                let r2 = &pad[(oy * stride + 2) * pw..][..pw];
-                let orow = &mut o[oy * ow..(oy + 1) * ow];
-                for (ox, dst) in orow.iter_mut().enumerate() {
-                    let i = ox * stride;
-                    let v = bb
-                        + kk[0] * r0[i]
-                        + kk[1] * r0[i + 1]
-                        + kk[2] * r0[i + 2]
-                        + kk[3] * r1[i]
-                        + kk[4] * r1[i + 1]
-                        + kk[5] * r1[i + 2]
-                        + kk[6] * r2[i]
-                        + kk[7] * r2[i + 1]
-                        + kk[8] * r2[i + 2];
-                    *dst = if self.relu6 { v.clamp(0.0, 6.0) } else { v };
-                }
-            }
+            dw_plane(&pad, o, kk, bb, stride, self.relu6, sw, sub_len, ow);
         });
         Ok((
             candle_core::CpuStorage::F32(out),
@@ -576,28 +636,33 @@ mod tests {
 
     #[test]
     fn depthwise_matches_candle_grouped_conv() {
+        // Odd and even sides (the stride-2 path splits rows and columns by parity), a 1×1
+        // plane, ReLU6 on and off, and the channels-first layout.
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (3, 1, 3, 3), &dev).unwrap();
         let kv = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bias = [0.1f32, -0.2, 0.3];
-        for stride in [1, 2] {
-            let ours = depthwise3x3(&x, &kv, &bias, stride, false).unwrap();
-            let reference = x
-                .conv2d(&k, 1, stride, 1, 3)
-                .unwrap()
-                .broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(ours.dims(), reference.dims());
-            let d = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-5, "stride {stride}: {d}");
+        for (h, w) in [(7, 6), (6, 7), (4, 4), (5, 5), (1, 1), (2, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            for stride in [1, 2] {
+                for relu6 in [false, true] {
+                    let ours = depthwise3x3(&x, &kv, &bias, stride, relu6).unwrap();
+                    let mut reference = x
+                        .conv2d(&k, 1, stride, 1, 3)
+                        .unwrap()
+                        .broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap())
+                        .unwrap();
+                    if relu6 {
+                        reference = reference.clamp(0f32, 6f32).unwrap();
+                    }
+                    assert_eq!(ours.dims(), reference.dims());
+                    let d = (&ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(d < 1e-5, "{h}×{w} stride {stride} relu6 {relu6}: {d}");
+                    let cf = depthwise3x3_cfirst(&x.transpose(0, 1).unwrap().contiguous().unwrap(), &kv, &bias, stride, relu6).unwrap();
+                    let same = cf.transpose(0, 1).unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(same, ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "channels-first {h}×{w} stride {stride}");
+                }
+            }
         }
     }
 }
