@@ -5,6 +5,7 @@ Run with the machine's cores (first step is a warm-up, medians are over steps 2.
 
     python bench/pytorch_step.py --threads 2 --steps 5
     python bench/pytorch_step.py --threads 2 --check-samples /tmp/check.png   # architecture check
+    python bench/pytorch_step.py --threads 2 --steps 3 --video    # the video step (configs/video.toml)
 
 Needs torch, safetensors, numpy and pillow (e.g. a throw-away venv:
 `python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch safetensors numpy pillow`;
@@ -63,6 +64,18 @@ max |ratio - 1| (the on-policy check; vipo fails a run above 1e-5).
 prompts as a 4x4 grid (each image x4 nearest), the check that the port and the weights are
 right: whole coloured shapes on a dark background that match the prompt.
 
+`--video`: the same GRPO step for `vipo bench step --config configs/video.toml`: the
+spatio-temporal policy (`src/policy/video_dit.rs`, configs/video.toml [video_model]: clips
+(3, 8, 32, 32) in [-1, 1], tubelets of 2 frames x 4x4 pixels (96 values, (c, t, py, px)
+order), learned pos_time + pos_space, the same prompt encoder over the 34-word video
+vocabulary (13 tokens), 4 blocks alternating spatial attention (each tubelet-frame's 64
+tokens after the 13 prompt tokens) and temporal attention (each position's 4 tokens),
+v-prediction), on seeded random weights (N(0, 0.02); vipo's `bench step` also uses a
+random base when no video base is cached; speed does not depend on the values), LoRA and
+step as above (64 clips, 10 steps, 5 of 9 transitions, micro-batches of 8). The reward is
+redness over all frames instead of the VQ / MQ pair (vipo times those separately,
+≈ 0.09 s); the loss is the one GRPO term (vipo adds one per reward: a few elementwise ops).
+
 Measure on a quiet machine. When other processes hold the cores, PyTorch's spin-waiting
 OpenMP threads inflate its times far more than vipo's: with two other jobs running on the
 2-core machine (2026-12-03, torch 2.15.0), `--threads 2` took 58-110 s a step, while
@@ -102,23 +115,37 @@ SHAPES = ["circle", "square", "triangle", "diamond"]
 PLURALS = [s + "s" for s in SHAPES]
 VOCAB = ["<pad>", "a", "one", "two", "three", "four"] + COLORS + SHAPES + PLURALS + ["left", "right", "of", "above", "below"]
 MAX_TOKENS = 8
+# src/world/video.rs: video_vocab() (the image vocabulary + motion words) and MAX_VIDEO_TOKENS;
+# configs/video.toml [video_model] (defaults otherwise).
+VIDEO_VOCAB = VOCAB + ["moving", "up", "down", "slowly", "fast", "stays", "stay", "still", "while"]
+MAX_VIDEO_TOKENS = 13
+FRAMES, T_PATCH = 8, 2
+VIDEO_PROMPTS = [
+    "a red circle moving left", "two blue squares moving up", "a green triangle stays still",
+    "a yellow diamond moving right fast", "a purple square moving down slowly",
+    "a cyan circle moving left while a red square stays still", "three green circles moving right",
+    "a blue triangle moving up slowly",
+]
+# The latent of one sample: (3, H, W) for images, (3, T, H, W) for clips (set in main).
+LATENT = (3, IMAGE_SIZE, IMAGE_SIZE)
 
 
-def tokenize(text):
-    """grammar.rs tokenize: lower-case, split on whitespace, ids into VOCAB, right-pad with 0."""
+def tokenize(text, vocab=VOCAB, max_tokens=MAX_TOKENS):
+    """grammar.rs tokenize (video.rs tokenize_video with the video vocabulary): lower-case,
+    split on whitespace, ids into the vocabulary, right-pad with 0."""
     ids = []
     for w in text.lower().split():
-        if w not in VOCAB[1:]:
+        if w not in vocab[1:]:
             raise ValueError(f"tokenize {text!r}: unknown word {w!r}")
-        ids.append(VOCAB.index(w, 1))
-    if len(ids) > MAX_TOKENS:
-        raise ValueError(f"tokenize {text!r}: {len(ids)} tokens > {MAX_TOKENS}")
-    return ids + [0] * (MAX_TOKENS - len(ids))
+        ids.append(vocab.index(w, 1))
+    if len(ids) > max_tokens:
+        raise ValueError(f"tokenize {text!r}: {len(ids)} tokens > {max_tokens}")
+    return ids + [0] * (max_tokens - len(ids))
 
 
-def tokens_for(texts):
-    """dit.rs tokens_for: (B, MAX_TOKENS) token ids."""
-    return torch.tensor([tokenize(t) for t in texts], dtype=torch.long)
+def tokens_for(texts, vocab=VOCAB, max_tokens=MAX_TOKENS):
+    """dit.rs tokens_for: (B, max_tokens) token ids."""
+    return torch.tensor([tokenize(t, vocab, max_tokens) for t in texts], dtype=torch.long)
 
 
 # Train-split prompts of the ShapeWorld grammar (no held-out colour-shape pair, no
@@ -354,6 +381,69 @@ class Dit(nn.Module):
         return (z - xhat) / sigma.clamp(min=X_PRED_SIGMA_MIN).view(b, 1, 1, 1)
 
 
+class VideoDit(nn.Module):
+    """video_dit.rs VideoDit with attention = "factorised" and prediction = "v": velocity for
+    clips z (B, 3, T, H, W) at noise levels sigma (B,) given token ids (B, L)."""
+
+    def __init__(self):
+        super().__init__()
+        d = DIM
+        self.pdim = 3 * T_PATCH * PATCH * PATCH
+        self.text = TextEncoder(len(VIDEO_VOCAB), MAX_VIDEO_TOKENS, d, HEADS, TEXT_LAYERS)
+        self.text_proj = Linear(d, d)
+        self.x_embed = Linear(self.pdim, d)
+        self.pos_space = nn.Parameter(torch.empty((IMAGE_SIZE // PATCH) ** 2, d))
+        self.pos_time = nn.Parameter(torch.empty(FRAMES // T_PATCH, d))
+        self.t_embed = TEmbed(d)
+        self.y_embed = Linear(d, d)
+        self.blocks = nn.ModuleList([DitBlock(d, HEADS, MLP_RATIO) for _ in range(DEPTH)])
+        self.final = Final(d, self.pdim)
+
+    def forward(self, z, sigma, tokens):
+        b, c, t, h, w = z.shape
+        p, tp, d = PATCH, T_PATCH, DIM
+        tt, gh, gw = t // tp, h // p, w // p
+        s = gh * gw
+        # patchify: tubelet frames folded into channels, then (c, t, py, px) per token.
+        x = z.reshape(b, c, tt, tp, h * w).permute(0, 2, 1, 3, 4).reshape(b * tt, c * tp, h, w)
+        x = x.reshape(b * tt, c * tp, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, tt * s, c * tp * p * p)
+        pos = (self.pos_time.unsqueeze(1) + self.pos_space.unsqueeze(0)).reshape(tt * s, d)
+        x = self.x_embed(x) + pos.unsqueeze(0)
+        tks = self.text(tokens)
+        pooled = tks.mean(1)
+        txt = self.text_proj(tks)
+        cond = self.t_embed.fc2(F.silu(self.t_embed.fc1(timestep_embedding(sigma * 1000.0)))) + self.y_embed(pooled)
+        n_txt = txt.shape[1]
+        txt_f = txt.unsqueeze(1).expand(b, tt, n_txt, d).reshape(b * tt, n_txt, d)
+        cond_f, cond_s = cond.repeat_interleave(tt, 0), cond.repeat_interleave(s, 0)
+        for i, blk in enumerate(self.blocks):
+            if i % 2 == 0:  # spatial: each tubelet-frame's tokens after the prompt tokens
+                seq = torch.cat([txt_f, x.reshape(b * tt, s, d)], dim=1)
+                x = blk(seq, cond_f)[:, n_txt:].reshape(b, tt * s, d)
+            else:  # temporal: each position's tokens across time
+                seq = x.reshape(b, tt, s, d).transpose(1, 2).reshape(b * s, tt, d)
+                x = blk(seq, cond_s).reshape(b, s, tt, d).transpose(1, 2).reshape(b, tt * s, d)
+        shift, scale = self.final.ada(F.silu(cond)).chunk(2, dim=1)
+        out = self.final.linear(ln_modulate(x, shift, scale))  # (B, T'*S, pdim)
+        # unpatchify
+        out = out.reshape(b * tt, gh, gw, c * tp, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, tt, c, tp, h * w)
+        return out.permute(0, 2, 1, 3, 4).reshape(b, c, t, h, w)  # v-prediction: the velocity
+
+
+def init_random(model, seed):
+    """Seeded N(0, 0.02) base weights (frozen), for a model with no shipped checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.requires_grad_(False)
+            n += 1
+    return n
+
+
 def load_base(model, path):
     """Strict load: every model base tensor from the checkpoint by name, shapes checked, f16 -> f32,
     nothing left over."""
@@ -414,10 +504,10 @@ def log_prob_dense(x_next, mean, std):
 @torch.no_grad()
 def rollout(model, tokens, sig, gen):
     """Group-shared initial noise, Dance-SDE on every transition; returns latents
-    (S+1, N, 3, H, W) and dense log-probs (S, N, 3, H, W)."""
+    (S+1, N, *LATENT) and dense log-probs (S, N, *LATENT)."""
     n = tokens.shape[0]
-    noise = torch.randn(n // GROUP_SIZE, 1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
-    z = noise.expand(-1, GROUP_SIZE, -1, -1, -1).reshape(n, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous()
+    noise = torch.randn(n // GROUP_SIZE, 1, *LATENT, generator=gen)
+    z = noise.expand(-1, GROUP_SIZE, *([-1] * len(LATENT))).reshape(n, *LATENT).contiguous()
     latents, logps = [z], []
     for k in range(len(sig) - 1):
         v = model(z, torch.full((n,), sig[k], dtype=torch.float32), tokens)
@@ -445,7 +535,7 @@ def decode(z):
 
 
 def redness(images):
-    """reward/redness.rs: mean over pixels of R - (G + B)/2, accumulated in f64."""
+    """reward/redness.rs: mean over pixels (and frames) of R - (G + B)/2, accumulated in f64."""
     x = images.double()
     return (x[:, 0] - 0.5 * (x[:, 1] + x[:, 2])).flatten(1).mean(1).float()
 
@@ -464,7 +554,8 @@ def group_advantages(rewards, g):
 # The step (src/train/grpo.rs).
 
 class Stepper:
-    def __init__(self, model, params, seed):
+    def __init__(self, model, params, seed, video=False):
+        self.video = video
         self.model = model
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
@@ -474,14 +565,16 @@ class Stepper:
         self.cursor = 0
 
     def next_prompts(self):
-        out = [TRAIN_PROMPTS[(self.cursor + i) % len(TRAIN_PROMPTS)] for i in range(PROMPTS_PER_STEP)]
+        pool = VIDEO_PROMPTS if self.video else TRAIN_PROMPTS
+        out = [pool[(self.cursor + i) % len(pool)] for i in range(PROMPTS_PER_STEP)]
         self.cursor += PROMPTS_PER_STEP
         return out
 
     def step(self):
         t0 = time.perf_counter()
         prompts = self.next_prompts()
-        tokens = tokens_for([p for p in prompts for _ in range(GROUP_SIZE)])
+        texts = [p for p in prompts for _ in range(GROUP_SIZE)]
+        tokens = tokens_for(texts, VIDEO_VOCAB, MAX_VIDEO_TOKENS) if self.video else tokens_for(texts)
         latents, logps = rollout(self.model, tokens, self.sig, self.gen_noise)
         images = decode(latents[-1])
         t1 = time.perf_counter()
@@ -562,14 +655,23 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS)
     ap.add_argument("--check-samples", metavar="OUT.png", help="write 16 ODE samples (20 Euler steps) and exit")
+    ap.add_argument("--video", action="store_true", help="the video step (configs/video.toml) on random weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    global LATENT
 
-    model = Dit()
-    n_base = load_base(model, a.weights)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"loaded {n_base} base tensors from {a.weights} (frozen)")
+    if a.video:
+        if a.check_samples:
+            raise SystemExit("--check-samples needs the shipped image base; --video runs on random weights")
+        LATENT = (3, FRAMES, IMAGE_SIZE, IMAGE_SIZE)
+        model = VideoDit()
+        print(f"video policy: {init_random(model, a.seed)} base tensors, seeded random N(0, 0.02) (frozen)")
+    else:
+        model = Dit()
+        n_base = load_base(model, a.weights)
+        print(f"loaded {n_base} base tensors from {a.weights} (frozen)")
 
     if a.check_samples:
         model.eval()
@@ -584,7 +686,7 @@ def main():
 
     params = add_lora(model, torch.Generator().manual_seed(a.seed ^ 0x102A))
     print(f"LoRA rank {LORA_RANK} alpha {LORA_ALPHA}: {len(params) // 2} adapters, {sum(p.numel() for p in params)} trainable values")
-    stepper = Stepper(model, params, a.seed)
+    stepper = Stepper(model, params, a.seed, video=a.video)
     rows = []
     for s in range(1, a.steps + 1):
         m = stepper.step()
