@@ -11,6 +11,9 @@
 //!   → train (optimizer, checkpoints, metrics)
 //! ```
 
+#[macro_use]
+mod simd;
+
 pub mod advantage;
 pub mod backbone;
 pub mod base;

@@ -236,32 +236,7 @@ fn par_planes(data: &mut [f32], plane: usize, f: impl Fn(usize, &mut [f32]) + Sy
     data.par_chunks_mut(plane).with_min_len((16 * 1024 / plane).max(1)).enumerate().for_each(|(i, p)| f(i, p));
 }
 
-/// Run `$body` compiled for AVX2 + FMA where the CPU has them (the default build targets
-/// baseline x86-64, whose SSE2 loops are half as wide). Rust never contracts a·b + c
-/// into an FMA, so both variants give identical bits.
-macro_rules! avx2_or_plain {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `avx2` is compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
-avx2_or_plain! {
+simd_kernel! {
     /// Bias plus activation over one plane, in place.
     fn bias_act_plane(xs: &mut [f32], b: f32, act: Act) {
         match act {
@@ -272,7 +247,7 @@ avx2_or_plain! {
     }
 }
 
-avx2_or_plain! {
+simd_kernel! {
     /// One output plane (oh × `ow`) of a 3×3 depthwise convolution from its zero-padded
     /// input: for stride 1 one plane `sw` = pw wide; for stride 2 four `sub_len`-long
     /// sub-planes (row parity × column parity, `sw` = ow + 1 wide), where input (2·oy + ky,
