@@ -6,38 +6,18 @@
 //! never contracts a·b+c into an FMA and never reorders float sums, so both variants give
 //! identical bits.
 //!
-//! Two forms: `fn name<T>(…)` (generic over the caller's `Elem` float type) and
-//! `fn name(…)`.
+//! `fn name<T>(…)` is generic over the caller's `Elem` float type; `fn name(…)` is not.
 
 macro_rules! simd_kernel {
-    ($(#[$m:meta])* fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* fn $name:ident $(<$g:ident>)? ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        fn $name<T: Elem>($($arg: $ty),*) {
+        fn $name $(<$g: Elem>)? ($($arg: $ty),*) {
             #[inline(always)]
-            fn body<T: Elem>($($arg: $ty),*) $body
+            fn body $(<$g: Elem>)? ($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2<T: Elem>($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `avx2` is compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2 $(<$g: Elem>)? ($($arg: $ty),*) {
                     body($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
