@@ -178,7 +178,7 @@ struct EvalArgs {
     /// Evaluate this checkpoint step instead of the final weights.
     #[arg(long)]
     checkpoint: Option<usize>,
-    /// Prompts per split (default: the run's train.eval_prompts).
+    /// Prompts per split (default: the run's train.eval_prompts, or 512 when that is 0).
     #[arg(long)]
     n: Option<usize>,
     /// Override [sample] fields, e.g. --set sample.steps=40 (repeatable).

@@ -231,7 +231,7 @@ pub struct MethodSpec {
 impl Default for CompareConfig {
     fn default() -> Self {
         let m = |name: &str, set: &[&str]| MethodSpec { name: name.into(), set: set.iter().map(|s| s.to_string()).collect() };
-        Self { seeds: 3, eval_prompts: 64, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])] }
+        Self { seeds: 3, eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])] }
     }
 }
 
@@ -513,7 +513,7 @@ impl Default for TrainConfig {
             grid_every: 10,
             grid_prompts: 8,
             prompt_pool: 512,
-            eval_prompts: 64,
+            eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS,
             prompt_file: String::new(),
             eval_prompt_file: String::new(),
             ood_prompt_file: String::new(),

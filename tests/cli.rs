@@ -319,7 +319,7 @@ fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
 
     // vipo eval: a checkpoint, a missing checkpoint, not a run, no overwrite without --force.
     let g = cmp.join("grpo-s0");
-    let o = vipo(&["eval", "--run", g.to_str().unwrap(), "--checkpoint", "1"], d.path());
+    let o = vipo(&["eval", "--run", g.to_str().unwrap(), "--checkpoint", "1", "--n", "4"], d.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ev: serde_json::Value = serde_json::from_slice(&std::fs::read(g.join("eval/step_1/eval.json")).unwrap()).unwrap();
     let row = ev["rows"].as_array().unwrap().iter().find(|r| r["split"] == "ood" && r["reward"] == "compositional").unwrap().clone();
