@@ -25,7 +25,7 @@ const BOOTSTRAP_RESAMPLES: usize = 2000;
 /// `compare.eval_prompts`, `vipo eval` without `--n`). Two checkpoints' per-prompt scores
 /// differ with a standard deviation of ≈ 0.18 on this testbed, so a paired difference over
 /// 64 prompts has a 95 % half-width of ≈ 0.045 — as large as the effects being measured;
-/// 512 prompts bring it to ≈ 0.016 (BENCHMARKS.md §6.0, "Evaluating with 512 prompts").
+/// 512 prompts bring it to ≈ 0.016 (BENCHMARKS.md §6.2).
 pub const DEFAULT_EVAL_PROMPTS: usize = 512;
 
 /// One line of `eval.json`: a reward (or a compositional term, `compositional.count` …)
