@@ -663,6 +663,21 @@ mod tests {
         assert!(method_config(&common, &ok, 1, 0, Path::new("/tmp"), "b").is_ok());
     }
 
+    /// Every shipped comparison config passes the same checks `vipo compare` makes before
+    /// any work, so a typo in a method's `set` fails here and not hours into a comparison.
+    #[test]
+    fn shipped_comparison_configs_resolve() {
+        for name in ["compare.toml", "ablations.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+            let cfg: Config = config::load(Some(&p), &[]).unwrap();
+            assert!(cfg.compare.methods.len() >= 2, "{name}");
+            validate(&cfg, Path::new("/nonexistent/compare")).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let algos: Vec<_> = cfg.compare.methods.iter().enumerate().map(|(i, m)| method_config(&cfg, m, i, 1, Path::new("/x"), "b").unwrap()).collect();
+            assert_eq!(algos[0].train.algo, config::Algo::Grpo, "{name}: GRPO is the reference method");
+            assert_eq!(algos[0].seed, cfg.seed + 1);
+        }
+    }
+
     #[test]
     fn steps_to_reach_ignores_partial_windows() {
         // A lucky first rollout must not count as reaching the target.
