@@ -146,7 +146,7 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     let default_name = if cfg.modality == crate::config::Modality::Video { "compare-video" } else { "compare" };
     let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() });
     validate(cfg, &dir)?;
-    let base = if cfg.train.base.is_empty() { crate::sample::cached_base(cfg, false)? } else { PathBuf::from(&cfg.train.base) };
+    let base = base_of(cfg)?;
     anyhow::ensure!(base.is_file(), "train.base: {} does not exist", base.display());
     let base_str = std::fs::canonicalize(&base).unwrap_or(base.clone()).display().to_string();
     // Load what every method needs (base weights, prompts, rewards, backbone) before the
@@ -192,6 +192,16 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
     crate::report::write_report(&report_input(cfg, &dir, &results)?, &dir.join("report.html"))?;
     Ok(CompareOutcome { dir, results, trained, reused })
+}
+
+/// The base every method starts from: `train.base`, or for `""` the same default as
+/// `vipo train` and `vipo demo` (the shipped base when it fits `[model]`, else the cached one).
+fn base_of(cfg: &Config) -> Result<PathBuf> {
+    if cfg.train.base.is_empty() {
+        crate::base::default_base(cfg, false)
+    } else {
+        Ok(PathBuf::from(&cfg.train.base))
+    }
 }
 
 /// One line of the comparison table: a method's reward on a split over seeds (`stat.n`:
@@ -676,6 +686,19 @@ mod tests {
             assert_eq!(algos[0].train.algo, config::Algo::Grpo, "{name}: GRPO is the reference method");
             assert_eq!(algos[0].seed, cfg.seed + 1);
         }
+    }
+
+    /// `train.base = ""` means the shipped base here too, not a freshly pretrained cache
+    /// entry (a comparison with the default [model] once pretrained its own base).
+    #[test]
+    fn default_base_is_the_shipped_one() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/ablations.toml");
+        let cfg: Config = config::load(Some(&p), &[]).unwrap();
+        let shipped = crate::base::shipped_in(&crate::base::shipped_dir(), &cfg).unwrap().expect("the shipped base fits the default [model]");
+        assert_eq!(base_of(&cfg).unwrap(), shipped);
+        let mut other = cfg.clone();
+        other.train.base = "/some/where.safetensors".into();
+        assert_eq!(base_of(&other).unwrap(), PathBuf::from("/some/where.safetensors"));
     }
 
     #[test]
