@@ -146,7 +146,7 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     let default_name = if cfg.modality == crate::config::Modality::Video { "compare-video" } else { "compare" };
     let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() });
     validate(cfg, &dir)?;
-    let base = base_of(cfg)?;
+    let base = crate::train::grpo::base_weights(cfg)?;
     anyhow::ensure!(base.is_file(), "train.base: {} does not exist", base.display());
     let base_str = std::fs::canonicalize(&base).unwrap_or(base.clone()).display().to_string();
     // Load what every method needs (base weights, prompts, rewards, backbone) before the
@@ -192,16 +192,6 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
     crate::report::write_report(&report_input(cfg, &dir, &results)?, &dir.join("report.html"))?;
     Ok(CompareOutcome { dir, results, trained, reused })
-}
-
-/// The base every method starts from: `train.base`, or for `""` the same default as
-/// `vipo train` and `vipo demo` (the shipped base when it fits `[model]`, else the cached one).
-fn base_of(cfg: &Config) -> Result<PathBuf> {
-    if cfg.train.base.is_empty() {
-        crate::base::default_base(cfg, false)
-    } else {
-        Ok(PathBuf::from(&cfg.train.base))
-    }
 }
 
 /// One line of the comparison table: a method's reward on a split over seeds (`stat.n`:
@@ -695,10 +685,11 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/ablations.toml");
         let cfg: Config = config::load(Some(&p), &[]).unwrap();
         let shipped = crate::base::shipped_in(&crate::base::shipped_dir(), &cfg).unwrap().expect("the shipped base fits the default [model]");
-        assert_eq!(base_of(&cfg).unwrap(), shipped);
+        assert_eq!(crate::train::grpo::base_weights(&cfg).unwrap(), shipped);
+        // An explicit train.base is used as given.
         let mut other = cfg.clone();
-        other.train.base = "/some/where.safetensors".into();
-        assert_eq!(base_of(&other).unwrap(), PathBuf::from("/some/where.safetensors"));
+        other.train.base = shipped.display().to_string();
+        assert_eq!(crate::train::grpo::base_weights(&other).unwrap(), shipped);
     }
 
     #[test]
