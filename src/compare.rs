@@ -50,6 +50,12 @@ pub fn run_name(m: &MethodSpec, seed: usize) -> String {
 /// Every check that can fail, before any work.
 fn validate(cfg: &Config, dir: &Path) -> Result<()> {
     let cc = &cfg.compare;
+    // Its evaluation, maps and report are built on the ShapeWorld rewards and prompts.
+    anyhow::ensure!(
+        !cfg.modality.is_real(),
+        "modality: vipo compare runs on the ShapeWorld testbeds (\"image\", \"video\"), not on a real generator ({:?}); train each method with vipo train and evaluate with vipo eval",
+        cfg.modality
+    );
     anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
     anyhow::ensure!(cc.eval_prompts >= 1, "compare.eval_prompts: must be ≥ 1");
     anyhow::ensure!(!cc.methods.is_empty(), "compare.methods: list at least one method");
@@ -690,6 +696,22 @@ mod tests {
         let mut other = cfg.clone();
         other.train.base = shipped.display().to_string();
         assert_eq!(crate::train::grpo::base_weights(&other).unwrap(), shipped);
+    }
+
+    /// A real generator's config is refused before any work, naming the field (it once
+    /// failed later with a misleading "train.base … does not exist").
+    #[test]
+    fn real_generators_are_refused_up_front() {
+        for name in ["tiny-sd35.toml", "tiny-flux.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+            let mut cfg: Config = config::load(Some(&p), &[]).unwrap();
+            cfg.compare = config::load::<Config>(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/compare.toml")), &[]).unwrap().compare;
+            let dir = std::env::temp_dir().join(format!("vipo-compare-real-{}-{name}", std::process::id()));
+            cfg.out_dir = dir.clone();
+            let e = compare(&cfg, false).err().map(|e| format!("{e:#}")).unwrap_or_default();
+            assert!(e.starts_with("modality: vipo compare runs on the ShapeWorld testbeds"), "{name}: {e}");
+            assert!(!dir.exists());
+        }
     }
 
     #[test]
