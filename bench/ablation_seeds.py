@@ -2,7 +2,7 @@
 """Issue 12 item 5: the ablations over seeds, from committed per-prompt scores.
 
     python3 bench/ablation_seeds.py add runs/vipo-ones-g16-s1 ...   # eval.json → scores.csv
-    python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.3 table
+    python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.4 table
 
 Why a script and not `vipo compare`: the GRPO and ViPO runs of seeds 1–4 (§6.2) were
 trained before the machine was reset; their weights are gone and only their per-prompt
@@ -33,14 +33,13 @@ def read(path):
 
 def add(run_dirs):
     have = {(r, c, s) for r, c, s, _ in read(ABL)}
-    for d in run_dirs:  # each run's config and training metrics beside the scores
-        (ABL.parent / Path(d).name).mkdir(exist_ok=True)
-        for name in ("config.toml", "metrics.jsonl"):
-            shutil.copy(Path(d) / name, ABL.parent / Path(d).name / name)
     with open(ABL, "a", newline="") as f:
         w = csv.writer(f)
-        for d in run_dirs:
-            d = Path(d)
+        for d in map(Path, run_dirs):
+            # Each run's config and training metrics beside its scores.
+            (ABL.parent / d.name).mkdir(exist_ok=True)
+            for name in ("config.toml", "metrics.jsonl"):
+                shutil.copy(d / name, ABL.parent / d.name / name)
             rep = json.loads((d / "eval" / "final" / "eval.json").read_text())
             for split in ("eval", "ood"):
                 key = (d.name, "final", split)
@@ -113,8 +112,9 @@ def table():
     for run, ck, split, xs in read(G62):
         if ck == "240" and (run.startswith("grpo-g16-") or run.startswith("vipo-g16-")):
             method, seed = run.rsplit("-s", 1)
-            means[(method.replace("-g16", ""), int(seed), split)] = sum(xs) / len(xs)
-            runs[(method.replace("-g16", ""), int(seed))] = (("issue12-vipo-g16", "issue12-eval512"), run)
+            method, seed = method.replace("-g16", ""), int(seed)
+            means[(method, seed, split)] = sum(xs) / len(xs)
+            runs[(method, seed)] = (("issue12-vipo-g16", "issue12-eval512"), run)
         if run == "base":
             means[("base", 0, split)] = sum(xs) / len(xs)
     for run, ck, split, xs in read(ABL):
@@ -136,7 +136,7 @@ def table():
     target = smooth(mean_curve([runs[("grpo", s)] for s in seeds_of("grpo")]))[-1]
     print(f"GRPO's final rollout reward (trailing mean of {SMOOTH}, mean over seeds): {target:.3f}")
     for m in methods:
-        seeds = sorted(s for (mm, s, sp) in means if mm == m and sp == "eval")
+        seeds = seeds_of(m)
         if not seeds:
             continue
         ev = [means[(m, s, "eval")] for s in seeds]

@@ -152,8 +152,8 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     let default_name = if cfg.modality == crate::config::Modality::Video { "compare-video" } else { "compare" };
     let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() });
     validate(cfg, &dir)?;
+    // Checks an explicit train.base exists; the default is the shipped or cached base file.
     let base = crate::train::grpo::base_weights(cfg)?;
-    anyhow::ensure!(base.is_file(), "train.base: {} does not exist", base.display());
     let base_str = std::fs::canonicalize(&base).unwrap_or(base.clone()).display().to_string();
     // Load what every method needs (base weights, prompts, rewards, backbone) before the
     // comparison folder is made, so a start that fails leaves nothing behind.
