@@ -53,7 +53,7 @@ fn validate(cfg: &Config, dir: &Path) -> Result<()> {
     // Its evaluation, maps and report are built on the ShapeWorld rewards and prompts.
     anyhow::ensure!(
         !cfg.modality.is_real(),
-        "modality: vipo compare runs on the ShapeWorld testbeds (\"image\", \"video\"), not on a real generator ({:?}); train each method with vipo train and evaluate with vipo eval",
+        "modality: vipo compare runs on the ShapeWorld testbeds (\"image\", \"video\"), not on a real generator (\"{}\"); train each method with vipo train and evaluate with vipo eval",
         cfg.modality
     );
     anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
@@ -710,6 +710,7 @@ mod tests {
             cfg.out_dir = dir.clone();
             let e = compare(&cfg, false).err().map(|e| format!("{e:#}")).unwrap_or_default();
             assert!(e.starts_with("modality: vipo compare runs on the ShapeWorld testbeds"), "{name}: {e}");
+            assert!(e.contains(&format!("(\"{}\")", cfg.modality)) && !e.contains("Sd3") && !e.contains("Flux"), "{name}: the config spelling, not the Rust name: {e}");
             assert!(!dir.exists());
         }
     }

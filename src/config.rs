@@ -27,6 +27,18 @@ impl Modality {
     }
 }
 
+/// The config's spelling (`modality = "sd3"`), so messages name what the user wrote.
+impl std::fmt::Display for Modality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Modality::Image => "image",
+            Modality::Video => "video",
+            Modality::Sd3 => "sd3",
+            Modality::Flux => "flux",
+        })
+    }
+}
+
 /// Everything a run needs. Each command reads the sections it uses.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -125,7 +125,7 @@ impl RandomGenerator {
         let (resolution, text_tokens, dtype, checkpointing, guidance) = match (&cfg.modality, shape) {
             (Modality::Sd3, Shape::Sd3(_)) => (cfg.sd3.resolution, 77 + cfg.sd3.t5_tokens, cfg.sd3.candle_dtype()?, cfg.sd3.checkpointing, None),
             (Modality::Flux, Shape::Flux(c)) => (cfg.flux.resolution, cfg.flux.t5_tokens, cfg.flux.candle_dtype()?, cfg.flux.checkpointing, c.guidance_embed.then_some(cfg.flux.guidance as f32)),
-            (m, _) => anyhow::bail!("bench gen-step: modality {m:?} does not match the transformer {shape:?}"),
+            (m, _) => anyhow::bail!("bench gen-step: modality \"{m}\" does not match the transformer {shape:?}"),
         };
         if let Device::Cuda(_) = device {
             device.set_seed(cfg.seed)?;
@@ -230,7 +230,7 @@ pub fn shape_of(cfg: &Config) -> Result<Shape> {
     Ok(match cfg.modality {
         Modality::Sd3 => Shape::Sd3(MmditConfig::by_name(&cfg.sd3.variant).context("bench gen-step needs a named sd3.variant")?),
         Modality::Flux => Shape::Flux(FluxConfig::by_name(&cfg.flux.variant).context("bench gen-step needs a named flux.variant")?),
-        m => anyhow::bail!("bench gen-step: modality {m:?} is not a real generator (use a config with modality = \"sd3\" or \"flux\")"),
+        m => anyhow::bail!("bench gen-step: modality \"{m}\" is not a real generator (use a config with modality = \"sd3\" or \"flux\")"),
     })
 }
 

@@ -238,7 +238,7 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
         // checkpoint (adapters on top of that folder's base).
         if cfg.modality.is_real() {
             let Some(&last) = checkpoint_steps(run_dir).last() else {
-                bail!("{}: a real-generator run ({:?}) has no checkpoint", run_dir.display(), cfg.modality);
+                bail!("{}: a real-generator run (modality = \"{}\") has no checkpoint", run_dir.display(), cfg.modality);
             };
             let (p, _) = load_run_policy(run_dir, cfg, Some(last))?;
             return Ok((p, "final".into()));

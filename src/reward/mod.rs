@@ -140,7 +140,7 @@ pub fn build_set(entries: &[crate::config::RewardEntry], modality: crate::config
         let r = build_entry(i, e)?;
         anyhow::ensure!(
             r.inputs().accepts(modality),
-            "train.rewards[{i}]: reward {:?} scores {:?}, and modality = {:?} samples {}",
+            "train.rewards[{i}]: reward {:?} scores {:?}, and modality = \"{}\" samples {}",
             e.name,
             r.inputs(),
             modality,

@@ -263,7 +263,7 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
     validate(&cfg.pretrain)?;
     cfg.sample.validate()?; // the grid and base scores at the end sample with it
     match cfg.modality {
-        Modality::Sd3 | Modality::Flux => anyhow::bail!("modality = {:?}: vipo post-trains a pretrained real generator; there is nothing to pretrain", format!("{:?}", cfg.modality).to_lowercase()),
+        Modality::Sd3 | Modality::Flux => anyhow::bail!("modality = \"{}\": vipo post-trains a pretrained real generator; there is nothing to pretrain", cfg.modality),
         Modality::Image => cfg.model.validate(),
         Modality::Video => {
             cfg.video_model.validate()?;
