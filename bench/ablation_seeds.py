@@ -2,6 +2,7 @@
 """Issue 12 item 5: the ablations over seeds, from committed per-prompt scores.
 
     python3 bench/ablation_seeds.py add runs/vipo-ones-g16-s1 ...   # eval.json → scores.csv
+    python3 bench/ablation_seeds.py add --checkpoint 120 RUN ...    # a `vipo eval --checkpoint` row
     python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.4 table
 
 Why a script and not `vipo compare`: the GRPO and ViPO runs of seeds 1–4 (§6.2) were
@@ -31,23 +32,28 @@ def read(path):
         return [(row[0], row[1], row[2], [float(x) for x in row[4:]]) for row in r]
 
 
-def add(run_dirs):
+def add(run_dirs, checkpoint=None):
+    """Final evaluations, or with `checkpoint` the evaluation of that step (its row is kept
+    apart: `table` reads only final rows). Metrics are copied only for final evaluations, so
+    a checkpoint row of an unfinished run does not overwrite a finished run's metrics."""
     have = {(r, c, s) for r, c, s, _ in read(ABL)}
+    ck = "final" if checkpoint is None else str(checkpoint)
+    sub = "final" if checkpoint is None else f"step_{checkpoint}"
     with open(ABL, "a", newline="") as f:
         w = csv.writer(f)
         for d in map(Path, run_dirs):
             # Each run's config and training metrics beside its scores.
             (ABL.parent / d.name).mkdir(exist_ok=True)
-            for name in ("config.toml", "metrics.jsonl"):
+            for name in ("config.toml",) + (("metrics.jsonl",) if checkpoint is None else ()):
                 shutil.copy(d / name, ABL.parent / d.name / name)
-            rep = json.loads((d / "eval" / "final" / "eval.json").read_text())
+            rep = json.loads((d / "eval" / sub / "eval.json").read_text())
             for split in ("eval", "ood"):
-                key = (d.name, "final", split)
+                key = (d.name, ck, split)
                 if key in have:
                     print(f"{d.name} {split}: already in {ABL.name}")
                     continue
                 xs = rep["scores"][split]["compositional"]
-                w.writerow([d.name, "final", split, len(xs)] + [f"{x:.4f}" for x in xs])
+                w.writerow([d.name, ck, split, len(xs)] + [f"{x:.4f}" for x in xs])
                 print(f"{d.name} {split}: n {len(xs)}, mean {sum(xs) / len(xs):.4f}")
 
 
@@ -157,7 +163,9 @@ def table():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "add":
+    if sys.argv[1:3] == ["add", "--checkpoint"] and len(sys.argv) >= 5:
+        add(sys.argv[4:], int(sys.argv[3]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "add":
         add(sys.argv[2:])
     elif sys.argv[1:] == ["table"]:
         table()
