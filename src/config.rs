@@ -793,6 +793,14 @@ fn parse_value(raw: &str, like: &toml::Value) -> toml::Value {
 mod tests {
     use super::*;
 
+    #[test]
+    fn modality_display_is_the_config_spelling() {
+        // Messages print Display; the config file is read through serde: they must agree.
+        for m in [Modality::Image, Modality::Video, Modality::Sd3, Modality::Flux] {
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
+        }
+    }
+
     /// A resolved config from before `model.prediction` keeps meaning "v"; a user config
     /// that names only some model fields gets the current default.
     #[test]
