@@ -287,7 +287,7 @@ fn print_psm(on: &str, b: &PsmBench) {
         "psm {on} mobilenet_v2 {:<12} @{:3} {:<9} grid {:>2}x{:<2}: map_object_mass {:.3} (object area {:.3}, ratio {:.2})   backbone {:6.1} ms/img   pca+map {:5.2} ms/img",
         b.tap,
         b.input_size,
-        format!("{:?}", b.orient).to_lowercase(),
+        crate::config::spelling(&b.orient),
         b.grid.0,
         b.grid.1,
         b.object_mass,

@@ -397,7 +397,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     match &a.resume {
         None => {
             let cfg = load_config(&a.cfg)?;
-            let dir = run_dir_for(&cfg, &format!("{:?}", cfg.train.algo).to_lowercase());
+            let dir = run_dir_for(&cfg, &config::spelling(&cfg.train.algo));
             crate::train::grpo::train_cli(&cfg, &dir, false, a.cfg.force)
         }
         Some(dir) => {

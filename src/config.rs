@@ -27,15 +27,20 @@ impl Modality {
     }
 }
 
+/// How a config enum value is spelled in TOML (serde's name: `"sd3"`, `"per-sample"`), for
+/// messages, labels and folder names. Derived from serde, not from `Debug`, so it cannot drift
+/// from what the config file accepts (`Debug` lower-cased gives "persample").
+pub fn spelling<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => panic!("spelling: not a unit enum variant ({other:?})"),
+    }
+}
+
 /// The config's spelling (`modality = "sd3"`), so messages name what the user wrote.
 impl std::fmt::Display for Modality {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Modality::Image => "image",
-            Modality::Video => "video",
-            Modality::Sd3 => "sd3",
-            Modality::Flux => "flux",
-        })
+        f.write_str(&spelling(self))
     }
 }
 
@@ -799,6 +804,10 @@ mod tests {
         for m in [Modality::Image, Modality::Video, Modality::Sd3, Modality::Flux] {
             assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
         }
+        // Multi-word variants keep their hyphen, as the config file spells them.
+        assert_eq!(spelling(&RatioMode::PerSample), "per-sample");
+        assert_eq!(spelling(&Modality::Sd3), "sd3");
+        assert_eq!(spelling(&Algo::Vipo), "vipo");
     }
 
     /// A resolved config from before `model.prediction` keeps meaning "v"; a user config

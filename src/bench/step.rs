@@ -107,7 +107,7 @@ fn random_base(cfg: &Config, dir: &std::path::Path) -> Result<PathBuf> {
 }
 
 pub fn print(cfg: &Config, b: &StepBench) {
-    let algo = format!("{:?}", cfg.train.algo).to_lowercase();
+    let algo = crate::config::spelling(&cfg.train.algo);
     let modality = cfg.modality;
     println!(
         "step {modality} {algo} ({} samples, {} threads, median of {} steps after a warm-up): rollout {:.2} s   reward {:.3} s   maps {:.3} s ({:.1} % of the step)   update {:.2} s   step {:.2} s   peak RSS {:.0} MB   max |ratio-1| {:.1e}",

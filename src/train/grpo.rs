@@ -297,7 +297,7 @@ impl Trainer {
     /// Run steps until `train.steps`, checkpointing as configured.
     pub fn train(&mut self) -> Result<Vec<StepMetrics>> {
         let total = self.cfg.train.steps;
-        let bar = crate::runtime::progress(total as u64, &format!("{:?}", self.cfg.train.algo).to_lowercase(), self.cfg.progress);
+        let bar = crate::runtime::progress(total as u64, &crate::config::spelling(&self.cfg.train.algo), self.cfg.progress);
         bar.set_position(self.state.step as u64);
         let mut all = Vec::new();
         if self.state.step == 0 && self.cfg.train.grid_every > 0 {
