@@ -20,8 +20,6 @@ use crate::train::grpo::Trainer;
 use crate::train::run;
 
 pub const COMPARE_FILE: &str = "compare.toml";
-/// Trailing window (steps) of the smoothed rollout-reward curves.
-const SMOOTH: usize = 5;
 
 /// The resolved config of one method and seed.
 pub fn method_config(common: &Config, m: &MethodSpec, index: usize, seed: usize, dir: &Path, base: &str) -> Result<Config> {
@@ -58,6 +56,7 @@ fn validate(cfg: &Config, dir: &Path) -> Result<()> {
     );
     anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
     anyhow::ensure!(cc.eval_prompts >= 1, "compare.eval_prompts: must be ≥ 1");
+    anyhow::ensure!(cc.smooth_steps >= 1, "compare.smooth_steps: must be ≥ 1 (got {})", cc.smooth_steps);
     anyhow::ensure!(!cc.methods.is_empty(), "compare.methods: list at least one method");
     let mut seen = std::collections::HashSet::new();
     for (i, m) in cc.methods.iter().enumerate() {
@@ -94,8 +93,10 @@ fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<()> {
         let mut b = cfg.clone();
         a.progress = false;
         b.progress = false;
-        // More (or fewer) seeds extend the same comparison: finished runs are reused.
+        // More (or fewer) seeds extend the same comparison: finished runs are reused. The
+        // smoothing window only changes how the finished curves are summarised.
         a.compare.seeds = b.compare.seeds;
+        a.compare.smooth_steps = b.compare.smooth_steps;
         if a == b {
             return crate::io::atomic_write(&saved, text.as_bytes()); // resume
         }
@@ -124,12 +125,7 @@ fn train_one(c: &Config, rd: &Path) -> Result<()> {
     if rd.join(run::FINAL_WEIGHTS).is_file() {
         return Ok(());
     }
-    let same_config = config::load::<Config>(Some(&rd.join(run::CONFIG_FILE)), &[]).map_or(false, |saved| {
-        let (mut a, mut b) = (saved, c.clone());
-        a.progress = false;
-        b.progress = false;
-        a == b
-    });
+    let same_config = config::load::<Config>(Some(&rd.join(run::CONFIG_FILE)), &[]).map_or(false, |saved| same_run(&saved, c));
     let resume = same_config && Trainer::latest_checkpoint(rd).is_some();
     if !resume {
         run::create_run_dir(rd, c, true)?;
@@ -137,6 +133,16 @@ fn train_one(c: &Config, rd: &Path) -> Result<()> {
     let mut tr = Trainer::new(c, rd, resume)?;
     tr.train()?;
     Ok(())
+}
+
+/// Whether a run folder's saved config trains the same run as `c`. The `[compare]` section
+/// rides along in every run's config but training never reads it: growing `--seeds` or
+/// changing the smoothing window must resume an interrupted run, not restart it.
+fn same_run(saved: &Config, c: &Config) -> bool {
+    let (mut a, mut b) = (saved.clone(), c.clone());
+    (a.progress, b.progress) = (false, false);
+    a.compare = b.compare.clone();
+    a == b
 }
 
 /// What `vipo compare` returns.
@@ -255,6 +261,8 @@ pub struct Results {
     pub seeds: usize,
     pub steps: usize,
     pub eval_prompts: usize,
+    /// Trailing window (steps) of the smoothed rollout-reward curves (`compare.smooth_steps`).
+    pub smooth_steps: usize,
     pub rows: Vec<ResultRow>,
     pub diffs: Vec<DiffRow>,
     pub stats: Vec<MethodStats>,
@@ -272,16 +280,17 @@ fn read_metrics(rd: &Path) -> Result<Vec<serde_json::Value>> {
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("{}: corrupt line", path.display()))).collect()
 }
 
-fn smooth(v: &[f64]) -> Vec<f64> {
-    (0..v.len()).map(|i| mean(&v[i.saturating_sub(SMOOTH - 1)..=i])).collect()
+/// Trailing mean over `window` steps (`compare.smooth_steps`).
+fn smooth(v: &[f64], window: usize) -> Vec<f64> {
+    (0..v.len()).map(|i| mean(&v[i.saturating_sub(window - 1)..=i])).collect()
 }
 
 /// First step (1-based) at which the trailing mean of `curve` reaches `target`. Only full
 /// smoothing windows count: a partial window at the start is one or two noisy rollouts
 /// and would often "reach" the target at step 1.
-fn steps_to_reach(curve: &[f64], target: f64) -> Option<usize> {
-    let sm = smooth(curve);
-    let first = if sm.len() >= SMOOTH { SMOOTH - 1 } else { 0 };
+fn steps_to_reach(curve: &[f64], target: f64, window: usize) -> Option<usize> {
+    let sm = smooth(curve, window);
+    let first = if sm.len() >= window { window - 1 } else { 0 };
     sm.iter().skip(first).position(|&v| v >= target).map(|i| i + first + 1)
 }
 
@@ -334,7 +343,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             ms.push(mc);
         }
         let total = mean(&ts) + mean(&tr) + mean(&tm) + mean(&tu);
-        let fin = smooth(&mean_curve(&cs)).last().copied().unwrap_or(f64::NAN);
+        let fin = smooth(&mean_curve(&cs), cc.smooth_steps).last().copied().unwrap_or(f64::NAN);
         stats.push(MethodStats {
             method: m.name.clone(),
             steps_to_reference_final: None,
@@ -357,7 +366,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
     // Steps to reach the reference method's final smoothed rollout reward.
     let target = stats[0].final_rollout_reward;
     for s in &mut stats {
-        s.steps_to_reference_final = steps_to_reach(&mean_curve(&curves[&s.method]), target);
+        s.steps_to_reference_final = steps_to_reach(&mean_curve(&curves[&s.method]), target, cc.smooth_steps);
     }
     // Eval rows: mean and 95 % t-interval over seeds (one seed: the bootstrap over prompts).
     for m in &names {
@@ -388,7 +397,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             diffs.push(DiffRow { method: m.clone(), reference: names[0].clone(), split: split.into(), mean: mu, ci_low: lo, ci_high: hi, n: d.len(), over: over.into() });
         }
     }
-    Ok(Results { methods: names, primary: primary.to_string(), seeds: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, rows, diffs, stats, curves, mass_curves })
+    Ok(Results { methods: names, primary: primary.to_string(), seeds: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, smooth_steps: cc.smooth_steps, rows, diffs, stats, curves, mass_curves })
 }
 
 impl Results {
@@ -446,8 +455,8 @@ impl Results {
             }
         }
         s.push_str(&format!(
-            "\n## Training\n\n| method | final rollout reward (smoothed) | steps to reach {}'s final | sample s | reward s | map s | update s | PSM share of step | peak RSS MB | map_object_mass | object_area_frac |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-            self.methods[0]
+            "\n## Training\n\nRollout rewards smoothed by a trailing mean of {} steps (`compare.smooth_steps`).\n\n| method | final rollout reward (smoothed) | steps to reach {}'s final | sample s | reward s | map s | update s | PSM share of step | peak RSS MB | map_object_mass | object_area_frac |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            self.smooth_steps, self.methods[0]
         ));
         for st in &self.stats {
             let opt = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.3}"));
@@ -719,11 +728,57 @@ mod tests {
     fn steps_to_reach_ignores_partial_windows() {
         // A lucky first rollout must not count as reaching the target.
         let c = [0.9, 0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5];
-        let target = smooth(&c).last().copied().unwrap();
+        let target = smooth(&c, 5).last().copied().unwrap();
         assert_eq!(target, 0.5);
-        assert_eq!(steps_to_reach(&c, target), Some(10));
-        assert_eq!(steps_to_reach(&c, 0.3), Some(8)); // steps 4..8: (0.1·2 + 0.5·3)/5 = 0.34
-        assert_eq!(steps_to_reach(&c, 0.6), None);
-        assert_eq!(steps_to_reach(&[0.2, 0.4], 0.3), Some(2)); // shorter than a window: partial means
+        assert_eq!(steps_to_reach(&c, target, 5), Some(10));
+        assert_eq!(steps_to_reach(&c, 0.3, 5), Some(8)); // steps 4..8: (0.1·2 + 0.5·3)/5 = 0.34
+        assert_eq!(steps_to_reach(&c, 0.6, 5), None);
+        assert_eq!(steps_to_reach(&[0.2, 0.4], 0.3, 5), Some(2)); // shorter than a window: partial means
+        // A longer window needs more of the curve at the level: steps 1..8 average 0.35.
+        assert_eq!(steps_to_reach(&c, 0.3, 8), Some(8));
+        assert_eq!(steps_to_reach(&c, 0.4, 8), None); // the last window, steps 3..10, averages 0.35
+        assert_eq!(steps_to_reach(&c, 0.4, 5), Some(9));
+        // A one-step spike reaches a target under a 1-step window, not under a 5-step one.
+        let spike = [0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1];
+        assert_eq!(steps_to_reach(&spike, 0.5, 1), Some(6));
+        assert_eq!(steps_to_reach(&spike, 0.5, 5), None);
+    }
+
+    /// The `[compare]` section rides along in each run's config, but training never reads
+    /// it: an interrupted run resumes after `--seeds` grows or the smoothing window
+    /// changes, and restarts only when a training setting differs.
+    #[test]
+    fn runs_resume_across_compare_only_changes() {
+        let saved = Config::default();
+        let mut c = saved.clone();
+        c.compare.seeds += 2;
+        c.compare.smooth_steps = 24;
+        c.progress = !saved.progress;
+        assert!(same_run(&saved, &c));
+        c.train.lr *= 2.0;
+        assert!(!same_run(&saved, &c));
+    }
+
+    /// Growing the seeds or changing the smoothing window reuses the comparison folder;
+    /// any other change is refused without --force, and nothing in the folder is touched.
+    #[test]
+    fn a_comparison_folder_is_reused_only_for_the_same_comparison() {
+        let dir = std::env::temp_dir().join(format!("vipo-compare-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = Config::default();
+        prepare_dir(&cfg, &dir, false).unwrap();
+        std::fs::write(dir.join("keep"), "x").unwrap();
+        let mut more = cfg.clone();
+        more.compare.seeds = 9;
+        more.compare.smooth_steps = 24;
+        prepare_dir(&more, &dir, false).unwrap();
+        let saved: Config = config::load(Some(&dir.join(COMPARE_FILE)), &[]).unwrap();
+        assert_eq!((saved.compare.seeds, saved.compare.smooth_steps), (9, 24));
+        let mut other = more.clone();
+        other.train.lr *= 2.0;
+        let e = prepare_dir(&other, &dir, false).unwrap_err().to_string();
+        assert!(e.contains("different comparison") && e.contains("--force"), "{e}");
+        assert!(dir.join("keep").is_file());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -233,6 +233,11 @@ pub struct CompareConfig {
     pub eval_prompts: usize,
     /// The methods; the first is the reference for "steps to reach its final reward".
     pub methods: Vec<MethodSpec>,
+    /// Trailing window (steps) of the smoothed rollout-reward curves behind "final rollout
+    /// reward" and "steps to reach the reference's final". One step's rollout reward is a
+    /// mean over `train.prompts_per_step` prompts and swings by several hundredths, so a
+    /// long run wants a longer window (BENCHMARKS.md §6.4 uses 24 for 240 steps).
+    pub smooth_steps: usize,
 }
 
 /// One method of a comparison: a name (its run directories are `NAME-sSEED`) and the
@@ -248,7 +253,7 @@ pub struct MethodSpec {
 impl Default for CompareConfig {
     fn default() -> Self {
         let m = |name: &str, set: &[&str]| MethodSpec { name: name.into(), set: set.iter().map(|s| s.to_string()).collect() };
-        Self { seeds: 3, eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])] }
+        Self { seeds: 3, eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])], smooth_steps: 5 }
     }
 }
 
