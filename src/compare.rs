@@ -653,7 +653,10 @@ fn side_by_side(cfg: &Config, dir: &Path) -> Result<Vec<crate::report::Figure>> 
 
 /// Re-aggregate a finished comparison directory and rewrite its results and report.
 pub fn rewrite_report(dir: &Path) -> Result<()> {
-    let cfg: Config = config::load(Some(&dir.join(COMPARE_FILE)), &[])?;
+    let path = dir.join(COMPARE_FILE);
+    let cfg: Config = config::load(Some(&path), &[])?;
+    // The file may have been edited by hand (e.g. a new smoothing window).
+    anyhow::ensure!(cfg.compare.smooth_steps >= 1, "{}: compare.smooth_steps must be ≥ 1 (got 0)", path.display());
     let results = aggregate(&cfg, dir)?;
     crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
@@ -779,6 +782,11 @@ mod tests {
         let e = prepare_dir(&other, &dir, false).unwrap_err().to_string();
         assert!(e.contains("different comparison") && e.contains("--force"), "{e}");
         assert!(dir.join("keep").is_file());
+        // A hand-edited window of 0 is refused by name before anything is re-aggregated.
+        let text = std::fs::read_to_string(dir.join(COMPARE_FILE)).unwrap().replace("smooth_steps = 24", "smooth_steps = 0");
+        std::fs::write(dir.join(COMPARE_FILE), text).unwrap();
+        let e = rewrite_report(&dir).unwrap_err().to_string();
+        assert!(e.contains("compare.toml") && e.contains("compare.smooth_steps"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
