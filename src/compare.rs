@@ -45,6 +45,15 @@ pub fn run_name(m: &MethodSpec, seed: usize) -> String {
     format!("{}-s{seed}", m.name)
 }
 
+/// The counts of `[compare]`, checked before a comparison starts and again when a finished
+/// one is re-aggregated from its (possibly hand-edited) compare.toml.
+fn check_counts(cc: &config::CompareConfig) -> Result<()> {
+    anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
+    anyhow::ensure!(cc.eval_prompts >= 1, "compare.eval_prompts: must be ≥ 1");
+    anyhow::ensure!(cc.smooth_steps >= 1, "compare.smooth_steps: must be ≥ 1 (got {})", cc.smooth_steps);
+    Ok(())
+}
+
 /// Every check that can fail, before any work.
 fn validate(cfg: &Config, dir: &Path) -> Result<()> {
     let cc = &cfg.compare;
@@ -54,9 +63,7 @@ fn validate(cfg: &Config, dir: &Path) -> Result<()> {
         "modality: vipo compare runs on the ShapeWorld testbeds (\"image\", \"video\"), not on a real generator (\"{}\"); train each method with vipo train and evaluate with vipo eval",
         cfg.modality
     );
-    anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
-    anyhow::ensure!(cc.eval_prompts >= 1, "compare.eval_prompts: must be ≥ 1");
-    anyhow::ensure!(cc.smooth_steps >= 1, "compare.smooth_steps: must be ≥ 1 (got {})", cc.smooth_steps);
+    check_counts(cc)?;
     anyhow::ensure!(!cc.methods.is_empty(), "compare.methods: list at least one method");
     let mut seen = std::collections::HashSet::new();
     for (i, m) in cc.methods.iter().enumerate() {
@@ -655,8 +662,7 @@ fn side_by_side(cfg: &Config, dir: &Path) -> Result<Vec<crate::report::Figure>> 
 pub fn rewrite_report(dir: &Path) -> Result<()> {
     let path = dir.join(COMPARE_FILE);
     let cfg: Config = config::load(Some(&path), &[])?;
-    // The file may have been edited by hand (e.g. a new smoothing window).
-    anyhow::ensure!(cfg.compare.smooth_steps >= 1, "{}: compare.smooth_steps must be ≥ 1 (got 0)", path.display());
+    check_counts(&cfg.compare).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let results = aggregate(&cfg, dir)?;
     crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
