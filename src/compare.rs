@@ -691,7 +691,7 @@ mod tests {
     /// any work, so a typo in a method's `set` fails here and not hours into a comparison.
     #[test]
     fn shipped_comparison_configs_resolve() {
-        for name in ["compare.toml", "ablations.toml"] {
+        for name in ["compare.toml", "ablations.toml", "g16.toml"] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
             let cfg: Config = config::load(Some(&p), &[]).unwrap();
             assert!(cfg.compare.methods.len() >= 2, "{name}");
@@ -699,6 +699,26 @@ mod tests {
             let algos: Vec<_> = cfg.compare.methods.iter().enumerate().map(|(i, m)| method_config(&cfg, m, i, 1, Path::new("/x"), "b").unwrap()).collect();
             assert_eq!(algos[0].train.algo, config::Algo::Grpo, "{name}: GRPO is the reference method");
             assert_eq!(algos[0].seed, cfg.seed + 1);
+        }
+    }
+
+    /// `configs/g16.toml` is the first two methods of `configs/ablations.toml`, run for run:
+    /// numbers from either describe the same GRPO and ViPO runs.
+    #[test]
+    fn g16_config_is_the_ablations_first_two_methods() {
+        let load = |n: &str| config::load::<Config>(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(n)), &[]).unwrap();
+        let (pair, all) = (load("g16.toml"), load("ablations.toml"));
+        assert_eq!(pair.compare.methods.len(), 2);
+        for (i, m) in pair.compare.methods.iter().enumerate() {
+            let a = &all.compare.methods[i];
+            assert_eq!((&m.name, &m.set), (&a.name, &a.set));
+            // Training never reads [compare] (which lists the other four methods there).
+            let resolve = |c: &Config, m: &MethodSpec| {
+                let mut r = method_config(c, m, i, 2, Path::new("/x"), "b").unwrap();
+                r.compare = Default::default();
+                config::to_toml(&r).unwrap()
+            };
+            assert_eq!(resolve(&pair, m), resolve(&all, a), "{}: g16.toml and ablations.toml train it differently", m.name);
         }
     }
 
