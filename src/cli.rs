@@ -166,6 +166,9 @@ struct CompareArgs {
     /// Runs per method (overrides compare.seeds).
     #[arg(long)]
     seeds: Option<usize>,
+    /// Runs trained at once, each on cores / N threads (overrides compare.jobs).
+    #[arg(long)]
+    jobs: Option<usize>,
     #[command(flatten)]
     cfg: ConfigArgs,
 }
@@ -314,6 +317,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut cfg = load_config(&a.cfg)?;
             if let Some(n) = a.seeds {
                 cfg.compare.seeds = n;
+            }
+            if let Some(n) = a.jobs {
+                cfg.compare.jobs = n;
             }
             let out = crate::compare::compare(&cfg, a.cfg.force)?;
             for l in out.results.summary() {

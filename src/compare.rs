@@ -51,6 +51,7 @@ fn check_counts(cc: &config::CompareConfig) -> Result<()> {
     anyhow::ensure!(cc.seeds >= 1, "compare.seeds (--seeds): must be ≥ 1 (got {})", cc.seeds);
     anyhow::ensure!(cc.eval_prompts >= 1, "compare.eval_prompts: must be ≥ 1");
     anyhow::ensure!(cc.smooth_steps >= 1, "compare.smooth_steps: must be ≥ 1 (got {})", cc.smooth_steps);
+    anyhow::ensure!(cc.jobs >= 1, "compare.jobs (--jobs): must be ≥ 1 (got {})", cc.jobs);
     Ok(())
 }
 
@@ -101,9 +102,11 @@ fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<()> {
         a.progress = false;
         b.progress = false;
         // More (or fewer) seeds extend the same comparison: finished runs are reused. The
-        // smoothing window only changes how the finished curves are summarised.
+        // smoothing window only changes how the finished curves are summarised, and the
+        // number of jobs only how many runs train at once.
         a.compare.seeds = b.compare.seeds;
         a.compare.smooth_steps = b.compare.smooth_steps;
+        a.compare.jobs = b.compare.jobs;
         if a == b {
             return crate::io::atomic_write(&saved, text.as_bytes()); // resume
         }
@@ -152,6 +155,61 @@ fn same_run(saved: &Config, c: &Config) -> bool {
     a == b
 }
 
+/// Train and evaluate the runs a comparison still lacks, `jobs` at a time. One job runs on
+/// this thread (and the global pool) as a plain loop; several run on threads of their own,
+/// each with a pool of threads / jobs workers. When a run fails the others finish the run
+/// they are on (it stays resumable) and no new one starts; the first error is returned.
+fn run_pending(pending: &[(Config, PathBuf)], jobs: usize, eval_prompts: usize, done_before: usize, total: usize) -> Result<()> {
+    let one = |k: usize, quiet: bool| -> Result<()> {
+        let (c, rd) = &pending[k];
+        let mut c = c.clone();
+        // Several progress bars on one terminal overwrite each other; start and end lines instead.
+        c.progress &= !quiet;
+        let t0 = std::time::Instant::now();
+        eprintln!("[{}/{}] {} (seed {})", done_before + k + 1, total, c.run_name, c.seed);
+        train_one(&c, rd).with_context(|| format!("{}: training failed", rd.display()))?;
+        evaluate_once(rd, eval_prompts)?;
+        if quiet {
+            eprintln!("[{}/{}] {} done in {:.1} min", done_before + k + 1, total, c.run_name, t0.elapsed().as_secs_f64() / 60.0);
+        }
+        Ok(())
+    };
+    let jobs = jobs.min(pending.len());
+    if jobs <= 1 {
+        return (0..pending.len()).try_for_each(|k| one(k, false));
+    }
+    let per_job = (crate::runtime::threads() / jobs).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let first_error = std::sync::Mutex::new(None::<anyhow::Error>);
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| {
+                use std::sync::atomic::Ordering::SeqCst;
+                let outcome = rayon::ThreadPoolBuilder::new().num_threads(per_job).stack_size(256 << 20).build().map_err(anyhow::Error::from).and_then(|pool| {
+                    while !failed.load(SeqCst) {
+                        let k = next.fetch_add(1, SeqCst);
+                        if k >= pending.len() {
+                            break;
+                        }
+                        pool.install(|| one(k, true))?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = outcome {
+                    failed.store(true, SeqCst);
+                    eprintln!("error: {e:#} (runs already started finish; no new one starts)");
+                    first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// What `vipo compare` returns.
 pub struct CompareOutcome {
     pub dir: PathBuf,
@@ -188,24 +246,22 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     }
     evaluate_once(&base_dir, cfg.compare.eval_prompts)?;
 
-    let (mut trained, mut reused) = (0, 0);
-    let total = cfg.compare.seeds * cfg.compare.methods.len();
     // Seed-major: an interrupted comparison already holds every method for the first seeds.
+    let mut pending = Vec::new();
     for seed in 0..cfg.compare.seeds {
         for (i, m) in cfg.compare.methods.iter().enumerate() {
             let c = method_config(cfg, m, i, seed, &dir, &base_str)?;
             let rd = dir.join(&c.run_name);
             let done = rd.join(run::FINAL_WEIGHTS).is_file() && eval_run::eval_dir(&rd, "final").join("eval.json").is_file();
-            if done {
-                reused += 1;
-                continue;
+            if !done {
+                pending.push((c, rd));
             }
-            eprintln!("[{}/{}] {} (seed {})", trained + reused + 1, total, m.name, c.seed);
-            train_one(&c, &rd).with_context(|| format!("{}: training failed", rd.display()))?;
-            evaluate_once(&rd, cfg.compare.eval_prompts)?;
-            trained += 1;
         }
     }
+    let total = cfg.compare.seeds * cfg.compare.methods.len();
+    let reused = total - pending.len();
+    run_pending(&pending, cfg.compare.jobs, cfg.compare.eval_prompts, reused, total)?;
+    let trained = pending.len();
     let results = aggregate(cfg, &dir)?;
     crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
@@ -815,7 +871,7 @@ mod tests {
         assert!(!same_run(&saved, &c));
     }
 
-    /// Growing the seeds or changing the smoothing window reuses the comparison folder;
+    /// Growing the seeds or changing the smoothing window or the jobs reuses the comparison folder;
     /// any other change is refused without --force, and nothing in the folder is touched.
     #[test]
     fn a_comparison_folder_is_reused_only_for_the_same_comparison() {
@@ -827,6 +883,7 @@ mod tests {
         let mut more = cfg.clone();
         more.compare.seeds = 9;
         more.compare.smooth_steps = 24;
+        more.compare.jobs = 2;
         prepare_dir(&more, &dir, false).unwrap();
         let saved: Config = config::load(Some(&dir.join(COMPARE_FILE)), &[]).unwrap();
         assert_eq!((saved.compare.seeds, saved.compare.smooth_steps), (9, 24));

@@ -238,6 +238,11 @@ pub struct CompareConfig {
     /// mean over `train.prompts_per_step` prompts and swings by several hundredths, so a
     /// long run wants a longer window (BENCHMARKS.md §6.4 uses 24 for 240 steps).
     pub smooth_steps: usize,
+    /// Runs trained at once (`--jobs`), each on threads / jobs of the cores. The tiny
+    /// ShapeWorld policy does not keep many cores busy: on 2 cores two runs side by side at
+    /// one core each train 1.4× the steps per hour of one run at two (BENCHMARKS.md §6.5).
+    /// Results do not depend on it.
+    pub jobs: usize,
 }
 
 /// One method of a comparison: a name (its run directories are `NAME-sSEED`) and the
@@ -253,7 +258,7 @@ pub struct MethodSpec {
 impl Default for CompareConfig {
     fn default() -> Self {
         let m = |name: &str, set: &[&str]| MethodSpec { name: name.into(), set: set.iter().map(|s| s.to_string()).collect() };
-        Self { seeds: 3, eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])], smooth_steps: 5 }
+        Self { seeds: 3, eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])], smooth_steps: 5, jobs: 1 }
     }
 }
 

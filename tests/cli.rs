@@ -288,6 +288,21 @@ fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
     let cmp = d.path().join("runs/cmp");
     let md = std::fs::read_to_string(cmp.join("results.md")).unwrap();
     assert!(md.contains("| vipo-ones | eval | compositional |") && md.contains("| 2 |"), "{md}");
+    // --jobs 2: the same four runs, two at a time on one thread each, give the same
+    // weights and scores (what a run computes does not depend on the thread count).
+    let par_args: Vec<&str> = args.iter().map(|a| if *a == "run_name=cmp" { "run_name=cmp-par" } else { a }).chain(["--jobs", "2"]).collect();
+    let o = vipo(&par_args, d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("4 runs trained, 0 reused"), "{}", String::from_utf8_lossy(&o.stdout));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(log.matches(" done in ").count(), 4, "{log}");
+    assert!(log.find("[2/4]").unwrap() < log.find(" done in ").unwrap(), "the second run did not start beside the first: {log}");
+    for r in ["grpo-s0", "grpo-s1", "vipo-ones-s0", "vipo-ones-s1"] {
+        let par = d.path().join("runs/cmp-par").join(r);
+        assert_eq!(std::fs::read(par.join("model.safetensors")).unwrap(), std::fs::read(cmp.join(r).join("model.safetensors")).unwrap(), "{r}: --jobs 2 trained other weights");
+        let rows = |dir: &Path| serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("eval/final/eval.json")).unwrap()).unwrap()["rows"].clone();
+        assert_eq!(rows(&par), rows(&cmp.join(r)), "{r}");
+    }
     // Interrupt one run (no final weights, no evaluation) and rerun: only it is trained again.
     std::fs::remove_file(cmp.join("vipo-ones-s1/model.safetensors")).unwrap();
     std::fs::remove_dir_all(cmp.join("vipo-ones-s1/eval")).unwrap();
@@ -307,6 +322,10 @@ fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
     zero[4] = "0";
     let e = err(&vipo(&zero, d.path()));
     assert!(e.contains("seeds"), "{e}");
+    let mut no_jobs = args.clone();
+    no_jobs.extend_from_slice(&["--jobs", "0"]);
+    let e = err(&vipo(&no_jobs, d.path()));
+    assert!(e.contains("compare.jobs (--jobs)") && e.contains("got 0"), "{e}");
     let dup = d.path().join("dup.toml");
     std::fs::write(&dup, "[[compare.methods]]\nname = \"a\"\n[[compare.methods]]\nname = \"a\"\n").unwrap();
     let e = err(&vipo(&["compare", "--config", dup.to_str().unwrap(), "--set", "run_name=dup"], d.path()));
