@@ -241,7 +241,8 @@ pub struct CompareConfig {
     /// Runs trained at once (`--jobs`), each on threads / jobs of the cores. The tiny
     /// ShapeWorld policy does not keep many cores busy: on 2 cores two runs side by side at
     /// one core each train 1.4× the steps per hour of one run at two (BENCHMARKS.md §6.5).
-    /// Results do not depend on it.
+    /// Weights and scores do not depend on it; the peak RSS a run logs is then the whole
+    /// process's, every job's together.
     pub jobs: usize,
 }
 
