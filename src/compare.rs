@@ -180,15 +180,14 @@ fn run_pending(pending: &[(Config, PathBuf)], jobs: usize, eval_prompts: usize, 
     }
     let per_job = (crate::runtime::threads() / jobs).max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
     let first_error = std::sync::Mutex::new(None::<anyhow::Error>);
+    let failed = || first_error.lock().unwrap_or_else(|p| p.into_inner()).is_some();
     std::thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| {
-                use std::sync::atomic::Ordering::SeqCst;
-                let outcome = rayon::ThreadPoolBuilder::new().num_threads(per_job).stack_size(256 << 20).build().map_err(anyhow::Error::from).and_then(|pool| {
-                    while !failed.load(SeqCst) {
-                        let k = next.fetch_add(1, SeqCst);
+                let outcome = crate::runtime::pool_builder(per_job).build().map_err(anyhow::Error::from).and_then(|pool| {
+                    while !failed() {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if k >= pending.len() {
                             break;
                         }
@@ -197,17 +196,13 @@ fn run_pending(pending: &[(Config, PathBuf)], jobs: usize, eval_prompts: usize, 
                     Ok(())
                 });
                 if let Err(e) = outcome {
-                    failed.store(true, SeqCst);
                     eprintln!("error: {e:#} (runs already started finish; no new one starts)");
                     first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 }
             });
         }
     });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    first_error.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
 }
 
 /// What `vipo compare` returns.

@@ -27,9 +27,7 @@ pub fn init() {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    // Large stacks: candle's backprop walks the graph recursively, and `run` puts the whole
-    // program on a pool thread.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).stack_size(256 << 20).build_global();
+    let _ = pool_builder(n).build_global();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
@@ -37,6 +35,13 @@ pub fn init() {
         // SAFETY: a plain option store, before any thread but this one exists.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+}
+
+/// A rayon pool of `n` workers with large stacks: candle's backprop walks the graph
+/// recursively, and `run` puts the whole program on a pool thread. For the global pool and
+/// for the per-job pools of `vipo compare --jobs`.
+pub fn pool_builder(n: usize) -> rayon::ThreadPoolBuilder {
+    rayon::ThreadPoolBuilder::new().num_threads(n).stack_size(256 << 20)
 }
 
 /// Run `f` on a thread of the global pool. A parallel op issued from outside the pool
