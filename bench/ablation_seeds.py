@@ -4,6 +4,7 @@
     python3 bench/ablation_seeds.py add runs/vipo-ones-g16-s1 ...   # eval.json → scores.csv
     python3 bench/ablation_seeds.py add --checkpoint 120 RUN ...    # a `vipo eval --checkpoint` row
     python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.4 table
+    python3 bench/ablation_seeds.py table-b12k                      # §6.5: the 12 000-step base
 
 Why a script and not `vipo compare`: the GRPO and ViPO runs of seeds 1–4 (§6.2) were
 trained before the machine was reset; their weights are gone and only their per-prompt
@@ -113,8 +114,9 @@ def fmt(m, lo, hi, sign=True):
 
 
 def table():
+    """§6.4: the 4000-step base, from scores.csv."""
     means = {}  # (method, seed, split) -> mean
-    runs = {}  # (method, seed) -> run folder name
+    runs = {}  # (method, seed) -> (folders, run folder name)
     for run, ck, split, xs in read(G62):
         if ck == "240" and (run.startswith("grpo-g16-") or run.startswith("vipo-g16-")):
             method, seed = run.rsplit("-s", 1)
@@ -133,11 +135,38 @@ def table():
             method += "-rerun"
         means[(method, int(seed), split)] = sum(xs) / len(xs)
         runs[(method, int(seed))] = (("issue12-ablations",), run)
-    methods = ["grpo", "vipo", "vipo-ones", "vipo-psr", "vipo-sklearn", "vipo-reward", "grpo-rerun", "vipo-rerun"]
+    print_table(means, runs, METHODS + ["grpo-rerun", "vipo-rerun"])
+
+
+def table_b12k():
+    """§6.5: the 12 000-step base, from each run's committed eval_final.json (GRPO and ViPO
+    in issue12-b12k/g16, the ablations in issue12-b12k/abl; the same comparison folder on
+    this machine, `vipo compare --config configs/ablations.toml --set run_name=abl-b12k`)."""
+    means, runs = {}, {}
+    for folder in ("issue12-b12k/g16", "issue12-b12k/abl"):
+        for ev in sorted((ROOT / folder).glob("*-s*/eval_final.json")):
+            run = ev.parent.name
+            method, seed = run.rsplit("-s", 1)
+            rep = json.loads(ev.read_text())
+            for split in ("eval", "ood"):
+                xs = rep["scores"][split]["compositional"]
+                means[(method, int(seed), split)] = sum(xs) / len(xs)
+            runs[(method, int(seed))] = ((folder,), run)
+    base = json.loads((ROOT / "issue12-b12k/g16/base_eval/eval.json").read_text())
+    for split in ("eval", "ood"):
+        xs = base["scores"][split]["compositional"]
+        means[("base", 0, split)] = sum(xs) / len(xs)
+    print_table(means, runs, METHODS)
+
+
+METHODS = ["grpo", "vipo", "vipo-ones", "vipo-psr", "vipo-sklearn", "vipo-reward"]
+
+
+def print_table(means, runs, methods):
     base = {s: means[("base", 0, s)] for s in ("eval", "ood")}
     print(f"base: eval {base['eval']:.3f}, ood {base['ood']:.3f}")
-    print("| method | seeds | eval (per seed) | eval − base | − GRPO (paired by seed) | − ViPO (paired by seed) | ood − base | map mass ÷ object area | steps to GRPO's final rollout reward |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | seeds | eval (per seed) | eval − base | − GRPO (paired by seed) | − ViPO (paired by seed) | ood − base | ood − GRPO (paired by seed) | map mass ÷ object area | steps to GRPO's final rollout reward |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     seeds_of = lambda m: sorted(s for (mm, s, sp) in means if mm == m and sp == "eval")
     target = smooth(mean_curve([runs[("grpo", s)] for s in seeds_of("grpo")]))[-1]
     print(f"GRPO's final rollout reward (trailing mean of {SMOOTH}, mean over seeds): {target:.3f}")
@@ -148,14 +177,16 @@ def table():
         ev = [means[(m, s, "eval")] for s in seeds]
         od = [means[(m, s, "ood")] - base["ood"] for s in seeds]
         cols = [m, ",".join(map(str, seeds)), " ".join(f"{x:.3f}" for x in ev), fmt(*t_ci([x - base["eval"] for x in ev]))]
-        for ref in ("grpo", "vipo"):
-            paired = [s for s in seeds if (ref, s, "eval") in means]
+        for ref, split in (("grpo", "eval"), ("vipo", "eval"), (None, None), ("grpo", "ood")):
+            if ref is None:
+                cols.append(fmt(*t_ci(od)))
+                continue
+            paired = [s for s in seeds if (ref, s, split) in means]
             if m == ref or not paired:
                 cols.append("")
                 continue
-            d = [means[(m, s, "eval")] - means[(ref, s, "eval")] for s in paired]
+            d = [means[(m, s, split)] - means[(ref, s, split)] for s in paired]
             cols.append(fmt(*t_ci(d)) + f" (n {len(d)})")
-        cols.append(fmt(*t_ci(od)))
         mass = [x for x in (map_mass(*runs[(m, s)]) for s in seeds) if x is not None]
         cols.append(" ".join(f"{x:.2f}" for x in mass) or "—")
         cols.append(str(steps_to_reach(mean_curve([runs[(m, s)] for s in seeds]), target) or "not reached"))
@@ -169,5 +200,7 @@ if __name__ == "__main__":
         add(sys.argv[2:])
     elif sys.argv[1:] == ["table"]:
         table()
+    elif sys.argv[1:] == ["table-b12k"]:
+        table_b12k()
     else:
         sys.exit(__doc__)
