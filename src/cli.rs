@@ -332,7 +332,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { dir, check } => {
             let path = dir.join("report.html");
             if dir.join(crate::compare::COMPARE_FILE).is_file() {
-                crate::compare::rewrite_report(&dir)?;
+                for l in crate::compare::rewrite_report(&dir)?.summary() {
+                    println!("{l}");
+                }
             } else {
                 crate::report::write_report(&crate::run_report::run_report_input(&dir)?, &path)?;
             }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{self, Config, MethodSpec};
 use crate::eval::run::{self as eval_run, EvalReport, EvalRow};
 use crate::eval::stats::{bootstrap_ci, mean, t_ci};
+use crate::io::DirLock;
 use crate::train::grpo::Trainer;
 use crate::train::run;
 
@@ -92,10 +93,13 @@ fn validate(cfg: &Config, dir: &Path) -> Result<()> {
 }
 
 /// Prepare the comparison directory: fresh, resumed (same config) or replaced (`force`).
-fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<()> {
+/// Returns this process's lock on it: a second `vipo compare` (or `demo`) into a folder
+/// whose runs are being trained is refused before it writes anything.
+fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<DirLock> {
     let saved = dir.join(COMPARE_FILE);
     let text = config::to_toml(cfg)?;
     if saved.is_file() {
+        let lock = DirLock::acquire(dir)?;
         let old: Config = config::load(Some(&saved), &[])?;
         let mut a = old.clone();
         let mut b = cfg.clone();
@@ -108,7 +112,8 @@ fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<()> {
         a.compare.smooth_steps = b.compare.smooth_steps;
         a.compare.jobs = b.compare.jobs;
         if a == b {
-            return crate::io::atomic_write(&saved, text.as_bytes()); // resume
+            crate::io::atomic_write(&saved, text.as_bytes())?; // resume
+            return Ok(lock);
         }
         if !force {
             bail!("{}: holds a different comparison ({} differs); pass --force to replace it or choose another run_name", dir.display(), saved.display());
@@ -118,7 +123,9 @@ fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<()> {
         bail!("{}: exists and is not a vipo comparison (no {COMPARE_FILE}); refusing to touch it", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    crate::io::atomic_write(&saved, text.as_bytes())
+    let lock = DirLock::acquire(dir)?;
+    crate::io::atomic_write(&saved, text.as_bytes())?;
+    Ok(lock)
 }
 
 /// Evaluate the weights of a finished run (or the base) once; reuse the result after.
@@ -128,6 +135,17 @@ fn evaluate_once(run_dir: &Path, n: usize) -> Result<EvalReport> {
         return eval_run::read_report(&path);
     }
     Ok(eval_run::eval_run(run_dir, &[], None, Some(n), true)?.1)
+}
+
+/// Whether a run of the comparison is trained and evaluated.
+fn run_done(rd: &Path) -> bool {
+    rd.join(run::FINAL_WEIGHTS).is_file() && eval_run::eval_dir(rd, "final").join("eval.json").is_file()
+}
+
+/// How many seeds, counted from seed 0, every method has finished. Runs train seed-major,
+/// so an interrupted comparison holds a prefix of whole seeds plus the runs of one more.
+fn finished_seeds(cfg: &Config, dir: &Path) -> usize {
+    (0..cfg.compare.seeds).take_while(|&s| cfg.compare.methods.iter().all(|m| run_done(&dir.join(run_name(m, s))))).count()
 }
 
 /// One train run of the comparison, resumed from its checkpoint when it has one.
@@ -228,7 +246,7 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
         crate::train::task::build(&c).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
         crate::policy::load_policy(&c, &base, None, &crate::runtime::device()?, c.seed).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
     }
-    prepare_dir(cfg, &dir, force)?;
+    let _lock = prepare_dir(cfg, &dir, force)?;
 
     // The base, evaluated once in a run-shaped folder so `vipo eval` can read it.
     let base_dir = dir.join("base_eval");
@@ -247,8 +265,7 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
         for (i, m) in cfg.compare.methods.iter().enumerate() {
             let c = method_config(cfg, m, i, seed, &dir, &base_str)?;
             let rd = dir.join(&c.run_name);
-            let done = rd.join(run::FINAL_WEIGHTS).is_file() && eval_run::eval_dir(&rd, "final").join("eval.json").is_file();
-            if !done {
+            if !run_done(&rd) {
                 pending.push((c, rd));
             }
         }
@@ -334,6 +351,9 @@ pub struct Results {
     /// The reward methods are ranked by ("compositional"; video: "vq_mq_mean").
     pub primary: String,
     pub seeds: usize,
+    /// Seeds the comparison asks for (`compare.seeds`); more than `seeds` when `vipo report`
+    /// aggregated an unfinished comparison over the seeds every method has finished.
+    pub seeds_planned: usize,
     pub steps: usize,
     pub eval_prompts: usize,
     /// Trailing window (steps) of the smoothed rollout-reward curves (`compare.smooth_steps`).
@@ -472,7 +492,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             diffs.push(DiffRow { method: m.clone(), reference: names[0].clone(), split: split.into(), mean: mu, ci_low: lo, ci_high: hi, n: d.len(), over: over.into() });
         }
     }
-    Ok(Results { methods: names, primary: primary.to_string(), seeds: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, smooth_steps: cc.smooth_steps, rows, diffs, stats, curves, mass_curves })
+    Ok(Results { methods: names, primary: primary.to_string(), seeds: cc.seeds, seeds_planned: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, smooth_steps: cc.smooth_steps, rows, diffs, stats, curves, mass_curves })
 }
 
 impl Results {
@@ -492,6 +512,14 @@ impl Results {
                 _ => format!("{m}: no evaluation"),
             }
         };
+        if self.seeds < self.seeds_planned {
+            out.push(format!(
+                "UNFINISHED: {} of {} seeds are trained and evaluated for every method; these tables are over seeds 0–{} only (vipo compare resumes the rest)",
+                self.seeds,
+                self.seeds_planned,
+                self.seeds - 1
+            ));
+        }
         out.push(format!("{} reward, {} seed(s) × {} steps, {} prompts/split — {}", self.primary, self.seeds, self.steps, self.eval_prompts, fmt("base")));
         out.push(self.methods.iter().map(|m| fmt(m)).collect::<Vec<_>>().join("; "));
         let d: Vec<String> = self
@@ -724,15 +752,26 @@ fn side_by_side(cfg: &Config, dir: &Path) -> Result<Vec<crate::report::Figure>> 
     Ok(figs)
 }
 
-/// Re-aggregate a finished comparison directory and rewrite its results and report.
-pub fn rewrite_report(dir: &Path) -> Result<()> {
+/// Re-aggregate a comparison directory and rewrite its results and report. An unfinished
+/// comparison (still training, or interrupted) is aggregated over the seeds every method has
+/// finished, and says so; with no finished seed there is nothing to aggregate.
+pub fn rewrite_report(dir: &Path) -> Result<Results> {
     let path = dir.join(COMPARE_FILE);
-    let cfg: Config = config::load(Some(&path), &[])?;
+    let mut cfg: Config = config::load(Some(&path), &[])?;
     check_counts(&cfg.compare).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let results = aggregate(&cfg, dir)?;
+    let planned = cfg.compare.seeds;
+    let done = finished_seeds(&cfg, dir);
+    if done == 0 {
+        let missing: Vec<String> = cfg.compare.methods.iter().map(|m| run_name(m, 0)).filter(|r| !run_done(&dir.join(r))).collect();
+        bail!("{}: no seed is finished for every method yet ({} not trained and evaluated); run vipo compare to train them", dir.display(), missing.join(", "));
+    }
+    cfg.compare.seeds = done;
+    let mut results = aggregate(&cfg, dir)?;
+    results.seeds_planned = planned;
     crate::io::atomic_write(&dir.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     crate::io::atomic_write(&dir.join("results.md"), results.markdown().as_bytes())?;
-    crate::report::write_report(&report_input(&cfg, dir, &results)?, &dir.join("report.html"))
+    crate::report::write_report(&report_input(&cfg, dir, &results)?, &dir.join("report.html"))?;
+    Ok(results)
 }
 
 #[cfg(test)]
@@ -887,6 +926,15 @@ mod tests {
         let e = prepare_dir(&other, &dir, false).unwrap_err().to_string();
         assert!(e.contains("different comparison") && e.contains("--force"), "{e}");
         assert!(dir.join("keep").is_file());
+        // While one comparison holds the folder, a second start is refused (even with
+        // --force, which would delete the runs under it), naming the holder's pid.
+        let held = prepare_dir(&more, &dir, false).unwrap();
+        for force in [false, true] {
+            let e = prepare_dir(&other, &dir, force).unwrap_err().to_string();
+            assert!(e.contains("in use by another vipo process") && e.contains(&format!("pid {}", std::process::id())), "{e}");
+        }
+        assert!(dir.join("keep").is_file());
+        drop(held);
         // A hand-edited window of 0 is refused by name before anything is re-aggregated.
         let text = std::fs::read_to_string(dir.join(COMPARE_FILE)).unwrap().replace("smooth_steps = 24", "smooth_steps = 0");
         std::fs::write(dir.join(COMPARE_FILE), text).unwrap();

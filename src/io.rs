@@ -1,5 +1,6 @@
 //! File helpers: atomic writes (temp file + rename) so a kill never leaves a half-written
-//! file where a good one was, and JSON-lines metrics.
+//! file where a good one was, JSON-lines metrics, and the lock that keeps two processes
+//! out of one run or comparison folder.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,55 @@ pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         return Err(e);
     }
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+/// The lock file of a run or comparison folder.
+pub const LOCK_FILE: &str = ".vipo-lock";
+
+/// An exclusive lock on a folder (`DIR/.vipo-lock`), held until dropped. Two processes
+/// training into one folder would interleave checkpoints and metrics, and `--force` would
+/// delete a run under a live process. The lock is the kernel's advisory file lock, which is
+/// released when the process ends however it ends, so a killed run never leaves a stale lock.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Take the lock of `dir` (an existing folder), or fail naming the process holding it.
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        use std::io::{Read, Write};
+        let path = dir.join(LOCK_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = f.read_to_string(&mut holder);
+                let pid = if holder.trim().is_empty() { String::new() } else { format!(" (pid {})", holder.trim()) };
+                anyhow::bail!("{}: in use by another vipo process{pid}; wait for it to finish or stop it", dir.display());
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("{}: cannot lock", path.display())),
+        }
+        // The holder's pid, for the message another process prints.
+        f.set_len(0).and_then(|_| f.write_all(std::process::id().to_string().as_bytes())).with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(DirLock { _file: f })
+    }
+
+    /// Fail if another process holds the lock of `dir`: a check before deleting or
+    /// replacing the folder.
+    pub fn check_free(dir: &Path) -> Result<()> {
+        if dir.join(LOCK_FILE).is_file() {
+            drop(Self::acquire(dir)?);
+        }
+        Ok(())
+    }
 }
 
 /// Append one JSON object as a line to a metrics file.

@@ -307,6 +307,17 @@ fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
     std::fs::remove_file(cmp.join("vipo-ones-s1/model.safetensors")).unwrap();
     std::fs::remove_dir_all(cmp.join("vipo-ones-s1/eval")).unwrap();
     let keep = std::fs::read(cmp.join("grpo-s0/model.safetensors")).unwrap();
+    // vipo report on the unfinished comparison: the tables over seed 0 (the seed every
+    // method has finished), saying so; the one-seed interval is then over prompts.
+    let o = vipo(&["report", cmp.to_str().unwrap()], d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("UNFINISHED: 1 of 2 seeds"), "{}", String::from_utf8_lossy(&o.stdout));
+    let md = std::fs::read_to_string(cmp.join("results.md")).unwrap();
+    assert!(md.contains("UNFINISHED: 1 of 2 seeds") && md.contains("1 seed(s) per method") && md.contains("one seed, CI over prompts only"), "{md}");
+    // With no seed finished by every method there is nothing to aggregate: refused by run.
+    std::fs::remove_file(d.path().join("runs/cmp-par/grpo-s0/eval/final/eval.json")).unwrap();
+    let e = err(&vipo(&["report", d.path().join("runs/cmp-par").to_str().unwrap()], d.path()));
+    assert!(e.contains("no seed is finished") && e.contains("grpo-s0") && !e.contains("vipo-ones-s0"), "{e}");
     let o = vipo(&args, d.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 runs trained, 3 reused"), "{}", String::from_utf8_lossy(&o.stdout));

@@ -107,6 +107,9 @@ pub struct Trainer {
     rng_noise: ChaCha8Rng,
     rng_timesteps: ChaCha8Rng,
     sigmas: Vec<f64>,
+    /// This process's lock on `run_dir`: taken before a resume reads and rewrites the run,
+    /// or when training starts; held while the trainer lives.
+    lock: Option<crate::io::DirLock>,
 }
 
 /// Where the KL penalty's reference velocity comes from.
@@ -237,8 +240,10 @@ impl Trainer {
             state,
             sigmas: sampler::sigmas(t.sample_steps, t.shift),
             policy,
+            lock: None,
         };
         if resume {
+            tr.lock = Some(crate::io::DirLock::acquire(run_dir)?);
             tr.restore_latest()?;
         }
         Ok(tr)
@@ -296,6 +301,9 @@ impl Trainer {
 
     /// Run steps until `train.steps`, checkpointing as configured.
     pub fn train(&mut self) -> Result<Vec<StepMetrics>> {
+        if self.lock.is_none() {
+            self.lock = Some(crate::io::DirLock::acquire(&self.run_dir)?);
+        }
         let total = self.cfg.train.steps;
         let bar = crate::runtime::progress(total as u64, &crate::config::spelling(&self.cfg.train.algo), self.cfg.progress);
         bar.set_position(self.state.step as u64);
@@ -901,6 +909,15 @@ pub(crate) mod tests {
         assert!(full.ema.as_ref().unwrap().iter().zip(resumed.ema.as_ref().unwrap()).all(|(a, b)| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
         let lines = std::fs::read_to_string(d.path().join("part").join(run::METRICS_FILE)).unwrap().lines().count();
         assert_eq!(lines, 3);
+        // While a trainer lives it holds its run folder: a second resume (which would
+        // truncate the metrics and interleave checkpoints) and a --force restart are refused.
+        let e = Trainer::new(&cfg, &d.path().join("part"), true).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("in use by another vipo process"), "{e}");
+        let e = run::create_run_dir(&d.path().join("part"), &cfg, true).unwrap_err().to_string();
+        assert!(e.contains("in use by another vipo process"), "{e}");
+        assert_eq!(std::fs::read_to_string(d.path().join("part").join(run::METRICS_FILE)).unwrap().lines().count(), 3);
+        drop(resumed);
+        assert!(Trainer::new(&cfg, &d.path().join("part"), true).is_ok());
     }
 
     #[test]
@@ -988,13 +1005,14 @@ pub(crate) mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut cfg = setup(d.path());
         cfg.train.steps = 1;
-        let (tr, _) = run(&cfg, "c");
-        let ck = Trainer::latest_checkpoint(&tr.run_dir).unwrap();
+        // The run's process has ended (the trainer dropped, its lock released).
+        let dir = run(&cfg, "c").0.run_dir.clone();
+        let ck = Trainer::latest_checkpoint(&dir).unwrap();
         std::fs::write(ck.join("state.json"), b"{ not json").unwrap();
-        let e = format!("{:#}", Trainer::new(&cfg, &tr.run_dir, true).err().unwrap());
+        let e = format!("{:#}", Trainer::new(&cfg, &dir, true).err().unwrap());
         assert!(e.contains("state.json"), "{e}");
-        std::fs::remove_dir_all(tr.run_dir.join("checkpoints")).unwrap();
-        let e = format!("{:#}", Trainer::new(&cfg, &tr.run_dir, true).err().unwrap());
+        std::fs::remove_dir_all(dir.join("checkpoints")).unwrap();
+        let e = format!("{:#}", Trainer::new(&cfg, &dir, true).err().unwrap());
         assert!(e.contains("no complete checkpoint"), "{e}");
     }
 

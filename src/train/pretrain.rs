@@ -281,6 +281,7 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
 /// result is bit-identical to an uninterrupted run (tested).
 pub fn pretrain_from(cfg: &Config, run_dir: &Path, resume: bool) -> Result<PretrainOutcome> {
     validate_config(cfg)?;
+    let _lock = crate::io::DirLock::acquire(run_dir)?;
     match cfg.modality {
         Modality::Image => pretrain_image(cfg, run_dir, resume),
         Modality::Video => pretrain_video(cfg, run_dir, resume),

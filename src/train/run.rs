@@ -35,6 +35,7 @@ pub fn check_run_dir_free(dir: &Path, force: bool) -> Result<()> {
         anyhow::ensure!(dir.is_dir(), "{}: exists and is not a directory", dir.display());
         let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true);
         if non_empty {
+            crate::io::DirLock::check_free(dir)?;
             if !force {
                 bail!("{}: run directory already exists; choose another run_name or pass --force to replace it", dir.display());
             }
