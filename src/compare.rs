@@ -513,11 +513,10 @@ impl Results {
             }
         };
         if self.seeds < self.seeds_planned {
+            let over = if self.seeds == 1 { "seed 0".to_string() } else { format!("seeds 0–{}", self.seeds - 1) };
             out.push(format!(
-                "UNFINISHED: {} of {} seeds are trained and evaluated for every method; these tables are over seeds 0–{} only (vipo compare resumes the rest)",
-                self.seeds,
-                self.seeds_planned,
-                self.seeds - 1
+                "UNFINISHED: {} of {} seeds are trained and evaluated for every method; these tables are over {over} only (vipo compare resumes the rest)",
+                self.seeds, self.seeds_planned
             ));
         }
         out.push(format!("{} reward, {} seed(s) × {} steps, {} prompts/split — {}", self.primary, self.seeds, self.steps, self.eval_prompts, fmt("base")));

@@ -313,7 +313,7 @@ fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("UNFINISHED: 1 of 2 seeds"), "{}", String::from_utf8_lossy(&o.stdout));
     let md = std::fs::read_to_string(cmp.join("results.md")).unwrap();
-    assert!(md.contains("UNFINISHED: 1 of 2 seeds") && md.contains("1 seed(s) per method") && md.contains("one seed, CI over prompts only"), "{md}");
+    assert!(md.contains("UNFINISHED: 1 of 2 seeds") && md.contains("over seed 0 only") && md.contains("1 seed(s) per method") && md.contains("one seed, CI over prompts only"), "{md}");
     // With no seed finished by every method there is nothing to aggregate: refused by run.
     std::fs::remove_file(d.path().join("runs/cmp-par/grpo-s0/eval/final/eval.json")).unwrap();
     let e = err(&vipo(&["report", d.path().join("runs/cmp-par").to_str().unwrap()], d.path()));
