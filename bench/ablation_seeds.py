@@ -5,6 +5,7 @@
     python3 bench/ablation_seeds.py add --checkpoint 120 RUN ...    # a `vipo eval --checkpoint` row
     python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.4 table
     python3 bench/ablation_seeds.py table-b12k                      # §6.5: the 12 000-step base
+    python3 bench/ablation_seeds.py save-b12k runs/abl-b12k         # its finished runs → results/
 
 Why a script and not `vipo compare`: the GRPO and ViPO runs of seeds 1–4 (§6.2) were
 trained before the machine was reset; their weights are gone and only their per-prompt
@@ -162,6 +163,25 @@ def table_b12k():
 METHODS = ["grpo", "vipo", "vipo-ones", "vipo-psr", "vipo-sklearn", "vipo-reward"]
 
 
+def save_b12k(cmp_dir):
+    """Copy the finished ablation runs of a comparison folder (config, metrics, final
+    eval.json) into issue12-b12k/abl, where `table-b12k` reads them; GRPO and ViPO are
+    already in issue12-b12k/g16."""
+    cmp_dir = Path(cmp_dir)
+    out = ROOT / "issue12-b12k" / "abl"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("compare.toml", "results.json", "results.md"):
+        if (cmp_dir / name).is_file():
+            shutil.copy(cmp_dir / name, out / name)
+    for ev in sorted(cmp_dir.glob("vipo-*-s*/eval/final/eval.json")):
+        run = ev.parents[2]
+        (out / run.name).mkdir(exist_ok=True)
+        for name in ("config.toml", "metrics.jsonl"):
+            shutil.copy(run / name, out / run.name / name)
+        shutil.copy(ev, out / run.name / "eval_final.json")
+        print(f"{run.name}: saved")
+
+
 def print_table(means, runs, methods):
     base = {s: means[("base", 0, s)] for s in ("eval", "ood")}
     print(f"base: eval {base['eval']:.3f}, ood {base['ood']:.3f}")
@@ -202,5 +222,7 @@ if __name__ == "__main__":
         table()
     elif sys.argv[1:] == ["table-b12k"]:
         table_b12k()
+    elif len(sys.argv) == 3 and sys.argv[1] == "save-b12k":
+        save_b12k(sys.argv[2])
     else:
         sys.exit(__doc__)
