@@ -143,20 +143,21 @@ def table_b12k():
     """§6.5: the 12 000-step base, from each run's committed eval_final.json (GRPO and ViPO
     in issue12-b12k/g16, the ablations in issue12-b12k/abl; the same comparison folder on
     this machine, `vipo compare --config configs/ablations.toml --set run_name=abl-b12k`)."""
+    def split_means(path):
+        """Mean compositional score per split of a `vipo eval` report."""
+        rep = json.loads(path.read_text())
+        return {split: sum(xs) / len(xs) for split in ("eval", "ood") for xs in [rep["scores"][split]["compositional"]]}
+
     means, runs = {}, {}
     for folder in ("issue12-b12k/g16", "issue12-b12k/abl"):
         for ev in sorted((ROOT / folder).glob("*-s*/eval_final.json")):
             run = ev.parent.name
             method, seed = run.rsplit("-s", 1)
-            rep = json.loads(ev.read_text())
-            for split in ("eval", "ood"):
-                xs = rep["scores"][split]["compositional"]
-                means[(method, int(seed), split)] = sum(xs) / len(xs)
+            for split, m in split_means(ev).items():
+                means[(method, int(seed), split)] = m
             runs[(method, int(seed))] = ((folder,), run)
-    base = json.loads((ROOT / "issue12-b12k/g16/base_eval/eval.json").read_text())
-    for split in ("eval", "ood"):
-        xs = base["scores"][split]["compositional"]
-        means[("base", 0, split)] = sum(xs) / len(xs)
+    for split, m in split_means(ROOT / "issue12-b12k/g16/base_eval/eval.json").items():
+        means[("base", 0, split)] = m
     print_table(means, runs, METHODS)
 
 
@@ -194,19 +195,19 @@ def print_table(means, runs, methods):
         seeds = seeds_of(m)
         if not seeds:
             continue
+
+        def paired(ref, split):
+            """m − ref on `split`, paired by seed; empty for ref itself or no shared seed."""
+            shared = [s for s in seeds if (ref, s, split) in means]
+            if m == ref or not shared:
+                return ""
+            d = [means[(m, s, split)] - means[(ref, s, split)] for s in shared]
+            return fmt(*t_ci(d)) + f" (n {len(d)})"
+
         ev = [means[(m, s, "eval")] for s in seeds]
         od = [means[(m, s, "ood")] - base["ood"] for s in seeds]
         cols = [m, ",".join(map(str, seeds)), " ".join(f"{x:.3f}" for x in ev), fmt(*t_ci([x - base["eval"] for x in ev]))]
-        for ref, split in (("grpo", "eval"), ("vipo", "eval"), (None, None), ("grpo", "ood")):
-            if ref is None:
-                cols.append(fmt(*t_ci(od)))
-                continue
-            paired = [s for s in seeds if (ref, s, split) in means]
-            if m == ref or not paired:
-                cols.append("")
-                continue
-            d = [means[(m, s, split)] - means[(ref, s, split)] for s in paired]
-            cols.append(fmt(*t_ci(d)) + f" (n {len(d)})")
+        cols += [paired("grpo", "eval"), paired("vipo", "eval"), fmt(*t_ci(od)), paired("grpo", "ood")]
         mass = [x for x in (map_mass(*runs[(m, s)]) for s in seeds) if x is not None]
         cols.append(" ".join(f"{x:.2f}" for x in mass) or "—")
         cols.append(str(steps_to_reach(mean_curve([runs[(m, s)] for s in seeds]), target) or "not reached"))

@@ -48,7 +48,26 @@ pub struct DirLock {
 impl DirLock {
     /// Take the lock of `dir` (an existing folder), or fail naming the process holding it.
     pub fn acquire(dir: &Path) -> Result<DirLock> {
-        use std::io::{Read, Write};
+        use std::io::Write;
+        let mut f = Self::lock_file(dir)?;
+        // The holder's pid, for the message another process prints.
+        let path = dir.join(LOCK_FILE);
+        f.set_len(0).and_then(|_| f.write_all(std::process::id().to_string().as_bytes())).with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(DirLock { _file: f })
+    }
+
+    /// Fail if another process holds the lock of `dir`: a check before deleting or
+    /// replacing the folder. Takes the lock for a moment and leaves the file as it was.
+    pub fn check_free(dir: &Path) -> Result<()> {
+        if dir.join(LOCK_FILE).is_file() {
+            drop(Self::lock_file(dir)?);
+        }
+        Ok(())
+    }
+
+    /// The open, locked lock file of `dir`.
+    fn lock_file(dir: &Path) -> Result<std::fs::File> {
+        use std::io::Read;
         let path = dir.join(LOCK_FILE);
         let mut f = std::fs::OpenOptions::new()
             .read(true)
@@ -67,18 +86,7 @@ impl DirLock {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("{}: cannot lock", path.display())),
         }
-        // The holder's pid, for the message another process prints.
-        f.set_len(0).and_then(|_| f.write_all(std::process::id().to_string().as_bytes())).with_context(|| format!("{}: cannot write", path.display()))?;
-        Ok(DirLock { _file: f })
-    }
-
-    /// Fail if another process holds the lock of `dir`: a check before deleting or
-    /// replacing the folder.
-    pub fn check_free(dir: &Path) -> Result<()> {
-        if dir.join(LOCK_FILE).is_file() {
-            drop(Self::acquire(dir)?);
-        }
-        Ok(())
+        Ok(f)
     }
 }
 
