@@ -698,7 +698,7 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
     } else {
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {} {}", e.message().trim(), format_span(&e)))?
     };
-    legacy_prediction(&mut value, origin);
+    legacy_fields(&mut value, origin);
     // Fill defaults first so `--set` can address any field, then check the override exists.
     let defaults = toml::Value::try_from(T::default())?;
     let mut merged = defaults.clone();
@@ -723,10 +723,23 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
     T::deserialize(value).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()))
 }
 
-/// Run directories written before `model.prediction` existed hold a complete `[model]`
-/// table without it, for a network that predicted v; the default is now "x", so such a
-/// table gets "v" (else their checkpoints would silently sample garbage).
-fn legacy_prediction(value: &mut toml::Value, origin: &str) {
+/// Fields whose default changed after runs were saved without them. A run's saved config
+/// is a complete dump; a field missing from it means the run was made before the field
+/// existed, and it gets the value that reproduces that run, not today's default (else a
+/// `--resume`, `vipo eval --run` or a comparison reusing the run would silently change it).
+///
+/// - `model.prediction`: a complete `[model]` table without it predicted v (default now "x",
+///   which would sample garbage from such a checkpoint); without `conv_channels`, the plain DiT.
+/// - `backbone.pad`: a dumped config (it has the top-level `progress`) whose complete
+///   `[backbone]` table lacks it ran the PSM without context padding (default now 2).
+fn legacy_fields(value: &mut toml::Value, origin: &str) {
+    let dumped = value.get("progress").is_some();
+    if let Some(b) = value.get_mut("backbone").and_then(|b| b.as_table_mut()) {
+        if dumped && !b.contains_key("pad") && ["name", "tap", "input_size"].iter().all(|k| b.contains_key(*k)) {
+            eprintln!("note: {origin}: a saved config whose [backbone] has no `pad` (written before it existed) means backbone.pad = 0");
+            b.insert("pad".into(), toml::Value::Integer(0));
+        }
+    }
     const OLD_FIELDS: [&str; 8] = ["image_size", "patch", "dim", "depth", "heads", "mlp_ratio", "text_layers", "fused"];
     if let Some(m) = value.get_mut("model").and_then(|m| m.as_table_mut()) {
         if !m.contains_key("prediction") && OLD_FIELDS.iter().all(|k| m.contains_key(*k)) {
@@ -837,6 +850,24 @@ mod tests {
         assert_eq!(c.model.conv_channels, 32);
         let c: Config = from_toml_str(&to_toml(&Config::default()).unwrap(), "new.toml", &[]).unwrap();
         assert_eq!(c, Config::default());
+    }
+
+    /// A run saved before `backbone.pad` existed keeps its unpadded maps on resume; a fresh
+    /// dump keeps its value; a user config that leaves `pad` out gets today's default.
+    #[test]
+    fn legacy_run_configs_keep_unpadded_maps() {
+        let mut old: toml::Value = toml::Value::try_from(Config::default()).unwrap();
+        old["backbone"].as_table_mut().unwrap().remove("pad");
+        let c: Config = from_toml_str(&toml::to_string(&old).unwrap(), "old-run/config.toml", &[]).unwrap();
+        assert_eq!(c.backbone.pad, 0);
+        assert_eq!(Config::default().backbone.pad, 2);
+        let c: Config = from_toml_str(&to_toml(&Config::default()).unwrap(), "new-run/config.toml", &[]).unwrap();
+        assert_eq!(c.backbone.pad, 2);
+        let c: Config = from_toml_str("[backbone]\nname = \"mobilenet_v2\"\ntap = \"features.6\"\ninput_size = 224\n", "user.toml", &[]).unwrap();
+        assert_eq!(c.backbone.pad, 2, "a user file is not a saved run");
+        // `--resume` of an old run takes no --set, but a comparison may pass one: it wins.
+        let c: Config = from_toml_str(&toml::to_string(&old).unwrap(), "old-run/config.toml", &["backbone.pad=1".into()]).unwrap();
+        assert_eq!(c.backbone.pad, 1);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
-const PATCH: usize = 14;
+pub const PATCH: usize = 14;
 const LN_EPS: f64 = 1e-6;
 /// DINOv2's `interpolate_offset`: a scale-factor nudge that avoids floating-point rounding of
 /// the output size; it also shifts the sampling positions slightly, so we reproduce it.
@@ -508,7 +508,7 @@ pub(crate) mod tests {
         let d = tempfile::tempdir().unwrap();
         let snap = d.path().join("dinov2-tiny");
         write_tiny_folder(&snap, 32, 2, 4);
-        let cfg = |name: &str, w: &str| crate::backbone::BackboneConfig { name: name.into(), tap: "last".into(), weights: Some(w.into()), input_size: 28 };
+        let cfg = |name: &str, w: &str| crate::backbone::BackboneConfig { name: name.into(), tap: "last".into(), weights: Some(w.into()), input_size: 28, pad: 0 };
         let f = crate::backbone::load(&cfg("dinov2", snap.to_str().unwrap())).unwrap().features(&[img(2)]).unwrap();
         assert_eq!((f[0].h, f[0].w, f[0].d), (2, 2, 32));
         // (Repository ids resolve through hf::resolve, tested in hf.rs; the environment

@@ -84,6 +84,12 @@ pub fn parse_tap(tap: &str) -> Result<usize> {
     Ok(k)
 }
 
+/// Network-input pixels per feature-grid cell at tap `features.K` (2 after the stem, then
+/// the product of the block strides up to K).
+pub fn tap_stride(tap: usize) -> usize {
+    2 * block_specs().iter().take(tap).map(|s| s.2).product::<usize>()
+}
+
 impl MobileNetV2 {
     /// Builds the model from a torchvision state dict, checking every tensor (name and shape)
     /// before returning; errors name the weights file and the tensor.

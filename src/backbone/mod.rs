@@ -1,6 +1,7 @@
 //! Frozen vision backbones for the PSM: batch of RGB images → spatial feature maps.
 //! One file per backbone; none of them is ever in the autograd graph.
 
+pub mod context_pad;
 pub mod dinov2;
 pub mod mobilenet_v2;
 pub mod ops;
@@ -60,11 +61,19 @@ pub struct BackboneConfig {
     /// 224 is the ImageNet resolution; 112 is ~4× faster with a 2× coarser grid. DINOv2 needs a
     /// multiple of 14.
     pub input_size: usize,
+    /// Context padding, in feature-grid cells per side: the resized image is extended by
+    /// reflection, the network runs on the larger input, and the extra cells are cropped off,
+    /// so the map's border cells see image content instead of the network's zero padding.
+    /// 0 = off (the released recipe). Default 2: on ShapeWorld rollout samples MobileNetV2's
+    /// zero padding otherwise lights a frame around every map (BENCHMARKS.md §5.1). A ViT
+    /// (DINOv2) has no zero padding: set 0 there. Costs ((input_size + 2·pad·stride) /
+    /// input_size)² the backbone time (1.65× at the default 112 px, features.6).
+    pub pad: usize,
 }
 
 impl Default for BackboneConfig {
     fn default() -> Self {
-        Self { name: "mobilenet_v2".into(), tap: "features.6".into(), weights: None, input_size: 112 }
+        Self { name: "mobilenet_v2".into(), tap: "features.6".into(), weights: None, input_size: 112, pad: 2 }
     }
 }
 
@@ -101,6 +110,25 @@ fn dinov2_files(spec: &std::path::Path) -> Result<(PathBuf, Option<usize>)> {
 /// every tensor of the weights file (name and shape), so a wrong architecture fails here,
 /// naming the file and the tensor, before any image is processed.
 pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
+    if cfg.pad == 0 {
+        return load_at(cfg, cfg.input_size);
+    }
+    let stride = tap_stride(cfg)?;
+    let inner = load_at(cfg, context_pad::ContextPad::padded_size(cfg.input_size, cfg.pad, stride))?;
+    Ok(Box::new(context_pad::ContextPad::new(inner, cfg.input_size, cfg.pad, stride)?))
+}
+
+/// Network-input pixels per feature-grid cell at the configured tap.
+fn tap_stride(cfg: &BackboneConfig) -> Result<usize> {
+    Ok(match cfg.name.as_str() {
+        "mobilenet_v2" => mobilenet_v2::tap_stride(mobilenet_v2::parse_tap(&cfg.tap)?),
+        name if resnet::Depth::from_name(name).is_some() => resnet::tap_stride(resnet::parse_tap(&cfg.tap)?),
+        _ => dinov2::PATCH,
+    })
+}
+
+/// The configured backbone, built for `input_size` network-input pixels.
+fn load_at(cfg: &BackboneConfig, input_size: usize) -> Result<Box<dyn Backbone>> {
     let need_weights = || -> Result<PathBuf> {
         match &cfg.weights {
             Some(p) => Ok(p.clone()),
@@ -114,21 +142,21 @@ pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
         name if resnet::Depth::from_name(name).is_some() => {
             let depth = resnet::Depth::from_name(name).unwrap_or(resnet::Depth::R18);
             let tap = resnet::parse_tap(&cfg.tap)?;
-            Ok(Box::new(resnet::ResNet::load(&need_weights()?, depth, tap, cfg.input_size)?))
+            Ok(Box::new(resnet::ResNet::load(&need_weights()?, depth, tap, input_size)?))
         }
         name if name == "dinov2" || dinov2::Variant::from_name(name).is_some() => {
             if cfg.tap != "last" {
                 bail!("{name}: unknown tap `{}` (DINOv2 exposes `last`: final-layernormed last-layer patch tokens)", cfg.tap);
             }
-            if cfg.input_size == 0 || !cfg.input_size.is_multiple_of(14) {
-                bail!("{name}: input_size {} must be a multiple of the patch size 14 (e.g. 224)", cfg.input_size);
+            if input_size == 0 || !input_size.is_multiple_of(14) {
+                bail!("{name}: input_size {} must be a multiple of the patch size 14 (e.g. 224)", input_size);
             }
             let (file, heads) = dinov2_files(&need_weights()?)?;
             Ok(Box::new(match dinov2::Variant::from_name(name) {
-                Some(variant) => dinov2::Dinov2::load(&file, variant, name, cfg.input_size)?,
+                Some(variant) => dinov2::Dinov2::load(&file, variant, name, input_size)?,
                 None => {
                     let heads = heads.with_context(|| format!("backbone.name = \"dinov2\": the size comes from the model's config.json (num_attention_heads), and there is none beside {}; name the size instead (dinov2_s, dinov2_b, dinov2_l, dinov2_g)", file.display()))?;
-                    dinov2::Dinov2::load_any(&file, name, heads, cfg.input_size)?
+                    dinov2::Dinov2::load_any(&file, name, heads, input_size)?
                 }
             }))
         }
@@ -138,7 +166,7 @@ pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
             if !path.exists() {
                 bail!("{}: MobileNetV2 weights not found (set backbone.weights or VIPO_WEIGHTS; see weights/PROVENANCE.md)", path.display());
             }
-            Ok(Box::new(mobilenet_v2::MobileNetV2::load(&path, tap, cfg.input_size)?))
+            Ok(Box::new(mobilenet_v2::MobileNetV2::load(&path, tap, input_size)?))
         }
         other => bail!(
             "unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g, dinov2)"
@@ -158,7 +186,7 @@ mod tests {
         assert!(toml::from_str::<BackboneConfig>("inputsize = 112").is_err());
 
         let b = load(&BackboneConfig { input_size: 64, tap: "features.13".into(), ..cfg.clone() }).unwrap();
-        assert_eq!(b.name(), "mobilenet_v2:features.13@64");
+        assert_eq!(b.name(), "mobilenet_v2:features.13@64+pad2");
         let f = b.features(&[Image::filled(32, 32, [0.5, 0.2, 0.1])]).unwrap();
         assert_eq!((f[0].h, f[0].w, f[0].d), (4, 4, 96));
 
@@ -187,5 +215,34 @@ mod tests {
         candle_core::safetensors::save(&std::collections::HashMap::from([("conv1.weight".to_string(), t)]), &path).unwrap();
         let e = err(BackboneConfig { weights: Some(path.clone()), ..cfg.clone() });
         assert!(e.contains("other.safetensors") && e.contains("features.0.0.weight"), "{e}");
+    }
+
+    /// Context padding keeps the grid of the unpadded input, and on a plain image removes
+    /// most of the border-vs-interior difference that the network's zero padding makes
+    /// (the frame the PCA would otherwise light up).
+    #[test]
+    fn context_padding_keeps_the_grid_and_flattens_a_plain_image() {
+        let img = Image::filled(32, 32, [0.06, 0.05, 0.08]);
+        let spread = |pad: usize| {
+            let b = load(&BackboneConfig { pad, ..Default::default() }).unwrap();
+            assert_eq!(b.name(), if pad == 0 { "mobilenet_v2:features.6@112".to_string() } else { format!("mobilenet_v2:features.6@112+pad{pad}") });
+            let f = &b.features(&[img.clone()]).unwrap()[0];
+            assert_eq!((f.h, f.w), (14, 14));
+            let c = f.row(7 * 14 + 7);
+            let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt();
+            (0..f.n()).map(|i| f.row(i).iter().zip(c).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt()).fold(0f32, f32::max) / norm
+        };
+        let (s0, s1, s2) = (spread(0), spread(1), spread(2));
+        eprintln!("largest cell distance from the centre ÷ its norm: pad 0 {s0:.3}, pad 1 {s1:.3}, pad 2 {s2:.3}");
+        assert!(s1 < s0 && s2 < 0.25 * s0, "pad 0 {s0}, pad 1 {s1}, pad 2 {s2}");
+
+        // Whole cells only: the input side must be a multiple of the tap's stride (8 here).
+        let e = format!("{:#}", load(&BackboneConfig { input_size: 100, pad: 1, ..Default::default() }).err().unwrap());
+        assert!(e.contains("backbone.pad") && e.contains("100") && e.contains("stride 8"), "{e}");
+        assert_eq!(mobilenet_v2::tap_stride(0), 2);
+        assert_eq!(mobilenet_v2::tap_stride(6), 8);
+        assert_eq!(mobilenet_v2::tap_stride(13), 16);
+        assert_eq!(mobilenet_v2::tap_stride(18), 32);
+        assert_eq!(resnet::tap_stride(3), 16);
     }
 }

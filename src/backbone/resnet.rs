@@ -69,6 +69,11 @@ pub fn parse_tap(tap: &str) -> Result<usize> {
         .with_context(|| format!("resnet: unknown tap `{tap}` (expected layer1, layer2, layer3 or layer4)"))
 }
 
+/// Network-input pixels per feature-grid cell at `layerL` (stem and max-pool 4, then ×2 per layer).
+pub fn tap_stride(layer: usize) -> usize {
+    4 << (layer - 1)
+}
+
 struct ResBlock {
     /// (conv, stride, padding) with BN folded; ReLU after all but the last.
     convs: Vec<(FoldedConv, usize, usize)>,
