@@ -6,6 +6,7 @@
     python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.4 table
     python3 bench/ablation_seeds.py table-b12k                      # §6.5: the 12 000-step base
     python3 bench/ablation_seeds.py save-b12k runs/abl-b12k         # its finished runs → results/
+    python3 bench/ablation_seeds.py save-b12k runs/g16p2-b12k       # ViPO with backbone.pad = 2 (§6.6)
 
 Why a script and not `vipo compare`: the GRPO and ViPO runs of seeds 1–4 (§6.2) were
 trained before the machine was reset; their weights are gone and only their per-prompt
@@ -149,10 +150,12 @@ def table_b12k():
         return {split: sum(xs) / len(xs) for split in ("eval", "ood") for xs in [rep["scores"][split]["compositional"]]}
 
     means, runs = {}, {}
-    for folder in ("issue12-b12k/g16", "issue12-b12k/abl"):
+    for folder in ("issue12-b12k/g16", "issue12-b12k/abl", "issue12-b12k/g16p2"):
         for ev in sorted((ROOT / folder).glob("*-s*/eval_final.json")):
             run = ev.parent.name
             method, seed = run.rsplit("-s", 1)
+            if folder.endswith("g16p2"):
+                method += "-pad2"  # ViPO with context-padded maps (§5.1, §6.6)
             for split, m in split_means(ev).items():
                 means[(method, int(seed), split)] = m
             runs[(method, int(seed))] = ((folder,), run)
@@ -161,21 +164,24 @@ def table_b12k():
     print_table(means, runs, METHODS)
 
 
-METHODS = ["grpo", "vipo", "vipo-ones", "vipo-psr", "vipo-sklearn", "vipo-reward"]
+METHODS = ["grpo", "vipo", "vipo-pad2", "vipo-ones", "vipo-psr", "vipo-sklearn", "vipo-reward"]
 
 
 def save_b12k(cmp_dir):
-    """Copy the finished ablation runs of a comparison folder (config, metrics, final
-    eval.json) into issue12-b12k/abl, where `table-b12k` reads them; GRPO and ViPO are
-    already in issue12-b12k/g16."""
+    """Copy the finished ViPO-family runs of a comparison folder (config, metrics, final
+    eval.json) into issue12-b12k/<folder name without -b12k> (abl, g16p2), where
+    `table-b12k` reads them; GRPO and the pad-0 ViPO are already in issue12-b12k/g16."""
     cmp_dir = Path(cmp_dir)
-    out = ROOT / "issue12-b12k" / "abl"
+    out = ROOT / "issue12-b12k" / cmp_dir.name.removesuffix("-b12k")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("compare.toml", "results.json", "results.md"):
         if (cmp_dir / name).is_file():
             shutil.copy(cmp_dir / name, out / name)
-    for ev in sorted(cmp_dir.glob("vipo-*-s*/eval/final/eval.json")):
+    for ev in sorted(cmp_dir.glob("vipo*-s*/eval/final/eval.json")):
         run = ev.parents[2]
+        g16 = ROOT / "issue12-b12k" / "g16" / run.name / "config.toml"
+        if g16.is_file() and g16.read_bytes() == (run / "config.toml").read_bytes():
+            continue  # a copy of a g16 run, saved there already
         (out / run.name).mkdir(exist_ok=True)
         for name in ("config.toml", "metrics.jsonl"):
             shutil.copy(run / name, out / run.name / name)
