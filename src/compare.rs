@@ -116,7 +116,12 @@ fn prepare_dir(cfg: &Config, dir: &Path, force: bool) -> Result<DirLock> {
             return Ok(lock);
         }
         if !force {
-            bail!("{}: holds a different comparison ({} differs); pass --force to replace it or choose another run_name", dir.display(), saved.display());
+            bail!(
+                "{}: holds a different comparison ({} differs: {}); pass --force to replace it, choose another run_name, or --set the saved values to resume it",
+                dir.display(),
+                saved.display(),
+                config::differences(&a, &b, 6)
+            );
         }
         std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
     } else if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {

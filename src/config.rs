@@ -771,6 +771,35 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, over
     }
 }
 
+/// The fields where two configs differ, as `key: old → new` (dotted keys; at most `max`,
+/// then "…"), for messages that refuse a mismatched resume.
+pub fn differences<T: Serialize>(old: &T, new: &T, max: usize) -> String {
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, x.get(k), y.get(k), out);
+                }
+            }
+            (a, b) if a != b => {
+                let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+                out.push(format!("{prefix}: {} → {}", show(a), show(b)));
+            }
+            _ => {}
+        }
+    }
+    let (a, b) = (toml::Value::try_from(old).ok(), toml::Value::try_from(new).ok());
+    let mut out = Vec::new();
+    walk("", a.as_ref(), b.as_ref(), &mut out);
+    if out.len() > max {
+        out.truncate(max);
+        out.push("…".into());
+    }
+    out.join("; ")
+}
+
 /// The resolved config as TOML (saved into every run directory).
 pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
     Ok(toml::to_string_pretty(cfg)?)
@@ -868,6 +897,16 @@ mod tests {
         // `--resume` of an old run takes no --set, but a comparison may pass one: it wins.
         let c: Config = from_toml_str(&toml::to_string(&old).unwrap(), "old-run/config.toml", &["backbone.pad=1".into()]).unwrap();
         assert_eq!(c.backbone.pad, 1);
+    }
+
+    #[test]
+    fn differences_name_the_fields() {
+        let a = Config::default();
+        let b: Config = from_toml_str("", "x", &["backbone.pad=0".into(), "train.steps=7".into()]).unwrap();
+        let d = differences(&a, &b, 5);
+        assert!(d.contains("backbone.pad: 2 → 0") && d.contains("train.steps:") && d.contains("→ 7"), "{d}");
+        assert_eq!(differences(&a, &a, 5), "");
+        assert!(differences(&a, &b, 1).ends_with("; …"));
     }
 
     #[test]
