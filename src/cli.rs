@@ -419,14 +419,14 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
                 let mut g = given.clone();
                 g.train.steps = saved.train.steps;
                 g.progress = saved.progress;
-                anyhow::ensure!(g == saved, "{}: --config differs from the run's saved config {}; resume uses the saved config", user.display(), saved_path.display());
+                anyhow::ensure!(g == saved, "{}: --config differs from the run's saved config {} ({}); resume uses the saved config", user.display(), saved_path.display(), config::differences(&saved, &g, 6));
             }
             ca.config = Some(saved_path.clone());
             let cfg = load_config(&ca)?;
             let mut c2 = cfg.clone();
             c2.train.steps = saved.train.steps;
             c2.progress = saved.progress;
-            anyhow::ensure!(c2 == saved, "--set with --resume may only change train.steps (the run's config is in {})", saved_path.display());
+            anyhow::ensure!(c2 == saved, "--set with --resume may only change train.steps (the run's config is in {}; {})", saved_path.display(), config::differences(&saved, &c2, 6));
             // Record the extended step budget in the run's config.
             crate::io::atomic_write(&saved_path, config::to_toml(&cfg)?.as_bytes())?;
             crate::train::grpo::train_cli(&cfg, dir, true, false)

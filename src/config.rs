@@ -730,10 +730,11 @@ pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
 ///
 /// - `model.prediction`: a complete `[model]` table without it predicted v (default now "x",
 ///   which would sample garbage from such a checkpoint); without `conv_channels`, the plain DiT.
-/// - `backbone.pad`: a dumped config (it has the top-level `progress`) whose complete
+/// - `backbone.pad`: a dumped config (it has every top-level scalar a dump has) whose complete
 ///   `[backbone]` table lacks it ran the PSM without context padding (default now 2).
 fn legacy_fields(value: &mut toml::Value, origin: &str) {
-    let dumped = value.get("progress").is_some();
+    // Keys every dump has at top level and a hand-written config rarely repeats.
+    let dumped = ["seed", "out_dir", "run_name", "progress", "modality"].iter().all(|k| value.get(k).is_some());
     if let Some(b) = value.get_mut("backbone").and_then(|b| b.as_table_mut()) {
         if dumped && !b.contains_key("pad") && ["name", "tap", "input_size"].iter().all(|k| b.contains_key(*k)) {
             eprintln!("note: {origin}: a saved config whose [backbone] has no `pad` (written before it existed) means backbone.pad = 0");

@@ -1859,9 +1859,9 @@ mod orient_tests {
             }
         }
         eprintln!("one-object peaks off the object: {} of {}: {off:?}", off.len(), cases.len());
-        // Measured: 23 of 24 (the small red diamond near the corner peaks off it); more than
-        // one miss is a regression.
-        assert!(off.len() <= 1, "{off:?}");
+        // Measured: 24 of 24 with the default context padding (without it, 23: the small
+        // red diamond near the corner peaked off it, on the frame the zero padding makes).
+        assert!(off.is_empty(), "{off:?}");
     }
 
     /// Map mass on renders with known masks: on ground-truth ShapeWorld scenes the default
@@ -1897,11 +1897,11 @@ mod orient_tests {
         };
         let (default, border, sklearn) = (ratio(PsmConfig::default().orient), ratio(Orient::Border), ratio(Orient::Sklearn));
         eprintln!("object mass / area on renders: default (minority) {default:.2}, border {border:.2}, sklearn {sklearn:.2}");
-        // Measured on these 24 renders with the default features.6 @ 112: 2.56 (border 2.26,
-        // sklearn 1.86; BENCHMARKS.md §5.1 has the 32-render bench and the samples). The bound
-        // leaves room for float differences between CPUs; both content rules must beat the
-        // released-code orientation.
-        assert!(default >= 2.4, "default: object mass only {default:.2}× the area share");
+        // Measured on these 24 renders with the default features.6 @ 112 and context padding:
+        // 3.38 (border 2.93, sklearn 2.36; without padding 2.56 / 2.26 / 1.86; BENCHMARKS.md
+        // §5.1 has the 32-render bench and the samples). The bound leaves room for float
+        // differences between CPUs; both content rules must beat the released-code orientation.
+        assert!(default >= 3.1, "default: object mass only {default:.2}× the area share");
         assert!(default > sklearn && border > sklearn, "minority {default:.2} / border {border:.2} vs sklearn {sklearn:.2}");
     }
 }

@@ -28,11 +28,17 @@ pub struct ContextPad {
 }
 
 impl ContextPad {
+    /// Whole cells only: the unpadded input side must be a multiple of the tap's stride.
+    pub fn check(size: usize, cells: usize, stride: usize) -> Result<()> {
+        if stride == 0 || !size.is_multiple_of(stride) {
+            bail!("backbone.pad = {cells}: input_size {size} must be a multiple of the tap's stride {stride} so that whole grid cells can be cropped (or set backbone.pad = 0)");
+        }
+        Ok(())
+    }
+
     /// `inner` must have been built with input size `size + 2·cells·stride`.
     pub fn new(inner: Box<dyn Backbone>, size: usize, cells: usize, stride: usize) -> Result<Self> {
-        if stride == 0 || !size.is_multiple_of(stride) {
-            bail!("backbone.pad = {cells}: input_size {size} must be a multiple of the tap's stride {stride} so that whole grid cells can be cropped");
-        }
+        Self::check(size, cells, stride)?;
         // Named by the input size the user configured, not the padded one the network sees.
         let padded = format!("@{}", Self::padded_size(size, cells, stride));
         let name = format!("{}+pad{cells}", inner.name().replacen(&padded, &format!("@{size}"), 1));

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
-pub const PATCH: usize = 14;
+const PATCH: usize = 14;
 const LN_EPS: f64 = 1e-6;
 /// DINOv2's `interpolate_offset`: a scale-factor nudge that avoids floating-point rounding of
 /// the output size; it also shifts the sampling positions slightly, so we reproduce it.
@@ -511,6 +511,11 @@ pub(crate) mod tests {
         let cfg = |name: &str, w: &str| crate::backbone::BackboneConfig { name: name.into(), tap: "last".into(), weights: Some(w.into()), input_size: 28, pad: 0 };
         let f = crate::backbone::load(&cfg("dinov2", snap.to_str().unwrap())).unwrap().features(&[img(2)]).unwrap();
         assert_eq!((f[0].h, f[0].w, f[0].d), (2, 2, 32));
+        // A ViT has no zero padding to hide: `backbone.pad` (default 2) is ignored.
+        let padded = crate::backbone::BackboneConfig { pad: 2, ..cfg("dinov2", snap.to_str().unwrap()) };
+        let b = crate::backbone::load(&padded).unwrap();
+        assert!(!b.name().contains("pad"), "{}", b.name());
+        assert_eq!(b.features(&[img(2)]).unwrap(), f);
         // (Repository ids resolve through hf::resolve, tested in hf.rs; the environment
         // variable is not set here, tests run in parallel.)
         assert!(crate::backbone::load(&cfg("dinov2", snap.join("model.safetensors").to_str().unwrap())).is_ok());

@@ -65,9 +65,11 @@ pub struct BackboneConfig {
     /// reflection, the network runs on the larger input, and the extra cells are cropped off,
     /// so the map's border cells see image content instead of the network's zero padding.
     /// 0 = off (the released recipe). Default 2: on ShapeWorld rollout samples MobileNetV2's
-    /// zero padding otherwise lights a frame around every map (BENCHMARKS.md §5.1). A ViT
-    /// (DINOv2) has no zero padding: set 0 there. Costs ((input_size + 2·pad·stride) /
-    /// input_size)² the backbone time (1.65× at the default 112 px, features.6).
+    /// zero padding otherwise lights a frame around every map (BENCHMARKS.md §5.1). With
+    /// pad > 0, input_size must be a multiple of the tap's stride (MobileNetV2 features.K:
+    /// 2, 4, 8, 16 or 32; ResNet layerL: 4·2^(L−1)). DINOv2, a ViT without zero padding,
+    /// ignores it. Costs ((input_size + 2·pad·stride) / input_size)² the backbone time
+    /// (1.65× at the default 112 px, features.6).
     pub pad: usize,
 }
 
@@ -110,10 +112,15 @@ fn dinov2_files(spec: &std::path::Path) -> Result<(PathBuf, Option<usize>)> {
 /// every tensor of the weights file (name and shape), so a wrong architecture fails here,
 /// naming the file and the tensor, before any image is processed.
 pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
-    if cfg.pad == 0 {
+    // A ViT has no zero padding, so there is no frame to remove: DINOv2 ignores `pad`
+    // rather than paying 1.5× for mirrored context.
+    let vit = cfg.name == "dinov2" || dinov2::Variant::from_name(&cfg.name).is_some();
+    if cfg.pad == 0 || vit {
         return load_at(cfg, cfg.input_size);
     }
     let stride = tap_stride(cfg)?;
+    // Checked before the weights are read, on the size the user wrote.
+    context_pad::ContextPad::check(cfg.input_size, cfg.pad, stride)?;
     let inner = load_at(cfg, context_pad::ContextPad::padded_size(cfg.input_size, cfg.pad, stride))?;
     Ok(Box::new(context_pad::ContextPad::new(inner, cfg.input_size, cfg.pad, stride)?))
 }
@@ -123,7 +130,7 @@ fn tap_stride(cfg: &BackboneConfig) -> Result<usize> {
     Ok(match cfg.name.as_str() {
         "mobilenet_v2" => mobilenet_v2::tap_stride(mobilenet_v2::parse_tap(&cfg.tap)?),
         name if resnet::Depth::from_name(name).is_some() => resnet::tap_stride(resnet::parse_tap(&cfg.tap)?),
-        _ => dinov2::PATCH,
+        other => bail!("unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g, dinov2)"),
     })
 }
 
