@@ -14,7 +14,7 @@ use super::{Backbone, FeatureMap};
 use crate::image::Image;
 use anyhow::{bail, Result};
 
-/// Wraps a backbone built for `size + 2·cells·stride` input pixels.
+/// Wraps a backbone built for `size + 2·cells·stride` input pixels (see [`ContextPad::new`]).
 pub struct ContextPad {
     inner: Box<dyn Backbone>,
     /// The inner backbone's name at the unpadded size, `+pad{cells}`.
@@ -28,26 +28,18 @@ pub struct ContextPad {
 }
 
 impl ContextPad {
-    /// Whole cells only: the unpadded input side must be a multiple of the tap's stride.
-    pub fn check(size: usize, cells: usize, stride: usize) -> Result<()> {
+    /// Pads by `cells` grid cells of `stride` input pixels; `build(n)` builds the inner
+    /// backbone for `n`-pixel inputs, called only once the sizes are checked (before any
+    /// weights are read).
+    pub fn new(size: usize, cells: usize, stride: usize, build: impl FnOnce(usize) -> Result<Box<dyn Backbone>>) -> Result<Self> {
         if stride == 0 || !size.is_multiple_of(stride) {
             bail!("backbone.pad = {cells}: input_size {size} must be a multiple of the tap's stride {stride} so that whole grid cells can be cropped (or set backbone.pad = 0)");
         }
-        Ok(())
-    }
-
-    /// `inner` must have been built with input size `size + 2·cells·stride`.
-    pub fn new(inner: Box<dyn Backbone>, size: usize, cells: usize, stride: usize) -> Result<Self> {
-        Self::check(size, cells, stride)?;
+        let padded = size + 2 * cells * stride;
+        let inner = build(padded)?;
         // Named by the input size the user configured, not the padded one the network sees.
-        let padded = format!("@{}", Self::padded_size(size, cells, stride));
-        let name = format!("{}+pad{cells}", inner.name().replacen(&padded, &format!("@{size}"), 1));
+        let name = format!("{}+pad{cells}", inner.name().replacen(&format!("@{padded}"), &format!("@{size}"), 1));
         Ok(Self { inner, name, size, cells, stride })
-    }
-
-    /// Input side the inner backbone must be built for.
-    pub fn padded_size(size: usize, cells: usize, stride: usize) -> usize {
-        size + 2 * cells * stride
     }
 }
 

@@ -112,25 +112,20 @@ fn dinov2_files(spec: &std::path::Path) -> Result<(PathBuf, Option<usize>)> {
 /// every tensor of the weights file (name and shape), so a wrong architecture fails here,
 /// naming the file and the tensor, before any image is processed.
 pub fn load(cfg: &BackboneConfig) -> Result<Box<dyn Backbone>> {
-    // A ViT has no zero padding, so there is no frame to remove: DINOv2 ignores `pad`
-    // rather than paying 1.5× for mirrored context.
-    let vit = cfg.name == "dinov2" || dinov2::Variant::from_name(&cfg.name).is_some();
-    if cfg.pad == 0 || vit {
-        return load_at(cfg, cfg.input_size);
+    match (cfg.pad, cnn_stride(cfg)?) {
+        (cells @ 1.., Some(stride)) => Ok(Box::new(context_pad::ContextPad::new(cfg.input_size, cells, stride, |size| load_at(cfg, size))?)),
+        _ => load_at(cfg, cfg.input_size),
     }
-    let stride = tap_stride(cfg)?;
-    // Checked before the weights are read, on the size the user wrote.
-    context_pad::ContextPad::check(cfg.input_size, cfg.pad, stride)?;
-    let inner = load_at(cfg, context_pad::ContextPad::padded_size(cfg.input_size, cfg.pad, stride))?;
-    Ok(Box::new(context_pad::ContextPad::new(inner, cfg.input_size, cfg.pad, stride)?))
 }
 
-/// Network-input pixels per feature-grid cell at the configured tap.
-fn tap_stride(cfg: &BackboneConfig) -> Result<usize> {
+/// Network-input pixels per feature-grid cell at the configured tap of a CNN; None for
+/// DINOv2, a ViT without zero padding (so `pad` has no frame to remove and is ignored), and
+/// for names `load_at` rejects.
+fn cnn_stride(cfg: &BackboneConfig) -> Result<Option<usize>> {
     Ok(match cfg.name.as_str() {
-        "mobilenet_v2" => mobilenet_v2::tap_stride(mobilenet_v2::parse_tap(&cfg.tap)?),
-        name if resnet::Depth::from_name(name).is_some() => resnet::tap_stride(resnet::parse_tap(&cfg.tap)?),
-        other => bail!("unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g, dinov2)"),
+        "mobilenet_v2" => Some(mobilenet_v2::tap_stride(mobilenet_v2::parse_tap(&cfg.tap)?)),
+        name if resnet::Depth::from_name(name).is_some() => Some(resnet::tap_stride(resnet::parse_tap(&cfg.tap)?)),
+        _ => None,
     })
 }
 
