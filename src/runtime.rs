@@ -20,6 +20,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// - mimalloc returns freed pages to the OS after a delay and every step faults them back
 ///   in (16 % of a step in perf: the kernel zeroing pages); vipo's working set is the same
 ///   every step, so it keeps them (`MIMALLOC_PURGE_DELAY` overrides).
+/// - SIGPIPE: the default action, so output piped into `head` ends vipo without a panic.
 pub fn init() {
     let n = thread_count(
         std::env::var("VIPO_THREADS").ok().as_deref(),
@@ -30,6 +31,13 @@ pub fn init() {
     let _ = pool_builder(n).build_global();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // Rust starts with SIGPIPE ignored, so a print to a closed pipe (`vipo report DIR | head`)
+    // panicked with "Broken pipe"; the default action ends vipo quietly, like any Unix tool.
+    #[cfg(unix)]
+    // SAFETY: setting one signal's disposition, before any thread but this one exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: a plain option store, before any thread but this one exists.

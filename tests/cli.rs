@@ -516,3 +516,23 @@ fn plan_prints_the_sd35_budget() {
     let e = err(&vipo(&["plan", "--config", cfg.to_str().unwrap(), "--set", "sd3.dtype=f8"], d.path()));
     assert!(e.contains("sd3.dtype"), "{e}");
 }
+
+/// A reader that goes away (`vipo config | head -1`) ends vipo by SIGPIPE, quietly, as it
+/// ends any Unix tool: no "failed printing to stdout: Broken pipe" panic. The read end is
+/// closed before vipo starts, so its first print always meets a closed pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = std::env::temp_dir().join(format!("vipo-cli-sigpipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_vipo")).arg("config").current_dir(&dir).stdout(writer).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
+    const SIGPIPE: i32 = 13; // Linux and the BSDs; tests/ does not link libc
+    assert_eq!(o.status.signal(), Some(SIGPIPE), "{:?}: {e}", o.status);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
