@@ -524,15 +524,13 @@ fn plan_prints_the_sd35_budget() {
 #[test]
 fn a_closed_stdout_pipe_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let dir = std::env::temp_dir().join(format!("vipo-cli-sigpipe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let d = tempfile::tempdir().unwrap();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let o = Command::new(env!("CARGO_BIN_EXE_vipo")).arg("config").current_dir(&dir).stdout(writer).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_vipo")).arg("config").current_dir(d.path()).stdout(writer).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
     const SIGPIPE: i32 = 13; // Linux and the BSDs; tests/ does not link libc
     assert_eq!(o.status.signal(), Some(SIGPIPE), "{:?}: {e}", o.status);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
