@@ -395,7 +395,7 @@ pub enum SdeChoice {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RewardEntry {
-    /// "compositional" | "redness" | "video_quality" | "motion_quality"
+    /// "compositional" | "redness" | "placebo" (a null control) | "video_quality" | "motion_quality"
     pub name: String,
     /// Coefficient of this reward's loss term.
     pub weight: f64,

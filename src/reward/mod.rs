@@ -5,6 +5,7 @@ pub mod aesthetic;
 pub mod clip;
 pub mod compositional;
 pub mod hps;
+pub mod placebo;
 pub mod redness;
 pub mod set;
 pub mod video;
@@ -57,13 +58,14 @@ pub trait Reward: Send + Sync {
     }
 }
 
-const KNOWN: &str = "compositional, redness, video_quality, motion_quality, clipscore, pickscore, aesthetic, hpsv2";
+const KNOWN: &str = "compositional, redness, placebo, video_quality, motion_quality, clipscore, pickscore, aesthetic, hpsv2";
 
 /// A reward by its config name.
 pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
     Ok(match name {
         "compositional" => Box::new(compositional::Compositional::new()),
         "redness" => Box::new(redness::Redness),
+        "placebo" => Box::new(placebo::Placebo),
         "video_quality" => Box::new(video::VideoQuality::new()),
         "motion_quality" => Box::new(video::MotionQuality::new()),
         "clipscore" | "pickscore" | "aesthetic" | "hpsv2" => anyhow::bail!("reward {name:?} needs its model: set train.rewards[].weights to a CLIPModel folder or a Hugging Face repository id"),
