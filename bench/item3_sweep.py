@@ -5,7 +5,9 @@
   python3 bench/item3_sweep.py table               # the BENCHMARKS §6.7 table from bench/results
   python3 bench/item3_sweep.py seeds               # the chosen setting and the default over seeds
 """
-import json, os, shutil, sys
+import json, os, shutil, sys, tomllib
+
+from ablation_seeds import fmt, t_ci  # the same Student-t interval as the ablation tables
 
 OUT = "bench/results/issue12-b12k/item3-sweep"
 # What each run changes from the default [train] (20 steps of 8 prompts × G 8 unless said).
@@ -51,40 +53,20 @@ def table():
     g = gains("default")[0]
     print(f"| default s0 (the demo's GRPO run, §6.5) | {CHANGES['default']} | 1280 | | {g[0]:+.3f} | {g[1]:+.3f} | 0.000 |")
     for key, change in CHANGES.items():
-        for seed in [0]:  # the sweep; `seeds` gives the chosen setting's other seeds
-            d = os.path.join(OUT, f"{key}-s{seed}")
-            if not os.path.isdir(d):
-                continue
-            rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
-            e = json.load(open(os.path.join(d, "eval.json")))
-            cfg = open(os.path.join(d, "config.toml")).read()
-            def get(k, default):
-                for line in cfg.splitlines():
-                    if line.startswith(k + " ="):
-                        return int(line.split("=")[1])
-                return default
-            n = get("prompts_per_step", 8) * get("group_size", 8) * len(rows)
-            first = sum(r["reward_mean"] for r in rows[:5]) / 5
-            last = sum(r["reward_mean"] for r in rows[-5:]) / 5
-            de = e["final"]["eval"] - e["base"]["eval"]
-            do = e["final"]["ood"] - e["base"]["ood"]
-            cf = max(r["clip_frac"] for r in rows)
-            print(f"| {key} s{seed} | {change} | {n} | {first:.3f} → {last:.3f} | {de:+.3f} | {do:+.3f} | {cf:.3f} |")
-
-
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
-
-
-def interval(xs):
-    n = len(xs)
-    if n == 0:
-        return (float("nan"),) * 3
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan"), float("nan")
-    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
-    h = T975[n - 1] * sd / n ** 0.5
-    return m, m - h, m + h
+        d = os.path.join(OUT, f"{key}-s0")  # the sweep is seed 0; `seeds` gives the chosen setting's others
+        if not os.path.isdir(d):
+            continue
+        rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+        e = json.load(open(os.path.join(d, "eval.json")))
+        with open(os.path.join(d, "config.toml"), "rb") as f:
+            train = tomllib.load(f)["train"]
+        n = train["prompts_per_step"] * train["group_size"] * len(rows)
+        first = sum(r["reward_mean"] for r in rows[:5]) / 5
+        last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+        de = e["final"]["eval"] - e["base"]["eval"]
+        do = e["final"]["ood"] - e["base"]["ood"]
+        cf = max(r["clip_frac"] for r in rows)
+        print(f"| {key} s0 | {change} | {n} | {first:.3f} → {last:.3f} | {de:+.3f} | {do:+.3f} | {cf:.3f} |")
 
 
 def gains(key):
@@ -111,17 +93,15 @@ def seeds(key="p-ppo4kl"):
     print("|---|---|" + "---|" * 7)
     for name, g in ((key, chosen), ("default", default)):
         for i, split in enumerate(("eval", "ood")):
-            xs = [g[s][i] for s in sorted(g)]
-            m, lo, hi = interval(xs)
-            m1, lo1, hi1 = interval([g[s][i] for s in sorted(g) if s > 0])
+            every = fmt(*t_ci([g[s][i] for s in sorted(g)]))
+            fresh = fmt(*t_ci([g[s][i] for s in sorted(g) if s > 0]))
             print(f"| {name} − base | {split} | " + " | ".join(f"{g[s][i]:+.3f}" if s in g else "" for s in range(5))
-                  + f" | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {m1:+.3f} [{lo1:+.3f}, {hi1:+.3f}] |")
+                  + f" | {every} | {fresh} |")
     both = sorted(set(chosen) & set(default))
     for i, split in enumerate(("eval", "ood")):
-        xs = [chosen[s][i] - default[s][i] for s in both]
-        m, lo, hi = interval(xs)
+        diff = fmt(*t_ci([chosen[s][i] - default[s][i] for s in both]))
         print(f"| {key} − default (paired by seed) | {split} | " + " | ".join(f"{chosen[s][i] - default[s][i]:+.3f}" if s in both else "" for s in range(5))
-              + f" | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | |")
+              + f" | {diff} | |")
 
 
 if __name__ == "__main__":
