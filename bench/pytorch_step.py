@@ -13,7 +13,7 @@ the CPU-only wheel index works too where it can be reached). f32, CPU.
 
 What is replicated (the Rust code is the spec; file names relative to the repository root):
 
-* Model (`src/policy/dit.rs`, `block.rs`, `conv.rs`, `layers.rs`, `ops.rs`), config
+* Model (`src/policy/shapeworld/dit.rs`, `src/policy/nn/{block,conv,layers,ops}.rs`), config
   `configs/default.toml` [model]: 32x32 RGB latents in [-1, 1], a conv stem (3x3 conv 3->32,
   GELU-tanh, 3x3 conv 32->32, GELU-tanh; vipo's im2col weight (C_out, 9*C_in) with input
   index (dy*3+dx)*C_in+c is reshaped to a conv2d kernel), 4x4 patchify of the stem features
@@ -65,7 +65,7 @@ prompts as a 4x4 grid (each image x4 nearest), the check that the port and the w
 right: whole coloured shapes on a dark background that match the prompt.
 
 `--video`: the same GRPO step for `vipo bench step --config configs/video.toml`: the
-spatio-temporal policy (`src/policy/video_dit.rs`, configs/video.toml [video_model]: clips
+spatio-temporal policy (`src/policy/shapeworld/video_dit.rs`, configs/video.toml [video_model]: clips
 (3, 8, 32, 32) in [-1, 1], tubelets of 2 frames x 4x4 pixels (96 values, (c, t, py, px)
 order), learned pos_time + pos_space, the same prompt encoder over the 34-word video
 vocabulary (13 tokens), 4 blocks alternating spatial attention (each tubelet-frame's 64

@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     let prompts = world::prompts(Split::Train, n, 3);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let imgs: Vec<_> = prompts.iter().map(|s| world::render(&world::sample_scene(s, &mut rng), cfg.model.image_size).image).collect();
-    let x0 = vipo::policy::dit::images_to_latents(&imgs, &dev)?;
+    let x0 = vipo::policy::shapeworld::dit::images_to_latents(&imgs, &dev)?;
     let eps = vipo::sampler::randn(x0.dims(), &mut rng, &dev)?;
     let cond = p.condition(&prompts)?;
     let mut rows: Vec<_> = imgs.iter().map(|i| i.upscale(4)).collect();

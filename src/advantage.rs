@@ -1,4 +1,4 @@
-//! Group-relative advantages (DESIGN.md §1.2): A_i = (r_i − mean_G r)/(std_G r + 1e-8)
+//! Group-relative advantages (docs/DESIGN.md §1.2): A_i = (r_i − mean_G r)/(std_G r + 1e-8)
 //! per prompt group, optionally with one std over the whole batch, clipped to ±clip.
 //!
 //! The per-position (ViPO) advantage A_i^p = clip(M_i(p)·A_i, ±clip) is built from these
@@ -150,7 +150,7 @@ mod tests {
     }
 }
 
-/// ViPO pixel advantages (DESIGN.md §1.4): A_i^p = clip(M_i(p)·A_i, ±clip). `maps[i]` is
+/// ViPO pixel advantages (docs/DESIGN.md §1.4): A_i^p = clip(M_i(p)·A_i, ±clip). `maps[i]` is
 /// sample i's allocation map (values in [0,1], so the sign of A_i never flips). Returns the
 /// flattened (N, positions) values.
 pub fn pixel_advantages(adv: &[f32], maps: &[Vec<f32>], clip: f32) -> Vec<f32> {

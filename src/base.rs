@@ -1,6 +1,6 @@
 //! The base model RL starts from (`train.base = ""`): the base shipped in `weights/base/`
 //! when the run's `[model]` is the one it was pretrained with, else a base pretrained for
-//! the config and cached (`sample::cached_base`).
+//! the config and cached (`train::pretrain::default_base` pretrains it on a miss).
 //!
 //! The shipped base comes with `PROVENANCE.json`: the exact `vipo pretrain` command, the
 //! commit, seed, steps, wall time, machine, its `vipo eval` scores and the sha256 of the
@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, Modality};
-use crate::policy::dit::DitConfig;
+use crate::config::Config;
+use crate::policy::shapeworld::dit::DitConfig;
 
 /// The shipped weights file (f16 safetensors) inside [`shipped_dir`].
 pub const SHIPPED_WEIGHTS: &str = "shapeworld_base.safetensors";
@@ -98,7 +98,7 @@ pub fn verified_weights(dir: &Path, prov: &Provenance) -> Result<PathBuf> {
 
 /// The shipped base in `dir` when it fits `cfg` (image modality, the same `[model]`), verified.
 pub fn shipped_in(dir: &Path, cfg: &Config) -> Result<Option<PathBuf>> {
-    if cfg.modality != Modality::Image {
+    if !cfg.generator().ships_base() {
         return Ok(None);
     }
     match read_provenance(dir)? {
@@ -107,158 +107,90 @@ pub fn shipped_in(dir: &Path, cfg: &Config) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Resolve the base for `train.base = ""`: the shipped base when it fits (unless `fresh`),
-/// else the cached base for this config (pretrained on first use, or again when `fresh`).
-pub fn default_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
-    if !fresh {
-        if let Some(p) = shipped_in(&shipped_dir(), cfg)? {
-            eprintln!("using the shipped base model {}", p.display());
-            return Ok(p);
-        }
-    }
-    crate::sample::cached_base(cfg, fresh)
-}
-
-/// Like [`default_base`] but never pretrains: the shipped base or an existing cache entry.
+/// The default base (`train.base = ""`) without pretraining anything (`train::pretrain::default_base` pretrains on a miss): the shipped base or an existing cache entry.
 pub fn existing_default_base(cfg: &Config) -> Result<Option<PathBuf>> {
     if let Some(p) = shipped_in(&shipped_dir(), cfg)? {
         return Ok(Some(p));
     }
-    let p = crate::sample::cached_base_path(cfg);
+    let p = cached_base_path(cfg);
     Ok(p.is_file().then_some(p))
 }
 
-fn split_scores(rep: &crate::eval::run::EvalReport, split: &str) -> Result<SplitScores> {
-    let get = |r: &str| rep.row(split, r).map(|x| x.mean).with_context(|| format!("eval report has no {split} {r} row"));
-    let main = rep.row(split, "compositional").context("eval report has no compositional row")?;
-    Ok(SplitScores {
-        compositional: main.mean,
-        ci95: [main.ci_low, main.ci_high],
-        count: get("compositional.count")?,
-        color: get("compositional.color")?,
-        shape: get("compositional.shape")?,
-        position: get("compositional.position")?,
-        quality: get("compositional.quality")?,
-    })
-}
-
-/// Evaluate weights with `cfg`'s `[model]` and `[sample]` on `n` prompts per split.
-pub fn evaluate_weights(cfg: &Config, weights: &Path, n: usize) -> Result<crate::eval::run::EvalReport> {
-    let device = crate::runtime::device()?;
-    let policy = crate::policy::load_policy(cfg, weights, None, &device, cfg.seed)?;
-    Ok(crate::eval::run::evaluate_policy(policy.as_ref(), cfg, n)?.0)
-}
-
-/// `vipo export-base`: store an image pretraining run's weights as f16 in `out` — the final
-/// weights, or the (EMA) checkpoint after `step` steps of a longer run — evaluate the stored
-/// file, and write its provenance. Refuses to overwrite.
-pub fn export(run_dir: &Path, step: Option<usize>, out: &Path, command: &str, commit: &str, machine: &str) -> Result<Provenance> {
-    let cfg: Config = crate::config::load(Some(&run_dir.join(crate::train::run::CONFIG_FILE)), &[])?;
-    ensure!(cfg.modality == Modality::Image, "{}: export-base supports image bases only", run_dir.display());
-    let src = match step {
-        None => run_dir.join(crate::train::run::FINAL_WEIGHTS),
-        Some(n) => run_dir.join("checkpoints").join(format!("step_{n}.safetensors")),
+/// A base's cache prefix and key before legacy fields are dropped. A real generator's key
+/// is its section; a pretrained family's is the JSON array [section, pretrain, seed,
+/// sample] (what serde writes for that tuple).
+fn raw_key(cfg: &Config) -> (&'static str, String) {
+    let g = cfg.generator();
+    let key = if g.is_real() {
+        g.section_json()
+    } else {
+        let pretrain = serde_json::to_string(&cfg.pretrain).expect("config serializes");
+        let sample = serde_json::to_string(&cfg.sample).expect("config serializes");
+        format!("[{},{pretrain},{},{sample}]", g.section_json(), cfg.seed)
     };
-    ensure!(src.is_file(), "{}: no such weights (is the pretraining finished, or the checkpoint written?)", src.display());
-    ensure!(!out.join(PROVENANCE).exists(), "{}: already exists; remove it first", out.join(PROVENANCE).display());
-    let mpath = run_dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&mpath).with_context(|| format!("{}: cannot read", mpath.display()))?;
-    // The last log line within the exported steps (a checkpoint after n steps logs step n − 1).
-    let last: serde_json::Value = text
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| step.map_or(true, |n| v["step"].as_u64().map_or(false, |s| (s as usize) < n)))
-        .with_context(|| format!("{}: no metrics line", mpath.display()))?;
-    let wall_s = last["elapsed_s"].as_f64().unwrap_or(0.0);
-    let steps = step.unwrap_or_else(|| last["step"].as_u64().map(|s| s as usize + 1).unwrap_or(cfg.pretrain.steps));
-    let images_per_s = (steps * cfg.pretrain.batch_size) as f64 / wall_s.max(1e-9);
-
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let dst = out.join(SHIPPED_WEIGHTS);
-    let tensors = crate::train::checkpoint::read_tensors(&src, &candle_core::Device::Cpu)?;
-    let half = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F16)?)))
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    crate::train::checkpoint::save_tensors(&half, &dst)?;
-
-    let rep = evaluate_weights(&cfg, &dst, 64)?;
-    let small = evaluate_weights(&cfg, &dst, CHECK_N)?;
-    let comp = |r: &crate::eval::run::EvalReport, s: &str| r.row(s, "compositional").map(|x| x.mean).unwrap_or(f64::NAN);
-    let prov = Provenance {
-        file: SHIPPED_WEIGHTS.into(),
-        sha256: sha256_file(&dst)?,
-        bytes: std::fs::metadata(&dst)?.len(),
-        dtype: "f16".into(),
-        command: command.into(),
-        commit: commit.into(),
-        seed: cfg.seed,
-        steps,
-        wall_s,
-        images_per_s,
-        machine: machine.into(),
-        model: cfg.model.clone(),
-        eval_n: 64,
-        eval: split_scores(&rep, "eval")?,
-        ood: split_scores(&rep, "ood")?,
-        check_n: CHECK_N,
-        check: [comp(&small, "eval"), comp(&small, "ood")],
-    };
-    crate::io::atomic_write(&out.join(PROVENANCE), serde_json::to_string_pretty(&prov)?.as_bytes())?;
-    Ok(prov)
+    (g.cache_prefix(), key)
 }
 
-/// Prompts per split of the provenance's reproducibility check.
-pub const CHECK_N: usize = 8;
+/// Where the cached base model for `cfg` lives (it may not exist yet): keyed by a hash
+/// of the model + pretrain config, the seed and the sample config.
+pub fn cached_base_path(cfg: &Config) -> PathBuf {
+    // Image keys are unchanged from before video existed, so existing caches stay valid.
+    let g = cfg.generator();
+    let (prefix, mut key) = raw_key(cfg);
+    // Fields added later are left out of the key at their old (default-equivalent) values,
+    // so caches written before they existed stay valid; they are the last field of their
+    // struct, so each is one exact substring.
+    for legacy in [r#","prediction":"v""#, r#","cond_dropout":0.0"#, r#","guidance":1.0"#, r#","sigma_loc":0.0"#, r#","sigma_scale":1.0"#, r#","conv_channels":0"#, r#","pos_init":"randn""#] {
+        key = key.replacen(legacy, "", 1);
+    }
+    if g.sample_kind() == crate::image::SampleKind::Clips {
+        // The video policy has no such position table: pos_init does not change its base.
+        key = key.replacen(r#","pos_init":"sincos""#, "", 1);
+    }
+    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    crate::runtime::cache_dir().join(format!("{prefix}-{hash:016x}")).join(crate::run_dir::FINAL_WEIGHTS)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn shipped() -> (Provenance, PathBuf) {
-        let dir = shipped_dir();
-        let prov = read_provenance(&dir).unwrap().expect("weights/base/PROVENANCE.json is committed");
-        (prov, dir)
+    /// Adding config fields must not orphan cached bases: at their legacy values the new
+    /// fields stay out of the key (these two hashes are real cache folders written before
+    /// `model.prediction`, `pretrain.cond_dropout` and `sample.guidance` existed).
+    /// The key is what serde writes for the tuple (section, pretrain, seed, sample) — the
+    /// form every cache entry so far was keyed by — for each family's section.
+    #[test]
+    fn cache_key_is_the_tuple_serialization() {
+        use crate::config::Modality;
+        let mut cfg = Config::default();
+        cfg.seed = 7;
+        let tuple = |c: &Config, section: String| format!("[{section},{},{},{}]", serde_json::to_string(&c.pretrain).unwrap(), c.seed, serde_json::to_string(&c.sample).unwrap());
+        assert_eq!(raw_key(&cfg), ("base", serde_json::to_string(&(&cfg.model, &cfg.pretrain, cfg.seed, &cfg.sample)).unwrap()));
+        assert_eq!(raw_key(&cfg).1, tuple(&cfg, serde_json::to_string(&cfg.model).unwrap()));
+        cfg.modality = Modality::Video;
+        assert_eq!(raw_key(&cfg), ("vbase", serde_json::to_string(&(&cfg.video_model, &cfg.pretrain, cfg.seed, &cfg.sample)).unwrap()));
+        cfg.modality = Modality::Sd3;
+        assert_eq!(raw_key(&cfg), ("sd3", serde_json::to_string(&cfg.sd3).unwrap()));
+        cfg.modality = Modality::Flux;
+        assert_eq!(raw_key(&cfg), ("flux", serde_json::to_string(&cfg.flux).unwrap()));
     }
 
-    /// The committed base matches its recorded sha256, is what `train.base = ""` resolves
-    /// to for the default config, and reproduces the recorded small evaluation.
     #[test]
-    fn shipped_base_is_verified_default_and_reproduces_its_scores() {
-        let (prov, dir) = shipped();
-        let w = verified_weights(&dir, &prov).unwrap();
-        let cfg = Config::default();
-        assert_eq!(prov.model, cfg.model, "the shipped base is for the default [model]");
-        assert_eq!(shipped_in(&dir, &cfg).unwrap(), Some(w.clone()));
-        let rep = evaluate_weights(&cfg, &w, prov.check_n).unwrap();
-        for (i, s) in ["eval", "ood"].iter().enumerate() {
-            let got = rep.row(s, "compositional").unwrap().mean;
-            // The sha256 pins the file; this pins the sampling + scoring pipeline. Bit-identical
-            // here; the margin allows one of the 8 images to score differently on a CPU whose
-            // float kernels differ.
-            assert!((got - prov.check[i]).abs() < 0.05, "{s}: {got} vs recorded {}", prov.check[i]);
-        }
-        // Another architecture does not get the shipped base.
-        let mut other = cfg.clone();
-        other.model.depth += 1;
-        assert_eq!(shipped_in(&dir, &other).unwrap(), None);
-    }
-
-    /// A damaged or replaced weights file is refused with a message naming it and the record.
-    #[test]
-    fn sha256_mismatch_is_a_clear_error() {
-        let (prov, dir) = shipped();
-        let d = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.join(PROVENANCE), d.path().join(PROVENANCE)).unwrap();
-        let mut bytes = std::fs::read(dir.join(&prov.file)).unwrap();
-        let k = bytes.len() - 3;
-        bytes[k] ^= 0x55;
-        std::fs::write(d.path().join(&prov.file), &bytes).unwrap();
-        let e = format!("{:#}", shipped_in(d.path(), &Config::default()).unwrap_err());
-        assert!(e.contains("sha256") && e.contains(SHIPPED_WEIGHTS) && e.contains(PROVENANCE), "{e}");
-        std::fs::remove_file(d.path().join(&prov.file)).unwrap();
-        let e = format!("{:#}", shipped_in(d.path(), &Config::default()).unwrap_err());
-        assert!(e.contains("missing"), "{e}");
+    fn cache_keys_of_legacy_configs_are_unchanged() {
+        let mut cfg = Config::default();
+        cfg.model.prediction = crate::policy::shapeworld::dit::Prediction::V;
+        cfg.model.conv_channels = 0;
+        cfg.pretrain.pos_init = crate::config::PosInit::Randn;
+        assert!(cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"), "{}", cached_base_path(&cfg).display());
+        let video: Config = crate::config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/video.toml"))), &[]).unwrap();
+        assert!(cached_base_path(&video).parent().unwrap().ends_with("vbase-2070df40716fb457"), "{}", cached_base_path(&video).display());
+        // The new defaults (x-prediction, the conv stem) are different models, so different keys.
+        assert_ne!(cached_base_path(&Config::default()), cached_base_path(&cfg));
+        let mut plain = Config::default();
+        plain.model.conv_channels = 0;
+        assert_ne!(cached_base_path(&Config::default()), cached_base_path(&plain));
+        cfg.sample.guidance = 2.0;
+        assert!(!cached_base_path(&cfg).parent().unwrap().ends_with("base-cd1b27bee18d41f2"));
     }
 }

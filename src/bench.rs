@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::policy::block::{BlockConfig, DitBlock};
+use crate::policy::nn::block::{BlockConfig, DitBlock};
 
 pub mod gen_step;
 pub mod step;
@@ -80,7 +80,7 @@ mod tests {
     fn bench_block_runs_small() {
         for fused in [false, true] {
             let b = bench_block(1, 8, 16, 2, fused, 3).unwrap();
-            assert!(b.fwd_ms > 0.0 && b.fwd_bwd_ms >= 0.0 && b.fwd_ms.is_finite());
+            assert!(b.fwd_ms > 0.0 && b.fwd_bwd_ms > 0.0 && b.fwd_ms.is_finite() && b.fwd_bwd_ms.is_finite());
             assert_eq!((b.batch, b.tokens, b.dim, b.heads, b.fused), (1, 8, 16, 2, fused));
         }
         assert!(bench_block(1, 8, 16, 2, false, 0).is_err());
@@ -109,7 +109,7 @@ pub struct PolicyBench {
     pub params: usize,
 }
 
-pub fn bench_policy(cfg: &crate::policy::dit::DitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
+pub fn bench_policy(cfg: &crate::policy::shapeworld::dit::DitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
     use crate::policy::{FlowModel, ImagePolicy, Policy};
     anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
     let dev = crate::runtime::device()?;
@@ -152,8 +152,8 @@ pub struct MmditBench {
 }
 
 pub fn bench_mmdit(checkpointing: bool, iters: usize) -> anyhow::Result<MmditBench> {
-    use crate::policy::layers::{LoraCtx, LoraSpec};
-    use crate::policy::mmdit::{Mmdit, MmditConfig};
+    use crate::policy::nn::layers::{LoraCtx, LoraSpec};
+    use crate::policy::sd3::mmdit::{Mmdit, MmditConfig};
     anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
     let dev = crate::runtime::device()?;
     let cfg = MmditConfig { depth: 8, heads: 8, head_dim: 64, pooled_dim: 256, context_dim: 512, pos_embed_max: 32, dual_attention_layers: 4, ..MmditConfig::sd35_medium() };
@@ -170,11 +170,11 @@ pub fn bench_mmdit(checkpointing: bool, iters: usize) -> anyhow::Result<MmditBen
     let context = crate::sampler::randn(&[batch, text, cfg.context_dim], &mut rng, &dev)?;
     let pooled = crate::sampler::randn(&[batch, cfg.pooled_dim], &mut rng, &dev)?;
     let sigma = candle_core::Tensor::full(0.5f32, batch, &dev)?;
-    let params = crate::policy::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
+    let params = crate::weights::tensors::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
     let base_mb = crate::runtime::memory_mb().map_or(0.0, |(rss, _)| rss);
     let fwd_bwd_ms = time_ms(iters, &|| {
         let g = m.backward(&m.forward(&z, &sigma, &context, &pooled)?.sqr()?.mean_all()?)?;
-        anyhow::ensure!(crate::policy::sorted_vars(&lmap).iter().all(|(_, v)| g.get(v.as_tensor()).is_some()), "an adapter got no gradient");
+        anyhow::ensure!(crate::weights::tensors::sorted_vars(&lmap).iter().all(|(_, v)| g.get(v.as_tensor()).is_some()), "an adapter got no gradient");
         Ok(())
     })?;
     let peak_mb = crate::runtime::memory_mb().map_or(0.0, |(_, peak)| peak);
@@ -195,8 +195,8 @@ fn time_ms(iters: usize, f: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<f
 
 /// Forward and forward+backward of the video policy at one layout (random weights and
 /// inputs; the prompt is 12 tokens). Used to choose the attention layout (issue 6).
-pub fn bench_video(cfg: &crate::policy::video_dit::VideoDitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
-    use crate::policy::video_dit::VideoDit;
+pub fn bench_video(cfg: &crate::policy::shapeworld::video_dit::VideoDitConfig, batch: usize, iters: usize) -> anyhow::Result<PolicyBench> {
+    use crate::policy::shapeworld::video_dit::VideoDit;
     anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
     cfg.validate()?;
     let dev = crate::runtime::device()?;
@@ -270,7 +270,7 @@ pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std:
         }
     }
     if what == "video" || what == "all" {
-        use crate::policy::video_dit::{VideoAttention, VideoDitConfig};
+        use crate::policy::shapeworld::video_dit::{VideoAttention, VideoDitConfig};
         for attention in [VideoAttention::Full, VideoAttention::Factorised] {
             for t_patch in [1usize, 2] {
                 let cfg = VideoDitConfig { attention, t_patch, ..Default::default() };
@@ -283,9 +283,9 @@ pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std:
         }
     }
     if what == "policy" || what == "all" {
-        let cfg = crate::policy::dit::DitConfig::default();
+        let cfg = crate::policy::shapeworld::dit::DitConfig::default();
         for fused in [false, true] {
-            let c = crate::policy::dit::DitConfig { fused, ..cfg.clone() };
+            let c = crate::policy::shapeworld::dit::DitConfig { fused, ..cfg.clone() };
             let b = bench_policy(&c, 32, iters)?;
             println!(
                 "policy (default config, {} params, batch {}) {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms   ({:.1} train images/s)",
@@ -385,11 +385,11 @@ pub fn psm_mass(images: &[crate::image::Image], masks: &[Vec<f32>], taps: &[&str
 /// `map_object_mass` uses (generated images have no ground-truth masks), for MobileNetV2's
 /// taps `features.{3,6,13}` at `input_size`.
 pub fn bench_psm_samples(run_dir: &std::path::Path, step: Option<usize>, n: usize, input_size: usize, pad: usize) -> anyhow::Result<Vec<PsmBench>> {
-    let cfg: crate::config::Config = crate::config::load(Some(&run_dir.join(crate::train::run::CONFIG_FILE)), &[])?;
-    anyhow::ensure!(cfg.modality == crate::config::Modality::Image, "bench psm --run: {} is not an image run", run_dir.display());
+    let cfg: crate::config::Config = crate::config::load(Some(&run_dir.join(crate::run_dir::CONFIG_FILE)), &[])?;
+    anyhow::ensure!(cfg.sample_kind() == crate::image::SampleKind::Images && !cfg.generator().is_real(), "bench psm --run: {} is not an image run", run_dir.display());
     let (policy, _) = crate::eval::run::load_run_policy(run_dir, &cfg, step)?;
-    let prompts = crate::world::prompts(crate::world::Split::Eval, n, crate::eval::run::EVAL_SEED);
-    let images = crate::eval::generate_images(policy.as_ref(), &prompts, crate::eval::run::EVAL_SEED, &cfg.sample)?;
+    let prompts = crate::world::prompts(crate::world::Split::Eval, n, crate::policy::ode::EVAL_SEED);
+    let images = crate::generate::generate_images(policy.as_ref(), &prompts, crate::policy::ode::EVAL_SEED, &cfg.sample)?;
     let masks: Vec<Vec<f32>> = images.iter().map(crate::train::maps::foreground_mask).collect();
     psm_mass(&images, &masks, &["features.3", "features.6", "features.13"], input_size, pad)
 }

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, Config};
+use crate::image::SampleKind;
 
 #[derive(Parser)]
 #[command(name = "vipo", version, about = "ViPO: pixel-level policy optimization for flow-matching generators")]
@@ -278,9 +279,9 @@ fn run_dir_for(cfg: &Config, default_name: &str) -> PathBuf {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Pretrain(PretrainArgs { resume: Some(dir), cfg: a }) => {
-            crate::train::run::require_run_dir(&dir)?;
-            anyhow::ensure!(a.config.is_none() && a.set.is_empty(), "--resume uses the run's saved config ({}); drop --config/--set", dir.join(crate::train::run::CONFIG_FILE).display());
-            let ca = ConfigArgs { config: Some(dir.join(crate::train::run::CONFIG_FILE)), ..a };
+            crate::run_dir::require_run_dir(&dir)?;
+            anyhow::ensure!(a.config.is_none() && a.set.is_empty(), "--resume uses the run's saved config ({}); drop --config/--set", dir.join(crate::run_dir::CONFIG_FILE).display());
+            let ca = ConfigArgs { config: Some(dir.join(crate::run_dir::CONFIG_FILE)), ..a };
             let cfg = load_config(&ca)?;
             let out = crate::train::pretrain::pretrain_from(&cfg, &dir, true)?;
             print_pretrain(&out);
@@ -289,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Pretrain(PretrainArgs { resume: None, cfg: a }) => {
             let cfg = load_config(&a)?;
             crate::train::pretrain::validate_config(&cfg)?;
-            let dir = crate::train::run::create_run_dir(&run_dir_for(&cfg, "pretrain"), &cfg, a.force)?;
+            let dir = crate::run_dir::create_run_dir(&run_dir_for(&cfg, "pretrain"), &cfg, a.force)?;
             let out = crate::train::pretrain::pretrain(&cfg, &dir)?;
             print_pretrain(&out);
             Ok(())
@@ -297,13 +298,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train_cmd(a),
         Cmd::Map(a) => map_cmd(a),
         Cmd::ConvertWeights { src, dst, f16 } => {
-            let n = crate::backbone::pth::convert_pth_to_safetensors(&src, &dst, f16)?;
+            let n = crate::weights::pth::convert_pth_to_safetensors(&src, &dst, f16)?;
             println!("wrote {n} tensors to {}", dst.display());
             Ok(())
         }
         Cmd::ExportBase { run, checkpoint, out, command, commit, machine } => {
             let out = out.unwrap_or_else(crate::base::shipped_dir);
-            let p = crate::base::export(&run, checkpoint, &out, &command, &commit, &machine)?;
+            let p = crate::eval::export::export(&run, checkpoint, &out, &command, &commit, &machine)?;
             println!("wrote {} (sha256 {}); vipo eval: {:.3} eval / {:.3} ood", out.join(&p.file).display(), p.sha256, p.eval.compositional, p.ood.compositional);
             Ok(())
         }
@@ -409,8 +410,8 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             crate::train::grpo::train_cli(&cfg, &dir, false, a.cfg.force)
         }
         Some(dir) => {
-            crate::train::run::require_run_dir(dir)?;
-            let saved_path = dir.join(crate::train::run::CONFIG_FILE);
+            crate::run_dir::require_run_dir(dir)?;
+            let saved_path = dir.join(crate::run_dir::CONFIG_FILE);
             let saved: Config = config::load(Some(&saved_path), &[])?;
             let mut ca = a.cfg.clone();
             if let Some(user) = &a.cfg.config {
@@ -438,9 +439,9 @@ fn map_cmd(a: MapArgs) -> Result<()> {
     // Clips: temporal maps (from strips, or a video run's samples).
     let video_run = match &a.run {
         Some(run) => {
-            crate::train::run::require_run_dir(run)?;
-            let saved: Config = config::load(Some(&run.join(crate::train::run::CONFIG_FILE)), &[])?;
-            saved.modality == config::Modality::Video
+            crate::run_dir::require_run_dir(run)?;
+            let saved: Config = config::load(Some(&run.join(crate::run_dir::CONFIG_FILE)), &[])?;
+            saved.sample_kind() == SampleKind::Clips
         }
         None => false,
     };
@@ -448,12 +449,12 @@ fn map_cmd(a: MapArgs) -> Result<()> {
         anyhow::ensure!(a.image.is_empty() && (a.clip.is_empty() || a.run.is_none()), "give --image FILE, --clip STRIP or --run DIR, one kind only");
         let (cfg, clips) = if let Some(run) = &a.run {
             let mut ca = a.cfg.clone();
-            ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
+            ca.config = Some(run.join(crate::run_dir::CONFIG_FILE));
             let cfg = load_config(&ca)?;
             let device = crate::runtime::device()?;
-            let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, 0)?;
+            let policy = crate::policy::shapeworld::video_dit::VideoPolicy::load(&cfg.video_model, &run.join(crate::run_dir::FINAL_WEIGHTS), None, &device, 0)?;
             let specs = crate::world::video::video_prompts(crate::world::Split::Eval, a.n, 7);
-            let clips = crate::eval::generate_clips(&policy, &specs, 0, &cfg.sample)?;
+            let clips = crate::generate::generate_clips(&policy, &specs, 0, &cfg.sample)?;
             (cfg, clips.into_iter().enumerate().map(|(i, c)| (format!("clip_{i:03}"), c)).collect::<Vec<_>>())
         } else {
             let cfg = load_config(&a.cfg)?;
@@ -476,20 +477,20 @@ fn map_cmd(a: MapArgs) -> Result<()> {
             (cfg, imgs)
         }
         (Some(run), true) => {
-            crate::train::run::require_run_dir(run)?;
+            crate::run_dir::require_run_dir(run)?;
             let mut ca = a.cfg.clone();
-            ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
+            ca.config = Some(run.join(crate::run_dir::CONFIG_FILE));
             let cfg = load_config(&ca)?;
-            let imgs = if cfg.modality.is_real() {
+            let imgs = if cfg.generator().is_real() {
                 // The run's held-out eval prompts, from its last checkpoint.
                 let (policy, _) = crate::eval::run::load_run_policy(run, &cfg, None)?;
-                let prompts = crate::eval::held_out_splits(&cfg, a.n)?.remove(0).1;
-                crate::eval::generate(policy.as_ref(), &prompts, 0, &cfg.sample)?.images("vipo map")?.to_vec()
+                let prompts = crate::generate::held_out_splits(&cfg, a.n)?.remove(0).1;
+                crate::policy::ode::generate(policy.as_ref(), &prompts, 0, &cfg.sample)?.images("vipo map")?.to_vec()
             } else {
                 let device = crate::runtime::device()?;
-                let policy = crate::policy::ImagePolicy::load(&cfg.model, &run.join(crate::train::run::FINAL_WEIGHTS), None, &device, cfg.seed)?;
+                let policy = crate::policy::ImagePolicy::load(&cfg.model, &run.join(crate::run_dir::FINAL_WEIGHTS), None, &device, cfg.seed)?;
                 let prompts = crate::world::prompts(crate::world::Split::Eval, a.n, 7);
-                crate::eval::generate_images(&policy, &prompts, 0, &cfg.sample)?
+                crate::generate::generate_images(&policy, &prompts, 0, &cfg.sample)?
             };
             (cfg, imgs.into_iter().enumerate().map(|(i, im)| (format!("sample_{i:03}"), im)).collect())
         }
@@ -503,15 +504,15 @@ fn map_cmd(a: MapArgs) -> Result<()> {
 fn sample_cmd(a: SampleArgs) -> Result<()> {
     let (cfg, weights) = match (&a.run, &a.checkpoint) {
         (Some(run), None) => {
-            crate::train::run::require_run_dir(run)?;
+            crate::run_dir::require_run_dir(run)?;
             let mut ca = a.cfg.clone();
-            ca.config = Some(run.join(crate::train::run::CONFIG_FILE));
-            (load_config(&ca)?, run.join(crate::train::run::FINAL_WEIGHTS))
+            ca.config = Some(run.join(crate::run_dir::CONFIG_FILE));
+            (load_config(&ca)?, run.join(crate::run_dir::FINAL_WEIGHTS))
         }
         (None, Some(ck)) => (load_config(&a.cfg)?, ck.clone()),
         _ => anyhow::bail!("give exactly one of --run DIR or --checkpoint FILE"),
     };
-    if cfg.modality.is_real() {
+    if cfg.generator().is_real() {
         // Free text through the run's own text encoders, from its last checkpoint.
         let run = a.run.as_ref().context("vipo sample: a real generator loads from its run (--run DIR), not from a weights file")?;
         let mut prompts: Vec<crate::prompt::Prompt> = a.prompt.iter().map(|t| crate::prompt::Prompt::text(t)).collect();
@@ -526,9 +527,9 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         return Ok(());
     }
     let device = crate::runtime::device()?;
-    if cfg.modality == config::Modality::Video {
+    if cfg.sample_kind() == SampleKind::Clips {
         let specs = read_prompts_with(&a.prompt, a.prompts.as_deref(), crate::world::video::VideoSpec::parse)?;
-        let policy = crate::policy::video_dit::VideoPolicy::load(&cfg.video_model, &weights, None, &device, 0)?;
+        let policy = crate::policy::shapeworld::video_dit::VideoPolicy::load(&cfg.video_model, &weights, None, &device, 0)?;
         let n = crate::sample::write_clips(&policy, &specs, a.seed, &cfg.sample, &a.out)?;
         println!("wrote {n} clips (frame strips) and grid.png to {} (VQ/MQ scores in samples.json)", a.out.display());
         return Ok(());
@@ -551,16 +552,16 @@ fn demo(a: DemoArgs) -> Result<()> {
         load_config(&a.cfg)?
     };
     if a.video {
-        anyhow::ensure!(cfg.modality == config::Modality::Video, "--video: the config sets modality = \"image\"");
+        anyhow::ensure!(cfg.sample_kind() == SampleKind::Clips, "--video: the config sets modality = \"{}\"", cfg.modality);
     }
-    let video = cfg.modality == config::Modality::Video;
+    let video = cfg.sample_kind() == SampleKind::Clips;
     if cfg.run_name.is_empty() {
         cfg.run_name = if video { "demo-video".into() } else { "demo".into() };
     }
     cfg.compare.seeds = a.seeds;
     cfg.train.steps = a.steps.unwrap_or(if video { 10 } else { 20 });
     // Pretrain (or reuse) the cached base, then compare GRPO and ViPO from it.
-    let base = crate::base::default_base(&cfg, a.fresh)?;
+    let base = crate::train::pretrain::default_base(&cfg, a.fresh)?;
     cfg.train.base = base.display().to_string();
     let out = crate::compare::compare(&cfg, a.cfg.force)?;
     println!("base model: {}", base.display());

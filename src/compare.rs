@@ -18,7 +18,7 @@ use crate::eval::run::{self as eval_run, EvalReport, EvalRow};
 use crate::eval::stats::{bootstrap_ci, mean, t_ci};
 use crate::io::DirLock;
 use crate::train::grpo::Trainer;
-use crate::train::run;
+use crate::run_dir;
 
 pub const COMPARE_FILE: &str = "compare.toml";
 
@@ -61,7 +61,7 @@ fn validate(cfg: &Config, dir: &Path) -> Result<()> {
     let cc = &cfg.compare;
     // Its evaluation, maps and report are built on the ShapeWorld rewards and prompts.
     anyhow::ensure!(
-        !cfg.modality.is_real(),
+        !cfg.generator().is_real(),
         "modality: vipo compare runs on the ShapeWorld testbeds (\"image\", \"video\"), not on a real generator (\"{}\"); train each method with vipo train and evaluate with vipo eval",
         cfg.modality
     );
@@ -144,7 +144,7 @@ fn evaluate_once(run_dir: &Path, n: usize) -> Result<EvalReport> {
 
 /// Whether a run of the comparison is trained and evaluated.
 fn run_done(rd: &Path) -> bool {
-    rd.join(run::FINAL_WEIGHTS).is_file() && eval_run::eval_dir(rd, "final").join("eval.json").is_file()
+    rd.join(run_dir::FINAL_WEIGHTS).is_file() && eval_run::eval_dir(rd, "final").join("eval.json").is_file()
 }
 
 /// How many seeds, counted from seed 0, every method has finished. Runs train seed-major,
@@ -155,13 +155,13 @@ fn finished_seeds(cfg: &Config, dir: &Path) -> usize {
 
 /// One train run of the comparison, resumed from its checkpoint when it has one.
 fn train_one(c: &Config, rd: &Path) -> Result<()> {
-    if rd.join(run::FINAL_WEIGHTS).is_file() {
+    if rd.join(run_dir::FINAL_WEIGHTS).is_file() {
         return Ok(());
     }
-    let same_config = config::load::<Config>(Some(&rd.join(run::CONFIG_FILE)), &[]).map_or(false, |saved| same_run(&saved, c));
+    let same_config = config::load::<Config>(Some(&rd.join(run_dir::CONFIG_FILE)), &[]).map_or(false, |saved| same_run(&saved, c));
     let resume = same_config && Trainer::latest_checkpoint(rd).is_some();
     if !resume {
-        run::create_run_dir(rd, c, true)?;
+        run_dir::create_run_dir(rd, c, true)?;
     }
     let mut tr = Trainer::new(c, rd, resume)?;
     tr.train()?;
@@ -238,7 +238,7 @@ pub struct CompareOutcome {
 
 /// `vipo compare`.
 pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
-    let default_name = if cfg.modality == crate::config::Modality::Video { "compare-video" } else { "compare" };
+    let default_name = if cfg.sample_kind() == crate::image::SampleKind::Clips { "compare-video" } else { "compare" };
     let dir = cfg.out_dir.join(if cfg.run_name.is_empty() { default_name } else { cfg.run_name.as_str() });
     validate(cfg, &dir)?;
     // Checks an explicit train.base exists; the default is the shipped or cached base file.
@@ -249,18 +249,18 @@ pub fn compare(cfg: &Config, force: bool) -> Result<CompareOutcome> {
     for (i, m) in cfg.compare.methods.iter().enumerate() {
         let c = method_config(cfg, m, i, 0, &dir, &base_str)?;
         crate::train::task::build(&c).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
-        crate::policy::load_policy(&c, &base, None, &crate::runtime::device()?, c.seed).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
+        c.load_policy(&base, None, &crate::runtime::device()?, c.seed).with_context(|| format!("compare.methods[{i}] ({})", m.name))?;
     }
     let _lock = prepare_dir(cfg, &dir, force)?;
 
     // The base, evaluated once in a run-shaped folder so `vipo eval` can read it.
     let base_dir = dir.join("base_eval");
-    if !base_dir.join(run::CONFIG_FILE).is_file() {
+    if !base_dir.join(run_dir::CONFIG_FILE).is_file() {
         std::fs::create_dir_all(&base_dir)?;
-        crate::io::atomic_write(&base_dir.join(run::CONFIG_FILE), config::to_toml(cfg)?.as_bytes())?;
+        crate::io::atomic_write(&base_dir.join(run_dir::CONFIG_FILE), config::to_toml(cfg)?.as_bytes())?;
     }
-    if !base_dir.join(run::FINAL_WEIGHTS).is_file() {
-        std::fs::copy(&base, base_dir.join(run::FINAL_WEIGHTS)).with_context(|| format!("{}: cannot copy the base weights", base.display()))?;
+    if !base_dir.join(run_dir::FINAL_WEIGHTS).is_file() {
+        std::fs::copy(&base, base_dir.join(run_dir::FINAL_WEIGHTS)).with_context(|| format!("{}: cannot copy the base weights", base.display()))?;
     }
     evaluate_once(&base_dir, cfg.compare.eval_prompts)?;
 
@@ -375,7 +375,7 @@ pub struct Results {
 
 /// A run's metrics.jsonl as JSON values.
 fn read_metrics(rd: &Path) -> Result<Vec<serde_json::Value>> {
-    let path = rd.join(run::METRICS_FILE);
+    let path = rd.join(run_dir::METRICS_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("{}: corrupt line", path.display()))).collect()
 }
@@ -491,7 +491,7 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             } else {
                 let per_prompt = |name: &str| evals[name][0].scores.get(split).and_then(|s| s.get(primary)).cloned().unwrap_or_default();
                 let pd: Vec<f64> = per_prompt(m).iter().zip(per_prompt(&names[0])).map(|(a, b)| a - b).collect();
-                let (lo, hi) = if pd.is_empty() { (d[0], d[0]) } else { bootstrap_ci(&pd, 2000, crate::eval::run::EVAL_SEED) };
+                let (lo, hi) = if pd.is_empty() { (d[0], d[0]) } else { bootstrap_ci(&pd, 2000, crate::policy::ode::EVAL_SEED) };
                 (d[0], lo, hi, "prompts")
             };
             diffs.push(DiffRow { method: m.clone(), reference: names[0].clone(), split: split.into(), mean: mu, ci_low: lo, ci_high: hi, n: d.len(), over: over.into() });
@@ -702,7 +702,7 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
         .collect();
     let mut configs = vec![("compare.toml (shared)".to_string(), std::fs::read_to_string(dir.join(COMPARE_FILE)).unwrap_or_default())];
     for m in &cfg.compare.methods {
-        let p = dir.join(run_name(m, 0)).join(run::CONFIG_FILE);
+        let p = dir.join(run_name(m, 0)).join(run_dir::CONFIG_FILE);
         configs.push((format!("{} (seed 0)", m.name), std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?));
     }
     Ok(ReportInput {
@@ -727,7 +727,7 @@ const SIDE_BY_SIDE_ROWS: usize = 6;
 /// noise by construction), written to `DIR/side_by_side/eval_K.png`, captioned with the
 /// prompt and each column's score from the grids' legends.
 fn side_by_side(cfg: &Config, dir: &Path) -> Result<Vec<crate::report::Figure>> {
-    if cfg.modality != crate::config::Modality::Image {
+    if cfg.sample_kind() != crate::image::SampleKind::Images {
         return Ok(Vec::new());
     }
     let mut cols: Vec<(String, PathBuf)> = vec![("base".into(), eval_run::eval_dir(&dir.join("base_eval"), "final").join("grid_eval.png"))];

@@ -6,7 +6,21 @@ use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::policy::dit::DitConfig;
+use crate::image::SampleKind;
+use crate::policy::nn::layers::LoraSpec;
+use crate::policy::shapeworld::dit::DitConfig;
+use crate::policy::{Generator, Policy};
+use crate::policy::flux::FluxSection;
+use crate::policy::sd3::Sd3Config;
+use crate::reward::RewardEntry;
+use crate::sampler::SampleConfig;
+
+/// Prompts per split of an evaluation unless a config says otherwise (`train.eval_prompts`,
+/// `compare.eval_prompts`, `vipo eval` without `--n`). Two checkpoints' per-prompt scores
+/// differ with a standard deviation of ≈ 0.18 on this testbed, so a paired difference over
+/// 64 prompts has a 95 % half-width of ≈ 0.045 — as large as the effects being measured;
+/// 512 prompts bring it to ≈ 0.016 (BENCHMARKS.md §6.2).
+pub const DEFAULT_EVAL_PROMPTS: usize = 512;
 
 /// What a run generates.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -18,13 +32,6 @@ pub enum Modality {
     Sd3,
     /// A real FLUX.1 generator (`[flux]`): images from free-text prompts.
     Flux,
-}
-
-impl Modality {
-    /// A real generator loaded from its model files (SD3, FLUX), not a ShapeWorld policy.
-    pub fn is_real(self) -> bool {
-        matches!(self, Modality::Sd3 | Modality::Flux)
-    }
 }
 
 /// How a config enum value is spelled in TOML (serde's name: `"sd3"`, `"per-sample"`), for
@@ -62,7 +69,7 @@ pub struct Config {
     /// The image policy architecture.
     pub model: DitConfig,
     /// The video policy architecture (modality = "video").
-    pub video_model: crate::policy::video_dit::VideoDitConfig,
+    pub video_model: crate::policy::shapeworld::video_dit::VideoDitConfig,
     /// `vipo pretrain`: rectified-flow pretraining on rendered ShapeWorld scenes.
     pub pretrain: PretrainConfig,
     /// Sampling for `vipo sample`, sample grids and evaluation.
@@ -87,21 +94,39 @@ impl Config {
     /// A real generator's model spec and the field it comes from ("sd3.model"); None for
     /// the ShapeWorld policies.
     pub fn real_model(&self) -> Option<(&'static str, &str)> {
-        match self.modality {
-            Modality::Sd3 => Some(("sd3.model", &self.sd3.model)),
-            Modality::Flux => Some(("flux.model", &self.flux.model)),
-            Modality::Image | Modality::Video => None,
-        }
+        self.generator().model_files()
     }
 
     /// Side of a generated image (or frame) in pixels.
     pub fn image_size(&self) -> usize {
+        self.generator().image_size()
+    }
+
+    /// The generator family `modality` names, as its config section. The registry: the one
+    /// `match` on the family in vipo; a new family is one arm here (and its folder under
+    /// `policy/`, and its section above).
+    pub fn generator(&self) -> &dyn Generator {
         match self.modality {
-            Modality::Image => self.model.image_size,
-            Modality::Video => self.video_model.image_size,
-            Modality::Sd3 => self.sd3.resolution,
-            Modality::Flux => self.flux.resolution,
+            Modality::Image => &self.model,
+            Modality::Video => &self.video_model,
+            Modality::Sd3 => &self.sd3,
+            Modality::Flux => &self.flux,
         }
+    }
+
+    /// What the configured generator samples.
+    pub fn sample_kind(&self) -> SampleKind {
+        self.generator().sample_kind()
+    }
+
+    /// The configured generator's policy from `weights` (a real generator: its model
+    /// spec), optionally with fresh LoRA adapters; the section and its sampling are
+    /// checked first.
+    pub fn load_policy(&self, weights: &Path, lora: Option<&LoraSpec>, device: &candle_core::Device, seed: u64) -> Result<Box<dyn Policy>> {
+        let g = self.generator();
+        g.validate()?;
+        g.check_sampling(self.sample.guidance)?;
+        g.load(weights, lora, device, seed)
     }
 }
 
@@ -125,100 +150,6 @@ impl Default for Config {
             sd3: Sd3Config::default(),
             flux: FluxSection::default(),
         }
-    }
-}
-
-/// A real SD3 / SD3.5 generator: where its files are and how it runs.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Sd3Config {
-    /// Weights: a diffusers folder, a single-file .safetensors, or "org/name" in the local
-    /// Hugging Face cache ("" = none; `vipo plan` works from `variant` alone).
-    pub model: String,
-    /// The architecture the files must have: "sd3.5-medium" | "sd3.5-large" | "sd3-medium".
-    pub variant: String,
-    /// Square image side in pixels (latent side = resolution / 8).
-    pub resolution: usize,
-    /// T5 tokens in the context (after SD3's 77 CLIP tokens).
-    pub t5_tokens: usize,
-    /// Dtype of the transformer's base weights and T5: "bf16" | "f16" | "f32". Activations
-    /// run in it (norms and softmax in f32); LoRA adapters, the optimizer and the sampler's
-    /// latents stay f32. Full fine-tuning needs "f32". On a CPU bf16 is slower than f32.
-    pub dtype: String,
-    /// Block-level activation checkpointing (recompute each block in the backward).
-    pub checkpointing: bool,
-}
-
-impl Default for Sd3Config {
-    fn default() -> Self {
-        Self { model: String::new(), variant: "sd3.5-medium".into(), resolution: 512, t5_tokens: 256, dtype: "bf16".into(), checkpointing: true }
-    }
-}
-
-/// A weights dtype field ("bf16" | "f16" | "f32").
-fn parse_dtype(field: &str, s: &str) -> Result<candle_core::DType> {
-    Ok(match s {
-        "bf16" => candle_core::DType::BF16,
-        "f16" => candle_core::DType::F16,
-        "f32" => candle_core::DType::F32,
-        other => anyhow::bail!("{field}: unknown {other:?} (bf16, f16 or f32)"),
-    })
-}
-
-/// A real FLUX.1 generator: where its files are and how it runs.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct FluxSection {
-    /// A diffusers FLUX folder (`transformer/`, `text_encoder/` CLIP-L, `text_encoder_2/`
-    /// T5-XXL, `tokenizer{,_2}/tokenizer.json`, `vae/`) or "org/name" in the local HF cache.
-    pub model: String,
-    /// "flux.1-dev" | "flux.1-schnell" | "" (take the files' shape).
-    pub variant: String,
-    /// Square image side in pixels (latent side = resolution / 8, packed 2×2).
-    pub resolution: usize,
-    /// T5 tokens (FLUX.1-dev: 512, schnell: 256).
-    pub t5_tokens: usize,
-    /// Dtype of the transformer's base weights and T5 (adapters, optimizer, latents f32).
-    pub dtype: String,
-    /// Block-level activation checkpointing.
-    pub checkpointing: bool,
-    /// FLUX.1-dev's guidance-scale input (distilled CFG; FLUX is sampled without CFG, so
-    /// `sample.guidance` must stay 1). Ignored by schnell.
-    pub guidance: f64,
-}
-
-impl Default for FluxSection {
-    fn default() -> Self {
-        Self { model: String::new(), variant: "flux.1-dev".into(), resolution: 512, t5_tokens: 512, dtype: "bf16".into(), checkpointing: true, guidance: 3.5 }
-    }
-}
-
-impl FluxSection {
-    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
-        parse_dtype("flux.dtype", &self.dtype)
-    }
-    pub fn validate(&self) -> Result<()> {
-        self.candle_dtype()?;
-        anyhow::ensure!(self.resolution >= 16 && self.resolution.is_multiple_of(16), "flux.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 packing)", self.resolution);
-        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "flux.guidance: {} is not a non-negative number", self.guidance);
-        Ok(())
-    }
-}
-
-impl Sd3Config {
-    /// `dtype` as a candle dtype.
-    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
-        parse_dtype("sd3.dtype", &self.dtype)
-    }
-
-    /// Bytes per weight of `dtype`.
-    pub fn weight_bytes(&self) -> Result<usize> {
-        Ok(self.candle_dtype()?.size_in_bytes())
-    }
-    pub fn validate(&self) -> Result<()> {
-        self.weight_bytes()?;
-        anyhow::ensure!(self.resolution >= 16 && self.resolution.is_multiple_of(16), "sd3.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 patches)", self.resolution);
-        Ok(())
     }
 }
 
@@ -259,7 +190,7 @@ pub struct MethodSpec {
 impl Default for CompareConfig {
     fn default() -> Self {
         let m = |name: &str, set: &[&str]| MethodSpec { name: name.into(), set: set.iter().map(|s| s.to_string()).collect() };
-        Self { seeds: 3, eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])], smooth_steps: 5, jobs: 1 }
+        Self { seeds: 3, eval_prompts: DEFAULT_EVAL_PROMPTS, methods: vec![m("grpo", &["train.algo=grpo"]), m("vipo", &["train.algo=vipo"])], smooth_steps: 5, jobs: 1 }
     }
 }
 
@@ -341,36 +272,6 @@ impl Default for PretrainConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct SampleConfig {
-    /// Euler ODE steps for evaluation sampling.
-    pub steps: usize,
-    /// Time shift s of the sigma schedule (σ' = sσ/(1+(s−1)σ)); 1 = none.
-    pub shift: f64,
-    /// Images per forward pass.
-    pub batch_size: usize,
-    /// Classifier-free guidance scale w: v = v_null + w·(v_prompt − v_null), one forward
-    /// over [prompt; empty prompt]. 1 = off (one forward). Needs a base pretrained with
-    /// `pretrain.cond_dropout` > 0.
-    pub guidance: f64,
-}
-
-impl SampleConfig {
-    pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.steps >= 1, "sample.steps: must be ≥ 1");
-        anyhow::ensure!(self.shift.is_finite() && self.shift > 0.0, "sample.shift: must be > 0 (got {})", self.shift);
-        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "sample.guidance: must be ≥ 0 (got {}; 1 = off)", self.guidance);
-        Ok(())
-    }
-}
-
-impl Default for SampleConfig {
-    fn default() -> Self {
-        Self { steps: 20, shift: 1.0, batch_size: 64, guidance: 1.0 }
-    }
-}
-
 /// Which algorithm `vipo train` runs.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -381,7 +282,7 @@ pub enum Algo {
     Vipo,
 }
 
-/// The stochastic sampler used for rollouts (DESIGN.md §1.1).
+/// The stochastic sampler used for rollouts (docs/DESIGN.md §1.1).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum SdeChoice {
@@ -389,32 +290,6 @@ pub enum SdeChoice {
     Dance,
     /// Flow-GRPO's SDE with noise level `flow_a`.
     Flow,
-}
-
-/// One reward of the weighted set; each gets its own group advantage and loss term.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RewardEntry {
-    /// "compositional" | "redness" | "placebo" (a null control) | "video_quality" | "motion_quality"
-    pub name: String,
-    /// Coefficient of this reward's loss term.
-    pub weight: f64,
-    /// The reward model's weights file, for rewards that have one ("" = none).
-    #[serde(default)]
-    pub weights: String,
-    /// Samples per reward call (0 = the whole batch at once).
-    #[serde(default)]
-    pub batch_size: usize,
-    /// The image–text model a reward head sits on ("" = the reward's default; aesthetic:
-    /// openai/clip-vit-large-patch14).
-    #[serde(default)]
-    pub backbone: String,
-}
-
-impl RewardEntry {
-    pub fn new(name: &str, weight: f64) -> Self {
-        Self { name: name.into(), weight, weights: String::new(), batch_size: 0, backbone: String::new() }
-    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -541,7 +416,7 @@ impl Default for TrainConfig {
             grid_every: 10,
             grid_prompts: 8,
             prompt_pool: 512,
-            eval_prompts: crate::eval::run::DEFAULT_EVAL_PROMPTS,
+            eval_prompts: DEFAULT_EVAL_PROMPTS,
             prompt_file: String::new(),
             eval_prompt_file: String::new(),
             ood_prompt_file: String::new(),
@@ -550,6 +425,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The configured LoRA adapters (`train.lora_rank` 0 = full fine-tuning).
+    pub fn lora_spec(&self) -> Option<crate::policy::nn::layers::LoraSpec> {
+        (self.lora_rank > 0).then(|| crate::policy::nn::layers::LoraSpec { rank: self.lora_rank, alpha: self.lora_alpha, targets: self.lora_targets.clone() })
+    }
+
     /// Transitions the update may train: the stochastic ones, never the last σ→0 step.
     pub fn trainable_transitions(&self) -> usize {
         let s = self.sample_steps - 1;
@@ -647,7 +527,7 @@ pub struct VipoConfig {
     /// Write a sample | map | signed-advantage grid every N steps (0 = off).
     pub map_grid_every: usize,
     /// Video: σ_t (in frames) of the 1-D Gaussian along time over the stacked per-frame
-    /// maps (DESIGN.md §1.3 step 7); 0 = off.
+    /// maps (docs/DESIGN.md §1.3 step 7); 0 = off.
     pub temporal_sigma: f64,
     /// Video: min–max normalise the map over the whole volume or each frame on its own.
     pub temporal_norm: TemporalNorm,
@@ -870,13 +750,13 @@ mod tests {
     fn legacy_run_configs_keep_v_prediction() {
         let old = "[model]\nimage_size = 32\npatch = 4\ndim = 128\ndepth = 4\nheads = 4\nmlp_ratio = 4\ntext_layers = 2\nfused = true\n";
         let c: Config = from_toml_str(old, "old.toml", &[]).unwrap();
-        assert_eq!(c.model.prediction, crate::policy::dit::Prediction::V);
+        assert_eq!(c.model.prediction, crate::policy::shapeworld::dit::Prediction::V);
         assert_eq!(c.model.conv_channels, 0, "a table from before the conv stem is the plain DiT");
         let x_old = format!("{old}prediction = \"x\"\n");
         let c: Config = from_toml_str(&x_old, "old-x.toml", &[]).unwrap();
-        assert_eq!((c.model.prediction, c.model.conv_channels), (crate::policy::dit::Prediction::X, 0));
+        assert_eq!((c.model.prediction, c.model.conv_channels), (crate::policy::shapeworld::dit::Prediction::X, 0));
         let c: Config = from_toml_str("[model]\ndim = 64\n", "user.toml", &[]).unwrap();
-        assert_eq!(c.model.prediction, crate::policy::dit::Prediction::X);
+        assert_eq!(c.model.prediction, crate::policy::shapeworld::dit::Prediction::X);
         assert_eq!(c.model.conv_channels, 32);
         let c: Config = from_toml_str(&to_toml(&Config::default()).unwrap(), "new.toml", &[]).unwrap();
         assert_eq!(c, Config::default());

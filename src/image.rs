@@ -12,6 +12,14 @@ pub struct Image {
     pub data: Vec<f32>,
 }
 
+/// What a generator samples: still images, or clips of frames. Rewards, prompts and tasks
+/// ask this, never which generator family made them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleKind {
+    Images,
+    Clips,
+}
+
 /// Decoded samples of a batch: what rewards, maps and grids receive from a policy's decoder.
 #[derive(Clone, Debug)]
 pub enum Samples {
@@ -257,6 +265,22 @@ pub fn signed_overlay(img: &Image, values: &[f32], scale: f32) -> Image {
         for c in 0..3 {
             let base = img.data[c * n + i] * 0.5;
             out.data[c * n + i] = (1.0 - t) * base + t * col[c];
+        }
+    }
+    out
+}
+
+/// A clip as one image: its frames side by side.
+pub fn frame_strip(frames: &[Image]) -> Image {
+    let (h, w) = (frames[0].h, frames[0].w);
+    let mut out = Image::new(h, w * frames.len());
+    for (t, f) in frames.iter().enumerate() {
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    out.set(c, y, t * w + x, f.get(c, y, x));
+                }
+            }
         }
     }
     out

@@ -21,8 +21,10 @@ pub mod bench;
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod encoders;
 pub mod eval;
-pub mod hf;
+pub mod generate;
+pub mod weights;
 pub mod image;
 pub mod io;
 pub mod mapview;
@@ -33,9 +35,13 @@ pub mod prompt;
 pub mod psm;
 pub mod report;
 pub mod reward;
+pub mod run_dir;
 pub mod run_report;
 pub mod runtime;
 pub mod sample;
 pub mod sampler;
 pub mod train;
 pub mod world;
+
+#[cfg(test)]
+mod end_to_end;

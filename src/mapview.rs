@@ -66,7 +66,7 @@ pub fn write_maps(cfg: &Config, images: &[(String, Image)], out: &Path) -> Resul
         tensors.insert("smoothed".to_string(), t(&s.smoothed, &[gh, gw])?);
         tensors.insert("map".to_string(), t(&s.map, &[s.out.0, s.out.1])?);
         let stages_path = out.join(format!("{name}_stages.safetensors"));
-        crate::train::checkpoint::save_tensors(&tensors, &stages_path)?;
+        crate::weights::tensors::save_tensors(&tensors, &stages_path)?;
         let scale = (128 / im.h.max(1)).max(1);
         let tiles = [im.upscale(scale), crate::image::heatmap(&s.map, im.h, im.w).upscale(scale), crate::image::overlay(im, &s.map, 0.6).upscale(scale)];
         let overlay_path = out.join(format!("{name}_overlay.png"));
@@ -102,7 +102,7 @@ pub fn split_strip(path: &Path, frames: usize, min_side: usize) -> Result<Vec<Im
         .collect())
 }
 
-/// Temporal allocation maps of clips (DESIGN.md §1.3 step 7): per-frame PSM maps, stacked,
+/// Temporal allocation maps of clips (docs/DESIGN.md §1.3 step 7): per-frame PSM maps, stacked,
 /// resampled to the clip's frames, Gaussian along time (`vipo.temporal_sigma`), min–max
 /// over the volume (or per frame). Writes `<name>_frames.png` (rows: frames | map | overlay)
 /// and `<name>_maps.safetensors` (`frame_maps` and `map`, both (T, H, W)).
@@ -127,12 +127,12 @@ pub fn write_clip_maps(cfg: &Config, clips: &[(String, Vec<Image>)], out: &Path)
         let mut tensors = HashMap::new();
         tensors.insert("frame_maps".to_string(), t(&flat, &[t_, h, w])?);
         tensors.insert("map".to_string(), t(map, &[t_, h, w])?);
-        crate::train::checkpoint::save_tensors(&tensors, &out.join(format!("{name}_maps.safetensors")))?;
+        crate::weights::tensors::save_tensors(&tensors, &out.join(format!("{name}_maps.safetensors")))?;
         let hw = h * w;
         let heat: Vec<Image> = (0..t_).map(|f| crate::image::heatmap(&map[f * hw..(f + 1) * hw], h, w)).collect();
         let over: Vec<Image> = frames.iter().enumerate().map(|(f, im)| crate::image::overlay(im, &map[f * hw..(f + 1) * hw], 0.6)).collect();
         let scale = (64 / h.max(1)).max(1);
-        let rows = [crate::train::task::frame_strip(frames).upscale(scale), crate::train::task::frame_strip(&heat).upscale(scale), crate::train::task::frame_strip(&over).upscale(scale)];
+        let rows = [crate::image::frame_strip(frames).upscale(scale), crate::image::frame_strip(&heat).upscale(scale), crate::image::frame_strip(&over).upscale(scale)];
         crate::image::grid(&rows, 1).save_png(&out.join(format!("{name}_frames.png")))?;
     }
     Ok(all.len())
@@ -157,7 +157,7 @@ mod tests {
         let out = d.path().join("out");
         let w = write_maps(&cfg, &imgs, &out).unwrap();
         assert!(w[0].overlay.is_file());
-        let st = crate::train::checkpoint::read_tensors(&w[0].stages, &Device::Cpu).unwrap();
+        let st = crate::weights::tensors::read_tensors(&w[0].stages, &Device::Cpu).unwrap();
         for k in ["features", "projections", "components", "explained_variance_ratio", "remapped", "aggregated", "smoothed", "map"] {
             assert!(st.contains_key(k), "missing stage {k}");
         }

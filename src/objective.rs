@@ -1,4 +1,4 @@
-//! The clipped surrogate objective (DESIGN.md §1.4) and Flow-GRPO's optional KL term.
+//! The clipped surrogate objective (docs/DESIGN.md §1.4) and Flow-GRPO's optional KL term.
 //!
 //!   L = − mean( min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) ),   ρ = exp(logp_new − logp_old)
 //!

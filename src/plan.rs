@@ -21,10 +21,11 @@
 //!   OpenCLIP-bigG 695 M, T5-XXL encoder 4.76 B, 16-channel VAE decoder ≈ 50 M parameters);
 //!   prompts are encoded once and cached, so the encoders leave memory before training.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::config::Config;
-use crate::policy::mmdit::{MmditConfig, Tokens};
+use crate::policy::sd3::mmdit::{MmditConfig, Tokens};
+use crate::policy::Transformer;
 
 const CLIP_L: f64 = 123.0e6;
 const CLIP_G: f64 = 695.0e6;
@@ -194,7 +195,7 @@ pub fn flux(cfg: &Config) -> Result<Plan> {
     let f = &cfg.flux;
     f.validate()?;
     cfg.train.validate()?;
-    let m = crate::policy::flux::FluxConfig::by_name(&f.variant)?;
+    let m = crate::policy::flux::model::FluxConfig::by_name(&f.variant)?;
     let bytes = f.candle_dtype()?.size_in_bytes() as f64;
     let n = (f.resolution / 16) * (f.resolution / 16);
     let l = f.t5_tokens;
@@ -225,9 +226,11 @@ pub fn flux(cfg: &Config) -> Result<Plan> {
 
 /// The plan of the configured real generator.
 pub fn plan(cfg: &Config) -> Result<Plan> {
-    match cfg.modality {
-        crate::config::Modality::Flux => flux(cfg),
-        _ => sd3(cfg),
+    let real = cfg.generator().real().with_context(|| format!("vipo plan: modality = \"{}\" is a ShapeWorld generator; plan budgets a real one (sd3, flux)", cfg.modality))?;
+    // The cost model is the architecture's (a match on architectures, not families).
+    match real.transformer()? {
+        Transformer::Mmdit(_) => sd3(cfg),
+        Transformer::Flux(_) => flux(cfg),
     }
 }
 

@@ -63,14 +63,13 @@ impl Prompt {
     }
 }
 
-/// `n` ShapeWorld prompts of `split` drawn with `seed` for a run of `modality`: scenes
-/// for the image generators (the ShapeWorld policy, and as free text SD3 / FLUX), motion
-/// scenes for video.
-pub fn grammar_prompts(modality: crate::config::Modality, split: crate::world::Split, n: usize, seed: u64) -> Vec<Prompt> {
-    use crate::config::Modality;
-    match modality {
-        Modality::Image | Modality::Sd3 | Modality::Flux => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
-        Modality::Video => crate::world::video::video_prompts(split, n, seed).iter().map(Prompt::video).collect(),
+/// `n` ShapeWorld prompts of `split` drawn with `seed` for a generator that samples
+/// `kind`: scenes for image generators (the ShapeWorld policy, and as free text SD3 /
+/// FLUX), motion scenes for video.
+pub fn grammar_prompts(kind: crate::image::SampleKind, split: crate::world::Split, n: usize, seed: u64) -> Vec<Prompt> {
+    match kind {
+        crate::image::SampleKind::Images => crate::world::prompts(split, n, seed).iter().map(Prompt::image).collect(),
+        crate::image::SampleKind::Clips => crate::world::video::video_prompts(split, n, seed).iter().map(Prompt::video).collect(),
     }
 }
 

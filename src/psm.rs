@@ -1,5 +1,5 @@
 //! Perceptual Structuring Module (PSM): frozen-backbone patch features → allocation map M
-//! (DESIGN.md §1.3).
+//! (docs/DESIGN.md §1.3).
 //!
 //! Pipeline for one image, every stage kept in [`MapStages`] so that `vipo map` can dump it and an
 //! independent (PyTorch / scikit-learn / SciPy) implementation can check it stage by stage:
@@ -18,7 +18,7 @@
 use crate::backbone::FeatureMap;
 use anyhow::{bail, ensure, Result};
 
-/// How the K remapped components are combined into one map (DESIGN.md §1.3 step 4).
+/// How the K remapped components are combined into one map (docs/DESIGN.md §1.3 step 4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Aggregation {
@@ -902,7 +902,7 @@ pub struct MapStages {
     pub out: (usize, usize),
 }
 
-/// Allocation map of one image from its patch features (DESIGN.md §1.3 steps 2–6); see the
+/// Allocation map of one image from its patch features (docs/DESIGN.md §1.3 steps 2–6); see the
 /// module docs for the stages. Errors (named fields, never panics) on a malformed feature map,
 /// an invalid config, non-finite features or degenerate variance.
 pub fn allocation_map(
@@ -1035,7 +1035,7 @@ pub fn map_object_mass(map: &[f32], object_mask: &[f32]) -> (f32, f32) {
     (share as f32, area as f32)
 }
 
-/// Video (DESIGN.md §1.3 step 7): per-frame maps (`frames.len()` = F, each h×w) → out_t×h×w
+/// Video (docs/DESIGN.md §1.3 step 7): per-frame maps (`frames.len()` = F, each h×w) → out_t×h×w
 /// volume (row-major, time outermost).
 ///
 /// 1. Resample along time like `torch.nn.functional.interpolate(mode='trilinear',

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 use crate::report::{EvalRow, Figure, ReportInput, Series, Timing};
-use crate::train::run;
+use crate::run_dir;
 
 fn pngs(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.extension().map_or(false, |e| e == "png")).collect();
@@ -16,10 +16,10 @@ fn pngs(dir: &Path) -> Vec<PathBuf> {
 
 /// Build the report input of a run directory.
 pub fn run_report_input(rd: &Path) -> Result<ReportInput> {
-    run::require_run_dir(rd)?;
-    let mpath = rd.join(run::METRICS_FILE);
+    run_dir::require_run_dir(rd)?;
+    let mpath = rd.join(run_dir::METRICS_FILE);
     let text = std::fs::read_to_string(&mpath).with_context(|| format!("{}: cannot read (has the run trained a step?)", mpath.display()))?;
-    let cfg_text = std::fs::read_to_string(rd.join(run::CONFIG_FILE))?;
+    let cfg_text = std::fs::read_to_string(rd.join(run_dir::CONFIG_FILE))?;
     let name = rd.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     let (mut step, mut wall, mut reward, mut mass) = (vec![], vec![], vec![], vec![]);
     let (mut ts, mut tr, mut tm, mut tu, mut rss) = (0.0, 0.0, 0.0, 0.0, 0f64);
@@ -55,7 +55,7 @@ pub fn run_report_input(rd: &Path) -> Result<ReportInput> {
         for r in &rep.rows {
             eval_rows.push(EvalRow { method: name.clone(), stat: r.clone() });
         }
-        let cfg: crate::config::Config = crate::config::from_toml_str(&cfg_text, &rd.join(run::CONFIG_FILE).display().to_string(), &[])?;
+        let cfg: crate::config::Config = crate::config::from_toml_str(&cfg_text, &rd.join(run_dir::CONFIG_FILE).display().to_string(), &[])?;
         let primary = crate::eval::run::primary_reward(&cfg);
         if let (Some(e), Some(o)) = (rep.row("eval", primary), rep.row("ood", primary)) {
             summary.push(format!("final {primary} reward: eval {:.3} [{:.3}, {:.3}], ood {:.3} [{:.3}, {:.3}] ({} prompts each)", e.mean, e.ci_low, e.ci_high, o.mean, o.ci_low, o.ci_high, e.n));

@@ -1,5 +1,6 @@
-//! The one place that decides device and dtype (DESIGN.md §3): f32 on CPU
-//! (bf16 is ~3x slower there), and CUDA only behind the `cuda` feature.
+//! The one place that decides the device and the ShapeWorld policies' dtype (docs/DESIGN.md
+//! §3): f32 on every device, and CUDA only behind the `cuda` feature. Real generators take
+//! their base weights' dtype from their own section (`sd3.dtype`, `flux.dtype`).
 
 use candle_core::{DType, Device};
 
@@ -105,12 +106,10 @@ pub fn trace(what: &str, secs: f64) {
     }
 }
 
-/// Compute dtype for a device: f32 on CPU, bf16 would be chosen on GPU for real-scale models.
-pub fn dtype(device: &Device) -> DType {
-    match device {
-        Device::Cpu => DType::F32,
-        _ => DType::F32, // the embedded testbed is tiny; f32 everywhere keeps parity checks exact
-    }
+/// Compute dtype of the ShapeWorld policies: f32 on every device (they are tiny, and f32
+/// keeps the on-policy parity checks exact; bf16 is ~3× slower on a CPU).
+pub fn dtype(_device: &Device) -> DType {
+    DType::F32
 }
 
 /// Resident memory of this process in MiB (`VmRSS`), and its peak so far (`VmHWM`), from
@@ -135,6 +134,11 @@ pub fn progress(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Where cached base models live: `$VIPO_CACHE`, else `./.vipo-cache`.
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("VIPO_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| std::path::PathBuf::from(".vipo-cache"))
 }
 
 #[cfg(test)]

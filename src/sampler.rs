@@ -1,4 +1,4 @@
-//! Sampling with log-probabilities (DESIGN.md §1.1): the noise schedule, the SDE/ODE
+//! Sampling with log-probabilities (docs/DESIGN.md §1.1): the noise schedule, the SDE/ODE
 //! transitions, dense per-element Gaussian log-densities and the trajectory a GRPO/ViPO
 //! step trains on.
 //!
@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
 
 /// The sampling schedule: `steps + 1` sigmas from 1 down to 0.
 ///
@@ -358,6 +359,37 @@ pub fn group_noise(n_groups: usize, group_size: usize, shape: &[usize], shared: 
     rep.extend_from_slice(shape);
     // broadcast_as gives a strided view; reshape copies it into the (N, ...) layout.
     Ok(noise.broadcast_as(rep)?.contiguous()?.reshape(full)?.to_dtype(DType::F32)?)
+}
+
+/// ODE sampling for `vipo sample`, grids and evaluation (`[sample]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleConfig {
+    /// Euler ODE steps for evaluation sampling.
+    pub steps: usize,
+    /// Time shift s of the sigma schedule (σ' = sσ/(1+(s−1)σ)); 1 = none.
+    pub shift: f64,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Classifier-free guidance scale w: v = v_null + w·(v_prompt − v_null), one forward
+    /// over [prompt; empty prompt]. 1 = off (one forward). Needs a base pretrained with
+    /// `pretrain.cond_dropout` > 0.
+    pub guidance: f64,
+}
+
+impl SampleConfig {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.steps >= 1, "sample.steps: must be ≥ 1");
+        anyhow::ensure!(self.shift.is_finite() && self.shift > 0.0, "sample.shift: must be > 0 (got {})", self.shift);
+        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "sample.guidance: must be ≥ 0 (got {}; 1 = off)", self.guidance);
+        Ok(())
+    }
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self { steps: 20, shift: 1.0, batch_size: 64, guidance: 1.0 }
+    }
 }
 
 #[cfg(test)]

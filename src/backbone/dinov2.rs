@@ -10,7 +10,7 @@
 //! uses non-integer nearest interpolation instead, which breaks at 224.
 
 use super::ops::{self, IMAGENET_MEAN, IMAGENET_STD};
-use super::pth::Weights;
+use crate::weights::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
 use anyhow::{bail, Context, Result};
@@ -497,7 +497,7 @@ pub(crate) mod tests {
     /// A DINOv2 model folder in the HF layout, with the config.json of `heads` heads.
     pub(crate) fn write_tiny_folder(dir: &Path, dim: usize, layers: usize, heads: usize) {
         std::fs::create_dir_all(dir).unwrap();
-        crate::train::checkpoint::save_tensors(&random_checkpoint(dim, layers, false), &dir.join("model.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&random_checkpoint(dim, layers, false), &dir.join("model.safetensors")).unwrap();
         std::fs::write(dir.join("config.json"), format!(r#"{{"model_type": "dinov2", "hidden_size": {dim}, "num_hidden_layers": {layers}, "num_attention_heads": {heads}}}"#)).unwrap();
     }
 

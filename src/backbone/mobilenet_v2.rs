@@ -11,7 +11,7 @@
 //! feature map: at 224, K = 1 → 112², 2–3 → 56², 4–6 → 28², 7–13 → 14², 14–18 → 7².
 
 use super::ops::{self, depthwise3x3_cfirst, fold_bn, Act, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
-use super::pth::Weights;
+use crate::weights::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
 use anyhow::{bail, Context, Result};
@@ -546,8 +546,8 @@ pub(crate) mod tests {
         let zip = dir.path().join("mnv2_zip.pth");
         let legacy = dir.path().join("mnv2_legacy.pth");
         let st = dir.path().join("mnv2.safetensors");
-        std::fs::write(&zip, crate::backbone::pth::tests::torch_checkpoint_bytes(&sd, false)).unwrap();
-        std::fs::write(&legacy, crate::backbone::pth::tests::torch_checkpoint_bytes(&sd, true)).unwrap();
+        std::fs::write(&zip, crate::weights::pth::tests::torch_checkpoint_bytes(&sd, false)).unwrap();
+        std::fs::write(&legacy, crate::weights::pth::tests::torch_checkpoint_bytes(&sd, true)).unwrap();
         candle_core::safetensors::save(&sd, &st).unwrap();
         let images = [shape_image(3)];
         let reference = MobileNetV2::new(&Weights::from_map(Path::new("mem"), sd), 6, 64)

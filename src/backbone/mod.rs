@@ -5,7 +5,6 @@ pub mod context_pad;
 pub mod dinov2;
 pub mod mobilenet_v2;
 pub mod ops;
-pub mod pth;
 pub mod resnet;
 
 use crate::image::Image;
@@ -14,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// One image's spatial features: an h×w grid of d-dimensional vectors, row-major
-/// (`data[(y*w + x)*d + k]`), i.e. the N×D patch-feature matrix of DESIGN.md §1.3.
+/// (`data[(y*w + x)*d + k]`), i.e. the N×D patch-feature matrix of docs/DESIGN.md §1.3.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureMap {
     pub h: usize,
@@ -92,9 +91,9 @@ pub fn default_weights(file: &str) -> PathBuf {
 /// local Hugging Face cache (`facebook/dinov2-base`): the safetensors (or .pth) file and
 /// the head count from the `config.json` beside it, when there is one.
 fn dinov2_files(spec: &std::path::Path) -> Result<(PathBuf, Option<usize>)> {
-    let path = crate::hf::resolve(&spec.to_string_lossy())?;
+    let path = crate::weights::hf::resolve(&spec.to_string_lossy())?;
     let file = if path.is_dir() {
-        let files = crate::hf::component_files(&path, "")?;
+        let files = crate::weights::hf::component_files(&path, "")?;
         anyhow::ensure!(files.len() == 1, "{}: DINOv2 weights in {} shards; vipo reads one file", path.display(), files.len());
         files[0].clone()
     } else {
@@ -102,7 +101,7 @@ fn dinov2_files(spec: &std::path::Path) -> Result<(PathBuf, Option<usize>)> {
     };
     let config = file.parent().map(|d| d.join("config.json")).filter(|c| c.is_file());
     let heads = match config {
-        Some(c) => Some(crate::hf::read_json(&c)?["num_attention_heads"].as_u64().with_context(|| format!("{}: no num_attention_heads", c.display()))? as usize),
+        Some(c) => Some(crate::weights::hf::read_json(&c)?["num_attention_heads"].as_u64().with_context(|| format!("{}: no num_attention_heads", c.display()))? as usize),
         None => None,
     };
     Ok((file, heads))

@@ -128,7 +128,7 @@ pub struct FoldedConv {
 /// Folds batch norm `bn` (prefix of `.weight/.bias/.running_mean/.running_var`) into conv weight
 /// `w` (shape `(Cout, …)`), checking every shape against `cout`.
 pub fn fold_bn(
-    weights: &crate::backbone::pth::Weights,
+    weights: &crate::weights::pth::Weights,
     w: Tensor,
     bn: &str,
     cout: usize,
@@ -521,7 +521,7 @@ mod tests {
         let beta = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
         let mean = Tensor::new(&[0.2f32, 0.0, -0.5, 1.0], &dev).unwrap();
         let var = Tensor::new(&[0.5f32, 2.0, 1.0, 0.1], &dev).unwrap();
-        let wts = crate::backbone::pth::Weights::from_map(
+        let wts = crate::weights::pth::Weights::from_map(
             std::path::Path::new("bn"),
             [
                 ("bn.weight", &g),

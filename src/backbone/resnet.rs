@@ -9,7 +9,7 @@
 //! layer3 14², layer4 7² with 64/128/256/512 channels (×4 for bottleneck nets).
 
 use super::ops::{self, fold_bn, Act, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
-use super::pth::Weights;
+use crate::weights::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
 use anyhow::{bail, Context, Result};

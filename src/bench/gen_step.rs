@@ -21,22 +21,18 @@ use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEnco
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Config, Modality};
+use crate::config::Config;
 use crate::image::Samples;
-use crate::policy::flux::{Flux, FluxConfig};
-use crate::policy::layers::LoraCtx;
-use crate::policy::mmdit::{Mmdit, MmditConfig};
-use crate::policy::sd3_vae::Sd3Vae;
+use crate::policy::flux::model::Flux;
+use crate::policy::nn::layers::LoraCtx;
+use crate::policy::sd3::mmdit::Mmdit;
+use crate::policy::nn::vae::Sd3Vae;
 use crate::policy::{Condition, FlowModel, Nets, Policy};
 use crate::prompt::Prompt;
 use crate::train::grpo::Trainer;
 
 /// The transformer being timed.
-#[derive(Clone, Debug)]
-pub enum Shape {
-    Sd3(MmditConfig),
-    Flux(FluxConfig),
-}
+pub use crate::policy::Transformer as Shape;
 
 enum Net {
     Sd3(Mmdit),
@@ -46,7 +42,7 @@ enum Net {
 impl Net {
     fn build(shape: &Shape, vb: &VarBuilder, lora: Option<&LoraCtx>, checkpointing: bool) -> candle_core::Result<Self> {
         Ok(match shape {
-            Shape::Sd3(c) => {
+            Shape::Mmdit(c) => {
                 let m = Mmdit::new(vb, c, lora)?;
                 Net::Sd3(if checkpointing { m.checkpointed() } else { m })
             }
@@ -118,20 +114,22 @@ impl RandomGenerator {
     /// `dtype`, LoRA per `cfg.train`, on `device`.
     pub fn new(cfg: &Config, shape: &Shape, device: &Device) -> Result<Self> {
         // The same checks as a real run (dtype, resolution a multiple of 16, guidance).
-        match shape {
-            Shape::Sd3(_) => cfg.sd3.validate()?,
-            Shape::Flux(_) => cfg.flux.validate()?,
-        }
-        let (resolution, text_tokens, dtype, checkpointing, guidance) = match (&cfg.modality, shape) {
-            (Modality::Sd3, Shape::Sd3(_)) => (cfg.sd3.resolution, 77 + cfg.sd3.t5_tokens, cfg.sd3.candle_dtype()?, cfg.sd3.checkpointing, None),
-            (Modality::Flux, Shape::Flux(c)) => (cfg.flux.resolution, cfg.flux.t5_tokens, cfg.flux.candle_dtype()?, cfg.flux.checkpointing, c.guidance_embed.then_some(cfg.flux.guidance as f32)),
-            (m, _) => anyhow::bail!("bench gen-step: modality \"{m}\" does not match the transformer {shape:?}"),
+        let g = cfg.generator();
+        g.validate()?;
+        let r = match g.real() {
+            Some(r) if r.section == shape.section() => r,
+            _ => anyhow::bail!("bench gen-step: modality \"{}\" does not match the transformer {shape:?}", cfg.modality),
+        };
+        let (resolution, text_tokens, dtype, checkpointing) = (r.resolution, r.text_tokens, r.candle_dtype()?, r.checkpointing);
+        let guidance = match shape {
+            Shape::Flux(c) if c.guidance_embed => r.guidance.map(|g| g as f32),
+            _ => None,
         };
         if let Device::Cuda(_) = device {
             device.set_seed(cfg.seed)?;
         }
         let (context_dim, pooled_dim) = match shape {
-            Shape::Sd3(c) => (c.context_dim, c.pooled_dim),
+            Shape::Mmdit(c) => (c.context_dim, c.pooled_dim),
             Shape::Flux(c) => (c.context_in_dim, c.vec_in_dim),
         };
         // The base weights: asked for by the model's own constructor, so every published
@@ -139,13 +137,13 @@ impl RandomGenerator {
         let (made, vb) = DeviceRandn::builder(dtype, device);
         Net::build(shape, &vb, None, false)?;
         let tensors = made.take();
-        let field = if matches!(shape, Shape::Sd3(_)) { "sd3.dtype" } else { "flux.dtype" };
-        let lora = crate::train::grpo::lora_spec(cfg);
-        let nets = Nets::build(tensors, dtype, field, lora.as_ref(), device, cfg.seed, |vb, l| Net::build(shape, vb, l, checkpointing))?;
+        let field = format!("{}.dtype", r.section);
+        let lora = cfg.train.lora_spec();
+        let nets = Nets::build(tensors, dtype, &field, lora.as_ref(), device, cfg.seed, |vb, l| Net::build(shape, vb, l, checkpointing))?;
         // SD3's and FLUX's VAE: 4 blocks (×8), 16 latent channels, their scale and shift.
         let vcfg = AutoEncoderKLConfig { block_out_channels: vec![128, 256, 512, 512], layers_per_block: 2, latent_channels: 16, norm_num_groups: 32, use_quant_conv: false, use_post_quant_conv: false };
         let vae = AutoEncoderKL::new(DeviceRandn::builder(DType::F32, device).1, 3, 3, vcfg)?;
-        let (scale, shift) = if matches!(shape, Shape::Sd3(_)) { (1.5305, 0.0609) } else { (0.3611, 0.1159) };
+        let (scale, shift) = if matches!(shape, Shape::Mmdit(_)) { (1.5305, 0.0609) } else { (0.3611, 0.1159) };
         let vae = Sd3Vae::new(vae, 16, 4, scale, shift);
         let seq = Tensor::randn(0f32, 1.0, (1, text_tokens, context_dim), device)?;
         let pooled = Tensor::randn(0f32, 1.0, (1, pooled_dim), device)?;
@@ -181,7 +179,7 @@ impl FlowModel for RandomGenerator {
         }
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
-        crate::policy::sorted_vars(&self.nets.base)
+        crate::weights::tensors::sorted_vars(&self.nets.base)
     }
     fn device(&self) -> &Device {
         &self.device
@@ -200,7 +198,7 @@ impl Policy for RandomGenerator {
         self.latent.clone()
     }
     fn trainable(&self) -> Vec<(String, Var)> {
-        crate::policy::sorted_vars(self.nets.lora.as_ref().unwrap_or(&self.nets.base))
+        crate::weights::tensors::sorted_vars(self.nets.lora.as_ref().unwrap_or(&self.nets.base))
     }
     fn base_map(&self) -> &VarMap {
         &self.nets.base
@@ -227,11 +225,9 @@ pub struct GenStepBench {
 
 /// The transformer of the config's variant (`sd3.variant` / `flux.variant`).
 pub fn shape_of(cfg: &Config) -> Result<Shape> {
-    Ok(match cfg.modality {
-        Modality::Sd3 => Shape::Sd3(MmditConfig::by_name(&cfg.sd3.variant).context("bench gen-step needs a named sd3.variant")?),
-        Modality::Flux => Shape::Flux(FluxConfig::by_name(&cfg.flux.variant).context("bench gen-step needs a named flux.variant")?),
-        m => anyhow::bail!("bench gen-step: modality \"{m}\" is not a real generator (use a config with modality = \"sd3\" or \"flux\")"),
-    })
+    let m = cfg.modality;
+    let r = cfg.generator().real().with_context(|| format!("bench gen-step: modality \"{m}\" is not a real generator (use a config with modality = \"sd3\" or \"flux\")"))?;
+    r.transformer().with_context(|| format!("bench gen-step needs a named {}.variant", r.section))
 }
 
 /// The config as the bench runs it: redness as the reward, the embedded MobileNetV2 for
@@ -248,7 +244,7 @@ fn bench_config(cfg: &Config, scratch: &std::path::Path) -> Result<Config> {
     if n % (mb * c.train.grad_accum.max(1)) != 0 && n % mb == 0 {
         c.train.grad_accum = n / mb;
     }
-    c.train.rewards = vec![crate::config::RewardEntry::new("redness", 1.0)];
+    c.train.rewards = vec![crate::reward::RewardEntry::new("redness", 1.0)];
     c.backbone = Config::default().backbone;
     let prompts = scratch.join("prompts.txt");
     std::fs::write(&prompts, (0..c.train.prompts_per_step.max(1)).map(|i| format!("a photograph, take {i}\n")).collect::<String>())?;
@@ -320,9 +316,9 @@ pub fn bench_gen_step(cfg: &Config, shape: Option<Shape>, iters: usize, steps: u
 }
 
 pub fn print(cfg: &Config, b: &GenStepBench) {
-    let (what, res) = match cfg.modality {
-        Modality::Sd3 => (format!("sd3 {}", cfg.sd3.variant), cfg.sd3.resolution),
-        _ => (format!("flux {}", cfg.flux.variant), cfg.flux.resolution),
+    let (what, res) = match cfg.generator().real() {
+        Some(r) => (format!("{} {}", r.section, r.variant), r.resolution),
+        None => (cfg.modality.to_string(), cfg.image_size()),
     };
     let cfg_x = if cfg.sample.guidance != 1.0 { " (×2 for CFG)" } else { "" };
     println!("gen-step {what} at {res}², random weights: {:.3} B parameters, {:.2} M trainable", b.params as f64 / 1e9, b.trainable as f64 / 1e6);
@@ -341,6 +337,8 @@ pub fn print(cfg: &Config, b: &GenStepBench) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::flux::model::FluxConfig;
+    use crate::policy::sd3::mmdit::MmditConfig;
 
     /// A config that is not a real generator, or has no named variant, is refused in one
     /// line before anything is built.
@@ -359,7 +357,7 @@ mod tests {
     fn random_generators_train_a_step() {
         for (modality, shape) in [
             ("flux", Shape::Flux(FluxConfig { in_channels: 64, vec_in_dim: 32, context_in_dim: 24, hidden: 32, mlp_ratio: 2.0, heads: 2, depth: 1, depth_single: 1, axes_dim: vec![4, 6, 6], theta: 10_000.0, guidance_embed: true })),
-            ("sd3", Shape::Sd3(MmditConfig { depth: 2, heads: 2, head_dim: 16, pooled_dim: 24, context_dim: 24, pos_embed_max: 8, dual_attention_layers: 1, ..MmditConfig::sd35_medium() })),
+            ("sd3", Shape::Mmdit(MmditConfig { depth: 2, heads: 2, head_dim: 16, pooled_dim: 24, context_dim: 24, pos_embed_max: 8, dual_attention_layers: 1, ..MmditConfig::sd35_medium() })),
         ] {
             for algo in ["grpo", "vipo"] {
                 let sets: Vec<String> = [

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
-use crate::config::{Config, Modality};
+use crate::config::Config;
 use crate::train::grpo::{StepMetrics, Trainer};
 
 /// Median seconds per phase over the measured steps (after one warm-up step), and the
@@ -98,11 +98,7 @@ pub(super) fn time_steps(tr: &mut Trainer, cfg: &Config, iters: usize, warm_up: 
 fn random_base(cfg: &Config, dir: &std::path::Path) -> Result<PathBuf> {
     let dev = crate::runtime::device()?;
     let path = dir.join("random_base.safetensors");
-    match cfg.modality {
-        Modality::Image => crate::policy::ImagePolicy::new(&cfg.model, &dev, cfg.seed)?.save(&path)?,
-        Modality::Video => crate::policy::video_dit::VideoPolicy::new(&cfg.video_model, &dev, cfg.seed)?.save(&path)?,
-        Modality::Sd3 | Modality::Flux => anyhow::bail!("vipo bench step: a real generator's step needs its model files, not random weights"),
-    }
+    cfg.generator().save_random(&dev, cfg.seed, &path).context("vipo bench step")?;
     Ok(path)
 }
 

@@ -9,24 +9,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::stats::{bootstrap_ci, mean};
-use crate::config::{Config, Modality};
+use crate::config::Config;
+use crate::image::SampleKind;
 use crate::image::{Image, Samples};
 use crate::policy::Policy;
 use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
-use crate::train::run;
+use crate::policy::ode::EVAL_SEED;
+use crate::run_dir;
 use crate::world::video::VideoSpec;
 use crate::world::PromptSpec;
 
-/// Prompt and noise seed of every evaluation (the trainer's before/after `eval.json` too).
-pub const EVAL_SEED: u64 = 0xe7a1;
 const BOOTSTRAP_RESAMPLES: usize = 2000;
-/// Prompts per split of an evaluation unless a config says otherwise (`train.eval_prompts`,
-/// `compare.eval_prompts`, `vipo eval` without `--n`). Two checkpoints' per-prompt scores
-/// differ with a standard deviation of ≈ 0.18 on this testbed, so a paired difference over
-/// 64 prompts has a 95 % half-width of ≈ 0.045 — as large as the effects being measured;
-/// 512 prompts bring it to ≈ 0.016 (BENCHMARKS.md §6.2).
-pub const DEFAULT_EVAL_PROMPTS: usize = 512;
 
 /// One line of `eval.json`: a reward (or a compositional term, `compositional.count` …)
 /// on one split.
@@ -112,9 +106,9 @@ fn score_split(cfg: &Config, split: &str, images: &[Image], prompts: &[PromptSpe
 /// The reward a comparison ranks methods by: the compositional reward for images; for
 /// video the per-clip mean of the VQ- and MQ-like rewards (reported as its own row).
 pub fn primary_reward(cfg: &Config) -> &'static str {
-    match cfg.modality {
-        Modality::Image | Modality::Sd3 | Modality::Flux => "compositional",
-        Modality::Video => VQ_MQ,
+    match cfg.sample_kind() {
+        SampleKind::Images => "compositional",
+        SampleKind::Clips => VQ_MQ,
     }
 }
 
@@ -125,7 +119,7 @@ pub const VQ_MQ: &str = "vq_mq_mean";
 fn video_reward_names(cfg: &Config) -> Vec<String> {
     let mut names = vec!["video_quality".to_string(), "motion_quality".to_string()];
     for e in &cfg.train.rewards {
-        if !names.contains(&e.name) && crate::reward::build(&e.name).is_ok_and(|r| r.inputs().accepts(Modality::Video)) {
+        if !names.contains(&e.name) && crate::reward::build(&e.name).is_ok_and(|r| r.inputs().accepts(SampleKind::Clips)) {
             names.push(e.name.clone());
         }
     }
@@ -164,8 +158,8 @@ pub fn evaluate_policy(policy: &dyn Policy, cfg: &Config, n: usize) -> Result<(E
     let mut rows = Vec::new();
     let mut scores = HashMap::new();
     let mut grids = Vec::new();
-    for (name, prompts) in super::held_out_splits(cfg, n)? {
-        let samples = super::generate(policy, &prompts, EVAL_SEED, &cfg.sample)?;
+    for (name, prompts) in crate::generate::held_out_splits(cfg, n)? {
+        let samples = crate::policy::ode::generate(policy, &prompts, EVAL_SEED, &cfg.sample)?;
         let texts = prompts.iter().map(|p| p.text.clone()).collect();
         let split_scores = match (&samples, crate::prompt::image_specs(&prompts, ""), crate::prompt::video_specs(&prompts, "")) {
             (Samples::Images(images), Ok(specs), _) => score_split(cfg, name, images, &specs, &mut rows)?,
@@ -195,7 +189,7 @@ fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
     }
     if !cfg.train.base.is_empty() {
         let p = PathBuf::from(&cfg.train.base);
-        anyhow::ensure!(p.is_file(), "{}: train.base {} does not exist", run_dir.join(run::CONFIG_FILE).display(), p.display());
+        anyhow::ensure!(p.is_file(), "{}: train.base {} does not exist", run_dir.join(run_dir::CONFIG_FILE).display(), p.display());
         return Ok(p);
     }
     match crate::base::existing_default_base(cfg)? {
@@ -203,7 +197,7 @@ fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
         None => anyhow::bail!(
             "{}: the run's base model (the cached demo base {}) is missing; run `vipo demo` with the same config to rebuild it",
             run_dir.display(),
-            crate::sample::cached_base_path(cfg).display()
+            crate::base::cached_base_path(cfg).display()
         ),
     }
 }
@@ -232,11 +226,11 @@ pub fn checkpoint_steps(run_dir: &Path) -> Vec<usize> {
 /// (checkpoints/step_NNNNNN/ with trainable/ema tensors on top of the base).
 pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Result<(Box<dyn Policy>, String)> {
     let device = crate::runtime::device()?;
-    let final_w = run_dir.join(run::FINAL_WEIGHTS);
+    let final_w = run_dir.join(run_dir::FINAL_WEIGHTS);
     let Some(step) = step else {
         // A real generator loads from its model folder, so its final weights are its last
         // checkpoint (adapters on top of that folder's base).
-        if cfg.modality.is_real() {
+        if cfg.generator().is_real() {
             let Some(&last) = checkpoint_steps(run_dir).last() else {
                 bail!("{}: a real-generator run (modality = \"{}\") has no checkpoint", run_dir.display(), cfg.modality);
             };
@@ -244,26 +238,26 @@ pub fn load_run_policy(run_dir: &Path, cfg: &Config, step: Option<usize>) -> Res
             return Ok((p, "final".into()));
         }
         if final_w.is_file() {
-            return Ok((crate::policy::load_policy(cfg, &final_w, None, &device, cfg.seed)?, "final".into()));
+            return Ok((cfg.load_policy(&final_w, None, &device, cfg.seed)?, "final".into()));
         }
         let Some(&last) = checkpoint_steps(run_dir).last() else {
-            bail!("{}: run has no final weights ({}) and no checkpoint", run_dir.display(), run::FINAL_WEIGHTS);
+            bail!("{}: run has no final weights ({}) and no checkpoint", run_dir.display(), run_dir::FINAL_WEIGHTS);
         };
         return load_run_policy(run_dir, cfg, Some(last));
     };
     let flat = run_dir.join("checkpoints").join(format!("step_{step}.safetensors"));
     if flat.is_file() {
-        return Ok((crate::policy::load_policy(cfg, &flat, None, &device, cfg.seed)?, format!("step_{step}")));
+        return Ok((cfg.load_policy(&flat, None, &device, cfg.seed)?, format!("step_{step}")));
     }
     let dir = run_dir.join("checkpoints").join(format!("step_{step:06}"));
     if !dir.join("state.json").is_file() {
         let have = checkpoint_steps(run_dir);
         bail!("{}: no checkpoint for step {step} (available: {})", run_dir.display(), if have.is_empty() { "none".into() } else { format!("{have:?}") });
     }
-    let lora = crate::train::grpo::lora_spec(cfg);
-    let policy = crate::policy::load_policy(cfg, &train_base(cfg, run_dir)?, lora.as_ref(), &device, cfg.seed)?;
+    let lora = cfg.train.lora_spec();
+    let policy = cfg.load_policy(&train_base(cfg, run_dir)?, lora.as_ref(), &device, cfg.seed)?;
     let file = if dir.join("ema.safetensors").is_file() { dir.join("ema.safetensors") } else { dir.join("trainable.safetensors") };
-    let w = crate::train::checkpoint::read_tensors(&file, &device)?;
+    let w = crate::weights::tensors::read_tensors(&file, &device)?;
     for (name, v) in policy.trainable() {
         let t = w.get(&name).with_context(|| format!("{}: tensor {name} missing", file.display()))?;
         anyhow::ensure!(t.dims() == v.dims(), "{}: tensor {name} has shape {:?}, expected {:?}", file.display(), t.dims(), v.dims());
@@ -286,15 +280,15 @@ pub fn read_report(path: &Path) -> Result<EvalReport> {
 /// `vipo eval`: evaluate a run (its saved config, `overrides` applied to `[sample]` only)
 /// and write `eval.json` plus one sample grid per split. Returns the output folder.
 pub fn eval_run(run_dir: &Path, overrides: &[String], step: Option<usize>, n: Option<usize>, force: bool) -> Result<(PathBuf, EvalReport)> {
-    run::require_run_dir(run_dir)?;
-    let saved_path = run_dir.join(run::CONFIG_FILE);
+    run_dir::require_run_dir(run_dir)?;
+    let saved_path = run_dir.join(run_dir::CONFIG_FILE);
     let saved: Config = crate::config::load(Some(&saved_path), &[])?;
     // Overrides apply to the already parsed config (one read of the file, one legacy note).
     let cfg: Config = crate::config::from_toml_str(&crate::config::to_toml(&saved)?, &saved_path.display().to_string(), overrides)?;
     let mut only_sample = cfg.clone();
     only_sample.sample = saved.sample.clone();
     anyhow::ensure!(only_sample == saved, "--set with vipo eval may only change [sample] fields (the run's config is {})", saved_path.display());
-    let n = n.unwrap_or(if cfg.train.eval_prompts > 0 { cfg.train.eval_prompts } else { DEFAULT_EVAL_PROMPTS });
+    let n = n.unwrap_or(if cfg.train.eval_prompts > 0 { cfg.train.eval_prompts } else { crate::config::DEFAULT_EVAL_PROMPTS });
     let (policy, ck) = load_run_policy(run_dir, &saved, step)?;
     let out = eval_dir(run_dir, &ck);
     if out.join("eval.json").exists() && !force {
@@ -328,7 +322,7 @@ pub fn save_grid(g: &SplitSamples, scores: Option<&[f64]>, path: &Path) -> Resul
             big.len()
         }
         Samples::Clips(clips) => {
-            let strips: Vec<Image> = clips.iter().take(GRID_CLIPS).map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
+            let strips: Vec<Image> = clips.iter().take(GRID_CLIPS).map(|c| crate::image::frame_strip(c).upscale(2)).collect();
             crate::image::grid(&strips, 1).save_png(path)?;
             strips.len()
         }

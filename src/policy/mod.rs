@@ -1,36 +1,124 @@
 //! Trainable flow-matching policies. A policy predicts velocity for a batch of latents,
-//! noise levels and prompt conditioning; a new model is one new file behind [`Policy`].
+//! noise levels and prompt conditioning. Each generator family is one folder
+//! (`shapeworld/`, `sd3/`, `flux/`) whose config section implements [`Generator`], the
+//! descriptor the rest of vipo asks; `nn/` holds the layers they share.
 
-pub mod adapted;
-pub mod block;
-pub mod checkpoint;
 pub mod cond;
-pub mod conv;
-pub mod dit;
-pub mod embed_cache;
 pub mod flux;
-pub mod flux_layout;
-pub mod flux_policy;
-pub mod layers;
-pub mod mmdit;
-pub mod ops;
-pub mod peft;
+pub mod nn;
+pub mod ode;
 pub mod sd3;
-pub mod sd3_layout;
-pub mod sd3_text;
-pub mod sd3_vae;
-pub mod video_dit;
+pub mod shapeworld;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
 
+pub use crate::image::SampleKind;
 use crate::image::Samples;
 use crate::prompt::Prompt;
 pub use cond::Condition;
-use dit::{Dit, DitConfig};
-use layers::{LoraCtx, LoraSpec};
+use shapeworld::dit::{Dit, DitConfig};
+use nn::layers::{LoraCtx, LoraSpec};
+
+/// A generator family as the rest of vipo sees it, implemented by the family's config
+/// section (`[model]`, `[video_model]`, `[sd3]`, `[flux]`). `Config::generator` is the one
+/// place that maps `modality` to a family; everything else asks this.
+pub trait Generator {
+    /// The TOML section its settings live in ("model", "sd3", …), for messages.
+    fn section(&self) -> &'static str;
+    /// What it samples.
+    fn sample_kind(&self) -> SampleKind;
+    /// Side of a sample (or frame) in pixels.
+    fn image_size(&self) -> usize;
+    /// A pretrained generator's model spec and the field it comes from ("sd3.model");
+    /// None for the ShapeWorld families, which vipo pretrains itself.
+    fn model_files(&self) -> Option<(&'static str, &str)> {
+        None
+    }
+    /// A real generator (loaded from model files, prompted with free text), not ShapeWorld.
+    fn is_real(&self) -> bool {
+        self.model_files().is_some()
+    }
+    /// The section's own checks, before any work.
+    fn validate(&self) -> Result<()>;
+    /// Checks that tie the section to the sampler (FLUX is sampled without CFG).
+    fn check_sampling(&self, _guidance: f64) -> Result<()> {
+        Ok(())
+    }
+    /// The policy from `weights` (a real generator: its model spec), with fresh LoRA
+    /// adapters when `lora` is given.
+    fn load(&self, weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn Policy>>;
+    /// Name prefix of its cached base under the cache folder ("base", "vbase", "sd3", …).
+    fn cache_prefix(&self) -> &'static str;
+    /// The section as compact JSON: the family's part of its base-cache key.
+    fn section_json(&self) -> String;
+    /// Whether vipo ships a pretrained base for it (`weights/`: the ShapeWorld image DiT).
+    fn ships_base(&self) -> bool {
+        false
+    }
+    /// A ShapeWorld family's prediction target: a weights file does not record it, so a
+    /// base's saved config is checked against it.
+    fn prediction(&self) -> Option<shapeworld::dit::Prediction> {
+        None
+    }
+    /// Seeded random weights written to `path` (a ShapeWorld family; `bench step` times
+    /// a step on them when no base exists).
+    fn save_random(&self, _device: &Device, _seed: u64, _path: &Path) -> Result<()> {
+        anyhow::bail!("[{}]: a real generator needs its model files, not random weights", self.section())
+    }
+    /// A real generator's transformer and settings, for `vipo plan` and `bench gen-step`
+    /// (which build it on random weights); None for ShapeWorld.
+    fn real(&self) -> Option<RealSettings<'_>> {
+        None
+    }
+}
+
+/// The settings every real generator section has, under its own field names.
+#[derive(Clone, Debug)]
+pub struct RealSettings<'a> {
+    pub section: &'static str,
+    /// "sd3.5-medium", "flux.1-dev", … ("" = take the files' shape).
+    pub variant: &'a str,
+    pub resolution: usize,
+    /// Conditioning tokens (SD3: CLIP's 77 + T5's; FLUX: T5's).
+    pub text_tokens: usize,
+    /// The base weights' dtype as written ("bf16").
+    pub dtype: &'a str,
+    pub checkpointing: bool,
+    /// FLUX.1-dev's guidance input.
+    pub guidance: Option<f64>,
+    /// The transformer of a named variant.
+    pub by_name: fn(&str) -> Result<Transformer>,
+}
+
+impl RealSettings<'_> {
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+        parse_dtype(&format!("{}.dtype", self.section), self.dtype)
+    }
+    /// The transformer `variant` names (an error for "" or an unknown name).
+    pub fn transformer(&self) -> Result<Transformer> {
+        (self.by_name)(self.variant)
+    }
+}
+
+/// A real generator's transformer architecture.
+#[derive(Clone, Debug)]
+pub enum Transformer {
+    Mmdit(sd3::mmdit::MmditConfig),
+    Flux(flux::model::FluxConfig),
+}
+
+impl Transformer {
+    /// The config section of the family the architecture belongs to.
+    pub fn section(&self) -> &'static str {
+        match self {
+            Transformer::Mmdit(_) => "sd3",
+            Transformer::Flux(_) => "flux",
+        }
+    }
+}
 
 /// What rectified-flow pretraining and ODE sampling need from any generator (image or
 /// video): a velocity for latents, the parameters to train, the device.
@@ -114,14 +202,14 @@ impl FlowModel for ImagePolicy {
         self.base_net.as_ref().map(|m| m.forward(z, sigma, &cond.seq))
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
-        sorted_vars(&self.base)
+        crate::weights::tensors::sorted_vars(&self.base)
     }
     fn device(&self) -> &Device {
         &self.device
     }
 }
 
-/// A generator as the sampler, trainer and evaluation see it (DESIGN.md §2.2): prompts in
+/// A generator as the sampler, trainer and evaluation see it (docs/DESIGN.md §2.2): prompts in
 /// through its own (frozen) text side, latents out through its own (frozen) decoder, and
 /// between them the [`FlowModel`] velocity with its trainable parameters (LoRA adapters or
 /// every weight) and the base and adapter maps (to merge and export). The ShapeWorld image
@@ -143,9 +231,9 @@ pub trait Policy: FlowModel {
     fn base_map(&self) -> &VarMap;
     fn lora_map(&self) -> Option<&VarMap>;
     /// For a real generator, the diffusers module names of its single-file linear layers
-    /// ([`adapted::DiffusersNames`]): its adapters then export for diffusers / PEFT and
+    /// ([`nn::adapted::DiffusersNames`]): its adapters then export for diffusers / PEFT and
     /// merge into the single file. None for the ShapeWorld policies.
-    fn diffusers_names(&self) -> Option<adapted::BoxedNames<'_>> {
+    fn diffusers_names(&self) -> Option<nn::adapted::BoxedNames<'_>> {
         None
     }
 }
@@ -186,7 +274,7 @@ impl ImagePolicy {
         let vb = seeded_var_builder(&base, seed, device);
         // Build once to create the variables, then overwrite them from the file.
         let _ = Dit::new(&vb, cfg, None)?;
-        if let Err(e) = crate::train::checkpoint::load_varmap(&base, weights) {
+        if let Err(e) = crate::weights::tensors::load_varmap(&base, weights) {
             return Err(explain_conv_mismatch(e, cfg, weights));
         }
         let frozen_base = frozen_builder(&base, device);
@@ -215,14 +303,14 @@ impl ImagePolicy {
         let (n, d) = var.dims2()?;
         let grid = self.cfg.grid();
         anyhow::ensure!(n == grid * grid, "pos_embed: {n} rows for a {grid}x{grid} grid");
-        let t = Tensor::from_vec(dit::sincos_2d(grid, d), (n, d), var.device())?.to_dtype(var.dtype())?;
+        let t = Tensor::from_vec(shapeworld::dit::sincos_2d(grid, d), (n, d), var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;
         Ok(())
     }
 
     /// Save the base weights (safetensors, atomic).
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::train::checkpoint::save_varmap(&self.base, path)
+        crate::weights::tensors::save_varmap(&self.base, path)
     }
 
     /// [`Policy::encode`] of ShapeWorld scenes.
@@ -232,7 +320,7 @@ impl ImagePolicy {
 
     /// [`Policy::decode`] as images.
     pub fn decode_images(&self, z: &Tensor) -> Result<Vec<crate::image::Image>> {
-        Ok(dit::latents_to_images(z)?)
+        Ok(shapeworld::dit::latents_to_images(z)?)
     }
 }
 
@@ -240,17 +328,17 @@ impl Policy for ImagePolicy {
     /// Token ids of the ShapeWorld grammar (a word outside its vocabulary is an error).
     fn encode(&self, prompts: &[Prompt]) -> Result<Condition> {
         let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
-        Ok(Condition::tokens(dit::tokens_for(&texts, &self.device)?))
+        Ok(Condition::tokens(shapeworld::dit::tokens_for(&texts, &self.device)?))
     }
     /// The latent is the image in [-1, 1].
     fn decode(&self, z: &Tensor) -> Result<Samples> {
-        Ok(Samples::Images(dit::latents_to_images(z)?))
+        Ok(Samples::Images(shapeworld::dit::latents_to_images(z)?))
     }
     fn latent_shape(&self) -> Vec<usize> {
         self.cfg.latent_shape().to_vec()
     }
     fn trainable(&self) -> Vec<(String, Var)> {
-        sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+        crate::weights::tensors::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
     }
     fn base_map(&self) -> &VarMap {
         &self.base
@@ -263,7 +351,7 @@ impl Policy for ImagePolicy {
 /// A base pretrained with or without the conv stem (`model.conv_channels`) has a different
 /// checkpoint layout; say which setting the file needs instead of naming a missing tensor.
 fn explain_conv_mismatch(e: anyhow::Error, cfg: &DitConfig, weights: &Path) -> anyhow::Error {
-    let Ok(file) = crate::train::checkpoint::read_tensors(weights, &Device::Cpu) else { return e };
+    let Ok(file) = crate::weights::tensors::read_tensors(weights, &Device::Cpu) else { return e };
     let file_conv = file.get("stem.conv1.weight").map(|t| t.dim(0).unwrap_or(0)).unwrap_or(0);
     if file_conv != cfg.conv_channels {
         return e.context(format!(
@@ -273,32 +361,6 @@ fn explain_conv_mismatch(e: anyhow::Error, cfg: &DitConfig, weights: &Path) -> a
         ));
     }
     e
-}
-
-/// Load the configured modality's policy (image `[model]` or video `[video_model]`) from
-/// `weights`, optionally with fresh LoRA adapters.
-pub fn load_policy(cfg: &crate::config::Config, weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn Policy>> {
-    Ok(match cfg.modality {
-        crate::config::Modality::Image => Box::new(ImagePolicy::load(&cfg.model, weights, lora, device, seed)?),
-        crate::config::Modality::Video => Box::new(video_dit::VideoPolicy::load(&cfg.video_model, weights, lora, device, seed)?),
-        // A real generator loads from its model folder (`weights` is that folder's spec).
-        crate::config::Modality::Sd3 => {
-            let s = &cfg.sd3;
-            let want = if s.variant.is_empty() { None } else { Some(mmdit::MmditConfig::by_name(&s.variant)?) };
-            let cache = crate::sample::cache_dir().join("embeddings");
-            let shape = sd3::Sd3Shape { resolution: s.resolution, t5_tokens: s.t5_tokens, checkpointing: s.checkpointing, dtype: s.candle_dtype()? };
-            Box::new(sd3::Sd3Policy::load(&s.model, want.as_ref().map(|w| (s.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?)
-        }
-        crate::config::Modality::Flux => {
-            let f = &cfg.flux;
-            f.validate()?;
-            anyhow::ensure!(cfg.sample.guidance == 1.0, "sample.guidance = {}: FLUX is sampled without classifier-free guidance; set it to 1 (flux.guidance = {} is FLUX.1-dev's guidance input)", cfg.sample.guidance, f.guidance);
-            let want = if f.variant.is_empty() { None } else { Some(flux::FluxConfig::by_name(&f.variant)?) };
-            let cache = crate::sample::cache_dir().join("embeddings");
-            let shape = flux_policy::FluxShape { resolution: f.resolution, t5_tokens: f.t5_tokens, checkpointing: f.checkpointing, dtype: f.candle_dtype()?, guidance: f.guidance };
-            Box::new(flux_policy::FluxPolicy::load(&f.model, want.as_ref().map(|w| (f.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?)
-        }
-    })
 }
 
 /// The networks of a real generator over one set of base weights: the trained one (LoRA
@@ -342,6 +404,16 @@ impl<M> Nets<M> {
     }
 }
 
+/// A weights dtype field ("bf16" | "f16" | "f32").
+pub fn parse_dtype(field: &str, s: &str) -> Result<candle_core::DType> {
+    Ok(match s {
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        "f32" => candle_core::DType::F32,
+        other => anyhow::bail!("{field}: unknown {other:?} (bf16, f16 or f32)"),
+    })
+}
+
 #[cfg(test)]
 mod nets_tests {
     use super::*;
@@ -352,14 +424,14 @@ mod nets_tests {
     fn dtype_rules() {
         let t = std::collections::HashMap::from([("w.weight".to_string(), Tensor::ones((4, 3), candle_core::DType::BF16, &Device::Cpu).unwrap()), ("w.bias".to_string(), Tensor::zeros(4, candle_core::DType::BF16, &Device::Cpu).unwrap())]);
         let spec = LoraSpec { rank: 1, alpha: 1.0, targets: vec!["w".into()] };
-        let lin = |vb: &VarBuilder, l: Option<&LoraCtx>| layers::Linear::new(&vb.pp("w"), 3, 4, true, l);
+        let lin = |vb: &VarBuilder, l: Option<&LoraCtx>| nn::layers::Linear::new(&vb.pp("w"), 3, 4, true, l);
         let e = Nets::build(t.clone(), candle_core::DType::F16, "flux.dtype", Some(&spec), &Device::Cpu, 0, lin).err().unwrap().to_string();
         assert!(e.contains("flux.dtype") && e.contains("bf16") && e.contains("w."), "{e}");
         let e = Nets::build(t.clone(), candle_core::DType::BF16, "sd3.dtype", None, &Device::Cpu, 0, lin).err().unwrap().to_string();
         assert!(e.contains("full fine-tuning"), "{e}");
         let n = Nets::build(t, candle_core::DType::BF16, "sd3.dtype", Some(&spec), &Device::Cpu, 0, lin).unwrap();
-        assert!(sorted_vars(&n.base).iter().all(|(_, v)| v.dtype() == candle_core::DType::BF16));
-        assert!(n.base_net.is_some() && sorted_vars(n.lora.as_ref().unwrap()).iter().all(|(_, v)| v.dtype() == candle_core::DType::F32));
+        assert!(crate::weights::tensors::sorted_vars(&n.base).iter().all(|(_, v)| v.dtype() == candle_core::DType::BF16));
+        assert!(n.base_net.is_some() && crate::weights::tensors::sorted_vars(n.lora.as_ref().unwrap()).iter().all(|(_, v)| v.dtype() == candle_core::DType::F32));
     }
 }
 
@@ -381,18 +453,11 @@ pub(crate) fn assert_every_var_has_gradient(grads: &candle_core::backprop::GradS
 #[cfg(test)]
 pub(crate) fn randomize_vars(map: &VarMap, seed: u64, scale: f64) {
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-    for (_, v) in sorted_vars(map) {
+    for (_, v) in crate::weights::tensors::sorted_vars(map) {
         v.set(&(crate::sampler::randn(v.dims(), &mut rng, v.device()).unwrap() * scale).unwrap()).unwrap();
     }
 }
 
-/// Variables of a map sorted by name (a stable order for optimizers and checkpoints).
-pub fn sorted_vars(map: &VarMap) -> Vec<(String, Var)> {
-    let data = map.data().lock().unwrap();
-    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
 
 /// A VarMap backend whose fresh variables are drawn from a seeded ChaCha stream, in
 /// creation order (candle's CPU RNG cannot be seeded), so a seed fixes the init exactly.

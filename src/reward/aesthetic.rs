@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::path::Path;
 
-use super::clip::{ClipModel, Preprocess};
+use crate::encoders::clip::{ClipModel, Preprocess};
 use super::{Inputs, Reward, RewardInfo};
 use crate::image::Samples;
 use crate::prompt::Prompt;
@@ -26,10 +26,10 @@ pub struct Aesthetic {
 
 impl Aesthetic {
     pub fn load(head_file: &Path, clip: &str) -> Result<Self> {
-        let dir = crate::hf::resolve(clip).context("the aesthetic predictor's CLIP model")?;
+        let dir = crate::weights::hf::resolve(clip).context("the aesthetic predictor's CLIP model")?;
         let model = ClipModel::load(&dir, &Device::Cpu)?;
         let pre = Preprocess::load(&dir, model.image_size)?;
-        let w = crate::backbone::pth::load_weights(head_file)?;
+        let w = crate::weights::pth::load_weights(head_file)?;
         let mut idx: Vec<usize> = w.keys().filter_map(|k| k.strip_prefix("layers.")?.strip_suffix(".weight")?.parse().ok()).collect();
         idx.sort_unstable();
         anyhow::ensure!(!idx.is_empty(), "{}: no layers.N.weight tensors (not an aesthetic predictor head)", head_file.display());
@@ -98,7 +98,7 @@ mod tests {
             ("layers.0.bias".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap()),
         ]
         .into();
-        crate::train::checkpoint::save_tensors(&t, &bad).unwrap();
+        crate::weights::tensors::save_tensors(&t, &bad).unwrap();
         let e = Aesthetic::load(&bad, dir.to_str().unwrap()).err().unwrap().to_string();
         assert!(e.contains("head.safetensors") && e.contains("takes 768 inputs") && e.contains("16"), "{e}");
     }

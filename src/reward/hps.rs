@@ -3,7 +3,7 @@
 //! (`HPS_v2.1_compressed.pt`, `{"state_dict": …}`) read by vipo's pickle-free parser. The
 //! open_clip names are mapped to Hugging Face `CLIPModel` names (the fused attention
 //! input projection split into q/k/v, `text_projection` / `visual.proj` transposed) and run
-//! by [`super::clip::ClipModel`]; the score is the cosine of the normalised image and text
+//! by [`crate::encoders::clip::ClipModel`]; the score is the cosine of the normalised image and text
 //! embeddings, as HPSv2's `score` returns (≈ 0.25–0.35). The tokenizer and image
 //! preprocessing are CLIP's, from the folder or repository in `train.rewards[].backbone`
 //! (default `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`: `tokenizer.json`,
@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor, D};
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::clip::{l2_normalize, load_tokenizer, tokenize, Act, ClipModel, Preprocess, Tower};
+use crate::encoders::clip::{l2_normalize, load_tokenizer, tokenize, Act, ClipModel, Preprocess, Tower};
 use super::{Inputs, Reward, RewardInfo};
 use crate::image::Samples;
 use crate::prompt::Prompt;
@@ -112,11 +112,11 @@ impl Hps {
     /// preprocessor_config.json).
     pub fn load(checkpoint: &Path, tokenizer_from: &str) -> Result<Self> {
         let source = checkpoint.display().to_string();
-        let raw = crate::backbone::pth::load_weights(checkpoint)?;
+        let raw = crate::weights::pth::load_weights(checkpoint)?;
         let raw = raw.into_iter().map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F32)?))).collect::<Result<HashMap<_, _>>>()?;
         let (tensors, text, vision) = to_hf(raw, &source)?;
         let model = ClipModel::from_tensors(tensors, &text, &vision, None, &source, &Device::Cpu)?;
-        let dir = crate::hf::resolve(tokenizer_from).context("HPSv2's tokenizer (train.rewards[].backbone)")?;
+        let dir = crate::weights::hf::resolve(tokenizer_from).context("HPSv2's tokenizer (train.rewards[].backbone)")?;
         let tokenizer = load_tokenizer(&dir, &model.text)?;
         let pre = Preprocess::load(&dir, model.image_size)?;
         Ok(Self { model, tokenizer, pre })
@@ -163,12 +163,14 @@ mod tests {
         let px = Tensor::from_vec(px, (1, 3, 32, 32), &Device::Cpu).unwrap().repeat((3, 1, 1, 1)).unwrap();
         let got = h.score_pixels(&px, &ids).unwrap();
         let want: Vec<f32> = gh["hps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        assert_eq!((got.len(), want.len()), (3, 3), "one score per golden");
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{got:?} vs {want:?}");
         }
         let prompts: Vec<Prompt> = g["prompts"].as_array().unwrap().iter().map(|p| Prompt::text(p.as_str().unwrap())).collect();
         let im = crate::image::Image::load(&dir.join("image.png")).unwrap();
         let s = h.score(&Samples::Images(vec![im; 3]), &prompts).unwrap();
+        assert_eq!(s.len(), want.len());
         for (a, b) in s.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{s:?} vs {want:?}");
         }

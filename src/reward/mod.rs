@@ -10,8 +10,9 @@ pub mod redness;
 pub mod set;
 pub mod video;
 
-use crate::image::Samples;
+use crate::image::{SampleKind, Samples};
 use crate::prompt::Prompt;
+use serde::{Deserialize, Serialize};
 
 /// Static facts about a reward, recorded with every run.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -32,12 +33,11 @@ pub enum Inputs {
 }
 
 impl Inputs {
-    pub fn accepts(self, modality: crate::config::Modality) -> bool {
-        use crate::config::Modality;
+    pub fn accepts(self, kind: SampleKind) -> bool {
         match self {
             Inputs::Any => true,
-            Inputs::Images => modality != Modality::Video,
-            Inputs::Clips => modality == Modality::Video,
+            Inputs::Images => kind == SampleKind::Images,
+            Inputs::Clips => kind == SampleKind::Clips,
         }
     }
 }
@@ -75,7 +75,7 @@ pub fn build(name: &str) -> anyhow::Result<Box<dyn Reward>> {
 
 /// A reward of the config with its parameters: its model (the CLIP-family rewards; a file
 /// given to a rule-based reward is refused rather than ignored) and its batch size.
-pub fn build_entry(i: usize, e: &crate::config::RewardEntry) -> anyhow::Result<Box<dyn Reward>> {
+pub fn build_entry(i: usize, e: &crate::reward::RewardEntry) -> anyhow::Result<Box<dyn Reward>> {
     use anyhow::Context;
     let r: Box<dyn Reward> = match e.name.as_str() {
         "clipscore" | "pickscore" => {
@@ -135,28 +135,54 @@ impl Reward for Batched {
 }
 
 /// The weighted reward set of a run; each reward keeps its own advantage and loss term.
-/// Every reward must score what `modality` samples.
-pub fn build_set(entries: &[crate::config::RewardEntry], modality: crate::config::Modality) -> anyhow::Result<set::RewardSet> {
+/// Every reward must score what the generator samples (`kind`; `modality` names it in errors).
+pub fn build_set(entries: &[crate::reward::RewardEntry], kind: SampleKind, modality: &str) -> anyhow::Result<set::RewardSet> {
     let mut v = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let r = build_entry(i, e)?;
         anyhow::ensure!(
-            r.inputs().accepts(modality),
+            r.inputs().accepts(kind),
             "train.rewards[{i}]: reward {:?} scores {:?}, and modality = \"{}\" samples {}",
             e.name,
             r.inputs(),
             modality,
-            if modality == crate::config::Modality::Video { "clips (video runs need video rewards)" } else { "images" }
+            if kind == SampleKind::Clips { "clips (video runs need video rewards)" } else { "images" }
         );
         v.push((r, e.weight as f32));
     }
     set::RewardSet::new(v)
 }
 
+/// One reward of the weighted set; each gets its own group advantage and loss term.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardEntry {
+    /// "compositional" | "redness" | "placebo" (a null control) | "video_quality" | "motion_quality"
+    pub name: String,
+    /// Coefficient of this reward's loss term.
+    pub weight: f64,
+    /// The reward model's weights file, for rewards that have one ("" = none).
+    #[serde(default)]
+    pub weights: String,
+    /// Samples per reward call (0 = the whole batch at once).
+    #[serde(default)]
+    pub batch_size: usize,
+    /// The image–text model a reward head sits on ("" = the reward's default; aesthetic:
+    /// openai/clip-vit-large-patch14).
+    #[serde(default)]
+    pub backbone: String,
+}
+
+impl RewardEntry {
+    pub fn new(name: &str, weight: f64) -> Self {
+        Self { name: name.into(), weight, weights: String::new(), batch_size: 0, backbone: String::new() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RewardEntry;
+    use crate::reward::RewardEntry;
     use crate::image::Image;
 
     /// Scoring in batches gives the scores of one call; a weights file for a reward without

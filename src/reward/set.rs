@@ -1,4 +1,4 @@
-//! A weighted set of rewards (DESIGN.md §1.5). Each reward keeps its own scores so that it
+//! A weighted set of rewards (docs/DESIGN.md §1.5). Each reward keeps its own scores so that it
 //! gets its own group-normalised advantage and clipped loss downstream; the set never
 //! pre-sums them (only [`weighted_total`], for logging).
 

@@ -18,39 +18,14 @@ use crate::advantage::group_advantages;
 use crate::advantage::{map_times_reward_advantages, pixel_advantages};
 use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
-use crate::policy::layers::LoraSpec;
+use crate::policy::nn::layers::LoraSpec;
 use crate::policy::{guided_velocity, guided_velocity_base, guided_velocity_frozen, Condition, Policy};
 use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
-use crate::train::checkpoint::{read_tensors, save_tensors};
+use crate::weights::tensors::{read_tensors, save_tensors};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
-use crate::train::run;
+use crate::run_dir;
+use crate::train::rng::RngState;
 use crate::train::task::{self, Task};
-
-/// Saved state of a seeded ChaCha stream (seed, stream, position) for exact resume.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct RngState {
-    seed: String,
-    stream: u64,
-    word_pos: String,
-}
-
-impl RngState {
-    pub(crate) fn of(r: &ChaCha8Rng) -> Self {
-        let seed: String = r.get_seed().iter().map(|b| format!("{b:02x}")).collect();
-        Self { seed, stream: r.get_stream(), word_pos: r.get_word_pos().to_string() }
-    }
-    pub(crate) fn restore(&self) -> Result<ChaCha8Rng> {
-        let mut seed = [0u8; 32];
-        anyhow::ensure!(self.seed.len() == 64, "rng seed has wrong length");
-        for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16)?;
-        }
-        let mut r = ChaCha8Rng::from_seed(seed);
-        r.set_stream(self.stream);
-        r.set_word_pos(self.word_pos.parse()?);
-        Ok(r)
-    }
-}
 
 /// Everything besides tensors that a checkpoint must restore.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,7 +104,7 @@ pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
         return Ok(PathBuf::from(model));
     }
     if cfg.train.base.is_empty() {
-        crate::base::default_base(cfg, false)
+        crate::train::pretrain::default_base(cfg, false)
     } else {
         let p = PathBuf::from(&cfg.train.base);
         anyhow::ensure!(p.is_file(), "train.base: {} does not exist", p.display());
@@ -138,27 +113,24 @@ pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
     }
 }
 
-/// The configured LoRA adapters (`train.lora_rank` 0 = full fine-tuning).
-pub fn lora_spec(cfg: &Config) -> Option<LoraSpec> {
-    let t = &cfg.train;
-    (t.lora_rank > 0).then(|| LoraSpec { rank: t.lora_rank, alpha: t.lora_alpha, targets: t.lora_targets.clone() })
-}
 
 /// A weights file does not say whether its network predicts x̂₀ or v, and both have the
 /// same tensors, so a mismatch would sample garbage silently. When the base sits in a run
 /// directory (pretrain runs and the cache do), its `config.toml` says; refuse a mismatch.
 fn check_base_prediction(cfg: &Config, base: &Path) -> Result<()> {
-    let Some(saved_path) = base.parent().map(|d| d.join(run::CONFIG_FILE)).filter(|p| p.is_file()) else {
+    let Some(saved_path) = base.parent().map(|d| d.join(run_dir::CONFIG_FILE)).filter(|p| p.is_file()) else {
         return Ok(());
     };
-    let Ok(saved) = crate::config::load::<Config>(Some(&saved_path), &[]) else {
+    let Ok(mut saved) = crate::config::load::<Config>(Some(&saved_path), &[]) else {
         return Ok(()); // not a vipo config: nothing to compare against
     };
-    let (section, mine, theirs) = match cfg.modality {
-        crate::config::Modality::Image => ("model", cfg.model.prediction, saved.model.prediction),
-        crate::config::Modality::Video => ("video_model", cfg.video_model.prediction, saved.video_model.prediction),
-        crate::config::Modality::Sd3 | crate::config::Modality::Flux => return Ok(()),
+    // Compare like with like: the saved config's section of this run's family.
+    saved.modality = cfg.modality;
+    let g = cfg.generator();
+    let (Some(mine), Some(theirs)) = (g.prediction(), saved.generator().prediction()) else {
+        return Ok(());
     };
+    let section = g.section();
     anyhow::ensure!(
         mine == theirs,
         "train.base {}: pretrained with {section}.prediction = {theirs:?} (its {}) but this run has {mine:?}; pass --set {section}.prediction={}",
@@ -179,8 +151,8 @@ impl Trainer {
         // The task (prompts, rewards, maps) is checked before any weights are loaded.
         let task = task::build(cfg)?;
         let base = base_weights(cfg)?;
-        let load = |lora: Option<&LoraSpec>| crate::policy::load_policy(cfg, &base, lora, &device, cfg.seed);
-        let policy = load(lora_spec(cfg).as_ref())?;
+        let load = |lora: Option<&LoraSpec>| cfg.load_policy(&base, lora, &device, cfg.seed);
+        let policy = load(cfg.train.lora_spec().as_ref())?;
         // Full fine-tuning's KL reference is a second copy of the start.
         let kl_copy = if cfg.train.kl_beta > 0.0 && policy.lora_map().is_none() { Some(load(None)?) } else { None };
         Self::assemble(cfg, run_dir, resume, task, policy, kl_copy)
@@ -316,7 +288,7 @@ impl Trainer {
             let m = self.train_step()?;
             bar.inc(1);
             bar.set_message(format!("reward {:.3}", m.reward_mean));
-            crate::io::append_jsonl(&self.run_dir.join(run::METRICS_FILE), &serde_json::to_value(&m)?)?;
+            crate::io::append_jsonl(&self.run_dir.join(run_dir::METRICS_FILE), &serde_json::to_value(&m)?)?;
             let s = self.state.step;
             let ce = self.cfg.train.checkpoint_every;
             if s == total || (ce > 0 && s % ce == 0) {
@@ -356,17 +328,17 @@ impl Trainer {
     /// Write `model.safetensors`: the full policy weights (EMA when on) in the base layout,
     /// with LoRA adapters merged (W + s·B·A), so `vipo sample/map/eval --run` work on any run.
     pub fn export_final(&self) -> Result<PathBuf> {
-        let path = self.run_dir.join(run::FINAL_WEIGHTS);
+        let path = self.run_dir.join(run_dir::FINAL_WEIGHTS);
         self.with_ema(|p| {
-            let mut out: HashMap<String, Tensor> = crate::policy::sorted_vars(p.base_map()).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            let mut out: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(p.base_map()).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
             let Some(l) = p.lora_map() else { return save_tensors(&out, &path) };
-            let lv: HashMap<String, Tensor> = crate::policy::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            let lv: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(l).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
             if let Some(names) = p.diffusers_names() {
                 // A real generator: the adapters as diffusers / PEFT load them, and the
                 // merged single file.
                 let t = &self.cfg.train;
-                crate::policy::peft::export(&self.run_dir.join("lora"), &lv, t.lora_rank, t.lora_alpha, &t.lora_targets)?;
-                out = crate::policy::peft::merge(&out, &lv, t.lora_rank, t.lora_alpha, &*names)?;
+                crate::policy::sd3::peft::export(&self.run_dir.join("lora"), &lv, t.lora_rank, t.lora_alpha, &t.lora_targets)?;
+                out = crate::policy::sd3::peft::merge(&out, &lv, t.lora_rank, t.lora_alpha, &*names)?;
             } else {
                 let s = self.cfg.train.lora_alpha / self.cfg.train.lora_rank as f64;
                 for (name, a) in &lv {
@@ -439,7 +411,7 @@ impl Trainer {
             m.adv_zero_groups += ga.zero_groups;
             advs.push(ga.adv);
         }
-        // ViPO lifts each scalar advantage to a per-position map (DESIGN.md §1.4).
+        // ViPO lifts each scalar advantage to a per-position map (docs/DESIGN.md §1.4).
         let device = self.policy.device().clone();
         let adv_tensors = match &maps {
             None => advs.iter().map(|a| Tensor::from_vec(a.clone(), a.len(), &device)).collect::<candle_core::Result<Vec<_>>>()?,
@@ -733,7 +705,7 @@ impl Trainer {
         self.rng_timesteps = st.rng_timesteps.restore()?;
         self.state = st;
         // Drop metrics lines past the checkpoint so the log matches the restored state.
-        let mpath = self.run_dir.join(run::METRICS_FILE);
+        let mpath = self.run_dir.join(run_dir::METRICS_FILE);
         if let Ok(text) = std::fs::read_to_string(&mpath) {
             let keep: String = text
                 .lines()
@@ -758,15 +730,15 @@ fn std(v: &[f32]) -> f64 {
 /// `vipo train`: fresh run or `--resume`.
 pub fn train_cli(cfg: &Config, run_dir: &Path, resume: bool, force: bool) -> Result<()> {
     let mut tr = if resume {
-        run::require_run_dir(run_dir)?;
+        run_dir::require_run_dir(run_dir)?;
         Trainer::new(cfg, run_dir, true)?
     } else {
         // Everything that can refuse the start (config, base weights, prompts, rewards,
         // backbone) loads before the run directory exists, so a failed start leaves nothing.
         cfg.train.validate()?;
-        run::check_run_dir_free(run_dir, force)?;
+        run_dir::check_run_dir_free(run_dir, force)?;
         let tr = Trainer::new(cfg, run_dir, false)?;
-        run::create_run_dir(run_dir, cfg, force)?;
+        run_dir::create_run_dir(run_dir, cfg, force)?;
         tr
     };
     let start = tr.step();
@@ -783,7 +755,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::Modality;
     use crate::image::Image;
-    use crate::policy::video_dit::VideoPolicy;
+    use crate::policy::shapeworld::video_dit::VideoPolicy;
     use crate::policy::{FlowModel, ImagePolicy};
     use crate::reward::set::RewardSet;
     use crate::reward::{Reward, RewardInfo};
@@ -793,7 +765,7 @@ pub(crate) mod tests {
     /// A tiny base model on disk and a config that trains it for a few cheap steps.
     pub(crate) fn setup(dir: &Path) -> Config {
         let mut cfg = Config::default();
-        cfg.model = crate::policy::dit::tests::tiny();
+        cfg.model = crate::policy::shapeworld::dit::tests::tiny();
         cfg.out_dir = dir.to_path_buf();
         cfg.progress = false;
         let base = dir.join("base.safetensors");
@@ -816,7 +788,7 @@ pub(crate) mod tests {
         t.eval_prompts = 2;
         // Redness varies smoothly with any pixel change, so a random tiny policy gets
         // non-zero advantages.
-        t.rewards = vec![crate::config::RewardEntry::new("redness", 1.0)];
+        t.rewards = vec![crate::reward::RewardEntry::new("redness", 1.0)];
         cfg
     }
 
@@ -826,7 +798,7 @@ pub(crate) mod tests {
 
     fn run(cfg: &Config, name: &str) -> (Trainer, Vec<StepMetrics>) {
         let dir = cfg.out_dir.join(name);
-        run::create_run_dir(&dir, cfg, false).unwrap();
+        run_dir::create_run_dir(&dir, cfg, false).unwrap();
         let mut tr = Trainer::new(cfg, &dir, false).unwrap();
         let ms = tr.train().unwrap();
         (tr, ms)
@@ -843,7 +815,7 @@ pub(crate) mod tests {
             assert!(m.grad_norm > 0.0 && m.grad_norm.is_finite());
             assert_eq!(m.time_map_s, 0.0);
         }
-        let text = std::fs::read_to_string(tr.run_dir.join(run::METRICS_FILE)).unwrap();
+        let text = std::fs::read_to_string(tr.run_dir.join(run_dir::METRICS_FILE)).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         for k in ["step", "reward_mean", "reward_std", "adv_zero_groups", "ratio_mean", "ratio_dev_first", "clip_frac", "grad_norm", "loss", "lr", "time_sample_s", "time_reward_s", "time_map_s", "time_update_s"] {
             assert!(line.get(k).is_some(), "metrics.jsonl lacks {k}");
@@ -857,7 +829,7 @@ pub(crate) mod tests {
     fn sde_window_guidance_and_x_prediction_keep_parity() {
         let d = tempfile::tempdir().unwrap();
         let mut cfg = setup(d.path());
-        cfg.model.prediction = crate::policy::dit::Prediction::X;
+        cfg.model.prediction = crate::policy::shapeworld::dit::Prediction::X;
         let base = d.path().join("base_x.safetensors");
         ImagePolicy::new(&cfg.model, &candle_core::Device::Cpu, 1).unwrap().save(&base).unwrap();
         cfg.train.base = base.display().to_string();
@@ -882,13 +854,13 @@ pub(crate) mod tests {
         let run_dir = d.path().join("pre");
         std::fs::create_dir_all(&run_dir).unwrap();
         let mut saved = cfg.clone();
-        saved.model.prediction = crate::policy::dit::Prediction::X;
-        std::fs::write(run_dir.join(run::CONFIG_FILE), crate::config::to_toml(&saved).unwrap()).unwrap();
+        saved.model.prediction = crate::policy::shapeworld::dit::Prediction::X;
+        std::fs::write(run_dir.join(run_dir::CONFIG_FILE), crate::config::to_toml(&saved).unwrap()).unwrap();
         std::fs::copy(&cfg.train.base, run_dir.join("model.safetensors")).unwrap();
         cfg.train.base = run_dir.join("model.safetensors").display().to_string();
         let e = format!("{:#}", Trainer::new(&cfg, &d.path().join("r"), false).err().unwrap());
         assert!(e.contains("model.prediction") && e.contains("pre/config.toml") && e.contains("--set model.prediction=x"), "{e}");
-        cfg.model.prediction = crate::policy::dit::Prediction::X;
+        cfg.model.prediction = crate::policy::shapeworld::dit::Prediction::X;
         assert!(base_weights(&cfg).is_ok());
     }
 
@@ -907,15 +879,15 @@ pub(crate) mod tests {
         resumed.train().unwrap();
         assert!(weights(&full) == weights(&resumed), "resumed weights differ from the uninterrupted run");
         assert!(full.ema.as_ref().unwrap().iter().zip(resumed.ema.as_ref().unwrap()).all(|(a, b)| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
-        let lines = std::fs::read_to_string(d.path().join("part").join(run::METRICS_FILE)).unwrap().lines().count();
+        let lines = std::fs::read_to_string(d.path().join("part").join(run_dir::METRICS_FILE)).unwrap().lines().count();
         assert_eq!(lines, 3);
         // While a trainer lives it holds its run folder: a second resume (which would
         // truncate the metrics and interleave checkpoints) and a --force restart are refused.
         let e = Trainer::new(&cfg, &d.path().join("part"), true).map(|_| ()).unwrap_err().to_string();
         assert!(e.contains("in use by another vipo process"), "{e}");
-        let e = run::create_run_dir(&d.path().join("part"), &cfg, true).unwrap_err().to_string();
+        let e = run_dir::create_run_dir(&d.path().join("part"), &cfg, true).unwrap_err().to_string();
         assert!(e.contains("in use by another vipo process"), "{e}");
-        assert_eq!(std::fs::read_to_string(d.path().join("part").join(run::METRICS_FILE)).unwrap().lines().count(), 3);
+        assert_eq!(std::fs::read_to_string(d.path().join("part").join(run_dir::METRICS_FILE)).unwrap().lines().count(), 3);
         drop(resumed);
         assert!(Trainer::new(&cfg, &d.path().join("part"), true).is_ok());
     }
@@ -928,7 +900,7 @@ pub(crate) mod tests {
             cfg.train.steps = 1;
             cfg.train.lora_rank = rank;
             let dir = d.path().join(format!("l{i}"));
-            run::create_run_dir(&dir, &cfg, false).unwrap();
+            run_dir::create_run_dir(&dir, &cfg, false).unwrap();
             let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
             let before = weights(&tr);
             tr.train().unwrap();
@@ -939,10 +911,10 @@ pub(crate) mod tests {
                 assert!(tr.policy.trainable().iter().all(|(n, _)| n.contains("lora_")));
             }
             // The exported model (LoRA merged) reproduces the trained policy's output.
-            let merged = ImagePolicy::load(&cfg.model, &dir.join(run::FINAL_WEIGHTS), None, &candle_core::Device::Cpu, 0).unwrap();
+            let merged = ImagePolicy::load(&cfg.model, &dir.join(run_dir::FINAL_WEIGHTS), None, &candle_core::Device::Cpu, 0).unwrap();
             let prompts = world::prompts(Split::Train, 2, 3);
             let texts: Vec<String> = prompts.iter().map(|p| p.text()).collect();
-            let cond = Condition::tokens(crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap());
+            let cond = Condition::tokens(crate::policy::shapeworld::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap());
             let z = Tensor::ones((2, 3, 16, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
             let sig = Tensor::full(0.5f32, 2, &candle_core::Device::Cpu).unwrap();
             let d = (tr.policy.velocity(&z, &sig, &cond).unwrap() - merged.velocity(&z, &sig, &cond).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -968,7 +940,7 @@ pub(crate) mod tests {
         let d = tempfile::tempdir().unwrap();
         let cfg = setup(d.path());
         let dir = d.path().join("n");
-        run::create_run_dir(&dir, &cfg, false).unwrap();
+        run_dir::create_run_dir(&dir, &cfg, false).unwrap();
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
         tr.task = Box::new(task::ImageTask::new(&cfg, RewardSet::new(vec![(Box::new(NanReward), 1.0)]).unwrap(), None).unwrap());
         let before = weights(&tr);
@@ -1016,7 +988,7 @@ pub(crate) mod tests {
         assert!(e.contains("no complete checkpoint"), "{e}");
     }
 
-    /// DESIGN.md §1.4: with an all-ones map and one ratio per sample, ViPO is exactly GRPO.
+    /// docs/DESIGN.md §1.4: with an all-ones map and one ratio per sample, ViPO is exactly GRPO.
     #[test]
     fn vipo_with_ones_map_and_per_sample_ratio_equals_grpo() {
         let d = tempfile::tempdir().unwrap();
@@ -1103,7 +1075,7 @@ pub(crate) mod tests {
 
     /// A tiny video base on disk and a config that trains it (4 frames of 16×16).
     fn setup_video(dir: &Path) -> Config {
-        use crate::policy::video_dit::{VideoAttention, VideoDitConfig};
+        use crate::policy::shapeworld::video_dit::{VideoAttention, VideoDitConfig};
         let mut cfg = setup(dir);
         cfg.modality = Modality::Video;
         cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true, ..Default::default() };
@@ -1113,10 +1085,10 @@ pub(crate) mod tests {
         }
         cfg.train.base = base.display().to_string();
         // Redness is dense on a random policy (non-zero advantages); MQ is the second,
-        // separately normalised reward (DESIGN.md §1.5).
+        // separately normalised reward (docs/DESIGN.md §1.5).
         cfg.train.rewards = vec![
-            crate::config::RewardEntry::new("redness", 1.0),
-            crate::config::RewardEntry::new("motion_quality", 0.5),
+            crate::reward::RewardEntry::new("redness", 1.0),
+            crate::reward::RewardEntry::new("motion_quality", 0.5),
         ];
         cfg.train.grid_every = 1;
         cfg.train.grid_prompts = 2;
@@ -1136,7 +1108,7 @@ pub(crate) mod tests {
             assert!(m.ratio_dev_first < 1e-5 && m.grad_norm > 0.0 && m.grad_norm.is_finite(), "{m:?}");
             assert!(m.rewards.contains_key("redness") && m.rewards.contains_key("motion_quality"));
         }
-        assert!(tr.run_dir.join("samples/step_00002.png").is_file() && tr.run_dir.join(run::FINAL_WEIGHTS).is_file());
+        assert!(tr.run_dir.join("samples/step_00002.png").is_file() && tr.run_dir.join(run_dir::FINAL_WEIGHTS).is_file());
         let ev: serde_json::Value = serde_json::from_slice(&std::fs::read(tr.run_dir.join("eval.json")).unwrap()).unwrap();
         assert!(ev["final"]["ood.motion_quality"].is_number() && ev["base"]["eval"].is_number(), "{ev}");
         let mut v = g.clone();
@@ -1168,7 +1140,7 @@ pub(crate) mod tests {
         let e = format!("{:#}", Trainer::new(&bad, &d.path().join("bad"), false).err().unwrap());
         assert!(e.contains("vipo.temporal_sigma"), "{e}");
         let mut img_reward = g.clone();
-        img_reward.train.rewards = vec![crate::config::RewardEntry::new("compositional", 1.0)];
+        img_reward.train.rewards = vec![crate::reward::RewardEntry::new("compositional", 1.0)];
         let e = format!("{:#}", Trainer::new(&img_reward, &d.path().join("bad2"), false).err().unwrap());
         assert!(e.contains("train.rewards[0]") && e.contains("video"), "{e}");
     }
@@ -1220,12 +1192,12 @@ pub(crate) mod tests {
         cfg.train.lora_rank = 0; // full fine-tuning: the strongest, fastest signal for a direction check
         cfg.train.checkpoint_every = 0;
         let dir = d.path().join("red");
-        run::create_run_dir(&dir, &cfg, false).unwrap();
+        run_dir::create_run_dir(&dir, &cfg, false).unwrap();
         let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
         let prompts = world::prompts(Split::Train, 8, 5);
         let redness = |tr: &Trainer| {
-            let imgs = crate::eval::generate_images(tr.policy.as_ref(), &prompts, 5, &cfg.sample).unwrap();
-            crate::eval::mean_score(&crate::reward::redness::Redness, &imgs, &prompts).unwrap()
+            let imgs = crate::generate::generate_images(tr.policy.as_ref(), &prompts, 5, &cfg.sample).unwrap();
+            crate::generate::mean_score(&crate::reward::redness::Redness, &imgs, &prompts).unwrap()
         };
         let before = redness(&tr);
         tr.train().unwrap();
@@ -1233,140 +1205,4 @@ pub(crate) mod tests {
         assert!(after > before + 0.03, "redness {before:.3} → {after:.3}");
     }
 
-    /// Train `file` (a tiny real-generator config, its model set by `model`) as run `name`
-    /// under `out` with `train.algo = algo` and the `extra` overrides: the run directory and
-    /// its two steps' metrics.
-    fn train_tiny(file: &Path, model: &str, out: &Path, name: &str, algo: &str, extra: Vec<String>) -> (PathBuf, Vec<StepMetrics>) {
-        let mut sets = vec![model.to_string(), format!("out_dir={}", out.display()), format!("run_name={name}"), format!("train.algo={algo}"), "progress=false".into()];
-        sets.extend(extra);
-        let cfg: Config = crate::config::load(Some(file), &sets).unwrap();
-        let dir = out.join(name);
-        run::create_run_dir(&dir, &cfg, false).unwrap();
-        let mut tr = Trainer::new(&cfg, &dir, false).unwrap();
-        let m = tr.train().unwrap();
-        assert_eq!(m.len(), 2, "{name}");
-        (dir, m)
-    }
-
-    /// `configs/tiny-sd35.toml` on a tiny SD3.5-layout model folder: GRPO and ViPO run end
-    /// to end (rollouts with CFG through the real-generator policy, rewards on decoded
-    /// images, ViPO's maps resampled from image resolution to the latent grid, the on-policy
-    /// parity check), the adapters export for diffusers, the merged single file loads, and
-    /// `vipo eval` evaluates the run from its last checkpoint. GRPO with block
-    /// checkpointing trains exactly as without (same rewards, gradient norms to 1e-5); the
-    /// ViPO run adds the KL penalty against the adapters-off reference and takes its maps
-    /// from a DINOv2 model folder; a bf16 run passes
-    /// the on-policy parity check too.
-    #[test]
-    fn tiny_sd35_grpo_and_vipo_end_to_end() {
-        let d = tempfile::tempdir().unwrap();
-        let model = d.path().join("sd35");
-        crate::policy::sd3::tests::write_tiny_model(&model);
-        let dino = d.path().join("dinov2");
-        crate::backbone::dinov2::tests::write_tiny_folder(&dino, 32, 2, 4);
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sd35.toml");
-        let mut runs = Vec::new();
-        let dino_maps = ["backbone.name=dinov2".to_string(), "backbone.tap=last".into(), "backbone.input_size=56".into(), format!("backbone.weights={}", dino.display())];
-        for (name, algo, extra) in [("grpo", "grpo", vec![]), ("grpo-ckpt", "grpo", vec!["sd3.checkpointing=true"]), ("vipo", "vipo", vec!["sd3.checkpointing=true", "train.kl_beta=0.04"]), ("vipo-bf16", "vipo", vec!["sd3.checkpointing=true", "sd3.dtype=bf16"])] {
-            let mut sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-            if name == "vipo" {
-                // Real images get DINOv2 maps (a tiny one in the HF folder layout).
-                sets.extend(dino_maps.iter().cloned());
-            }
-            let (dir, m) = train_tiny(&file, &format!("sd3.model={}", model.display()), d.path(), name, algo, sets);
-            assert!(m.iter().all(|x| x.reward_mean.is_finite() && x.ratio_dev_first < 1e-5), "{name}: {m:?}");
-            if name == "vipo" {
-                assert!(dir.join("maps/step_00001.png").is_file());
-                // The first optimizer step starts at the base (B = 0), the second (same
-                // rollout batch) has moved; the reference stays at the base.
-                assert!(m[0].kl > 0.0 && m[1].kl > m[0].kl, "KL {} then {}", m[0].kl, m[1].kl);
-            }
-            assert!(dir.join("lora/pytorch_lora_weights.safetensors").is_file() && dir.join("lora/adapter_config.json").is_file());
-            let merged = crate::train::checkpoint::read_tensors(&dir.join(run::FINAL_WEIGHTS), &candle_core::Device::Cpu).unwrap();
-            assert!(merged.contains_key("joint_blocks.0.x_block.attn.qkv.weight"), "single-file names");
-            let (_, rep) = crate::eval::run::eval_run(&dir, &[], None, Some(2), false).unwrap();
-            assert!(rep.row("eval", "compositional").is_some() && rep.row("ood", "compositional").is_some());
-            if name == "vipo" {
-                // The run's report: well-formed, its grids captioned with the prompts' text.
-                let input = crate::run_report::run_report_input(&dir).unwrap();
-                crate::report::write_report(&input, &dir.join("report.html")).unwrap();
-                let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
-                crate::report::check_well_formed(&html).unwrap();
-                let grid: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("samples/step_00000.prompts.json")).unwrap()).unwrap();
-                let prompt = grid[0]["prompt"].as_str().unwrap();
-                assert!(html.contains(&format!("<li>{}</li>", crate::report::escape(prompt))), "no caption {prompt:?}");
-            }
-            runs.push(m);
-        }
-        // The README's command lines on the same folder: train, then sample free text, map
-        // and report the run.
-        let cli = |args: &[&str]| crate::cli::run_args(std::iter::once("vipo").chain(args.iter().copied()).map(String::from));
-        let (m, out) = (format!("sd3.model={}", model.display()), format!("out_dir={}", d.path().display()));
-        cli(&["train", "--config", file.to_str().unwrap(), "--set", &m, "--set", &out, "--set", "run_name=cli", "--set", "train.algo=vipo", "--quiet"]).unwrap();
-        let run = d.path().join("cli");
-        let samples = d.path().join("samples");
-        cli(&["sample", "--run", run.to_str().unwrap(), "--prompt", "a photo of a cat", "--prompt", "a red bicycle", "--out", samples.to_str().unwrap()]).unwrap();
-        let listing: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(samples.join("samples.json")).unwrap()).unwrap();
-        assert_eq!(listing[1]["prompt"], "a red bicycle");
-        assert!(samples.join("sample_001.png").is_file() && samples.join("grid.png").is_file());
-        let maps = d.path().join("maps");
-        cli(&["map", "--run", run.to_str().unwrap(), "--n", "2", "--out", maps.to_str().unwrap()]).unwrap();
-        assert!(maps.join("sample_001_overlay.png").is_file());
-        cli(&["report", run.to_str().unwrap()]).unwrap();
-        assert!(run.join("report.html").is_file());
-        for (a, b) in runs[0].iter().zip(&runs[1]) {
-            assert_eq!(a.reward_mean, b.reward_mean, "checkpointing changed the rollouts");
-            assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm.abs().max(1e-12), "grad norm {} vs {} with checkpointing", a.grad_norm, b.grad_norm);
-        }
-    }
-
-    /// `configs/tiny-flux.toml` on a tiny FLUX.1-dev-layout folder: GRPO and ViPO (with the
-    /// KL penalty against the adapters-off reference) run end to end through checkpointed
-    /// blocks, pass the on-policy parity check, export adapters for diffusers and a merged
-    /// single file, and evaluate from the last checkpoint; `vipo sample` takes free text.
-    #[test]
-    fn tiny_flux_grpo_and_vipo_end_to_end() {
-        let d = tempfile::tempdir().unwrap();
-        let model = d.path().join("flux");
-        crate::policy::flux_policy::tests::write_tiny_model(&model);
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-flux.toml");
-        for (name, algo, extra) in [("grpo", "grpo", vec![]), ("vipo", "vipo", vec!["train.kl_beta=0.04", r#"train.rewards=[{name="redness",weight=1.0},{name="compositional",weight=0.5}]"#])] {
-            let (dir, m) = train_tiny(&file, &format!("flux.model={}", model.display()), d.path(), name, algo, extra.iter().map(|s| s.to_string()).collect());
-            assert!(m.iter().all(|x| x.reward_mean.is_finite() && x.ratio_dev_first < 1e-5 && x.grad_norm > 0.0), "{name}: {m:?}");
-            if name == "vipo" {
-                assert!(dir.join("maps/step_00001.png").is_file());
-                assert!(m[0].kl > 0.0 && m[1].kl > m[0].kl, "KL {} then {}", m[0].kl, m[1].kl);
-                // ShapeWorld's object statistics mean nothing on a real generator's images.
-                assert!(m.iter().all(|x| x.object_area_frac == 0.0 && x.map_object_mass == 0.0));
-            }
-            let lora = crate::train::checkpoint::read_tensors(&dir.join("lora/pytorch_lora_weights.safetensors"), &candle_core::Device::Cpu).unwrap();
-            assert!(lora.contains_key("transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"), "{:?}", lora.keys().collect::<Vec<_>>());
-            let merged = crate::train::checkpoint::read_tensors(&dir.join(run::FINAL_WEIGHTS), &candle_core::Device::Cpu).unwrap();
-            assert!(merged.contains_key("single_blocks.0.linear1.weight"), "single-file names");
-            let (_, rep) = crate::eval::run::eval_run(&dir, &[], None, Some(2), false).unwrap();
-            assert!(rep.row("eval", "compositional").is_some());
-        }
-        let samples = d.path().join("samples");
-        let run_dir = d.path().join("vipo");
-        let args = ["vipo", "sample", "--run", run_dir.to_str().unwrap(), "--prompt", "a photo of a cat", "--out", samples.to_str().unwrap()];
-        crate::cli::run_args(args.iter().map(|s| s.to_string())).unwrap();
-        assert!(samples.join("sample_000.png").is_file());
-        // CFG is refused before any work, naming the field.
-        let cfg: Config = crate::config::load(Some(&file), &[format!("flux.model={}", model.display()), "sample.guidance=4.5".into()]).unwrap();
-        let e = format!("{:#}", Trainer::new(&cfg, &d.path().join("cfg"), false).err().unwrap());
-        assert!(e.contains("sample.guidance"), "{e}");
-    }
-
-    /// Not a check: writes the tiny SD3.5 and FLUX folders (and a tiny DINOv2) under
-    /// `$VIPO_TINY_DIR`, for running `configs/tiny-*.toml` by hand or on a GPU machine
-    /// (`cargo test --release -- --ignored write_tiny_models`).
-    #[test]
-    #[ignore]
-    fn write_tiny_models() {
-        let Ok(dir) = std::env::var("VIPO_TINY_DIR") else { panic!("set VIPO_TINY_DIR") };
-        let dir = Path::new(&dir);
-        crate::policy::sd3::tests::write_tiny_model(&dir.join("sd35"));
-        crate::policy::flux_policy::tests::write_tiny_model(&dir.join("flux"));
-        crate::backbone::dinov2::tests::write_tiny_folder(&dir.join("dinov2"), 32, 2, 4);
-    }
 }

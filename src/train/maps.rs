@@ -1,5 +1,5 @@
 //! Allocation maps for ViPO's per-position advantages: the PSM (frozen backbone → PCA
-//! → map, DESIGN.md §1.3) or all ones (the pixel-level-GRPO ablation).
+//! → map, docs/DESIGN.md §1.3) or all ones (the pixel-level-GRPO ablation).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -202,7 +202,7 @@ impl MapSource for PsmMap {
 /// Build the configured map source, validating backbone and PSM settings up front.
 pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
     Ok(match cfg.vipo.map {
-        MapKind::Ones => Box::new(OnesMap { shapeworld: !cfg.modality.is_real() }),
+        MapKind::Ones => Box::new(OnesMap { shapeworld: !cfg.generator().is_real() }),
         MapKind::Psm => {
             let backbone = crate::backbone::load(&cfg.backbone)?;
             // Probe once so K > D or K > N is reported before training starts.
@@ -211,7 +211,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn MapSource>> {
             let f = &probe[0];
             cfg.psm.validate(f.d)?;
             anyhow::ensure!(cfg.psm.k <= f.n(), "psm.k = {} exceeds the {} patches of the {} feature grid", cfg.psm.k, f.n(), backbone.name());
-            Box::new(PsmMap { backbone, cfg: cfg.psm.clone(), shapeworld: !cfg.modality.is_real() })
+            Box::new(PsmMap { backbone, cfg: cfg.psm.clone(), shapeworld: !cfg.generator().is_real() })
         }
     })
 }

@@ -3,7 +3,7 @@
 //! z_σ = (1−σ)x₀ + σε and σ ~ logit-normal(0, 1) (the SD3 recipe). Deterministic for a
 //! seed on CPU: every random draw comes from seeded ChaCha streams.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -12,17 +12,17 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::{Config, Modality};
-use crate::image::grid;
-use crate::policy::dit::images_to_latents;
-use crate::policy::video_dit::{clips_to_latents, VideoPolicy};
+use crate::config::Config;
+use crate::image::{grid, SampleKind};
+use crate::policy::shapeworld::dit::images_to_latents;
+use crate::policy::shapeworld::video_dit::{clips_to_latents, VideoPolicy};
 use crate::policy::{Condition, FlowModel, ImagePolicy, Policy};
 use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
 use crate::world::video::{render_clip, sample_video_scene, video_prompts};
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
-use crate::train::grpo::RngState;
-use crate::train::run;
+use crate::train::rng::RngState;
+use crate::run_dir;
 use crate::world::{self, Split};
 
 /// What a pretraining run produced.
@@ -46,7 +46,7 @@ fn save_weights(vars: &[(String, candle_core::Var)], ema: Option<&[Tensor]>, pat
         None => vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect(),
         Some(e) => vars.iter().map(|(k, _)| k.clone()).zip(e.iter().cloned()).collect(),
     };
-    crate::train::checkpoint::save_tensors(&map, path)
+    crate::weights::tensors::save_tensors(&map, path)
 }
 
 fn validate(p: &crate::config::PretrainConfig) -> Result<()> {
@@ -119,7 +119,7 @@ fn flow_matching_loop(
     let mut opt = AdamW::new(model.base_vars(), AdamWConfig { lr: p.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: p.weight_decay })?;
     let mut ema = ema_init(opt.vars(), p.ema_decay)?;
     let mut noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0015e);
-    let metrics = run_dir.join(run::METRICS_FILE);
+    let metrics = run_dir.join(run_dir::METRICS_FILE);
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let (mut start, mut elapsed_before) = (0usize, 0f64);
     if resume {
@@ -225,7 +225,7 @@ fn save_resume(run_dir: &Path, opt: &AdamW, ema: Option<&[Tensor]>, st: &ResumeS
             t.insert(format!("ema.{name}"), e[i].clone());
         }
     }
-    crate::train::checkpoint::save_tensors(&t, &dir.join("state.safetensors"))?;
+    crate::weights::tensors::save_tensors(&t, &dir.join("state.safetensors"))?;
     crate::io::atomic_write(&dir.join("state.json"), serde_json::to_string_pretty(&st)?.as_bytes())
 }
 
@@ -238,7 +238,7 @@ fn load_resume(run_dir: &Path, opt: &mut AdamW, ema: Option<&mut [Tensor]>, data
     let file = dir.join("state.safetensors");
     let origin = file.display().to_string();
     let device = opt.vars().first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let t = crate::train::checkpoint::read_tensors(&file, &device)?;
+    let t = crate::weights::tensors::read_tensors(&file, &device)?;
     for (name, v) in opt.vars() {
         let w = t.get(&format!("w.{name}")).with_context(|| format!("{origin}: tensor w.{name} missing (does the checkpoint match this model config?)"))?;
         anyhow::ensure!(w.dims() == v.dims(), "{origin}: tensor w.{name} has shape {:?}, the model config expects {:?}", w.dims(), v.dims());
@@ -262,14 +262,9 @@ fn load_resume(run_dir: &Path, opt: &mut AdamW, ema: Option<&mut [Tensor]>, data
 pub fn validate_config(cfg: &Config) -> Result<()> {
     validate(&cfg.pretrain)?;
     cfg.sample.validate()?; // the grid and base scores at the end sample with it
-    match cfg.modality {
-        Modality::Sd3 | Modality::Flux => anyhow::bail!("modality = \"{}\": vipo post-trains a pretrained real generator; there is nothing to pretrain", cfg.modality),
-        Modality::Image => cfg.model.validate(),
-        Modality::Video => {
-            cfg.video_model.validate()?;
-            crate::world::video::check_clip_dims(cfg.video_model.frames, cfg.video_model.image_size).map_err(|e| e.context("video_model"))
-        }
-    }
+    let g = cfg.generator();
+    anyhow::ensure!(!g.is_real(), "modality = \"{}\": vipo post-trains a pretrained real generator; there is nothing to pretrain", cfg.modality);
+    g.validate()
 }
 
 /// `vipo pretrain` for the configured modality.
@@ -282,10 +277,9 @@ pub fn pretrain(cfg: &Config, run_dir: &Path) -> Result<PretrainOutcome> {
 pub fn pretrain_from(cfg: &Config, run_dir: &Path, resume: bool) -> Result<PretrainOutcome> {
     validate_config(cfg)?;
     let _lock = crate::io::DirLock::acquire(run_dir)?;
-    match cfg.modality {
-        Modality::Image => pretrain_image(cfg, run_dir, resume),
-        Modality::Video => pretrain_video(cfg, run_dir, resume),
-        Modality::Sd3 | Modality::Flux => unreachable!("refused by validate_config"),
+    match cfg.sample_kind() {
+        SampleKind::Images => pretrain_image(cfg, run_dir, resume),
+        SampleKind::Clips => pretrain_video(cfg, run_dir, resume),
     }
 }
 
@@ -311,13 +305,13 @@ fn pretrain_image(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
         let images: Vec<_> = specs.iter().map(|s| world::render(&world::sample_scene(s, rng), res).image).collect();
         Ok((images_to_latents(&images, &device)?, policy.encode(&specs.iter().map(Prompt::image).collect::<Vec<_>>())?))
     })?;
-    let weights = run_dir.join(run::FINAL_WEIGHTS);
+    let weights = run_dir.join(run_dir::FINAL_WEIGHTS);
     policy.save(&weights)?;
 
     // Final sample grid on fixed train prompts and seeds.
     let grid_prompts: Vec<_> = pool.iter().take(p.grid_prompts).cloned().collect();
     if !grid_prompts.is_empty() {
-        let imgs = crate::eval::generate_images(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
+        let imgs = crate::generate::generate_images(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
         let big: Vec<_> = imgs.iter().map(|im| im.upscale(4)).collect();
         grid(&big, 8).save_png(&run_dir.join("samples").join("grid.png"))?;
     }
@@ -326,8 +320,8 @@ fn pretrain_image(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
         let mut out = [0.0; 2];
         for (i, split) in [Split::Eval, Split::Ood].into_iter().enumerate() {
             let prompts = world::prompts(split, p.eval_prompts, cfg.seed ^ 0xe7a1);
-            let imgs = crate::eval::generate_images(&policy, &prompts, cfg.seed, &cfg.sample)?;
-            out[i] = crate::eval::mean_score(&reward, &imgs, &prompts)?;
+            let imgs = crate::generate::generate_images(&policy, &prompts, cfg.seed, &cfg.sample)?;
+            out[i] = crate::generate::mean_score(&reward, &imgs, &prompts)?;
         }
         crate::io::atomic_write(
             &run_dir.join("base_scores.json"),
@@ -356,12 +350,12 @@ fn pretrain_video(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
         }
         Ok((clips_to_latents(&clips, &device)?, policy.encode(&specs.iter().map(Prompt::video).collect::<Vec<_>>())?))
     })?;
-    let weights = run_dir.join(run::FINAL_WEIGHTS);
+    let weights = run_dir.join(run_dir::FINAL_WEIGHTS);
     policy.save(&weights)?;
     let grid_prompts: Vec<_> = pool.iter().take(p.grid_prompts).cloned().collect();
     if !grid_prompts.is_empty() {
-        let clips = crate::eval::generate_clips(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
-        let strips: Vec<_> = clips.iter().map(|c| crate::train::task::frame_strip(c).upscale(2)).collect();
+        let clips = crate::generate::generate_clips(&policy, &grid_prompts, cfg.seed, &cfg.sample)?;
+        let strips: Vec<_> = clips.iter().map(|c| crate::image::frame_strip(c).upscale(2)).collect();
         grid(&strips, 1).save_png(&run_dir.join("samples").join("grid.png"))?;
         let listing: Vec<_> = grid_prompts.iter().map(|s| s.text()).collect();
         crate::io::atomic_write(&run_dir.join("samples").join("grid_prompts.json"), serde_json::to_string_pretty(&listing)?.as_bytes())?;
@@ -372,7 +366,7 @@ fn pretrain_video(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
         let mut both = [0.0; 2];
         for (i, split) in [Split::Eval, Split::Ood].into_iter().enumerate() {
             let specs = video_prompts(split, p.eval_prompts, cfg.seed ^ 0xe7a1);
-            let clips = crate::eval::generate_clips(&policy, &specs, cfg.seed, &cfg.sample)?;
+            let clips = crate::generate::generate_clips(&policy, &specs, cfg.seed, &cfg.sample)?;
             for r in &rewards {
                 let s = r.score(&crate::image::Samples::Clips(clips.clone()), &specs.iter().map(Prompt::video).collect::<Vec<_>>())?;
                 let m = s.iter().map(|&v| v as f64).sum::<f64>() / s.len() as f64;
@@ -391,13 +385,54 @@ fn pretrain_video(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
     Ok(lo.outcome(run_dir, weights, p, scores, "mean of video_quality and motion_quality"))
 }
 
+/// Resolve the base for `train.base = ""`: the shipped base when it fits (unless `fresh`),
+/// else the cached base for this config (pretrained on first use, or again when `fresh`).
+pub fn default_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
+    if !fresh {
+        if let Some(p) = crate::base::shipped_in(&crate::base::shipped_dir(), cfg)? {
+            eprintln!("using the shipped base model {}", p.display());
+            return Ok(p);
+        }
+    }
+    cached_base(cfg, fresh)
+}
+
+/// The base model for `cfg` (keyed by a hash of the model + pretrain config and seed):
+/// pretrained once, then reused unless `fresh`.
+fn cached_base(cfg: &Config, fresh: bool) -> Result<PathBuf> {
+    let weights = crate::base::cached_base_path(cfg);
+    let dir = weights.parent().expect("cache path has a parent").to_path_buf();
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("base").to_string();
+    if weights.is_file() && !fresh {
+        eprintln!("using cached base model {}", weights.display());
+        return Ok(weights);
+    }
+    eprintln!("pretraining the base model into {} (cached for later runs)", dir.display());
+    // Pretrain into a temp dir, then rename, so an interrupted pretraining never leaves a
+    // half-trained model where the cache expects a finished one.
+    let tmp = crate::runtime::cache_dir().join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
+    }
+    crate::run_dir::create_run_dir(&tmp, cfg, false)?;
+    let out = pretrain(cfg, &tmp)?;
+    if let Some((e, o)) = out.scores {
+        eprintln!("base score ({}): eval {e:.3}, ood {o:.3}", out.score_name);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir).with_context(|| format!("{}: cannot move into place", dir.display()))?;
+    Ok(weights)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     pub(crate) fn tiny_cfg(dir: &Path) -> Config {
         let mut cfg = Config::default();
-        cfg.model = crate::policy::dit::tests::tiny();
+        cfg.model = crate::policy::shapeworld::dit::tests::tiny();
         cfg.out_dir = dir.to_path_buf();
         cfg.progress = false;
         cfg.pretrain.steps = 30;
@@ -415,14 +450,14 @@ mod tests {
     fn short_pretraining_lowers_the_loss_and_is_deterministic() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_cfg(dir.path());
-        let a = run::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
+        let a = run_dir::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
         let out = pretrain(&cfg, &a).unwrap();
         // Compare early vs late average loss from the metrics log (single steps are noisy).
-        let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.join(run::METRICS_FILE)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.join(run_dir::METRICS_FILE)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert!(lines.len() >= 3);
         assert!(out.final_loss < out.first_loss * 0.8, "loss {} → {}", out.first_loss, out.final_loss);
         assert!(a.join("samples/grid.png").is_file() && a.join("checkpoints/step_15.safetensors").is_file() && a.join("base_scores.json").is_file());
-        let b = run::create_run_dir(&dir.path().join("b"), &cfg, false).unwrap();
+        let b = run_dir::create_run_dir(&dir.path().join("b"), &cfg, false).unwrap();
         let out_b = pretrain(&cfg, &b).unwrap();
         assert_eq!(out.final_loss, out_b.final_loss);
         assert_eq!(std::fs::read(&out.weights).unwrap(), std::fs::read(&out_b.weights).unwrap());
@@ -438,11 +473,11 @@ mod tests {
         let mut init = |pos_init| {
             cfg.pretrain.pos_init = pos_init;
             let p = fresh_image_policy(&cfg, &candle_core::Device::Cpu).unwrap();
-            crate::policy::sorted_vars(&p.base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect::<std::collections::HashMap<_, _>>()
+            crate::weights::tensors::sorted_vars(&p.base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect::<std::collections::HashMap<_, _>>()
         };
         let (s, r) = (init(crate::config::PosInit::Sincos), init(crate::config::PosInit::Randn));
         let grid = cfg.model.grid();
-        let want = crate::policy::dit::sincos_2d(grid, cfg.model.dim);
+        let want = crate::policy::shapeworld::dit::sincos_2d(grid, cfg.model.dim);
         assert_eq!(s["pos_embed"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
         let rv = r["pos_embed"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(rv.iter().all(|v| v.abs() < 0.2) && rv.iter().any(|v| *v != 0.0), "randn table");
@@ -459,34 +494,34 @@ mod tests {
     fn resumed_pretraining_is_bit_identical() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_cfg(dir.path());
-        let a = run::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
+        let a = run_dir::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
         let out = pretrain(&cfg, &a).unwrap();
         // "Kill" a copy after its step-15 checkpoint: drop everything written later, and
         // leave a stray log line from past the checkpoint, as a killed session would.
         let b = dir.path().join("b");
         std::fs::create_dir_all(b.join("checkpoints")).unwrap();
-        std::fs::copy(a.join(run::CONFIG_FILE), b.join(run::CONFIG_FILE)).unwrap();
+        std::fs::copy(a.join(run_dir::CONFIG_FILE), b.join(run_dir::CONFIG_FILE)).unwrap();
         let resume = a.join("checkpoints/resume");
         std::fs::create_dir_all(b.join("checkpoints/resume")).unwrap();
         for f in ["state.json", "state.safetensors"] {
             std::fs::copy(resume.join(f), b.join("checkpoints/resume").join(f)).unwrap();
         }
-        let log = std::fs::read_to_string(a.join(run::METRICS_FILE)).unwrap();
+        let log = std::fs::read_to_string(a.join(run_dir::METRICS_FILE)).unwrap();
         let early: Vec<&str> = log.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap() < 20).collect();
-        std::fs::write(b.join(run::METRICS_FILE), early.join("\n") + "\n").unwrap();
+        std::fs::write(b.join(run_dir::METRICS_FILE), early.join("\n") + "\n").unwrap();
         let out_b = pretrain_from(&cfg, &b, true).unwrap();
         assert_eq!(std::fs::read(&out.weights).unwrap(), std::fs::read(&out_b.weights).unwrap(), "resumed weights differ");
         assert_eq!(out.final_loss, out_b.final_loss);
         assert_eq!(out.first_loss, out_b.first_loss);
         let steps = |d: &Path| -> Vec<(u64, String)> {
-            std::fs::read_to_string(d.join(run::METRICS_FILE)).unwrap().lines().map(|l| {
+            std::fs::read_to_string(d.join(run_dir::METRICS_FILE)).unwrap().lines().map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 (v["step"].as_u64().unwrap(), v["loss"].to_string())
             }).collect()
         };
         assert_eq!(steps(&a), steps(&b), "the log must hold each step once, with the same losses");
         // No checkpoint to resume from is a clear error.
-        let c = run::create_run_dir(&dir.path().join("c"), &cfg, false).unwrap();
+        let c = run_dir::create_run_dir(&dir.path().join("c"), &cfg, false).unwrap();
         let e = pretrain_from(&cfg, &c, true).err().unwrap().to_string();
         assert!(e.contains("no complete pretraining checkpoint"), "{e}");
     }
@@ -495,10 +530,10 @@ mod tests {
     /// frame-strip grid and VQ/MQ scores on eval/ood video prompts.
     #[test]
     fn short_video_pretraining_lowers_the_loss_and_scores_the_base() {
-        use crate::policy::video_dit::{VideoAttention, VideoDitConfig};
+        use crate::policy::shapeworld::video_dit::{VideoAttention, VideoDitConfig};
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny_cfg(dir.path());
-        cfg.modality = Modality::Video;
+        cfg.modality = crate::config::Modality::Video;
         cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true, ..Default::default() };
         cfg.pretrain.steps = 20;
         cfg.pretrain.batch_size = 4;
@@ -506,7 +541,7 @@ mod tests {
         cfg.pretrain.grid_prompts = 2;
         cfg.pretrain.eval_prompts = 2;
         cfg.sample.steps = 3;
-        let a = run::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
+        let a = run_dir::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
         let out = pretrain(&cfg, &a).unwrap();
         assert!(out.final_loss < out.first_loss * 0.8, "loss {} → {}", out.first_loss, out.final_loss);
         let (e, o) = out.scores.unwrap();
@@ -520,7 +555,7 @@ mod tests {
         let grid = image::open(a.join("samples/grid.png")).unwrap();
         assert_eq!((grid.width(), grid.height()), (2 + 4 * 16 * 2, 3 + 2 * 16 * 2), "one row per prompt, its 4 frames side by side at 2x");
         assert!(a.join("checkpoints/step_10.safetensors").is_file());
-        let b = run::create_run_dir(&dir.path().join("b"), &cfg, false).unwrap();
+        let b = run_dir::create_run_dir(&dir.path().join("b"), &cfg, false).unwrap();
         assert_eq!(std::fs::read(&out.weights).unwrap(), std::fs::read(pretrain(&cfg, &b).unwrap().weights).unwrap());
         // The weights load back into a video policy.
         let p = VideoPolicy::load(&cfg.video_model, &out.weights, None, &candle_core::Device::Cpu, 0).unwrap();
@@ -532,9 +567,9 @@ mod tests {
     #[test]
     fn prompt_dropout_blanks_whole_rows() {
         let texts: Vec<String> = crate::world::prompts(crate::world::Split::Train, 400, 2).iter().map(|p| p.text()).collect();
-        let ids = crate::policy::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
+        let ids = crate::policy::shapeworld::dit::tokens_for(&texts, &candle_core::Device::Cpu).unwrap();
         let cond = Condition::tokens(ids.clone());
-        let model = ImagePolicy::new(&crate::policy::dit::tests::tiny(), &candle_core::Device::Cpu, 0).unwrap();
+        let model = ImagePolicy::new(&crate::policy::shapeworld::dit::tests::tiny(), &candle_core::Device::Cpu, 0).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let before = rng.clone();
         assert_eq!(drop_prompts(&model, cond.clone(), 0.0, &mut rng).unwrap().seq.to_vec2::<u32>().unwrap(), ids.to_vec2::<u32>().unwrap());
@@ -557,9 +592,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_cfg(dir.path());
         let d = dir.path().join("r");
-        run::create_run_dir(&d, &cfg, false).unwrap();
+        run_dir::create_run_dir(&d, &cfg, false).unwrap();
         std::fs::write(d.join("keep.txt"), b"x").unwrap();
-        let e = run::create_run_dir(&d, &cfg, false).unwrap_err().to_string();
+        let e = run_dir::create_run_dir(&d, &cfg, false).unwrap_err().to_string();
         assert!(e.contains("already exists"), "{e}");
         assert!(d.join("keep.txt").is_file());
     }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::config::{Algo, Config, TemporalNorm};
-use crate::image::{grid, grid_scale, overlay, signed_overlay, Image, Samples};
+use crate::image::{grid, grid_scale, overlay, signed_overlay, Image, SampleKind, Samples};
 use crate::policy::Policy;
 use crate::prompt::Prompt;
 use crate::reward::set::RewardSet;
@@ -56,7 +56,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
         Algo::Vipo => Some(crate::train::maps::build(cfg)?),
     };
     cfg.vipo.validate()?;
-    let rewards = crate::reward::build_set(&t.rewards, cfg.modality)?;
+    let rewards = crate::reward::build_set(&t.rewards, cfg.sample_kind(), &cfg.modality.to_string())?;
     let pool = train_pool(cfg)?;
     let what = if t.prompt_file.is_empty() { "the ShapeWorld prompts".to_string() } else { format!("train.prompt_file {}", t.prompt_file) };
     rewards.check_prompts(&pool).with_context(|| what)?;
@@ -64,9 +64,9 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
     for (split, prompts) in &held_out {
         rewards.check_prompts(prompts).with_context(|| format!("held-out split {split:?}"))?;
     }
-    Ok(match cfg.modality {
-        crate::config::Modality::Image | crate::config::Modality::Sd3 | crate::config::Modality::Flux => Box::new(ImageTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
-        crate::config::Modality::Video => Box::new(VideoTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
+    Ok(match cfg.sample_kind() {
+        SampleKind::Images => Box::new(ImageTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
+        SampleKind::Clips => Box::new(VideoTask { pool, held_out, rewards, maps, cfg: cfg.clone() }),
     })
 }
 
@@ -74,7 +74,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Task>> {
 fn held_out(cfg: &Config) -> Result<Vec<(&'static str, Vec<Prompt>)>> {
     match cfg.train.eval_prompts {
         0 => Ok(Vec::new()),
-        n => crate::eval::held_out_splits(cfg, n),
+        n => crate::generate::held_out_splits(cfg, n),
     }
 }
 
@@ -86,7 +86,7 @@ fn train_pool(cfg: &Config) -> Result<Vec<Prompt>> {
         return crate::prompt::read_prompt_file(Path::new(&t.prompt_file)).context("train.prompt_file");
     }
     let (n, seed) = (t.prompt_pool.max(t.prompts_per_step), cfg.seed ^ 0x7a41);
-    Ok(crate::prompt::grammar_prompts(cfg.modality, Split::Train, n, seed))
+    Ok(crate::prompt::grammar_prompts(cfg.sample_kind(), Split::Train, n, seed))
 }
 
 /// Prompts of the progress grids: fixed grammar train prompts, or a fixed choice from
@@ -96,7 +96,7 @@ fn grid_prompts(cfg: &Config, pool: &[Prompt]) -> Vec<Prompt> {
     if !cfg.train.prompt_file.is_empty() {
         return crate::prompt::fixed_subset(pool, n, GRID_SEED);
     }
-    crate::prompt::grammar_prompts(cfg.modality, Split::Train, n, GRID_SEED)
+    crate::prompt::grammar_prompts(cfg.sample_kind(), Split::Train, n, GRID_SEED)
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -147,7 +147,7 @@ impl Task for ImageTask {
         if prompts.is_empty() {
             return Ok(());
         }
-        let s = crate::eval::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
+        let s = crate::policy::ode::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
         let big: Vec<Image> = s.images("progress grid")?.iter().map(|im| im.upscale(grid_scale(im.w))).collect();
         grid(&big, 8).save_png(path)?;
         crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text.clone())))
@@ -174,7 +174,7 @@ impl Task for ImageTask {
         let mut out = HashMap::new();
         let mut name = String::new();
         for (split, prompts) in &self.held_out {
-            let samples = crate::eval::generate(policy, prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
+            let samples = crate::policy::ode::generate(policy, prompts, crate::policy::ode::EVAL_SEED, &self.cfg.sample)?;
             let scores = if prompts.iter().all(|p| p.image_spec().is_some()) {
                 name = "compositional".into();
                 crate::reward::Reward::score(&comp, &samples, prompts)?
@@ -224,22 +224,6 @@ pub fn temporal_maps(src: &dyn MapSource, clips: &[Vec<Image>], stride: usize, s
     Ok(MapBatch { maps, h, w, t: Some(t), fallbacks: fm.fallbacks, object_mass: fm.object_mass, object_area_frac: fm.object_area_frac })
 }
 
-/// A clip as one image: its frames side by side.
-pub fn frame_strip(frames: &[Image]) -> Image {
-    let (h, w) = (frames[0].h, frames[0].w);
-    let mut out = Image::new(h, w * frames.len());
-    for (t, f) in frames.iter().enumerate() {
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    out.set(c, y, t * w + x, f.get(c, y, x));
-                }
-            }
-        }
-    }
-    out
-}
-
 impl Task for VideoTask {
     fn pool(&self) -> &[Prompt] {
         &self.pool
@@ -263,8 +247,8 @@ impl Task for VideoTask {
         if prompts.is_empty() {
             return Ok(());
         }
-        let s = crate::eval::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
-        let strips: Vec<Image> = s.clips("progress grid")?.iter().map(|c| frame_strip(c).upscale(2)).collect();
+        let s = crate::policy::ode::generate(policy, &prompts, GRID_SEED, &self.cfg.sample)?;
+        let strips: Vec<Image> = s.clips("progress grid")?.iter().map(|c| crate::image::frame_strip(c).upscale(2)).collect();
         grid(&strips, 1).save_png(path)?;
         crate::image::write_legend(path, &legend(prompts.iter().map(|p| p.text.clone())))
     }
@@ -284,9 +268,9 @@ impl Task for VideoTask {
                     signed_overlay(im, &pa, adv_scale)
                 })
                 .collect();
-            rows.push(frame_strip(&cl[i]).upscale(2));
-            rows.push(frame_strip(&ov).upscale(2));
-            rows.push(frame_strip(&sg).upscale(2));
+            rows.push(crate::image::frame_strip(&cl[i]).upscale(2));
+            rows.push(crate::image::frame_strip(&ov).upscale(2));
+            rows.push(crate::image::frame_strip(&sg).upscale(2));
         }
         grid(&rows, 1).save_png(path)
     }
@@ -296,7 +280,7 @@ impl Task for VideoTask {
     fn evaluate(&self, policy: &dyn Policy) -> Result<(String, HashMap<String, f64>)> {
         let mut out = HashMap::new();
         for (split, prompts) in &self.held_out {
-            let cl = crate::eval::generate(policy, prompts, crate::eval::run::EVAL_SEED, &self.cfg.sample)?;
+            let cl = crate::policy::ode::generate(policy, prompts, crate::policy::ode::EVAL_SEED, &self.cfg.sample)?;
             let scores = self.rewards.score(&cl, prompts)?;
             for (info, s) in self.rewards.infos().iter().zip(&scores) {
                 out.insert(format!("{split}.{}", info.name), mean(s));

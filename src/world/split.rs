@@ -154,6 +154,21 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// Every drawn scene is valid and its text parses back to it (the grammar's round trip).
+    #[test]
+    fn parse_text_roundtrip() {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        for _ in 0..2000 {
+            let spec = sample_spec(&mut rng);
+            spec.validate().unwrap();
+            let text = spec.text();
+            assert_eq!(PromptSpec::parse(&text).unwrap(), spec, "{text}");
+            let toks = crate::world::grammar::tokenize(&text, crate::world::grammar::MAX_TOKENS).unwrap();
+            assert_eq!(toks.len(), crate::world::grammar::MAX_TOKENS);
+            assert!(toks[0] != 0);
+        }
+    }
+
     #[test]
     fn split_from_str_and_display() {
         for s in [Split::Train, Split::Eval, Split::Ood] {

@@ -9,8 +9,8 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::policy::layers::{layer_norm_plain, Linear, LoraCtx};
-use crate::policy::ops;
+use crate::policy::nn::layers::{layer_norm_plain, Linear, LoraCtx};
+use crate::policy::nn::ops;
 
 /// Shape of one block.
 #[derive(Clone, Debug)]
@@ -304,7 +304,7 @@ mod tests {
     /// adapter gradients (B starts at zero, so perturb it to make the test meaningful).
     #[test]
     fn fused_matches_reference_with_lora() {
-        use crate::policy::layers::{LoraCtx, LoraSpec};
+        use crate::policy::nn::layers::{LoraCtx, LoraSpec};
         let dev = Device::Cpu;
         let base = VarMap::new();
         let lora_vm = VarMap::new();

@@ -1,5 +1,5 @@
 //! FLUX.1 checkpoints in their two layouts: Black Forest Labs' single file
-//! (`flux1-dev.safetensors`, the names [`super::flux`] uses, optionally prefixed
+//! (`flux1-dev.safetensors`, the names [`crate::policy::flux::model`] uses, optionally prefixed
 //! `model.diffusion_model.`) and the diffusers `transformer/` folder
 //! (`FluxTransformer2DModel`: q, k and v as separate modules, the single blocks' fused
 //! linear1 as to_q / to_k / to_v / proj_mlp, `norm_out.linear` with its halves swapped).
@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::flux::{diffusers_modules, diffusers_norm, FluxConfig};
+use crate::policy::flux::model::{diffusers_modules, diffusers_norm, FluxConfig};
 
 /// Blocks named `prefix{i}.` in a tensor set.
 fn count(t: &HashMap<String, Tensor>, prefix: &str) -> usize {
@@ -111,7 +111,7 @@ pub fn to_diffusers(t: &HashMap<String, Tensor>, cfg: &FluxConfig) -> Result<Has
     let mut out = HashMap::new();
     for (layer, _, dout) in cfg.linear_layers() {
         let (modules, swapped) = diffusers_modules(&layer, cfg).with_context(|| format!("{layer}: no diffusers name"))?;
-        let ranges = super::adapted::row_ranges(modules, dout);
+        let ranges = crate::policy::nn::adapted::row_ranges(modules, dout);
         for suffix in ["weight", "bias"] {
             let full = t.get(&format!("{layer}.{suffix}")).with_context(|| format!("{layer}.{suffix} missing"))?;
             let full = if swapped { swap_halves(full)? } else { full.clone() };
@@ -134,11 +134,11 @@ pub fn to_diffusers(t: &HashMap<String, Tensor>, cfg: &FluxConfig) -> Result<Has
 pub fn load_transformer(root: &Path, variant: Option<(&str, &FluxConfig)>, device: &Device) -> Result<(FluxConfig, HashMap<String, Tensor>)> {
     let dir = if root.join("transformer").is_dir() { root.join("transformer") } else { root.to_path_buf() };
     let (tensors, axes, source) = if dir.is_dir() {
-        let (d, source) = crate::hf::read_folder(&dir, device)?;
+        let (d, source) = crate::weights::hf::read_folder(&dir, device)?;
         let axes = std::fs::read_to_string(dir.join("config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| v["axes_dims_rope"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect::<Vec<_>>()));
         (to_bfl(&d, &source)?, axes, source)
     } else {
-        let t = crate::train::checkpoint::read_tensors(&dir, device)?;
+        let t = crate::weights::tensors::read_tensors(&dir, device)?;
         let t: HashMap<String, Tensor> = t.into_iter().map(|(k, v)| (k.strip_prefix("model.diffusion_model.").map(str::to_string).unwrap_or(k), v)).collect();
         (t, None, dir.display().to_string())
     };
@@ -153,7 +153,7 @@ pub fn load_transformer(root: &Path, variant: Option<(&str, &FluxConfig)>, devic
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::flux::tests::{random_weights, tiny};
+    use crate::policy::flux::model::tests::{random_weights, tiny};
 
     /// single file → diffusers → single file is the identity; both load to the same
     /// tensors and shape (the diffusers folder's config.json carries the RoPE axes), and
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn both_layouts_load_the_same_transformer() {
         let cfg = tiny();
-        let bfl: HashMap<String, Tensor> = crate::policy::sorted_vars(&random_weights(&cfg, 2)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let bfl: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&random_weights(&cfg, 2)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         let d = to_diffusers(&bfl, &cfg).unwrap();
         assert!(d.contains_key("single_transformer_blocks.1.proj_mlp.weight") && d.contains_key("transformer_blocks.0.attn.norm_added_k.weight"));
         assert_eq!(d["single_transformer_blocks.0.proj_mlp.weight"].dims(), &[cfg.mlp(), cfg.hidden]);
@@ -173,12 +173,12 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("m/transformer")).unwrap();
-        crate::train::checkpoint::save_tensors(&d, &dir.path().join("m/transformer/diffusion_pytorch_model.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&d, &dir.path().join("m/transformer/diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(dir.path().join("m/transformer/config.json"), r#"{"_class_name": "FluxTransformer2DModel", "axes_dims_rope": [4, 6, 6]}"#).unwrap();
         let (c, t) = load_transformer(&dir.path().join("m"), None, &Device::Cpu).unwrap();
         assert_eq!((c, t.len()), (cfg.clone(), bfl.len()));
         let prefixed: HashMap<String, Tensor> = bfl.iter().map(|(k, v)| (format!("model.diffusion_model.{k}"), v.clone())).collect();
-        crate::train::checkpoint::save_tensors(&prefixed, &dir.path().join("flux1-tiny.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&prefixed, &dir.path().join("flux1-tiny.safetensors")).unwrap();
         let (c, _) = load_transformer(&dir.path().join("flux1-tiny.safetensors"), Some(("tiny", &cfg)), &Device::Cpu).unwrap();
         assert_eq!(c, cfg);
         let e = format!("{:#}", load_transformer(&dir.path().join("m"), Some(("flux.1-dev", &FluxConfig::dev())), &Device::Cpu).err().unwrap());

@@ -2,7 +2,7 @@
 //!
 //! Latent space (fixed and documented): the image itself, scaled to [-1, 1], shape
 //! (3, H, W). The model predicts the velocity v = ε − x₀ of z_σ = (1−σ)·x₀ + σ·ε, so
-//! x̂₀ = z − σ·v, matching DESIGN.md §1.1. A prompt is tokenized with the ShapeWorld
+//! x̂₀ = z − σ·v, matching docs/DESIGN.md §1.1. A prompt is tokenized with the ShapeWorld
 //! grammar, encoded by a tiny transformer of its own, and conditions the image in two
 //! ways: its tokens join the image tokens in every block's self-attention (in-context
 //! conditioning, which carries "which object where"), and its mean-pooled embedding is
@@ -12,9 +12,9 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::block::{BlockConfig, DitBlock};
-use super::conv::{self, ConvHead, ConvStem};
-use super::layers::{layer_norm_plain, timestep_embedding, LayerNorm, Linear, LoraCtx};
+use crate::policy::nn::block::{BlockConfig, DitBlock};
+use crate::policy::nn::conv::{self, ConvHead, ConvStem};
+use crate::policy::nn::layers::{layer_norm_plain, timestep_embedding, LayerNorm, Linear, LoraCtx};
 use crate::image::Image;
 
 /// Architecture of the embedded policy. Changing any field changes the checkpoint layout.
@@ -354,6 +354,40 @@ pub fn latents_to_images(z: &Tensor) -> Result<Vec<Image>> {
         .collect())
 }
 
+/// The ShapeWorld image family (`modality = "image"`, `[model]`).
+impl crate::policy::Generator for DitConfig {
+    fn section(&self) -> &'static str {
+        "model"
+    }
+    fn sample_kind(&self) -> crate::image::SampleKind {
+        crate::image::SampleKind::Images
+    }
+    fn image_size(&self) -> usize {
+        self.image_size
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        DitConfig::validate(self)
+    }
+    fn load(&self, weights: &std::path::Path, lora: Option<&crate::policy::nn::layers::LoraSpec>, device: &Device, seed: u64) -> anyhow::Result<Box<dyn crate::policy::Policy>> {
+        Ok(Box::new(crate::policy::ImagePolicy::load(self, weights, lora, device, seed)?))
+    }
+    fn cache_prefix(&self) -> &'static str {
+        "base"
+    }
+    fn section_json(&self) -> String {
+        serde_json::to_string(self).expect("config serializes")
+    }
+    fn ships_base(&self) -> bool {
+        true
+    }
+    fn prediction(&self) -> Option<Prediction> {
+        Some(self.prediction)
+    }
+    fn save_random(&self, device: &Device, seed: u64, path: &std::path::Path) -> anyhow::Result<()> {
+        crate::policy::ImagePolicy::new(self, device, seed)?.save(path)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -518,14 +552,14 @@ pub(crate) mod tests {
         let path = dir.path().join("m.safetensors");
         let base = ImagePolicy::new(&tiny(), &Device::Cpu, 0).unwrap();
         base.save(&path).unwrap();
-        let spec = crate::policy::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into()] };
+        let spec = crate::policy::nn::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into()] };
         let l = ImagePolicy::load(&tiny(), &path, Some(&spec), &Device::Cpu, 0).unwrap();
         let (z, s, c) = batch(&base, 2);
         let d = (base.velocity(&z, &s, &c).unwrap() - l.velocity(&z, &s, &c).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(d, 0.0, "LoRA B = 0 at init, so the adapted model equals the base");
         let names: Vec<String> = l.trainable().into_iter().map(|(n, _)| n).collect();
         assert!(!names.is_empty() && names.iter().all(|n| n.contains("attn.qkv") && n.contains("lora_")), "{names:?}");
-        let bad = crate::policy::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["nope".into()] };
+        let bad = crate::policy::nn::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["nope".into()] };
         let e = ImagePolicy::load(&tiny(), &path, Some(&bad), &Device::Cpu, 0).err().unwrap().to_string();
         assert!(e.contains("matches no linear layer"), "{e}");
     }
@@ -540,7 +574,7 @@ pub(crate) mod tests {
         let path = dir.path().join("m.safetensors");
         let base = ImagePolicy::new(&tiny_conv(), &Device::Cpu, 0).unwrap();
         base.save(&path).unwrap();
-        let spec = crate::policy::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into(), "mlp".into()] };
+        let spec = crate::policy::nn::layers::LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.qkv".into(), "mlp".into()] };
         let l = ImagePolicy::load(&tiny_conv(), &path, Some(&spec), &Device::Cpu, 0).unwrap();
         let (z, s, c) = batch(&l, 2);
         let same = |l: &ImagePolicy| {

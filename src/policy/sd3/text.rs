@@ -11,8 +11,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use std::sync::Mutex;
 
-use super::Condition;
-use crate::reward::clip::ClipText;
+use crate::policy::Condition;
+use crate::encoders::clip::ClipText;
 
 pub struct Sd3Text {
     pub clip_l: ClipText,
@@ -43,17 +43,6 @@ impl Sd3Text {
     }
 }
 
-/// A T5 encoder folder (transformers' `T5EncoderModel`: config.json + safetensors), its
-/// weights in `dtype`, run by candle-transformers as is.
-pub fn load_t5(dir: &std::path::Path, dtype: DType, device: &candle_core::Device) -> anyhow::Result<candle_transformers::models::t5::T5EncoderModel> {
-    use anyhow::Context;
-    let cpath = dir.join("config.json");
-    let t5cfg: candle_transformers::models::t5::Config = serde_json::from_value(crate::hf::read_json(&cpath)?).with_context(|| format!("{}: not a T5 config", cpath.display()))?;
-    let (tensors, source) = crate::hf::read_folder(dir, device)?;
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-    candle_transformers::models::t5::T5EncoderModel::load(vb, &t5cfg).with_context(|| format!("{source}: does not match {}", cpath.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,9 +55,9 @@ mod tests {
     fn condition_layout_as_diffusers_builds_it() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
         let d = tempfile::tempdir().unwrap();
-        let all = crate::train::checkpoint::read_tensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let all = crate::weights::tensors::read_tensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let text: std::collections::HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.") || k == "text_projection.weight").collect();
-        crate::train::checkpoint::save_tensors(&text, &d.path().join("model.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&text, &d.path().join("model.safetensors")).unwrap();
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         std::fs::write(d.path().join("config.json"), cfg["text_config"].to_string()).unwrap();
         let load = || ClipText::load(d.path(), &Device::Cpu).unwrap();

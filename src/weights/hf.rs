@@ -24,6 +24,12 @@ pub fn hub_cache() -> Option<PathBuf> {
 /// A local path as given, or a repository id ("org/name", optionally "@revision") found
 /// in the hub cache.
 pub fn resolve(spec: &str) -> Result<PathBuf> {
+    resolve_in(spec, hub_cache().as_deref())
+}
+
+/// [`resolve`] with the hub cache folder given (tests pass theirs: no process-wide
+/// environment to race on).
+pub fn resolve_in(spec: &str, hub: Option<&Path>) -> Result<PathBuf> {
     let p = PathBuf::from(spec);
     if p.exists() {
         return Ok(p);
@@ -33,7 +39,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if !looks_like_repo {
         bail!("{spec}: no such file or folder");
     }
-    let cache = hub_cache().with_context(|| format!("{spec}: not a local path, and no Hugging Face cache folder is set (HF_HOME / HF_HUB_CACHE)"))?;
+    let cache = hub.map(Path::to_path_buf).with_context(|| format!("{spec}: not a local path, and no Hugging Face cache folder is set (HF_HOME / HF_HUB_CACHE)"))?;
     let root = cache.join(format!("models--{}", repo.replace('/', "--")));
     anyhow::ensure!(root.is_dir(), "{spec}: not a local path, and not in the Hugging Face cache {} (nothing is downloaded: fetch it where there is network, e.g. `huggingface-cli download {repo}`)", cache.display());
     let rev = match rev {
@@ -117,7 +123,7 @@ pub fn read_folder(dir: &Path, device: &Device) -> Result<(HashMap<String, Tenso
 pub fn read_component(files: &[PathBuf], device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for f in files {
-        for (k, t) in crate::train::checkpoint::read_tensors(f, device)? {
+        for (k, t) in crate::weights::tensors::read_tensors(f, device)? {
             anyhow::ensure!(!out.contains_key(&k), "{}: tensor {k} also appears in another shard", f.display());
             out.insert(k, t);
         }
@@ -132,7 +138,7 @@ mod tests {
     fn save(path: &Path, names: &[&str]) {
         let t: HashMap<String, Tensor> = names.iter().map(|n| (n.to_string(), Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap())).collect();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        crate::train::checkpoint::save_tensors(&t, path).unwrap();
+        crate::weights::tensors::save_tensors(&t, path).unwrap();
     }
 
     #[test]
@@ -170,12 +176,10 @@ mod tests {
         std::fs::create_dir_all(root.join("snapshots/old999")).unwrap();
         std::fs::create_dir_all(root.join("refs")).unwrap();
         std::fs::write(root.join("refs/main"), "abc123\n").unwrap();
-        // SAFETY of the test: env vars are read by this thread only for these calls.
-        std::env::set_var("HF_HUB_CACHE", d.path().join("hub"));
-        let r = resolve("stabilityai/stable-diffusion-3.5-medium");
-        let r2 = resolve("stabilityai/stable-diffusion-3.5-medium@old999");
-        let missing = resolve("stabilityai/nothing-here");
-        std::env::remove_var("HF_HUB_CACHE");
+        let hub = Some(d.path().join("hub"));
+        let r = resolve_in("stabilityai/stable-diffusion-3.5-medium", hub.as_deref());
+        let r2 = resolve_in("stabilityai/stable-diffusion-3.5-medium@old999", hub.as_deref());
+        let missing = resolve_in("stabilityai/nothing-here", hub.as_deref());
         assert_eq!(r.unwrap(), root.join("snapshots/abc123"));
         assert_eq!(r2.unwrap(), root.join("snapshots/old999"));
         let e = missing.unwrap_err().to_string();

@@ -24,10 +24,10 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use std::sync::Arc;
 
-use super::adapted::{Lora, Proj};
-use super::checkpoint::{checkpointed, PackedBlock, SideGrads};
-use super::layers::{in_f32, ln, timestep_embedding, LoraCtx};
-use super::sd3_layout::diffusers_modules;
+use crate::policy::nn::adapted::{Lora, Proj};
+use crate::policy::nn::checkpoint::{checkpointed, PackedBlock, SideGrads};
+use crate::policy::nn::layers::{in_f32, ln, timestep_embedding, LoraCtx};
+use crate::policy::sd3::names::diffusers_modules;
 
 /// Shape of an MMDiT. Real checkpoints: [`MmditConfig::sd35_medium`],
 /// [`MmditConfig::sd35_large`], [`MmditConfig::sd3_medium`].
@@ -343,7 +343,7 @@ impl JointBlock {
     }
 }
 
-/// A joint block over [context; image; c] for [`super::checkpoint`].
+/// A joint block over [context; image; c] for [`crate::policy::nn::checkpoint`].
 struct JointPacked {
     block: Arc<JointBlock>,
     l: usize,
@@ -378,7 +378,7 @@ impl Mmdit {
     /// attn.to_add_out). A pattern set that matches nothing is an error.
     pub fn new(vb: &VarBuilder, cfg: &MmditConfig, lora: Option<&LoraCtx>) -> Result<Self> {
         let depth = cfg.depth;
-        let names = move |path: &str| super::sd3_layout::diffusers_parts(path, depth);
+        let names = move |path: &str| crate::policy::sd3::names::diffusers_parts(path, depth);
         let lora = lora.map(|ctx| Lora { ctx, names: &names, model: "SD3 transformer" });
         let m = Self::build(vb, cfg, lora.as_ref())?;
         if let Some(l) = &lora {
@@ -455,7 +455,7 @@ impl Mmdit {
 
     /// `loss.backward()`, plus the weight gradients of checkpointed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        super::checkpoint::backward_opt(loss, self.checkpoint.as_ref())
+        crate::policy::nn::checkpoint::backward_opt(loss, self.checkpoint.as_ref())
     }
 
     /// The centre crop of the position table for an (h, w) patch grid, (1, h·w, D).
@@ -517,7 +517,7 @@ impl Mmdit {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::layers::LoraSpec;
+    use crate::policy::nn::layers::LoraSpec;
     use candle_core::{Device, Var};
     use candle_nn::VarMap;
 
@@ -565,7 +565,7 @@ pub(crate) mod tests {
         let cfg = tiny();
         let map = random_weights(&cfg, 1);
         let last = cfg.depth - 1;
-        let mut tensors: std::collections::HashMap<String, Tensor> = crate::policy::sorted_vars(&map).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let mut tensors: std::collections::HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&map).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         for k in ["ln_q", "ln_k"] {
             tensors.remove(&format!("joint_blocks.{last}.context_block.attn.{k}.weight"));
         }
@@ -635,7 +635,7 @@ pub(crate) mod tests {
         // The pre-only context stream's queries feed nothing (as in the reference), so its
         // ln_q is the one weight without a gradient.
         let dead = format!("joint_blocks.{}.context_block.attn.ln_q.weight", cfg.depth - 1);
-        let vars: Vec<_> = crate::policy::sorted_vars(&map).into_iter().filter(|(k, _)| *k != dead).collect();
+        let vars: Vec<_> = crate::weights::tensors::sorted_vars(&map).into_iter().filter(|(k, _)| *k != dead).collect();
         crate::policy::assert_every_var_has_gradient(&g, vars, "mmdit");
         assert!(g.get(map.data().lock().unwrap()[&dead].as_tensor()).is_none_or(|t| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0));
 
@@ -646,7 +646,7 @@ pub(crate) mod tests {
         let ml = Mmdit::new(&frozen, &cfg, Some(&ctx_l)).unwrap();
         let out_l = ml.forward(&z, &sigma, &ctx, &pooled).unwrap();
         assert_eq!(max_rel(&out_l, &out), 0.0, "LoRA with B = 0 must leave the output unchanged");
-        let names: Vec<String> = crate::policy::sorted_vars(&lmap).into_iter().map(|(k, _)| k).collect();
+        let names: Vec<String> = crate::weights::tensors::sorted_vars(&lmap).into_iter().map(|(k, _)| k).collect();
         for want in ["transformer_blocks.0.attn2.to_k.lora_B.weight", "transformer_blocks.2.attn.add_k_proj.lora_A.weight", "transformer_blocks.1.ff.net.0.proj.lora_B.weight"] {
             assert!(names.contains(&want.to_string()), "{want} not in {names:?}");
         }
@@ -655,7 +655,7 @@ pub(crate) mod tests {
         assert_eq!(ml.lora_count(), 3 * 5 + 1, "{names:?}");
         assert!(names.iter().all(|n| !n.contains("attn.to_k.") && !n.contains("norm")), "{names:?}");
         let g = out_l.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-        for (name, v) in crate::policy::sorted_vars(&lmap) {
+        for (name, v) in crate::weights::tensors::sorted_vars(&lmap) {
             if name.ends_with("lora_B.weight") {
                 let a: f32 = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
                 assert!(a.is_finite() && a > 0.0, "{name}: |grad| = {a}");
@@ -666,7 +666,7 @@ pub(crate) mod tests {
         let e = Mmdit::new(&frozen, &cfg, Some(&bad)).err().unwrap().to_string();
         assert!(e.contains("no layer of the SD3 transformer matches") && e.contains("attn.to_q"), "{e}");
         // Base weights are read as untracked views: no gradient reaches them.
-        let base: Vec<Var> = crate::policy::sorted_vars(&map).into_iter().map(|(_, v)| v).collect();
+        let base: Vec<Var> = crate::weights::tensors::sorted_vars(&map).into_iter().map(|(_, v)| v).collect();
         assert!(base.iter().all(|v| g.get(v.as_tensor()).is_none()));
     }
 
@@ -676,13 +676,13 @@ pub(crate) mod tests {
     fn parameter_counts_match_the_model() {
         let cfg = tiny();
         let map = random_weights(&cfg, 6);
-        let actual: usize = crate::policy::sorted_vars(&map).iter().map(|(_, v)| v.elem_count()).sum();
+        let actual: usize = crate::weights::tensors::sorted_vars(&map).iter().map(|(_, v)| v.elem_count()).sum();
         assert_eq!(cfg.param_count(), actual);
         let targets: Vec<String> = vec!["attn.to_q".into(), "attn.add_v_proj".into(), "ff.net.2".into(), "attn2.to_out.0".into()];
         let lmap = VarMap::new();
         let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 1, &Device::Cpu), spec: LoraSpec { rank: 3, alpha: 3.0, targets: targets.clone() } };
         Mmdit::new(&crate::policy::frozen_builder(&map, &Device::Cpu), &cfg, Some(&ctx)).unwrap();
-        let lora: usize = crate::policy::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
+        let lora: usize = crate::weights::tensors::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
         assert_eq!(cfg.lora_param_count(3, &targets), lora);
         let b = MmditConfig::sd35_medium().param_count() as f64 / 1e9;
         assert!((2.3..2.6).contains(&b), "SD3.5-medium: {b} B parameters");
@@ -711,7 +711,7 @@ pub(crate) mod tests {
         // Full fine-tuning: every base weight is a Var.
         let map = random_weights(&cfg, 8);
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-        let vars: Vec<_> = crate::policy::sorted_vars(&map).into_iter().filter(|(k, _)| !k.ends_with("context_block.attn.ln_q.weight") || !k.starts_with(&format!("joint_blocks.{}", cfg.depth - 1))).collect();
+        let vars: Vec<_> = crate::weights::tensors::sorted_vars(&map).into_iter().filter(|(k, _)| !k.ends_with("context_block.attn.ln_q.weight") || !k.starts_with(&format!("joint_blocks.{}", cfg.depth - 1))).collect();
         let (o1, g1) = grads_of(&Mmdit::new(&vb, &cfg, None).unwrap(), &vars, true);
         let (o2, g2) = grads_of(&Mmdit::new(&vb, &cfg, None).unwrap().checkpointed(), &vars, true);
         assert_eq!(max_rel(&o1, &o2), 0.0);
@@ -725,7 +725,7 @@ pub(crate) mod tests {
         let frozen = crate::policy::frozen_builder(&map, &Device::Cpu);
         let plain = Mmdit::new(&frozen, &cfg, Some(&l)).unwrap();
         crate::policy::randomize_vars(&lmap, 9, 0.2);
-        let lvars = crate::policy::sorted_vars(&lmap);
+        let lvars = crate::weights::tensors::sorted_vars(&lmap);
         let (o1, g1) = grads_of(&plain, &lvars, false);
         let (o2, g2) = grads_of(&Mmdit::new(&frozen, &cfg, Some(&l)).unwrap().checkpointed(), &lvars, false);
         assert_eq!(max_rel(&o1, &o2), 0.0);

@@ -7,7 +7,7 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::layers::{Linear, LoraCtx};
+use crate::policy::nn::layers::{Linear, LoraCtx};
 
 /// The diffusers modules of a checkpoint-named linear layer (a path without `.weight`):
 /// each module's name and its output rows (0: an equal share of the layer's rows), and
@@ -15,7 +15,7 @@ use super::layers::{Linear, LoraCtx};
 /// swapped). None for a name outside the layout.
 pub type DiffusersNames<'a> = &'a dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)>;
 
-/// [`DiffusersNames`] boxed, as a policy hands it out ([`super::Policy::diffusers_names`]).
+/// [`DiffusersNames`] boxed, as a policy hands it out ([`crate::policy::Policy::diffusers_names`]).
 pub type BoxedNames<'a> = Box<dyn Fn(&str) -> Option<(Vec<(String, usize)>, bool)> + 'a>;
 
 /// Each diffusers module's rows of a layer with `dout` output rows, in order (a module

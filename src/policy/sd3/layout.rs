@@ -1,5 +1,5 @@
 //! The two published layouts of an SD3 / SD3.5 transformer and the conversion between
-//! them: Stability AI's single-file names (what [`super::mmdit::Mmdit`] reads; optionally
+//! them: Stability AI's single-file names (what [`crate::policy::sd3::mmdit::Mmdit`] reads; optionally
 //! under `model.diffusion_model.`) and diffusers' `SD3Transformer2DModel` names (separate
 //! `to_q`/`to_k`/`to_v`, `add_*_proj` for the context stream, `[scale; shift]` instead of
 //! `[shift; scale]` in the two continuous adaLN layers), following diffusers'
@@ -9,50 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
 
-use super::mmdit::MmditConfig;
+use crate::policy::sd3::mmdit::MmditConfig;
+use crate::policy::sd3::names::{swapped, BLOCK, GLOBAL, QKV};
 
 const SAI_PREFIX: &str = "model.diffusion_model.";
-
-/// Renames outside the blocks: (single-file, diffusers).
-const GLOBAL: &[(&str, &str)] = &[
-    ("pos_embed", "pos_embed.pos_embed"),
-    ("x_embedder.proj.weight", "pos_embed.proj.weight"),
-    ("x_embedder.proj.bias", "pos_embed.proj.bias"),
-    ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-    ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-    ("context_embedder", "context_embedder"),
-    ("final_layer.linear", "proj_out"),
-    ("final_layer.adaLN_modulation.1", "norm_out.linear"),
-];
-
-/// Renames inside block i: (single-file suffix, diffusers suffix). The fused qkv tensors
-/// are split / joined separately.
-const BLOCK: &[(&str, &str)] = &[
-    ("x_block.attn.ln_q", "attn.norm_q"),
-    ("x_block.attn.ln_k", "attn.norm_k"),
-    ("context_block.attn.ln_q", "attn.norm_added_q"),
-    ("context_block.attn.ln_k", "attn.norm_added_k"),
-    ("x_block.attn.proj", "attn.to_out.0"),
-    ("context_block.attn.proj", "attn.to_add_out"),
-    ("x_block.attn2.ln_q", "attn2.norm_q"),
-    ("x_block.attn2.ln_k", "attn2.norm_k"),
-    ("x_block.attn2.proj", "attn2.to_out.0"),
-    ("x_block.adaLN_modulation.1", "norm1.linear"),
-    ("context_block.adaLN_modulation.1", "norm1_context.linear"),
-    ("x_block.mlp.fc1", "ff.net.0.proj"),
-    ("x_block.mlp.fc2", "ff.net.2"),
-    ("context_block.mlp.fc1", "ff_context.net.0.proj"),
-    ("context_block.mlp.fc2", "ff_context.net.2"),
-];
-
-/// Fused qkv (single-file) ↔ its three diffusers projections.
-pub const QKV: &[(&str, [&str; 3])] = &[
-    ("x_block.attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
-    ("context_block.attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
-    ("x_block.attn2.qkv", ["attn2.to_q", "attn2.to_k", "attn2.to_v"]),
-];
 
 /// [a; b] → [b; a] along rows (diffusers' AdaLayerNormContinuous order); an involution.
 fn swap_halves(t: &Tensor) -> Result<Tensor> {
@@ -62,13 +22,6 @@ fn swap_halves(t: &Tensor) -> Result<Tensor> {
 
 fn depth_of(t: &HashMap<String, Tensor>, prefix: &str) -> usize {
     t.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1)
-}
-
-/// Whether tensor `stem` (a name without `.weight`/`.bias`, or a bare tensor name) must
-/// have its halves swapped between layouts: the final adaLN and the last block's
-/// pre-only context adaLN.
-fn swapped(sai_stem: &str, depth: usize) -> bool {
-    sai_stem == "final_layer.adaLN_modulation.1" || sai_stem == format!("joint_blocks.{}.context_block.adaLN_modulation.1", depth - 1)
 }
 
 /// The tensors of an SD3 transformer in single-file names, from either layout. `source`
@@ -154,28 +107,6 @@ pub fn to_diffusers(t: &HashMap<String, Tensor>) -> Result<HashMap<String, Tenso
     Ok(out)
 }
 
-/// The diffusers module names of the single-file linear layer `sai` (a path without
-/// `.weight`) in a model of `depth` blocks: three for a fused qkv (row blocks q, k, v), one
-/// otherwise; and whether its output halves are swapped between the layouts (the two
-/// continuous adaLN layers). None for a name outside the layout.
-pub fn diffusers_modules(sai: &str, depth: usize) -> Option<(Vec<String>, bool)> {
-    let swap = swapped(sai, depth);
-    if let Some((_, d)) = GLOBAL.iter().find(|(s, _)| *s == sai) {
-        return Some((vec![d.to_string()], swap));
-    }
-    let (i, within) = sai.strip_prefix("joint_blocks.")?.split_once('.')?;
-    if let Some((_, parts)) = QKV.iter().find(|(s, _)| *s == within) {
-        return Some((parts.iter().map(|p| format!("transformer_blocks.{i}.{p}")).collect(), swap));
-    }
-    BLOCK.iter().find(|(s, _)| *s == within).map(|(_, d)| (vec![format!("transformer_blocks.{i}.{d}")], swap))
-}
-
-/// [`diffusers_modules`] in the form [`super::adapted::DiffusersNames`] takes (equal row
-/// shares).
-pub fn diffusers_parts(sai: &str, depth: usize) -> Option<(Vec<(String, usize)>, bool)> {
-    diffusers_modules(sai, depth).map(|(names, swapped)| (names.into_iter().map(|n| (n, 0)).collect(), swapped))
-}
-
 /// The model shape a single-file-named tensor set describes (`source` names the files).
 pub fn infer_config(t: &HashMap<String, Tensor>, source: &str) -> Result<MmditConfig> {
     let get = |name: &str| t.get(name).with_context(|| format!("{source}: tensor {name} missing"));
@@ -216,10 +147,10 @@ pub fn infer_config(t: &HashMap<String, Tensor>, source: &str) -> Result<MmditCo
 /// given (the configured variant), a model of another shape is refused naming the folder
 /// and what differs.
 pub fn load_transformer(spec: &str, expect: Option<(&str, &MmditConfig)>, device: &candle_core::Device) -> Result<(MmditConfig, HashMap<String, Tensor>)> {
-    let root = crate::hf::resolve(spec)?;
-    let files = crate::hf::component_files(&root, "transformer")?;
+    let root = crate::weights::hf::resolve(spec)?;
+    let files = crate::weights::hf::component_files(&root, "transformer")?;
     let source = if files.len() == 1 { files[0].display().to_string() } else { format!("{} ({} shards)", files[0].parent().unwrap_or(&root).display(), files.len()) };
-    let t = to_sai(crate::hf::read_component(&files, device)?, &source)?;
+    let t = to_sai(crate::weights::hf::read_component(&files, device)?, &source)?;
     let found = infer_config(&t, &source)?;
     if let Some((name, want)) = expect {
         check_variant(&found, want, name, &source)?;
@@ -249,12 +180,12 @@ pub fn check_variant(found: &MmditConfig, want: &MmditConfig, name: &str, source
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::mmdit::{tests::random_weights, tests::tiny, Mmdit};
+    use crate::policy::sd3::mmdit::{tests::random_weights, tests::tiny, Mmdit};
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
 
     fn tensors(map: &candle_nn::VarMap) -> HashMap<String, Tensor> {
-        crate::policy::sorted_vars(map).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        crate::weights::tensors::sorted_vars(map).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
     }
 
     fn forward(t: HashMap<String, Tensor>, cfg: &MmditConfig) -> Tensor {
@@ -308,7 +239,7 @@ mod tests {
         let mut weight_map = serde_json::Map::new();
         for (shard, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
             let t: HashMap<String, Tensor> = part.iter().map(|k| ((*k).clone(), diff[*k].clone())).collect();
-            crate::train::checkpoint::save_tensors(&t, &tr.join(shard)).unwrap();
+            crate::weights::tensors::save_tensors(&t, &tr.join(shard)).unwrap();
             for k in part {
                 weight_map.insert((*k).clone(), shard.into());
             }
@@ -316,11 +247,9 @@ mod tests {
         std::fs::write(tr.join("diffusion_pytorch_model.safetensors.index.json"), serde_json::json!({"weight_map": weight_map}).to_string()).unwrap();
         std::fs::create_dir_all(dir.path().join("hub/models--org--tiny-sd35/refs")).unwrap();
         std::fs::write(dir.path().join("hub/models--org--tiny-sd35/refs/main"), "r1").unwrap();
-        std::env::set_var("HF_HUB_CACHE", dir.path().join("hub"));
-        let root = crate::hf::resolve("org/tiny-sd35");
-        std::env::remove_var("HF_HUB_CACHE");
-        let files = crate::hf::component_files(&root.unwrap(), "transformer").unwrap();
-        let loaded = to_sai(crate::hf::read_component(&files, &Device::Cpu).unwrap(), "tiny").unwrap();
+        let root = crate::weights::hf::resolve_in("org/tiny-sd35", Some(&dir.path().join("hub")));
+        let files = crate::weights::hf::component_files(&root.unwrap(), "transformer").unwrap();
+        let loaded = to_sai(crate::weights::hf::read_component(&files, &Device::Cpu).unwrap(), "tiny").unwrap();
         assert_eq!(infer_config(&loaded, "tiny").unwrap(), cfg);
         let got = forward(loaded, &cfg);
         assert_eq!((got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
@@ -338,7 +267,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let tr = d.path().join("model/transformer");
         std::fs::create_dir_all(&tr).unwrap();
-        crate::train::checkpoint::save_tensors(&tensors(&random_weights(&cfg, 9)), &tr.join("diffusion_pytorch_model.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&tensors(&random_weights(&cfg, 9)), &tr.join("diffusion_pytorch_model.safetensors")).unwrap();
         let spec = d.path().join("model");
         let (found, _) = load_transformer(spec.to_str().unwrap(), Some(("tiny", &cfg)), &Device::Cpu).unwrap();
         assert_eq!(found, cfg);

@@ -1,11 +1,17 @@
-//! Stable Diffusion 3 / 3.5 as a vipo [`Policy`]: the trainable MMDiT ([`super::mmdit`],
-//! LoRA by diffusers module name), its frozen text side ([`super::sd3_text`]: CLIP-L,
-//! OpenCLIP-bigG, T5) and VAE ([`super::sd3_vae`]), all from one diffusers model folder
+//! Stable Diffusion 3 / 3.5 as a vipo [`Policy`]: the trainable MMDiT ([`crate::policy::sd3::mmdit`],
+//! LoRA by diffusers module name), its frozen text side ([`crate::policy::sd3::text`]: CLIP-L,
+//! OpenCLIP-bigG, T5) and VAE ([`crate::policy::nn::vae`]), all from one diffusers model folder
 //! (`transformer/`, `text_encoder{,_2,_3}/`, `tokenizer{,_2,_3}/` — tokenizer.json, or CLIP's
 //! vocab.json + merges.txt — and `vae/`) or a
 //! repository id in the local Hugging Face cache. Prompt encodings go through the on-disk
 //! embedding cache when one is given; CFG's unconditional input is the encoding of "" (as
 //! the diffusers pipeline's negative prompt), not zeros.
+
+pub mod layout;
+pub mod mmdit;
+pub mod names;
+pub mod peft;
+pub mod text;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
@@ -13,49 +19,17 @@ use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::embed_cache::EmbedCache;
-use super::layers::LoraSpec;
-use super::mmdit::{Mmdit, MmditConfig};
-use super::sd3_text::Sd3Text;
-use super::sd3_vae::Sd3Vae;
-use super::{Condition, FlowModel, Policy};
+use crate::policy::nn::embed_cache::EmbedCache;
+use crate::policy::nn::layers::LoraSpec;
+use crate::policy::sd3::mmdit::{Mmdit, MmditConfig};
+use crate::policy::sd3::text::Sd3Text;
+use crate::policy::nn::vae::Sd3Vae;
+use crate::policy::{Condition, FlowModel, Policy};
+use crate::encoders::tokenizer::Tok;
 use crate::image::Samples;
 use crate::prompt::Prompt;
-use crate::reward::clip::ClipText;
-
-/// A tokenizer padded and truncated to `len` tokens.
-pub(crate) struct Tok {
-    tok: tokenizers::Tokenizer,
-    len: usize,
-}
-
-impl Tok {
-    /// `dir/tokenizer.json` (or a CLIP tokenizer's vocab.json + merges.txt), padding with the
-    /// pad token its `special_tokens_map.json` names
-    /// (else `default_pad`).
-    pub(crate) fn load(dir: &Path, len: usize, default_pad: &str) -> Result<Self> {
-        let p = dir.join("tokenizer.json");
-        let mut tok = if p.is_file() {
-            tokenizers::Tokenizer::from_file(&p).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", p.display()))?
-        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
-            clip_tokenizer_from_files(dir)?
-        } else {
-            anyhow::bail!("{}: neither tokenizer.json nor vocab.json + merges.txt", dir.display());
-        };
-        let pad_token = std::fs::read_to_string(dir.join("special_tokens_map.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["pad_token"].as_str().map(str::to_string).or_else(|| v["pad_token"]["content"].as_str().map(str::to_string)))
-            .unwrap_or_else(|| default_pad.to_string());
-        let pad_id = tok.token_to_id(&pad_token).unwrap_or(0);
-        tok.with_truncation(Some(tokenizers::TruncationParams { max_length: len, ..Default::default() })).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-        tok.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(len), pad_id, pad_token, ..Default::default() }));
-        Ok(Self { tok, len })
-    }
-    pub(crate) fn ids(&self, texts: &[String], device: &Device) -> Result<Tensor> {
-        crate::reward::clip::tokenize(&self.tok, texts, self.len, device)
-    }
-}
+use crate::encoders::clip::ClipText;
+use serde::{Deserialize, Serialize};
 
 /// How the model is run: sampling resolution, T5 tokens, checkpointing.
 #[derive(Clone, Debug)]
@@ -68,39 +42,6 @@ pub struct Sd3Shape {
     pub checkpointing: bool,
     /// The transformer's base weights and T5 (LoRA adapters stay f32).
     pub dtype: candle_core::DType,
-}
-
-/// A CLIP tokenizer from the slow tokenizer's `vocab.json` + `merges.txt` (what diffusers'
-/// SD3 and FLUX `tokenizer/` folders hold), built as transformers' CLIPTokenizerFast
-/// conversion builds it: NFC, whitespace runs to one space, lowercase; CLIP's split
-/// pattern; byte-level BPE with `</w>` word ends; `<|startoftext|>` … `<|endoftext|>`.
-pub(crate) fn clip_tokenizer_from_files(dir: &Path) -> Result<tokenizers::Tokenizer> {
-    let vocab_path = dir.join("vocab.json");
-    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_value(crate::hf::read_json(&vocab_path)?).map_err(|e| anyhow::anyhow!("{}: not a vocabulary ({e})", vocab_path.display()))?;
-    let merges_path = dir.join("merges.txt");
-    let text = std::fs::read_to_string(&merges_path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", merges_path.display()))?;
-    let merges: Vec<[&str; 2]> = text
-        .lines()
-        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-        .map(|l| l.split_once(' ').map(|(a, b)| [a, b]).ok_or_else(|| anyhow::anyhow!("{}: line {l:?} is not a merge pair", merges_path.display())))
-        .collect::<Result<_>>()?;
-    let id = |t: &str| vocab.get(t).and_then(|v| v.as_u64()).ok_or_else(|| anyhow::anyhow!("{}: no token {t}", vocab_path.display()));
-    let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
-    let special = |t: &str, i: u64| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [special("<|startoftext|>", bos), special("<|endoftext|>", eos)],
-        "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}, {"type": "Lowercase"}]},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"}, "behavior": "Removed", "invert": true},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
-        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos], "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
-    });
-    json.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| anyhow::anyhow!("{}: cannot build a CLIP tokenizer from vocab.json + merges.txt ({e})", dir.display()))
 }
 
 pub struct Sd3Policy {
@@ -126,14 +67,14 @@ impl Sd3Policy {
     /// (None: encode every time).
     pub fn load(spec: &str, variant: Option<(&str, &MmditConfig)>, shape: &Sd3Shape, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
         let Sd3Shape { resolution, t5_tokens, checkpointing, dtype } = shape.clone();
-        let root = crate::hf::resolve(spec)?;
-        let (cfg, tensors) = super::sd3_layout::load_transformer(root.to_str().unwrap_or(spec), variant, device)?;
-        let super::Nets { base, lora: lora_map, model, frozen, base_net } = super::Nets::build(tensors, dtype, "sd3.dtype", lora, device, seed, |vb, l| Mmdit::new(vb, &cfg, l))?;
+        let root = crate::weights::hf::resolve(spec)?;
+        let (cfg, tensors) = crate::policy::sd3::layout::load_transformer(root.to_str().unwrap_or(spec), variant, device)?;
+        let crate::policy::Nets { base, lora: lora_map, model, frozen, base_net } = crate::policy::Nets::build(tensors, dtype, "sd3.dtype", lora, device, seed, |vb, l| Mmdit::new(vb, &cfg, l))?;
         let model = if checkpointing { model.checkpointed() } else { model };
         let clip_l = ClipText::load(&root.join("text_encoder"), device)?;
         let clip_g = ClipText::load(&root.join("text_encoder_2"), device)?;
         let t5_dir = root.join("text_encoder_3");
-        let t5 = if t5_dir.is_dir() { Some(Mutex::new(super::sd3_text::load_t5(&t5_dir, dtype, device)?)) } else { None };
+        let t5 = if t5_dir.is_dir() { Some(Mutex::new(crate::encoders::t5::load_t5(&t5_dir, dtype, device)?)) } else { None };
         let text = Sd3Text { clip_l, clip_g, t5, context_dim: cfg.context_dim };
         let toks = [
             Tok::load(&root.join("tokenizer"), text.clip_l.max_tokens, "<|endoftext|>")?,
@@ -149,7 +90,7 @@ impl Sd3Policy {
                 // The encoders' weight files identify their encodings.
                 let mut files: Vec<PathBuf> = Vec::new();
                 for d in ["text_encoder", "text_encoder_2", "text_encoder_3"].map(|d| root.join(d)).iter().filter(|d| d.is_dir()) {
-                    files.extend(crate::hf::component_files(d, "")?);
+                    files.extend(crate::weights::hf::component_files(d, "")?);
                 }
                 // The T5 dtype and token count change the encodings too.
                 Some(EmbedCache::open(r, &files, &format!("t5 {dtype:?}, {t5_tokens} tokens"))?)
@@ -190,7 +131,7 @@ impl FlowModel for Sd3Policy {
         null.as_ref().unwrap().repeat_rows(cond.rows()?)
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
-        super::sorted_vars(&self.base)
+        crate::weights::tensors::sorted_vars(&self.base)
     }
     fn device(&self) -> &Device {
         &self.device
@@ -211,7 +152,7 @@ impl Policy for Sd3Policy {
         vec![self.cfg.in_channels, self.latent, self.latent]
     }
     fn trainable(&self) -> Vec<(String, Var)> {
-        super::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+        crate::weights::tensors::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
     }
     fn base_map(&self) -> &VarMap {
         &self.base
@@ -219,9 +160,97 @@ impl Policy for Sd3Policy {
     fn lora_map(&self) -> Option<&VarMap> {
         self.lora.as_ref()
     }
-    fn diffusers_names(&self) -> Option<super::adapted::BoxedNames<'_>> {
+    fn diffusers_names(&self) -> Option<crate::policy::nn::adapted::BoxedNames<'_>> {
         let depth = self.cfg.depth;
-        Some(Box::new(move |l: &str| super::sd3_layout::diffusers_parts(l, depth)))
+        Some(Box::new(move |l: &str| crate::policy::sd3::names::diffusers_parts(l, depth)))
+    }
+}
+
+/// A real SD3 / SD3.5 generator: where its files are and how it runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sd3Config {
+    /// Weights: a diffusers folder, a single-file .safetensors, or "org/name" in the local
+    /// Hugging Face cache ("" = none; `vipo plan` works from `variant` alone).
+    pub model: String,
+    /// The architecture the files must have: "sd3.5-medium" | "sd3.5-large" | "sd3-medium".
+    pub variant: String,
+    /// Square image side in pixels (latent side = resolution / 8).
+    pub resolution: usize,
+    /// T5 tokens in the context (after SD3's 77 CLIP tokens).
+    pub t5_tokens: usize,
+    /// Dtype of the transformer's base weights and T5: "bf16" | "f16" | "f32". Activations
+    /// run in it (norms and softmax in f32); LoRA adapters, the optimizer and the sampler's
+    /// latents stay f32. Full fine-tuning needs "f32". On a CPU bf16 is slower than f32.
+    pub dtype: String,
+    /// Block-level activation checkpointing (recompute each block in the backward).
+    pub checkpointing: bool,
+}
+
+impl Default for Sd3Config {
+    fn default() -> Self {
+        Self { model: String::new(), variant: "sd3.5-medium".into(), resolution: 512, t5_tokens: 256, dtype: "bf16".into(), checkpointing: true }
+    }
+}
+
+impl Sd3Config {
+    /// `dtype` as a candle dtype.
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+        crate::policy::parse_dtype("sd3.dtype", &self.dtype)
+    }
+
+    /// Bytes per weight of `dtype`.
+    pub fn weight_bytes(&self) -> Result<usize> {
+        Ok(self.candle_dtype()?.size_in_bytes())
+    }
+    pub fn validate(&self) -> Result<()> {
+        self.weight_bytes()?;
+        anyhow::ensure!(self.resolution >= 16 && self.resolution.is_multiple_of(16), "sd3.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 patches)", self.resolution);
+        Ok(())
+    }
+}
+
+/// The SD3 / SD3.5 family (`modality = "sd3"`, `[sd3]`).
+impl crate::policy::Generator for Sd3Config {
+    fn section(&self) -> &'static str {
+        "sd3"
+    }
+    fn sample_kind(&self) -> crate::image::SampleKind {
+        crate::image::SampleKind::Images
+    }
+    fn image_size(&self) -> usize {
+        self.resolution
+    }
+    fn model_files(&self) -> Option<(&'static str, &str)> {
+        Some(("sd3.model", &self.model))
+    }
+    fn validate(&self) -> Result<()> {
+        Sd3Config::validate(self)
+    }
+    /// `weights` is the model folder's spec.
+    fn load(&self, _weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn Policy>> {
+        let want = if self.variant.is_empty() { None } else { Some(MmditConfig::by_name(&self.variant)?) };
+        let cache = crate::runtime::cache_dir().join("embeddings");
+        let shape = Sd3Shape { resolution: self.resolution, t5_tokens: self.t5_tokens, checkpointing: self.checkpointing, dtype: self.candle_dtype()? };
+        Ok(Box::new(Sd3Policy::load(&self.model, want.as_ref().map(|w| (self.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?))
+    }
+    fn cache_prefix(&self) -> &'static str {
+        "sd3"
+    }
+    fn section_json(&self) -> String {
+        serde_json::to_string(self).expect("config serializes")
+    }
+    fn real(&self) -> Option<crate::policy::RealSettings<'_>> {
+        Some(crate::policy::RealSettings {
+            section: "sd3",
+            variant: &self.variant,
+            resolution: self.resolution,
+            text_tokens: 77 + self.t5_tokens,
+            dtype: &self.dtype,
+            checkpointing: self.checkpointing,
+            guidance: None,
+            by_name: |v| Ok(crate::policy::Transformer::Mmdit(MmditConfig::by_name(v)?)),
+        })
     }
 }
 
@@ -243,11 +272,11 @@ pub(crate) mod tests {
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
         let save = |dir: &str, file: &str, t: &HashMap<String, Tensor>| {
             std::fs::create_dir_all(root.join(dir)).unwrap();
-            crate::train::checkpoint::save_tensors(t, &root.join(dir).join(file)).unwrap();
+            crate::weights::tensors::save_tensors(t, &root.join(dir).join(file)).unwrap();
         };
-        let sai: HashMap<String, Tensor> = crate::policy::sorted_vars(&super::super::mmdit::tests::random_weights(&tiny_cfg(), 21)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        save("transformer", "diffusion_pytorch_model.safetensors", &super::super::sd3_layout::to_diffusers(&sai).unwrap());
-        let all = crate::train::checkpoint::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
+        let sai: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&crate::policy::sd3::mmdit::tests::random_weights(&tiny_cfg(), 21)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        save("transformer", "diffusion_pytorch_model.safetensors", &crate::policy::sd3::layout::to_diffusers(&sai).unwrap());
+        let all = crate::weights::tensors::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
         let text: HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.") || k == "text_projection.weight").collect();
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("config.json")).unwrap()).unwrap();
         for (enc, tok) in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")] {
@@ -272,7 +301,7 @@ pub(crate) mod tests {
         candle_transformers::models::t5::T5EncoderModel::load(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &t5cfg).unwrap();
         crate::policy::randomize_vars(&vm, seed, 0.3);
         std::fs::create_dir_all(dir).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &dir.join("model.safetensors")).unwrap();
+        crate::weights::tensors::save_varmap(&vm, &dir.join("model.safetensors")).unwrap();
         std::fs::write(dir.join("config.json"), json).unwrap();
     }
 
@@ -284,7 +313,7 @@ pub(crate) mod tests {
         candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
         crate::policy::randomize_vars(&vm, seed, 0.2);
         std::fs::create_dir_all(dir).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        crate::weights::tensors::save_varmap(&vm, &dir.join("diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(
             dir.join("config.json"),
             format!(r#"{{"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": false, "use_post_quant_conv": false, "scaling_factor": {scale}, "shift_factor": {shift}}}"#),
@@ -307,7 +336,7 @@ pub(crate) mod tests {
         std::fs::write(d.path().join("vocab.json"), fast["model"]["vocab"].to_string()).unwrap();
         let merges: Vec<String> = fast["model"]["merges"].as_array().unwrap().iter().map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
         std::fs::write(d.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
-        let built = clip_tokenizer_from_files(d.path()).unwrap();
+        let built = crate::encoders::tokenizer::clip_tokenizer_from_files(d.path()).unwrap();
         let reference = tokenizers::Tokenizer::from_file(data.join("tokenizer.json")).unwrap();
         for text in ["a red cat", "A  RED\tcat's", "two blue squares, left of 3 circles!", "", "reddish careers"] {
             let (a, b) = (built.encode(text, true).unwrap(), reference.encode(text, true).unwrap());
@@ -335,8 +364,8 @@ pub(crate) mod tests {
         let prompts = vec![Prompt::text("a red cat"), Prompt::text("a blue square")];
         let c = p.encode(&prompts).unwrap();
         assert_eq!((c.seq.dims(), c.pooled.as_ref().unwrap().dims()), (&[2usize, 16 + 5, 64][..], &[2usize, 32][..]));
-        let sample = crate::config::SampleConfig { steps: 2, guidance: 2.0, ..Default::default() };
-        let imgs = crate::eval::generate(&p, &prompts, 3, &sample).unwrap();
+        let sample = crate::sampler::SampleConfig { steps: 2, guidance: 2.0, ..Default::default() };
+        let imgs = crate::policy::ode::generate(&p, &prompts, 3, &sample).unwrap();
         let imgs = imgs.images("test").unwrap();
         assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (2, 16, 16));
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);

@@ -1,4 +1,4 @@
-//! FLUX.1 as a vipo [`Policy`]: the trainable transformer ([`super::flux`], LoRA by
+//! FLUX.1 as a vipo [`Policy`]: the trainable transformer ([`crate::policy::flux::model`], LoRA by
 //! diffusers module name), its frozen text side — CLIP-L's pooled output (77 tokens) and
 //! T5-XXL's token states (`flux.t5_tokens`) — and the 16-channel VAE, from one diffusers
 //! model folder (`transformer/`, `text_encoder/`, `text_encoder_2/`,
@@ -6,21 +6,25 @@
 //! cache; the transformer may also come from BFL's single file. FLUX.1-dev takes its
 //! guidance scale as an input and is sampled without CFG; schnell has no guidance input.
 
+pub mod layout;
+pub mod model;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::embed_cache::EmbedCache;
-use super::flux::{Flux, FluxConfig};
-use super::layers::LoraSpec;
-use super::sd3::Tok;
-use super::sd3_vae::Sd3Vae;
-use super::{Condition, FlowModel, Policy};
+use crate::policy::nn::embed_cache::EmbedCache;
+use crate::policy::flux::model::{Flux, FluxConfig};
+use crate::policy::nn::layers::LoraSpec;
+use crate::encoders::tokenizer::Tok;
+use crate::policy::nn::vae::Sd3Vae;
+use crate::policy::{Condition, FlowModel, Policy};
 use crate::image::Samples;
 use crate::prompt::Prompt;
-use crate::reward::clip::ClipText;
+use crate::encoders::clip::ClipText;
+use serde::{Deserialize, Serialize};
 
 /// How the model is run.
 #[derive(Clone, Debug)]
@@ -56,12 +60,12 @@ impl FluxPolicy {
     /// checked against the transformer; `cache_root`: where prompt encodings are kept.
     pub fn load(spec: &str, variant: Option<(&str, &FluxConfig)>, shape: &FluxShape, lora: Option<&LoraSpec>, cache_root: Option<&Path>, device: &Device, seed: u64) -> Result<Self> {
         let FluxShape { resolution, t5_tokens, checkpointing, dtype, guidance } = shape.clone();
-        let root = crate::hf::resolve(spec)?;
-        let (cfg, tensors) = super::flux_layout::load_transformer(&root, variant, device)?;
-        let super::Nets { base, lora: lora_map, model, frozen, base_net } = super::Nets::build(tensors, dtype, "flux.dtype", lora, device, seed, |vb, l| Flux::new(vb, &cfg, l))?;
+        let root = crate::weights::hf::resolve(spec)?;
+        let (cfg, tensors) = crate::policy::flux::layout::load_transformer(&root, variant, device)?;
+        let crate::policy::Nets { base, lora: lora_map, model, frozen, base_net } = crate::policy::Nets::build(tensors, dtype, "flux.dtype", lora, device, seed, |vb, l| Flux::new(vb, &cfg, l))?;
         let model = if checkpointing { model.checkpointed() } else { model };
         let clip = ClipText::load_any(&root.join("text_encoder"), device)?;
-        let t5 = super::sd3_text::load_t5(&root.join("text_encoder_2"), dtype, device)?;
+        let t5 = crate::encoders::t5::load_t5(&root.join("text_encoder_2"), dtype, device)?;
         let toks = [Tok::load(&root.join("tokenizer"), clip.max_tokens, "<|endoftext|>")?, Tok::load(&root.join("tokenizer_2"), t5_tokens, "<pad>")?];
         let vae = Sd3Vae::load(&root.join("vae"), device)?;
         anyhow::ensure!(vae.latent_channels * 4 == cfg.in_channels, "{}: the VAE has {} latent channels, the transformer packs {}", root.display(), vae.latent_channels, cfg.in_channels);
@@ -70,7 +74,7 @@ impl FluxPolicy {
             Some(r) => {
                 let mut files: Vec<PathBuf> = Vec::new();
                 for d in ["text_encoder", "text_encoder_2"] {
-                    files.extend(crate::hf::component_files(&root.join(d), "")?);
+                    files.extend(crate::weights::hf::component_files(&root.join(d), "")?);
                 }
                 Some(EmbedCache::open(r, &files, &format!("flux: t5 {dtype:?}, {t5_tokens} tokens"))?)
             }
@@ -110,7 +114,7 @@ impl FlowModel for FluxPolicy {
         self.model.backward(loss)
     }
     fn base_vars(&self) -> Vec<(String, Var)> {
-        super::sorted_vars(&self.base)
+        crate::weights::tensors::sorted_vars(&self.base)
     }
     fn device(&self) -> &Device {
         &self.device
@@ -131,7 +135,7 @@ impl Policy for FluxPolicy {
         vec![self.cfg.in_channels / 4, self.latent, self.latent]
     }
     fn trainable(&self) -> Vec<(String, Var)> {
-        super::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+        crate::weights::tensors::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
     }
     fn base_map(&self) -> &VarMap {
         &self.base
@@ -139,8 +143,96 @@ impl Policy for FluxPolicy {
     fn lora_map(&self) -> Option<&VarMap> {
         self.lora.as_ref()
     }
-    fn diffusers_names(&self) -> Option<super::adapted::BoxedNames<'_>> {
-        Some(Box::new(move |l: &str| super::flux::diffusers_modules(l, &self.cfg)))
+    fn diffusers_names(&self) -> Option<crate::policy::nn::adapted::BoxedNames<'_>> {
+        Some(Box::new(move |l: &str| crate::policy::flux::model::diffusers_modules(l, &self.cfg)))
+    }
+}
+
+/// A real FLUX.1 generator: where its files are and how it runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FluxSection {
+    /// A diffusers FLUX folder (`transformer/`, `text_encoder/` CLIP-L, `text_encoder_2/`
+    /// T5-XXL, `tokenizer{,_2}/tokenizer.json`, `vae/`) or "org/name" in the local HF cache.
+    pub model: String,
+    /// "flux.1-dev" | "flux.1-schnell" | "" (take the files' shape).
+    pub variant: String,
+    /// Square image side in pixels (latent side = resolution / 8, packed 2×2).
+    pub resolution: usize,
+    /// T5 tokens (FLUX.1-dev: 512, schnell: 256).
+    pub t5_tokens: usize,
+    /// Dtype of the transformer's base weights and T5 (adapters, optimizer, latents f32).
+    pub dtype: String,
+    /// Block-level activation checkpointing.
+    pub checkpointing: bool,
+    /// FLUX.1-dev's guidance-scale input (distilled CFG; FLUX is sampled without CFG, so
+    /// `sample.guidance` must stay 1). Ignored by schnell.
+    pub guidance: f64,
+}
+
+impl Default for FluxSection {
+    fn default() -> Self {
+        Self { model: String::new(), variant: "flux.1-dev".into(), resolution: 512, t5_tokens: 512, dtype: "bf16".into(), checkpointing: true, guidance: 3.5 }
+    }
+}
+
+impl FluxSection {
+    pub fn candle_dtype(&self) -> Result<candle_core::DType> {
+        crate::policy::parse_dtype("flux.dtype", &self.dtype)
+    }
+    pub fn validate(&self) -> Result<()> {
+        self.candle_dtype()?;
+        anyhow::ensure!(self.resolution >= 16 && self.resolution.is_multiple_of(16), "flux.resolution: {} is not a positive multiple of 16 (8× VAE downsampling, 2×2 packing)", self.resolution);
+        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "flux.guidance: {} is not a non-negative number", self.guidance);
+        Ok(())
+    }
+}
+
+/// The FLUX.1 family (`modality = "flux"`, `[flux]`).
+impl crate::policy::Generator for FluxSection {
+    fn section(&self) -> &'static str {
+        "flux"
+    }
+    fn sample_kind(&self) -> crate::image::SampleKind {
+        crate::image::SampleKind::Images
+    }
+    fn image_size(&self) -> usize {
+        self.resolution
+    }
+    fn model_files(&self) -> Option<(&'static str, &str)> {
+        Some(("flux.model", &self.model))
+    }
+    fn validate(&self) -> Result<()> {
+        FluxSection::validate(self)
+    }
+    fn check_sampling(&self, guidance: f64) -> Result<()> {
+        anyhow::ensure!(guidance == 1.0, "sample.guidance = {guidance}: FLUX is sampled without classifier-free guidance; set it to 1 (flux.guidance = {} is FLUX.1-dev's guidance input)", self.guidance);
+        Ok(())
+    }
+    /// `weights` is the model folder's spec.
+    fn load(&self, _weights: &Path, lora: Option<&LoraSpec>, device: &Device, seed: u64) -> Result<Box<dyn Policy>> {
+        let want = if self.variant.is_empty() { None } else { Some(FluxConfig::by_name(&self.variant)?) };
+        let cache = crate::runtime::cache_dir().join("embeddings");
+        let shape = FluxShape { resolution: self.resolution, t5_tokens: self.t5_tokens, checkpointing: self.checkpointing, dtype: self.candle_dtype()?, guidance: self.guidance };
+        Ok(Box::new(FluxPolicy::load(&self.model, want.as_ref().map(|w| (self.variant.as_str(), w)), &shape, lora, Some(&cache), device, seed)?))
+    }
+    fn cache_prefix(&self) -> &'static str {
+        "flux"
+    }
+    fn section_json(&self) -> String {
+        serde_json::to_string(self).expect("config serializes")
+    }
+    fn real(&self) -> Option<crate::policy::RealSettings<'_>> {
+        Some(crate::policy::RealSettings {
+            section: "flux",
+            variant: &self.variant,
+            resolution: self.resolution,
+            text_tokens: self.t5_tokens,
+            dtype: &self.dtype,
+            checkpointing: self.checkpointing,
+            guidance: Some(self.guidance),
+            by_name: |v| Ok(crate::policy::Transformer::Flux(FluxConfig::by_name(v)?)),
+        })
     }
 }
 
@@ -154,16 +246,16 @@ pub(crate) mod tests {
     /// tests/data/clip_tiny, a random T5 and 16-channel VAE (FLUX's scale and shift).
     pub(crate) fn write_tiny_model(root: &Path) {
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
-        let cfg = FluxConfig { vec_in_dim: 32, ..super::super::flux::tests::tiny() };
-        let bfl: HashMap<String, Tensor> = super::super::sorted_vars(&super::super::flux::tests::random_weights(&cfg, 31)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let cfg = FluxConfig { vec_in_dim: 32, ..crate::policy::flux::model::tests::tiny() };
+        let bfl: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&crate::policy::flux::model::tests::random_weights(&cfg, 31)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         std::fs::create_dir_all(root.join("transformer")).unwrap();
-        crate::train::checkpoint::save_tensors(&super::super::flux_layout::to_diffusers(&bfl, &cfg).unwrap(), &root.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&crate::policy::flux::layout::to_diffusers(&bfl, &cfg).unwrap(), &root.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(root.join("transformer/config.json"), r#"{"_class_name": "FluxTransformer2DModel", "axes_dims_rope": [4, 6, 6], "guidance_embeds": true}"#).unwrap();
-        let all = crate::train::checkpoint::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
+        let all = crate::weights::tensors::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
         let text: HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.")).collect();
         let ccfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("config.json")).unwrap()).unwrap();
         std::fs::create_dir_all(root.join("text_encoder")).unwrap();
-        crate::train::checkpoint::save_tensors(&text, &root.join("text_encoder/model.safetensors")).unwrap();
+        crate::weights::tensors::save_tensors(&text, &root.join("text_encoder/model.safetensors")).unwrap();
         std::fs::write(root.join("text_encoder/config.json"), ccfg["text_config"].to_string()).unwrap();
         for tok in ["tokenizer", "tokenizer_2"] {
             std::fs::create_dir_all(root.join(tok)).unwrap();
@@ -172,8 +264,8 @@ pub(crate) mod tests {
         let t5json = r#"{"vocab_size": 56, "d_model": 10, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2, "relative_attention_num_buckets": 8,
             "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
             "is_encoder_decoder": true, "pad_token_id": 0, "eos_token_id": 1}"#;
-        super::super::sd3::tests::write_tiny_t5(&root.join("text_encoder_2"), t5json, 8);
-        super::super::sd3::tests::write_tiny_vae(&root.join("vae"), 0.3611, 0.1159, 9);
+        crate::policy::sd3::tests::write_tiny_t5(&root.join("text_encoder_2"), t5json, 8);
+        crate::policy::sd3::tests::write_tiny_vae(&root.join("vae"), 0.3611, 0.1159, 9);
     }
 
     /// The tiny FLUX folder loads as a policy: prompts encode to T5 states and CLIP's pooled
@@ -190,12 +282,12 @@ pub(crate) mod tests {
         let prompts = vec![Prompt::text("a red cat"), Prompt::text("a blue square")];
         let c = p.encode(&prompts).unwrap();
         assert_eq!((c.seq.dims(), c.pooled.as_ref().unwrap().dims()), (&[2usize, 6, 10][..], &[2usize, 32][..]));
-        let sample = crate::config::SampleConfig { steps: 2, guidance: 1.0, ..Default::default() };
-        let imgs = crate::eval::generate(&p, &prompts, 3, &sample).unwrap();
+        let sample = crate::sampler::SampleConfig { steps: 2, guidance: 1.0, ..Default::default() };
+        let imgs = crate::policy::ode::generate(&p, &prompts, 3, &sample).unwrap();
         let imgs = imgs.images("test").unwrap();
         assert_eq!((imgs.len(), imgs[0].h, imgs[0].w), (2, 16, 16));
-        let cfg_on = crate::config::SampleConfig { guidance: 2.0, ..sample };
-        assert!(format!("{:#}", crate::eval::generate(&p, &prompts, 3, &cfg_on).err().unwrap()).contains("without classifier-free guidance"));
+        let cfg_on = crate::sampler::SampleConfig { guidance: 2.0, ..sample };
+        assert!(format!("{:#}", crate::policy::ode::generate(&p, &prompts, 3, &cfg_on).err().unwrap()).contains("without classifier-free guidance"));
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
         let z = crate::sampler::randn(&[2, 16, 8, 8], &mut rng, &Device::Cpu).unwrap();
         let s = Tensor::new(&[0.3f32, 0.8], &Device::Cpu).unwrap();

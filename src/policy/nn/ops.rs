@@ -774,7 +774,7 @@ mod tests {
         let sh = Tensor::randn(0f32, 1.0, (2, 6), &Device::Cpu).unwrap();
         let sc = Tensor::randn(0f32, 1.0, (2, 6), &Device::Cpu).unwrap();
         let a = ln_modulate(&x, &sh, &sc).unwrap();
-        let r = crate::policy::layers::layer_norm_plain(&x, 1e-6)
+        let r = crate::policy::nn::layers::layer_norm_plain(&x, 1e-6)
             .unwrap()
             .broadcast_mul(&(sc.unsqueeze(1).unwrap() + 1.0).unwrap())
             .unwrap()

@@ -28,7 +28,7 @@ impl Sd3Vae {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
         let cfg_path = dir.join("config.json");
-        let v = crate::hf::read_json(&cfg_path)?;
+        let v = crate::weights::hf::read_json(&cfg_path)?;
         let num = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: {k} missing", cfg_path.display()));
         let blocks: Vec<usize> = v["block_out_channels"].as_array().with_context(|| format!("{}: block_out_channels missing", cfg_path.display()))?.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect();
         let latent_channels = num("latent_channels")?;
@@ -42,7 +42,7 @@ impl Sd3Vae {
             use_quant_conv: v["use_quant_conv"].as_bool().unwrap_or(true),
             use_post_quant_conv: v["use_post_quant_conv"].as_bool().unwrap_or(true),
         };
-        let (tensors, source) = crate::hf::read_folder(&dir, device)?;
+        let (tensors, source) = crate::weights::hf::read_folder(&dir, device)?;
         anyhow::ensure!(tensors.contains_key("decoder.conv_in.weight"), "{source}: not a diffusers AutoencoderKL (no decoder.conv_in.weight)");
         let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
         let vae = AutoEncoderKL::new(vb, 3, 3, cfg).with_context(|| format!("{source}: does not match {}", cfg_path.display()))?;
@@ -83,7 +83,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let vae_dir = d.path().join("model/vae");
         std::fs::create_dir_all(&vae_dir).unwrap();
-        crate::train::checkpoint::save_varmap(&vm, &vae_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        crate::weights::tensors::save_varmap(&vm, &vae_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(
             vae_dir.join("config.json"),
             r#"{"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4,

@@ -15,8 +15,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::layers::{Linear, LoraCtx};
-use super::ops;
+use crate::policy::nn::layers::{Linear, LoraCtx};
+use crate::policy::nn::ops;
 
 /// 3×3 convolution, stride 1, zero padding 1, channels-last.
 #[derive(Clone, Debug)]
@@ -31,7 +31,7 @@ impl Conv3x3 {
 
     /// x: (B, H, W, C_in) → (B, H, W, C_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::block::fused_linear(&self.lin, &super::ops::im2col3x3(x)?)
+        crate::policy::nn::block::fused_linear(&self.lin, &crate::policy::nn::ops::im2col3x3(x)?)
     }
 }
 

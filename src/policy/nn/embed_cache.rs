@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::Condition;
+use crate::policy::Condition;
 use crate::prompt::Prompt;
 
 pub struct EmbedCache {
@@ -69,7 +69,7 @@ impl EmbedCache {
         if !p.is_file() {
             return Ok(None);
         }
-        let mut t = crate::train::checkpoint::read_tensors(&p, device).with_context(|| format!("embedding cache entry for {text:?}; delete it to re-encode"))?;
+        let mut t = crate::weights::tensors::read_tensors(&p, device).with_context(|| format!("embedding cache entry for {text:?}; delete it to re-encode"))?;
         let seq = t.remove("seq").with_context(|| format!("{}: no tensor seq; delete it to re-encode", p.display()))?;
         Ok(Some(Condition { seq, pooled: t.remove("pooled") }))
     }
@@ -79,7 +79,7 @@ impl EmbedCache {
         if let Some(p) = &c.pooled {
             t.insert("pooled".into(), p.clone());
         }
-        crate::train::checkpoint::save_tensors(&t, &self.path(text))
+        crate::weights::tensors::save_tensors(&t, &self.path(text))
     }
 
     /// The conditions of `prompts` (one row each), calling `encode` once on the prompts

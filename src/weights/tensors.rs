@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use candle_core::Var;
 use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,7 +30,7 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 }
 
 pub fn save_varmap(map: &VarMap, path: &Path) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = crate::policy::sorted_vars(map)
+    let tensors: HashMap<String, Tensor> = sorted_vars(map)
         .into_iter()
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
@@ -39,7 +40,7 @@ pub fn save_varmap(map: &VarMap, path: &Path) -> Result<()> {
 /// Overwrite every variable of `map` from `path`. Missing, extra or mis-shaped tensors are
 /// errors naming the tensor; nothing is modified unless the whole file matches.
 pub fn load_varmap(map: &VarMap, path: &Path) -> Result<()> {
-    let vars = crate::policy::sorted_vars(map);
+    let vars = sorted_vars(map);
     let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
     let file = read_tensors(path, &device)?;
     for (name, var) in &vars {
@@ -55,4 +56,12 @@ pub fn load_varmap(map: &VarMap, path: &Path) -> Result<()> {
         var.set(&file[name].to_dtype(var.dtype())?)?;
     }
     Ok(())
+}
+
+/// Variables of a map sorted by name (a stable order for optimizers and checkpoints).
+pub fn sorted_vars(map: &VarMap) -> Vec<(String, Var)> {
+    let data = map.data().lock().unwrap();
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }

@@ -6,7 +6,7 @@
 //! Weights are addressed by Black Forest Labs' single-file names (`img_in`, `txt_in`,
 //! `time_in`, `vector_in`, `guidance_in`, `double_blocks.{i}.{img,txt}_{mod,attn,mlp}`,
 //! `single_blocks.{i}.{linear1,linear2,norm,modulation}`, `final_layer`), the layout
-//! candle-transformers' `flux` reads; [`super::flux_layout`] maps the diffusers layout.
+//! candle-transformers' `flux` reads; [`crate::policy::flux::layout`] maps the diffusers layout.
 //!
 //! The policy's latent is the VAE's (16, H/8, W/8); the model packs 2×2 patches into
 //! (H/16·W/16, 64) tokens itself and unpacks its output, so the sampler, the dense
@@ -19,9 +19,9 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use std::sync::Arc;
 
-use super::adapted::{Lora, Proj};
-use super::checkpoint::{checkpointed, PackedBlock, SideGrads};
-use super::layers::{in_f32, ln, timestep_embedding, LoraCtx};
+use crate::policy::nn::adapted::{Lora, Proj};
+use crate::policy::nn::checkpoint::{checkpointed, PackedBlock, SideGrads};
+use crate::policy::nn::layers::{in_f32, ln, timestep_embedding, LoraCtx};
 
 /// Shape of a FLUX transformer ([`FluxConfig::dev`], [`FluxConfig::schnell`]).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -115,7 +115,7 @@ impl FluxConfig {
         let mut n = 0;
         for (name, din, dout) in self.linear_layers() {
             let Some((parts, _)) = diffusers_modules(&name, self) else { continue };
-            for (module, rows) in super::adapted::row_ranges(parts, dout) {
+            for (module, rows) in crate::policy::nn::adapted::row_ranges(parts, dout) {
                 if targets.iter().any(|t| module.contains(t.as_str())) {
                     n += rank * (din + rows.len());
                 }
@@ -125,7 +125,7 @@ impl FluxConfig {
     }
 }
 
-/// The diffusers module names of a single-file linear layer (see [`super::adapted`]).
+/// The diffusers module names of a single-file linear layer (see [`crate::policy::nn::adapted`]).
 pub fn diffusers_modules(bfl: &str, cfg: &FluxConfig) -> Option<(Vec<(String, usize)>, bool)> {
     let one = |d: &str| Some((vec![(d.to_string(), 0)], false));
     match bfl {
@@ -341,7 +341,7 @@ impl SingleBlock {
     }
 }
 
-/// A double block over [txt; img; vec] for [`super::checkpoint`] (RoPE tables held).
+/// A double block over [txt; img; vec] for [`crate::policy::nn::checkpoint`] (RoPE tables held).
 struct DoublePacked {
     block: Arc<DoubleBlock>,
     pe: (Tensor, Tensor),
@@ -465,7 +465,7 @@ impl Flux {
 
     /// `loss.backward()`, plus the weight gradients of checkpointed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        super::checkpoint::backward_opt(loss, self.checkpoint.as_ref())
+        crate::policy::nn::checkpoint::backward_opt(loss, self.checkpoint.as_ref())
     }
 
     /// Velocity for latents z (B, C, H, W) at noise levels σ (B,) with T5 tokens
@@ -526,7 +526,7 @@ impl Flux {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::layers::LoraSpec;
+    use crate::policy::nn::layers::LoraSpec;
     use candle_core::{Device, Var};
     use candle_nn::VarMap;
 
@@ -611,7 +611,7 @@ pub(crate) mod tests {
         let (z, sigma, ctx, pooled, g) = inputs(&cfg, 2);
         let out = m.forward(&z, &sigma, &ctx, &pooled, Some(&g)).unwrap();
         let grads = out.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-        crate::policy::assert_every_var_has_gradient(&grads, crate::policy::sorted_vars(&map), "flux");
+        crate::policy::assert_every_var_has_gradient(&grads, crate::weights::tensors::sorted_vars(&map), "flux");
 
         let lmap = VarMap::new();
         let spec = LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn.to_q".into(), "attn.add_v_proj".into(), "proj_mlp".into(), "ff_context.net.2".into()] };
@@ -621,12 +621,12 @@ pub(crate) mod tests {
         assert_eq!(max_rel(&ml.forward(&z, &sigma, &ctx, &pooled, Some(&g)).unwrap(), &out), 0.0);
         // 2 double × (to_q, add_v_proj, ff_context.net.2) + 2 single × (to_q, proj_mlp).
         assert_eq!(ml.lora_count(), 2 * 3 + 2 * 2);
-        let names: Vec<String> = crate::policy::sorted_vars(&lmap).into_iter().map(|(k, _)| k).collect();
+        let names: Vec<String> = crate::weights::tensors::sorted_vars(&lmap).into_iter().map(|(k, _)| k).collect();
         assert!(names.contains(&"single_transformer_blocks.1.proj_mlp.lora_B.weight".to_string()), "{names:?}");
         let b_rows = lmap.data().lock().unwrap()["single_transformer_blocks.0.proj_mlp.lora_B.weight"].dim(0).unwrap();
         assert_eq!(b_rows, cfg.mlp());
         crate::policy::randomize_vars(&lmap, 7, 0.2);
-        let lvars = crate::policy::sorted_vars(&lmap);
+        let lvars = crate::weights::tensors::sorted_vars(&lmap);
         let grads_of = |m: &Flux| {
             let o = m.forward(&z, &sigma, &ctx, &pooled, Some(&g)).unwrap();
             let gs = m.backward(&(o.sqr().unwrap().mean_all().unwrap() + o.sin().unwrap().sum_all().unwrap()).unwrap()).unwrap();
@@ -682,13 +682,13 @@ pub(crate) mod tests {
     fn parameter_counts_match_the_model() {
         let cfg = tiny();
         let map = random_weights(&cfg, 6);
-        let actual: usize = crate::policy::sorted_vars(&map).iter().map(|(_, v)| v.elem_count()).sum();
+        let actual: usize = crate::weights::tensors::sorted_vars(&map).iter().map(|(_, v)| v.elem_count()).sum();
         assert_eq!(cfg.param_count(), actual);
         let targets: Vec<String> = vec!["attn.to_q".into(), "proj_mlp".into(), "ff.net.2".into()];
         let lmap = VarMap::new();
         let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 1, &Device::Cpu), spec: LoraSpec { rank: 3, alpha: 3.0, targets: targets.clone() } };
         Flux::new(&crate::policy::frozen_builder(&map, &Device::Cpu), &cfg, Some(&ctx)).unwrap();
-        let lora: usize = crate::policy::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
+        let lora: usize = crate::weights::tensors::sorted_vars(&lmap).iter().map(|(_, v)| v.elem_count()).sum();
         assert_eq!(cfg.lora_param_count(3, &targets), lora);
         let b = FluxConfig::dev().param_count() as f64 / 1e9;
         assert!((11.8..12.0).contains(&b), "FLUX.1-dev: {b} B parameters");

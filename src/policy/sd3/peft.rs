@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::adapted::DiffusersNames;
+use crate::policy::nn::adapted::DiffusersNames;
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -19,7 +19,7 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub fn export(dir: &Path, adapters: &HashMap<String, Tensor>, rank: usize, alpha: f64, targets: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let out: HashMap<String, Tensor> = adapters.iter().map(|(k, v)| (format!("transformer.{k}"), v.clone())).collect();
-    crate::train::checkpoint::save_tensors(&out, &dir.join(LORA_FILE))?;
+    crate::weights::tensors::save_tensors(&out, &dir.join(LORA_FILE))?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "r": rank,
@@ -35,14 +35,14 @@ pub fn export(dir: &Path, adapters: &HashMap<String, Tensor>, rank: usize, alpha
 }
 
 /// The single-file base weights with every adapter merged in; `names` maps a
-/// single-file layer to its diffusers modules (the policy's [`super::Policy::diffusers_names`]).
+/// single-file layer to its diffusers modules (the policy's [`crate::policy::Policy::diffusers_names`]).
 pub fn merge(base: &HashMap<String, Tensor>, adapters: &HashMap<String, Tensor>, rank: usize, alpha: f64, names: DiffusersNames) -> Result<HashMap<String, Tensor>> {
     // diffusers module → (single-file layer, its output rows)
     let mut place: HashMap<String, (String, std::ops::Range<usize>)> = HashMap::new();
     for (k, w) in base {
         if let Some(layer) = k.strip_suffix(".weight") {
             if let Some((modules, _)) = names(layer) {
-                for (name, rows) in super::adapted::row_ranges(modules, w.dim(0)?) {
+                for (name, rows) in crate::policy::nn::adapted::row_ranges(modules, w.dim(0)?) {
                     place.insert(name, (layer.to_string(), rows));
                 }
             }
@@ -74,8 +74,8 @@ pub fn merge(base: &HashMap<String, Tensor>, adapters: &HashMap<String, Tensor>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::layers::{LoraCtx, LoraSpec};
-    use crate::policy::mmdit::{tests::random_weights, tests::tiny, Mmdit};
+    use crate::policy::nn::layers::{LoraCtx, LoraSpec};
+    use crate::policy::sd3::mmdit::{tests::random_weights, tests::tiny, Mmdit};
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
 
@@ -92,15 +92,15 @@ mod tests {
         let m = Mmdit::new(&crate::policy::frozen_builder(&base, &Device::Cpu), &cfg, Some(&ctx)).unwrap();
         // Move B off zero so the merge has something to show.
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(2);
-        for (k, v) in crate::policy::sorted_vars(&lmap) {
+        for (k, v) in crate::weights::tensors::sorted_vars(&lmap) {
             if k.ends_with("lora_B.weight") {
                 v.set(&(crate::sampler::randn(v.dims(), &mut rng, &Device::Cpu).unwrap() * 0.3).unwrap()).unwrap();
             }
         }
-        let adapters: HashMap<String, Tensor> = crate::policy::sorted_vars(&lmap).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let adapters: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&lmap).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         let d = tempfile::tempdir().unwrap();
         export(d.path(), &adapters, 2, 4.0, &targets).unwrap();
-        let file = crate::train::checkpoint::read_tensors(&d.path().join(LORA_FILE), &Device::Cpu).unwrap();
+        let file = crate::weights::tensors::read_tensors(&d.path().join(LORA_FILE), &Device::Cpu).unwrap();
         let h = cfg.hidden();
         // Blocks 0 and 1 have every target; the pre-only last block has no to_add_out.
         assert_eq!(file.len(), 2 * (8 * 2 + 7));
@@ -117,9 +117,9 @@ mod tests {
         assert_eq!((conf["peft_type"].as_str(), conf["r"].as_u64(), conf["lora_alpha"].as_f64()), (Some("LORA"), Some(2), Some(4.0)));
         assert_eq!(conf["target_modules"].as_array().unwrap().len(), 8);
 
-        let base_t: HashMap<String, Tensor> = crate::policy::sorted_vars(&base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let base_t: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&base).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         let depth = cfg.depth;
-        let names = move |l: &str| crate::policy::sd3_layout::diffusers_parts(l, depth);
+        let names = move |l: &str| crate::policy::sd3::names::diffusers_parts(l, depth);
         let merged = merge(&base_t, &adapters, 2, 4.0, &names).unwrap();
         let mm = Mmdit::new(&VarBuilder::from_tensors(merged, DType::F32, &Device::Cpu), &cfg, None).unwrap();
         let z = crate::sampler::randn(&[1, cfg.in_channels, 4, 4], &mut rng, &Device::Cpu).unwrap();

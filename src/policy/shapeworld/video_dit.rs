@@ -19,9 +19,9 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::block::{BlockConfig, DitBlock};
-use super::dit::{output_to_velocity, AdaHead, Prediction, TextEncoder};
-use super::layers::{Linear, LoraCtx};
+use crate::policy::nn::block::{BlockConfig, DitBlock};
+use crate::policy::shapeworld::dit::{output_to_velocity, AdaHead, Prediction, TextEncoder};
+use crate::policy::nn::layers::{Linear, LoraCtx};
 use crate::image::Image;
 
 /// Token grouping of the video blocks.
@@ -66,7 +66,7 @@ impl Default for VideoDitConfig {
 
 impl VideoDitConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        super::dit::validate_dims("video_model", self.image_size, self.patch, self.dim, self.heads, self.depth, self.mlp_ratio)?;
+        crate::policy::shapeworld::dit::validate_dims("video_model", self.image_size, self.patch, self.dim, self.heads, self.depth, self.mlp_ratio)?;
         anyhow::ensure!(self.frames >= 2, "video_model.frames: a clip needs at least 2 frames (got {})", self.frames);
         anyhow::ensure!(self.t_patch > 0 && self.frames % self.t_patch == 0, "video_model.t_patch: {} must divide video_model.frames {}", self.t_patch, self.frames);
         Ok(())
@@ -198,27 +198,27 @@ pub struct VideoPolicy {
 }
 
 impl VideoPolicy {
-    fn build(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64, weights: Option<&std::path::Path>, lora: Option<&super::layers::LoraSpec>) -> anyhow::Result<Self> {
+    fn build(cfg: &VideoDitConfig, device: &candle_core::Device, seed: u64, weights: Option<&std::path::Path>, lora: Option<&crate::policy::nn::layers::LoraSpec>) -> anyhow::Result<Self> {
         use crate::world::video::{video_vocab, MAX_VIDEO_TOKENS};
         cfg.validate()?;
         let (vocab, max_tokens) = (video_vocab().len(), MAX_VIDEO_TOKENS);
         let base = candle_nn::VarMap::new();
-        let vb = super::seeded_var_builder(&base, seed, device);
+        let vb = crate::policy::seeded_var_builder(&base, seed, device);
         let mut model = VideoDit::new(&vb, cfg, vocab, max_tokens, None)?;
         if let Some(w) = weights {
-            crate::train::checkpoint::load_varmap(&base, w)?;
+            crate::weights::tensors::load_varmap(&base, w)?;
         }
-        let frozen_base = super::frozen_builder(&base, device);
+        let frozen_base = crate::policy::frozen_builder(&base, device);
         let mut lora_map = None;
         let mut base_net = None;
         let mut frozen = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, None)?;
         if let Some(spec) = lora {
             // Same scheme as the image policy: adapters in their own map, bound to the base.
             let lmap = candle_nn::VarMap::new();
-            let ctx = LoraCtx { vb: super::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
+            let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, seed ^ 0x10_2a, device), spec: spec.clone() };
             model = VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&ctx))?;
             anyhow::ensure!(!lmap.all_vars().is_empty(), "lora.targets {:?}: pattern matches no linear layer of the video policy", spec.targets);
-            let frozen_ctx = LoraCtx { vb: super::frozen_builder(&lmap, device), spec: spec.clone() };
+            let frozen_ctx = LoraCtx { vb: crate::policy::frozen_builder(&lmap, device), spec: spec.clone() };
             base_net = Some(std::mem::replace(&mut frozen, VideoDit::new(&frozen_base, cfg, vocab, max_tokens, Some(&frozen_ctx))?));
             lora_map = Some(lmap);
         }
@@ -232,21 +232,21 @@ impl VideoPolicy {
 
     /// Weights from a safetensors checkpoint (names and shapes checked against the config),
     /// optionally with fresh LoRA adapters (seeded by `seed`).
-    pub fn load(cfg: &VideoDitConfig, weights: &std::path::Path, lora: Option<&super::layers::LoraSpec>, device: &candle_core::Device, seed: u64) -> anyhow::Result<Self> {
+    pub fn load(cfg: &VideoDitConfig, weights: &std::path::Path, lora: Option<&crate::policy::nn::layers::LoraSpec>, device: &candle_core::Device, seed: u64) -> anyhow::Result<Self> {
         Self::build(cfg, device, seed, Some(weights), lora)
     }
 
     pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        crate::train::checkpoint::save_varmap(&self.base, path)
+        crate::weights::tensors::save_varmap(&self.base, path)
     }
 
 }
 
-impl super::Policy for VideoPolicy {
+impl crate::policy::Policy for VideoPolicy {
     /// Token ids (B, MAX_VIDEO_TOKENS) of the ShapeWorld-Video grammar.
-    fn encode(&self, prompts: &[crate::prompt::Prompt]) -> anyhow::Result<super::Condition> {
+    fn encode(&self, prompts: &[crate::prompt::Prompt]) -> anyhow::Result<crate::policy::Condition> {
         let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
-        Ok(super::Condition::tokens(tokens_for_video_texts(&texts, &self.device)?))
+        Ok(crate::policy::Condition::tokens(tokens_for_video_texts(&texts, &self.device)?))
     }
     /// The latent is the clip in [-1, 1].
     fn decode(&self, z: &Tensor) -> anyhow::Result<crate::image::Samples> {
@@ -256,7 +256,7 @@ impl super::Policy for VideoPolicy {
         self.cfg.latent_shape().to_vec()
     }
     fn trainable(&self) -> Vec<(String, candle_core::Var)> {
-        super::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
+        crate::weights::tensors::sorted_vars(self.lora.as_ref().unwrap_or(&self.base))
     }
     fn base_map(&self) -> &candle_nn::VarMap {
         &self.base
@@ -266,18 +266,18 @@ impl super::Policy for VideoPolicy {
     }
 }
 
-impl super::FlowModel for VideoPolicy {
-    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Result<Tensor> {
+impl crate::policy::FlowModel for VideoPolicy {
+    fn velocity(&self, z: &Tensor, sigma: &Tensor, cond: &crate::policy::Condition) -> Result<Tensor> {
         self.model.forward(z, sigma, &cond.seq)
     }
-    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Result<Tensor> {
+    fn velocity_frozen(&self, z: &Tensor, sigma: &Tensor, cond: &crate::policy::Condition) -> Result<Tensor> {
         self.frozen.forward(z, sigma, &cond.seq)
     }
-    fn velocity_base(&self, z: &Tensor, sigma: &Tensor, cond: &super::Condition) -> Option<Result<Tensor>> {
+    fn velocity_base(&self, z: &Tensor, sigma: &Tensor, cond: &crate::policy::Condition) -> Option<Result<Tensor>> {
         self.base_net.as_ref().map(|m| m.forward(z, sigma, &cond.seq))
     }
     fn base_vars(&self) -> Vec<(String, candle_core::Var)> {
-        super::sorted_vars(&self.base)
+        crate::weights::tensors::sorted_vars(&self.base)
     }
     fn device(&self) -> &candle_core::Device {
         &self.device
@@ -336,6 +336,38 @@ pub fn latents_to_clips(z: &Tensor) -> Result<Vec<Vec<Image>>> {
                 .collect()
         })
         .collect())
+}
+
+/// The ShapeWorld video family (`modality = "video"`, `[video_model]`).
+impl crate::policy::Generator for VideoDitConfig {
+    fn section(&self) -> &'static str {
+        "video_model"
+    }
+    fn sample_kind(&self) -> crate::image::SampleKind {
+        crate::image::SampleKind::Clips
+    }
+    fn image_size(&self) -> usize {
+        self.image_size
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        VideoDitConfig::validate(self)?;
+        crate::world::video::check_clip_dims(self.frames, self.image_size).map_err(|e| e.context("video_model"))
+    }
+    fn load(&self, weights: &std::path::Path, lora: Option<&crate::policy::nn::layers::LoraSpec>, device: &candle_core::Device, seed: u64) -> anyhow::Result<Box<dyn crate::policy::Policy>> {
+        Ok(Box::new(VideoPolicy::load(self, weights, lora, device, seed)?))
+    }
+    fn cache_prefix(&self) -> &'static str {
+        "vbase"
+    }
+    fn section_json(&self) -> String {
+        serde_json::to_string(self).expect("config serializes")
+    }
+    fn prediction(&self) -> Option<Prediction> {
+        Some(self.prediction)
+    }
+    fn save_random(&self, device: &candle_core::Device, seed: u64, path: &std::path::Path) -> anyhow::Result<()> {
+        VideoPolicy::new(self, device, seed)?.save(path)
+    }
 }
 
 #[cfg(test)]
@@ -400,7 +432,7 @@ mod tests {
                 let v = m.forward(&z, &s, &tok).unwrap();
                 assert_eq!(v.dims(), z.dims());
                 let grads = v.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-                crate::policy::assert_every_var_has_gradient(&grads, crate::policy::sorted_vars(&map), &format!("{attention:?}, fused={fused}, {prediction:?}"));
+                crate::policy::assert_every_var_has_gradient(&grads, crate::weights::tensors::sorted_vars(&map), &format!("{attention:?}, fused={fused}, {prediction:?}"));
             }
         }
     }

@@ -1,0 +1,4 @@
+//! The ShapeWorld generators vipo pretrains itself: the image DiT and the video DiT.
+
+pub mod dit;
+pub mod video_dit;
