@@ -5,7 +5,9 @@ fn main() -> anyhow::Result<()> {
     let only: Option<String> = std::env::args().nth(2);
     for fused in [false, true] {
         if let Some(o) = &only {
-            if (o == "fused") != fused { continue; }
+            if (o == "fused") != fused {
+                continue;
+            }
         }
         let b = vipo::bench::bench_block(8, 256, 256, 4, fused, iters)?;
         println!("fused={:5} fwd {:8.1} ms  fwd+bwd {:8.1} ms", b.fused, b.fwd_ms, b.fwd_bwd_ms);

@@ -49,11 +49,7 @@ fn std_of(xs: &[f64], kind: StdKind) -> f64 {
 /// Arithmetic is in f64.
 pub fn group_advantages(rewards: &[f32], group_size: usize, std: StdKind, global_std: bool, clip: f32) -> Result<GroupAdvantages> {
     ensure!(group_size >= 2, "advantage: group_size must be >= 2 for group-relative advantages (got {group_size})");
-    ensure!(
-        rewards.len().is_multiple_of(group_size),
-        "advantage: {} rewards is not a multiple of group_size {group_size}",
-        rewards.len()
-    );
+    ensure!(rewards.len().is_multiple_of(group_size), "advantage: {} rewards is not a multiple of group_size {group_size}", rewards.len());
     ensure!(clip > 0.0, "advantage: clip must be > 0 (got {clip}); use inf for no clipping");
     if let Some(i) = rewards.iter().position(|r| !r.is_finite()) {
         anyhow::bail!("advantage: reward at index {i} is not finite ({})", rewards[i]);
@@ -75,6 +71,34 @@ pub fn group_advantages(rewards: &[f32], group_size: usize, std: StdKind, global
         adv.extend(g.iter().map(|&x| ((x - mean) / sd).clamp(-clip, clip) as f32));
     }
     Ok(GroupAdvantages { adv, zero_groups })
+}
+
+/// ViPO pixel advantages (docs/DESIGN.md §1.4): A_i^p = clip(M_i(p)·A_i, ±clip). `maps[i]` is
+/// sample i's allocation map (values in [0,1], so the sign of A_i never flips). Returns the
+/// flattened (N, positions) values.
+pub fn pixel_advantages(adv: &[f32], maps: &[Vec<f32>], clip: f32) -> Vec<f32> {
+    adv.iter().zip(maps).flat_map(|(&a, m)| m.iter().map(move |&mp| (mp * a).clamp(-clip, clip))).collect()
+}
+
+/// The "map × reward" ablation: per-position rewards r_i^p = M_i(p)·r_i, group-normalised
+/// at each position across the group (same std convention as the scalar advantage), then
+/// clipped. Flattened (N, positions).
+pub fn map_times_reward_advantages(rewards: &[f32], maps: &[Vec<f32>], group_size: usize, std: StdKind, global_std: bool, clip: f32) -> anyhow::Result<Vec<f32>> {
+    let n = rewards.len();
+    anyhow::ensure!(maps.len() == n, "map_times_reward_advantages: {} maps for {} rewards", maps.len(), n);
+    let p = maps.first().map_or(0, |m| m.len());
+    let mut out = vec![0f32; n * p];
+    let mut column = vec![0f32; n];
+    for pos in 0..p {
+        for i in 0..n {
+            column[i] = maps[i][pos] * rewards[i];
+        }
+        let ga = group_advantages(&column, group_size, std, global_std, clip)?;
+        for i in 0..n {
+            out[i * p + pos] = ga.adv[i];
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -148,42 +172,4 @@ mod tests {
         let k: StdKind = serde_json::from_str("\"sample\"").unwrap();
         assert_eq!(k, StdKind::Sample);
     }
-}
-
-/// ViPO pixel advantages (docs/DESIGN.md §1.4): A_i^p = clip(M_i(p)·A_i, ±clip). `maps[i]` is
-/// sample i's allocation map (values in [0,1], so the sign of A_i never flips). Returns the
-/// flattened (N, positions) values.
-pub fn pixel_advantages(adv: &[f32], maps: &[Vec<f32>], clip: f32) -> Vec<f32> {
-    adv.iter()
-        .zip(maps)
-        .flat_map(|(&a, m)| m.iter().map(move |&mp| (mp * a).clamp(-clip, clip)))
-        .collect()
-}
-
-/// The "map × reward" ablation: per-position rewards r_i^p = M_i(p)·r_i, group-normalised
-/// at each position across the group (same std convention as the scalar advantage), then
-/// clipped. Flattened (N, positions).
-pub fn map_times_reward_advantages(
-    rewards: &[f32],
-    maps: &[Vec<f32>],
-    group_size: usize,
-    std: StdKind,
-    global_std: bool,
-    clip: f32,
-) -> anyhow::Result<Vec<f32>> {
-    let n = rewards.len();
-    anyhow::ensure!(maps.len() == n, "map_times_reward_advantages: {} maps for {} rewards", maps.len(), n);
-    let p = maps.first().map_or(0, |m| m.len());
-    let mut out = vec![0f32; n * p];
-    let mut column = vec![0f32; n];
-    for pos in 0..p {
-        for i in 0..n {
-            column[i] = maps[i][pos] * rewards[i];
-        }
-        let ga = group_advantages(&column, group_size, std, global_std, clip)?;
-        for i in 0..n {
-            out[i * p + pos] = ga.adv[i];
-        }
-    }
-    Ok(out)
 }

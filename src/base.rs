@@ -116,6 +116,54 @@ pub fn existing_default_base(cfg: &Config) -> Result<Option<PathBuf>> {
     Ok(p.is_file().then_some(p))
 }
 
+/// The base weights of a run, resolved once for training and evaluation: a real
+/// generator's model spec; an explicit `train.base` (its prediction checked against the
+/// config it was pretrained with); else the shipped or cached default, and on a miss
+/// whatever `on_miss` does (training pretrains it, evaluation refuses).
+pub fn resolve(cfg: &Config, on_miss: impl FnOnce(&Config) -> Result<PathBuf>) -> Result<PathBuf> {
+    if let Some((field, model)) = cfg.real_model() {
+        ensure!(!model.is_empty(), "{field}: empty; set it to a diffusers model folder or a Hugging Face repository id in the local cache");
+        return Ok(PathBuf::from(model));
+    }
+    if !cfg.train.base.is_empty() {
+        let p = PathBuf::from(&cfg.train.base);
+        ensure!(p.is_file(), "train.base: {} does not exist", p.display());
+        check_base_prediction(cfg, &p)?;
+        return Ok(p);
+    }
+    match existing_default_base(cfg)? {
+        Some(p) => Ok(p),
+        None => on_miss(cfg),
+    }
+}
+
+/// A weights file does not say whether its network predicts x̂₀ or v, and both have the
+/// same tensors, so a mismatch would sample garbage silently. When the base sits in a run
+/// directory (pretrain runs and the cache do), its `config.toml` says; refuse a mismatch.
+fn check_base_prediction(cfg: &Config, base: &Path) -> Result<()> {
+    let Some(saved_path) = base.parent().map(|d| d.join(crate::run_dir::CONFIG_FILE)).filter(|p| p.is_file()) else {
+        return Ok(());
+    };
+    let Ok(mut saved) = crate::config::load::<Config>(Some(&saved_path), &[]) else {
+        return Ok(()); // not a vipo config: nothing to compare against
+    };
+    // Compare like with like: the saved config's section of this run's family.
+    saved.modality = cfg.modality;
+    let g = cfg.generator();
+    let (Some(mine), Some(theirs)) = (g.prediction(), saved.generator().prediction()) else {
+        return Ok(());
+    };
+    let section = g.section();
+    anyhow::ensure!(
+        mine == theirs,
+        "train.base {}: pretrained with {section}.prediction = {theirs:?} (its {}) but this run has {mine:?}; pass --set {section}.prediction={}",
+        base.display(),
+        saved_path.display(),
+        format!("{theirs:?}").to_lowercase()
+    );
+    Ok(())
+}
+
 /// A base's cache prefix and key before legacy fields are dropped. A real generator's key
 /// is its section; a pretrained family's is the JSON array [section, pretrain, seed,
 /// sample] (what serde writes for that tuple).

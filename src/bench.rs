@@ -72,35 +72,6 @@ pub fn bench_block(batch: usize, tokens: usize, dim: usize, heads: usize, fused:
     Ok(BlockBench { fwd_ms: median(tf), fwd_bwd_ms: median(tb), fused, batch, tokens, dim, heads })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bench_block_runs_small() {
-        for fused in [false, true] {
-            let b = bench_block(1, 8, 16, 2, fused, 3).unwrap();
-            assert!(b.fwd_ms > 0.0 && b.fwd_bwd_ms > 0.0 && b.fwd_ms.is_finite() && b.fwd_bwd_ms.is_finite());
-            assert_eq!((b.batch, b.tokens, b.dim, b.heads, b.fused), (1, 8, 16, 2, fused));
-        }
-        assert!(bench_block(1, 8, 16, 2, false, 0).is_err());
-    }
-
-    /// Context padding (`backbone.pad`) moves map mass onto the objects of ground-truth
-    /// renders under the default (minority) orientation: 2.53× → 3.05× on the 32-image bench.
-    #[test]
-    fn context_padding_puts_more_map_on_objects() {
-        let ratio = |pad| {
-            let b = bench_psm(&["features.6"], 112, pad, 16).unwrap();
-            let m = b.iter().find(|b| b.orient == crate::psm::Orient::Minority).unwrap();
-            assert_eq!((m.pad, m.grid), (pad, (14, 14)));
-            m.object_mass / m.area_frac
-        };
-        let (r0, r2) = (ratio(0), ratio(2));
-        assert!(r2 > r0 + 0.25, "pad 2: {r2:.2}× vs pad 0: {r0:.2}×");
-    }
-}
-
 /// Whole-policy timings at a config: forward and forward+backward of one training batch.
 pub struct PolicyBench {
     pub batch: usize,
@@ -161,7 +132,11 @@ pub fn bench_mmdit(checkpointing: bool, iters: usize) -> anyhow::Result<MmditBen
     let base = candle_nn::VarMap::new();
     Mmdit::new(&crate::policy::seeded_var_builder(&base, 0, &dev), &cfg, None)?;
     let lmap = candle_nn::VarMap::new();
-    let spec = LoraSpec { rank: 8, alpha: 8.0, targets: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"].map(String::from).to_vec() };
+    let spec = LoraSpec {
+        rank: 8,
+        alpha: 8.0,
+        targets: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"].map(String::from).to_vec(),
+    };
     let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 1, &dev), spec };
     let m = Mmdit::new(&crate::policy::frozen_builder(&base, &dev), &cfg, Some(&ctx))?;
     let m = if checkpointing { m.checkpointed() } else { m };
@@ -240,17 +215,23 @@ pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std:
         let b = bench_mmdit(cfg.sd3.checkpointing, iters)?;
         println!(
             "mmdit {} blocks × {} wide, {} image + {} text tokens, batch {}, LoRA r 8 ({} params), checkpointing {}: fwd+bwd {:.0} ms, peak RSS {:.0} MB over the {:.0} MB of weights and inputs",
-            b.depth, b.hidden, b.image_tokens, b.text_tokens, b.batch, b.params, if b.checkpointing { "on" } else { "off" }, b.fwd_bwd_ms, b.peak_mb - b.base_mb, b.base_mb
+            b.depth,
+            b.hidden,
+            b.image_tokens,
+            b.text_tokens,
+            b.batch,
+            b.params,
+            if b.checkpointing { "on" } else { "off" },
+            b.fwd_bwd_ms,
+            b.peak_mb - b.base_mb,
+            b.base_mb
         );
         return Ok(());
     }
     if what == "block" || what == "all" {
         for fused in [false, true] {
             let b = bench_block(8, 256, 256, 4, fused, iters)?;
-            println!(
-                "block b={} n={} d={} h={} {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms",
-                b.batch, b.tokens, b.dim, b.heads, if fused { "fused" } else { "reference" }, b.fwd_ms, b.fwd_bwd_ms
-            );
+            println!("block b={} n={} d={} h={} {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms", b.batch, b.tokens, b.dim, b.heads, if fused { "fused" } else { "reference" }, b.fwd_ms, b.fwd_bwd_ms);
         }
     }
     if let Some((run, step)) = samples_of {
@@ -277,7 +258,13 @@ pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std:
                 let b = bench_video(&cfg, 8, iters)?;
                 println!(
                     "video policy 8×32×32 {:<10} t_patch {t_patch} ({:4} tokens, {} params, batch {}): fwd {:7.1} ms   fwd+bwd {:7.1} ms   ({:.1} train clips/s)",
-                    format!("{attention:?}").to_lowercase(), cfg.tokens(), b.params, b.batch, b.fwd_ms, b.fwd_bwd_ms, b.batch as f64 / (b.fwd_bwd_ms / 1e3)
+                    format!("{attention:?}").to_lowercase(),
+                    cfg.tokens(),
+                    b.params,
+                    b.batch,
+                    b.fwd_ms,
+                    b.fwd_bwd_ms,
+                    b.batch as f64 / (b.fwd_bwd_ms / 1e3)
                 );
             }
         }
@@ -289,7 +276,12 @@ pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std:
             let b = bench_policy(&c, 32, iters)?;
             println!(
                 "policy (default config, {} params, batch {}) {:<9}: fwd {:7.1} ms   fwd+bwd {:7.1} ms   ({:.1} train images/s)",
-                b.params, b.batch, if fused { "fused" } else { "reference" }, b.fwd_ms, b.fwd_bwd_ms, b.batch as f64 / (b.fwd_bwd_ms / 1e3)
+                b.params,
+                b.batch,
+                if fused { "fused" } else { "reference" },
+                b.fwd_ms,
+                b.fwd_bwd_ms,
+                b.batch as f64 / (b.fwd_bwd_ms / 1e3)
             );
         }
     }
@@ -374,7 +366,17 @@ pub fn psm_mass(images: &[crate::image::Image], masks: &[Vec<f32>], taps: &[&str
                 mass += a as f64;
                 area += b as f64;
             }
-            out.push(PsmBench { tap: tap.to_string(), pad, orient, input_size, grid: (feats[0].h, feats[0].w), object_mass: mass / n_images as f64, area_frac: area / n_images as f64, backbone_ms, psm_ms });
+            out.push(PsmBench {
+                tap: tap.to_string(),
+                pad,
+                orient,
+                input_size,
+                grid: (feats[0].h, feats[0].w),
+                object_mass: mass / n_images as f64,
+                area_frac: area / n_images as f64,
+                backbone_ms,
+                psm_ms,
+            });
         }
     }
     Ok(out)
@@ -392,4 +394,33 @@ pub fn bench_psm_samples(run_dir: &std::path::Path, step: Option<usize>, n: usiz
     let images = crate::generate::generate_images(policy.as_ref(), &prompts, crate::policy::ode::EVAL_SEED, &cfg.sample)?;
     let masks: Vec<Vec<f32>> = images.iter().map(crate::train::maps::foreground_mask).collect();
     psm_mass(&images, &masks, &["features.3", "features.6", "features.13"], input_size, pad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_block_runs_small() {
+        for fused in [false, true] {
+            let b = bench_block(1, 8, 16, 2, fused, 3).unwrap();
+            assert!(b.fwd_ms > 0.0 && b.fwd_bwd_ms > 0.0 && b.fwd_ms.is_finite() && b.fwd_bwd_ms.is_finite());
+            assert_eq!((b.batch, b.tokens, b.dim, b.heads, b.fused), (1, 8, 16, 2, fused));
+        }
+        assert!(bench_block(1, 8, 16, 2, false, 0).is_err());
+    }
+
+    /// Context padding (`backbone.pad`) moves map mass onto the objects of ground-truth
+    /// renders under the default (minority) orientation: 2.53× → 3.05× on the 32-image bench.
+    #[test]
+    fn context_padding_puts_more_map_on_objects() {
+        let ratio = |pad| {
+            let b = bench_psm(&["features.6"], 112, pad, 16).unwrap();
+            let m = b.iter().find(|b| b.orient == crate::psm::Orient::Minority).unwrap();
+            assert_eq!((m.pad, m.grid), (pad, (14, 14)));
+            m.object_mass / m.area_frac
+        };
+        let (r0, r2) = (ratio(0), ratio(2));
+        assert!(r2 > r0 + 0.25, "pad 2: {r2:.2}× vs pad 0: {r0:.2}×");
+    }
 }

@@ -341,8 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("report: {}", path.display());
             if check {
-                let browser = crate::report::browser::find_browser()
-                    .ok_or_else(|| anyhow::anyhow!("--check needs a headless browser: apt-get install chromium, or set VIPO_CHROMIUM"))?;
+                let browser = crate::report::browser::find_browser().ok_or_else(|| anyhow::anyhow!("--check needs a headless browser: apt-get install chromium, or set VIPO_CHROMIUM"))?;
                 let c = crate::report::browser::check(&browser, &path)?;
                 println!("browser check ({}): {} images, {} broken, {} console messages", browser.display(), c.images, c.broken_images, c.console.len());
                 for l in &c.console {
@@ -420,7 +419,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
                 let mut g = given.clone();
                 g.train.steps = saved.train.steps;
                 g.progress = saved.progress;
-                anyhow::ensure!(g == saved, "{}: --config differs from the run's saved config {} ({}); resume uses the saved config", user.display(), saved_path.display(), config::differences(&saved, &g, 6));
+                anyhow::ensure!(
+                    g == saved,
+                    "{}: --config differs from the run's saved config {} ({}); resume uses the saved config",
+                    user.display(),
+                    saved_path.display(),
+                    config::differences(&saved, &g, 6)
+                );
             }
             ca.config = Some(saved_path.clone());
             let cfg = load_config(&ca)?;
@@ -546,11 +551,7 @@ const VIDEO_CONFIG: &str = include_str!("../configs/video.toml");
 
 fn demo(a: DemoArgs) -> Result<()> {
     let started = std::time::Instant::now();
-    let mut cfg = if a.video && a.cfg.config.is_none() {
-        quiet(config::from_toml_str(VIDEO_CONFIG, "configs/video.toml (built in)", &a.cfg.set)?, &a.cfg)?
-    } else {
-        load_config(&a.cfg)?
-    };
+    let mut cfg = if a.video && a.cfg.config.is_none() { quiet(config::from_toml_str(VIDEO_CONFIG, "configs/video.toml (built in)", &a.cfg.set)?, &a.cfg)? } else { load_config(&a.cfg)? };
     if a.video {
         anyhow::ensure!(cfg.sample_kind() == SampleKind::Clips, "--video: the config sets modality = \"{}\"", cfg.modality);
     }
@@ -571,4 +572,3 @@ fn demo(a: DemoArgs) -> Result<()> {
     println!("report: {}  ({:.1} min)", out.dir.join("report.html").display(), started.elapsed().as_secs_f64() / 60.0);
     Ok(())
 }
-

@@ -17,8 +17,8 @@ use crate::config::{self, Config, MethodSpec};
 use crate::eval::run::{self as eval_run, EvalReport, EvalRow};
 use crate::eval::stats::{bootstrap_ci, mean, t_ci};
 use crate::io::DirLock;
-use crate::train::grpo::Trainer;
 use crate::run_dir;
+use crate::train::grpo::Trainer;
 
 pub const COMPARE_FILE: &str = "compare.toml";
 
@@ -28,7 +28,13 @@ pub fn method_config(common: &Config, m: &MethodSpec, index: usize, seed: usize,
     for s in &m.set {
         let key = s.split_once('=').map_or(s.as_str(), |(k, _)| k).trim();
         anyhow::ensure!(
-            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base") && !key.starts_with("compare.") && !key.starts_with("model.") && !key.starts_with("video_model.") && key != "modality" && !key.starts_with("pretrain.") && !key.starts_with("sample."),
+            !matches!(key, "seed" | "out_dir" | "run_name" | "train.base")
+                && !key.starts_with("compare.")
+                && !key.starts_with("model.")
+                && !key.starts_with("video_model.")
+                && key != "modality"
+                && !key.starts_with("pretrain.")
+                && !key.starts_with("sample."),
             "{origin}: may not set {key} (every method shares the base model, seeds, directory and evaluation sampler)"
         );
     }
@@ -158,7 +164,7 @@ fn train_one(c: &Config, rd: &Path) -> Result<()> {
     if rd.join(run_dir::FINAL_WEIGHTS).is_file() {
         return Ok(());
     }
-    let same_config = config::load::<Config>(Some(&rd.join(run_dir::CONFIG_FILE)), &[]).map_or(false, |saved| same_run(&saved, c));
+    let same_config = config::load::<Config>(Some(&rd.join(run_dir::CONFIG_FILE)), &[]).is_ok_and(|saved| same_run(&saved, c));
     let resume = same_config && Trainer::latest_checkpoint(rd).is_some();
     if !resume {
         run_dir::create_run_dir(rd, c, true)?;
@@ -321,10 +327,22 @@ impl DiffRow {
     pub fn verdict(&self) -> String {
         let (above, below) = (self.ci_low > 0.0, self.ci_high < 0.0);
         if self.over == "seeds" {
-            let v = if above { "better" } else if below { "worse" } else { "no significant difference" };
+            let v = if above {
+                "better"
+            } else if below {
+                "worse"
+            } else {
+                "no significant difference"
+            };
             format!("{v}; {} seeds", self.n)
         } else {
-            let v = if above { "this run above the reference's on these prompts" } else if below { "this run below the reference's on these prompts" } else { "no difference on these prompts" };
+            let v = if above {
+                "this run above the reference's on these prompts"
+            } else if below {
+                "this run below the reference's on these prompts"
+            } else {
+                "no difference on these prompts"
+            };
             format!("{v}; one seed, CI over prompts only — not a verdict on the method: use --seeds 3 or more")
         }
     }
@@ -497,7 +515,20 @@ fn aggregate(cfg: &Config, dir: &Path) -> Result<Results> {
             diffs.push(DiffRow { method: m.clone(), reference: names[0].clone(), split: split.into(), mean: mu, ci_low: lo, ci_high: hi, n: d.len(), over: over.into() });
         }
     }
-    Ok(Results { methods: names, primary: primary.to_string(), seeds: cc.seeds, seeds_planned: cc.seeds, steps: cfg.train.steps, eval_prompts: cc.eval_prompts, smooth_steps: cc.smooth_steps, rows, diffs, stats, curves, mass_curves })
+    Ok(Results {
+        methods: names,
+        primary: primary.to_string(),
+        seeds: cc.seeds,
+        seeds_planned: cc.seeds,
+        steps: cfg.train.steps,
+        eval_prompts: cc.eval_prompts,
+        smooth_steps: cc.smooth_steps,
+        rows,
+        diffs,
+        stats,
+        curves,
+        mass_curves,
+    })
 }
 
 impl Results {
@@ -526,13 +557,7 @@ impl Results {
         }
         out.push(format!("{} reward, {} seed(s) × {} steps, {} prompts/split — {}", self.primary, self.seeds, self.steps, self.eval_prompts, fmt("base")));
         out.push(self.methods.iter().map(|m| fmt(m)).collect::<Vec<_>>().join("; "));
-        let d: Vec<String> = self
-            .diffs
-            .iter()
-            .map(|d| {
-                format!("{} − {} on {}: {:+.3} [{:+.3}, {:+.3}] ({})", d.method, d.reference, d.split, d.mean, d.ci_low, d.ci_high, d.verdict())
-            })
-            .collect();
+        let d: Vec<String> = self.diffs.iter().map(|d| format!("{} − {} on {}: {:+.3} [{:+.3}, {:+.3}] ({})", d.method, d.reference, d.split, d.mean, d.ci_low, d.ci_high, d.verdict())).collect();
         out.push(if d.is_empty() { "one method: nothing to compare".into() } else { d.join("; ") });
         out
     }
@@ -554,7 +579,10 @@ impl Results {
             s.push_str(&format!("| {} | {} | {} | {:.3} | [{:.3}, {:.3}] | {} |\n", r.method, t.split, t.reward, t.mean, t.ci_low, t.ci_high, t.n));
         }
         if !self.diffs.is_empty() {
-            s.push_str(&format!("\n## Difference to the reference ({}, paired by seed)\n\n| method | reference | split | mean diff | 95 % CI | seeds | CI over |\n|---|---|---|---|---|---|---|\n", self.primary));
+            s.push_str(&format!(
+                "\n## Difference to the reference ({}, paired by seed)\n\n| method | reference | split | mean diff | 95 % CI | seeds | CI over |\n|---|---|---|---|---|---|---|\n",
+                self.primary
+            ));
             for d in &self.diffs {
                 s.push_str(&format!("| {} | {} | {} | {:+.3} | [{:+.3}, {:+.3}] | {} | {} |\n", d.method, d.reference, d.split, d.mean, d.ci_low, d.ci_high, d.n, d.over));
             }
@@ -591,7 +619,7 @@ fn pngs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().map_or(false, |e| e == "png") && p.file_name().map_or(false, |n| n.to_string_lossy().starts_with(prefix)))
+        .filter(|p| p.extension().is_some_and(|e| e == "png") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
         .collect();
     v.sort();
     v
@@ -621,12 +649,7 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
     if !res.mass_curves.is_empty() {
         curves.push(("map_object_mass (share of allocation-map mass on object pixels)".to_string(), series(&res.mass_curves)));
     }
-    let eval_rows = res
-        .rows
-        .iter()
-        .filter(|r| !r.stat.reward.contains('.'))
-        .map(|r| ReportRow { method: r.method.clone(), stat: r.stat.clone() })
-        .collect();
+    let eval_rows = res.rows.iter().filter(|r| !r.stat.reward.contains('.')).map(|r| ReportRow { method: r.method.clone(), stat: r.stat.clone() }).collect();
     let mut extra = Vec::new();
     let crit: Vec<Vec<String>> = res
         .rows
@@ -644,7 +667,11 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
             .iter()
             .map(|d| vec![d.method.clone(), d.reference.clone(), d.split.clone(), format!("{:+.3}", d.mean), format!("[{:+.3}, {:+.3}]", d.ci_low, d.ci_high), d.n.to_string(), d.over.clone()])
             .collect();
-        extra.push((format!("Difference to the reference ({}, paired by seed)", res.primary), ["method", "reference", "split", "mean diff", "95 % CI", "seeds", "CI over"].map(String::from).to_vec(), rows));
+        extra.push((
+            format!("Difference to the reference ({}, paired by seed)", res.primary),
+            ["method", "reference", "split", "mean diff", "95 % CI", "seeds", "CI over"].map(String::from).to_vec(),
+            rows,
+        ));
     }
     let rows = res
         .stats
@@ -689,10 +716,8 @@ fn report_input(cfg: &Config, dir: &Path, res: &Results) -> Result<crate::report
     for m in &cfg.compare.methods {
         let all = pngs(&dir.join(run_name(m, 0)).join("maps"), "step_");
         for p in all.first().into_iter().chain(all.last().filter(|_| all.len() > 1)) {
-            map_grids.push(Figure {
-                caption: format!("{} (seed 0) {}: sample | allocation map | signed advantage (red up, blue down)", m.name, p.file_stem().unwrap().to_string_lossy()),
-                path: p.clone(),
-            });
+            map_grids
+                .push(Figure { caption: format!("{} (seed 0) {}: sample | allocation map | signed advantage (red up, blue down)", m.name, p.file_stem().unwrap().to_string_lossy()), path: p.clone() });
         }
     }
     let timings = res
@@ -787,7 +812,16 @@ mod tests {
     /// between two runs that had not moved from the base). Over seeds it is a verdict.
     #[test]
     fn one_seed_never_claims_better_or_worse() {
-        let d = |lo: f64, hi: f64, over: &str, n: usize| DiffRow { method: "vipo".into(), reference: "grpo".into(), split: "eval".into(), mean: (lo + hi) / 2.0, ci_low: lo, ci_high: hi, n, over: over.into() };
+        let d = |lo: f64, hi: f64, over: &str, n: usize| DiffRow {
+            method: "vipo".into(),
+            reference: "grpo".into(),
+            split: "eval".into(),
+            mean: (lo + hi) / 2.0,
+            ci_low: lo,
+            ci_high: hi,
+            n,
+            over: over.into(),
+        };
         for (lo, hi, want) in [(0.001, 0.009, "above"), (-0.009, -0.001, "below"), (-0.01, 0.01, "no difference")] {
             let v = d(lo, hi, "prompts", 1).verdict();
             assert!(v.contains(want) && v.contains("not a verdict on the method") && v.contains("one seed, CI over prompts only"), "{v}");
@@ -884,7 +918,7 @@ mod tests {
         assert_eq!(steps_to_reach(&c, 0.3, 5), Some(8)); // steps 4..8: (0.1·2 + 0.5·3)/5 = 0.34
         assert_eq!(steps_to_reach(&c, 0.6, 5), None);
         assert_eq!(steps_to_reach(&[0.2, 0.4], 0.3, 5), Some(2)); // shorter than a window: partial means
-        // A longer window needs more of the curve at the level: steps 1..8 average 0.35.
+                                                                  // A longer window needs more of the curve at the level: steps 1..8 average 0.35.
         assert_eq!(steps_to_reach(&c, 0.3, 8), Some(8));
         assert_eq!(steps_to_reach(&c, 0.4, 8), None); // the last window, steps 3..10, averages 0.35
         assert_eq!(steps_to_reach(&c, 0.4, 5), Some(9));

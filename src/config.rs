@@ -7,11 +7,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::image::SampleKind;
+use crate::policy::flux::FluxSection;
 use crate::policy::nn::layers::LoraSpec;
+use crate::policy::sd3::Sd3Config;
 use crate::policy::shapeworld::dit::DitConfig;
 use crate::policy::{Generator, Policy};
-use crate::policy::flux::FluxSection;
-use crate::policy::sd3::Sd3Config;
 use crate::reward::RewardEntry;
 use crate::sampler::SampleConfig;
 
@@ -433,11 +433,19 @@ impl TrainConfig {
     /// Transitions the update may train: the stochastic ones, never the last σ→0 step.
     pub fn trainable_transitions(&self) -> usize {
         let s = self.sample_steps - 1;
-        if self.sde_steps == 0 { s } else { self.sde_steps.min(s) }
+        if self.sde_steps == 0 {
+            s
+        } else {
+            self.sde_steps.min(s)
+        }
     }
     /// Transitions the sampler runs stochastically.
     pub fn stochastic_transitions(&self) -> usize {
-        if self.sde_steps == 0 { self.sample_steps } else { self.sde_steps }
+        if self.sde_steps == 0 {
+            self.sample_steps
+        } else {
+            self.sde_steps
+        }
     }
 
     /// Reject impossible settings before any work, saying which numbers to change.
@@ -450,7 +458,7 @@ impl TrainConfig {
         anyhow::ensure!(self.micro_batch >= 1 && self.grad_accum >= 1, "train.micro_batch and train.grad_accum: must be ≥ 1");
         let batch = self.prompts_per_step * self.group_size;
         anyhow::ensure!(
-            batch % (self.micro_batch * self.grad_accum) == 0,
+            batch.is_multiple_of(self.micro_batch * self.grad_accum),
             "train: prompts_per_step·group_size = {batch} samples must be a multiple of micro_batch·grad_accum = {}·{} = {}; change train.micro_batch or train.grad_accum (or prompts_per_step/group_size)",
             self.micro_batch, self.grad_accum, self.micro_batch * self.grad_accum
         );
@@ -568,30 +576,21 @@ impl VipoConfig {
 }
 
 /// Load a config from TOML text, then apply `--set` overrides. `origin` names the source in errors.
-pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(
-    text: &str,
-    origin: &str,
-    overrides: &[String],
-) -> Result<T> {
-    let mut value: toml::Value = if text.trim().is_empty() {
-        toml::Value::Table(Default::default())
-    } else {
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {} {}", e.message().trim(), format_span(&e)))?
-    };
+pub fn from_toml_str<T: DeserializeOwned + Serialize + Default>(text: &str, origin: &str, overrides: &[String]) -> Result<T> {
+    let mut value: toml::Value =
+        if text.trim().is_empty() { toml::Value::Table(Default::default()) } else { toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {} {}", e.message().trim(), format_span(&e)))? };
     legacy_fields(&mut value, origin);
     // Fill defaults first so `--set` can address any field, then check the override exists.
     let defaults = toml::Value::try_from(T::default())?;
     let mut merged = defaults.clone();
     merge(&mut merged, &value);
     for ov in overrides {
-        let (key, raw) = ov
-            .split_once('=')
-            .with_context(|| format!("--set {ov}: expected key=value"))?;
+        let (key, raw) = ov.split_once('=').with_context(|| format!("--set {ov}: expected key=value"))?;
         let key = key.trim();
         // Optional fields (absent from the defaults) are allowed when their table exists;
         // deserialization (deny_unknown_fields) then rejects names that do not exist.
         let parent = key.rsplit_once('.').map(|(p, _)| p);
-        let known = lookup(&defaults, key).is_some() || parent.map_or(false, |p| lookup(&defaults, p).map_or(false, |v| v.is_table()));
+        let known = lookup(&defaults, key).is_some() || parent.is_some_and(|p| lookup(&defaults, p).is_some_and(|v| v.is_table()));
         if !known {
             bail!("--set {key}: unknown config field");
         }
@@ -794,12 +793,7 @@ mod tests {
     fn defaults_roundtrip_and_overrides() {
         let c: Config = from_toml_str("", "x", &[]).unwrap();
         assert_eq!(c, Config::default());
-        let c: Config = from_toml_str(
-            "seed = 3\n[pretrain]\nsteps = 7\n",
-            "f.toml",
-            &["pretrain.lr=0.5".into(), "run_name=abc".into(), "model.depth=2".into()],
-        )
-        .unwrap();
+        let c: Config = from_toml_str("seed = 3\n[pretrain]\nsteps = 7\n", "f.toml", &["pretrain.lr=0.5".into(), "run_name=abc".into(), "model.depth=2".into()]).unwrap();
         assert_eq!(c.seed, 3);
         assert_eq!(c.pretrain.steps, 7);
         assert_eq!(c.pretrain.lr, 0.5);

@@ -42,7 +42,12 @@ fn tiny_sd35_grpo_and_vipo_end_to_end() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sd35.toml");
     let mut runs = Vec::new();
     let dino_maps = ["backbone.name=dinov2".to_string(), "backbone.tap=last".into(), "backbone.input_size=56".into(), format!("backbone.weights={}", dino.display())];
-    for (name, algo, extra) in [("grpo", "grpo", vec![]), ("grpo-ckpt", "grpo", vec!["sd3.checkpointing=true"]), ("vipo", "vipo", vec!["sd3.checkpointing=true", "train.kl_beta=0.04"]), ("vipo-bf16", "vipo", vec!["sd3.checkpointing=true", "sd3.dtype=bf16"])] {
+    for (name, algo, extra) in [
+        ("grpo", "grpo", vec![]),
+        ("grpo-ckpt", "grpo", vec!["sd3.checkpointing=true"]),
+        ("vipo", "vipo", vec!["sd3.checkpointing=true", "train.kl_beta=0.04"]),
+        ("vipo-bf16", "vipo", vec!["sd3.checkpointing=true", "sd3.dtype=bf16"]),
+    ] {
         let mut sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if name == "vipo" {
             // Real images get DINOv2 maps (a tiny one in the HF folder layout).

@@ -2,16 +2,15 @@
 //! (or two checkpoints) are compared on identical noise, and the held-out prompt splits.
 //! Used by training (grids, base/final scores), evaluation and `vipo sample`.
 
-
 use anyhow::{Context, Result};
 
-use crate::sampler::SampleConfig;
 use crate::image::Image;
 use crate::policy::ode::{generate, EVAL_SEED};
 use crate::policy::Policy;
 use crate::prompt::Prompt;
-use crate::world::video::VideoSpec;
 use crate::reward::Reward;
+use crate::sampler::SampleConfig;
+use crate::world::video::VideoSpec;
 use crate::world::PromptSpec;
 
 /// [`generate`] for ShapeWorld image prompts (an image policy, EMA-swapped or not).

@@ -123,11 +123,7 @@ impl Image {
 
     /// Save as PNG (atomically: temp file + rename).
     pub fn save_png(&self, path: &Path) -> Result<()> {
-        crate::io::atomic_write_with(path, |tmp| {
-            self.to_rgb8()
-                .save_with_format(tmp, image::ImageFormat::Png)
-                .with_context(|| format!("{}: cannot write PNG", path.display()))
-        })
+        crate::io::atomic_write_with(path, |tmp| self.to_rgb8().save_with_format(tmp, image::ImageFormat::Png).with_context(|| format!("{}: cannot write PNG", path.display())))
     }
 
     /// The `h`×`w` window whose top-left pixel is (y0, x0).
@@ -163,7 +159,11 @@ impl Image {
 /// Upscale factor of a grid tile `w` pixels wide: ShapeWorld's small images 4×, real
 /// generators' (≥ 128²) about as they are.
 pub fn grid_scale(w: usize) -> usize {
-    if w <= 64 { 4 } else { (256 / w).max(1) }
+    if w <= 64 {
+        4
+    } else {
+        (256 / w).max(1)
+    }
 }
 
 /// Tile images into a grid with a 1-pixel white border, `cols` per row.

@@ -12,17 +12,14 @@ fn tmp_path(path: &Path) -> PathBuf {
 
 /// Write `bytes` to `path` atomically.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    atomic_write_with(path, |tmp| {
-        std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", path.display()))
-    })
+    atomic_write_with(path, |tmp| std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", path.display())))
 }
 
 /// Run `write` against a temp path in the same folder, then rename it over `path`.
 pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
         }
     }
     let tmp = tmp_path(path);
@@ -69,13 +66,7 @@ impl DirLock {
     fn lock_file(dir: &Path) -> Result<std::fs::File> {
         use std::io::Read;
         let path = dir.join(LOCK_FILE);
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
         match f.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -93,11 +84,7 @@ impl DirLock {
 /// Append one JSON object as a line to a metrics file.
 pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("{}: cannot open for append", path.display()))?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}: cannot open for append", path.display()))?;
     writeln!(f, "{}", value).with_context(|| format!("{}: cannot append", path.display()))
 }
 
@@ -107,9 +94,7 @@ pub fn truncate_jsonl_from_step(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).map_or(true, |s| (s as usize) < step)
-        })
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_none_or(|s| (s as usize) < step))
         .flat_map(|l| [l, "\n"])
         .collect();
     atomic_write(path, kept.as_bytes())

@@ -153,7 +153,7 @@ mod tests {
         let im = crate::world::render(&scene, 32).image;
         let png = d.path().join("scene.png");
         im.save_png(&png).unwrap();
-        let imgs = load_images(&[png.clone()], 4).unwrap();
+        let imgs = load_images(std::slice::from_ref(&png), 4).unwrap();
         let out = d.path().join("out");
         let w = write_maps(&cfg, &imgs, &out).unwrap();
         assert!(w[0].overlay.is_file());

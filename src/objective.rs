@@ -41,13 +41,7 @@ fn broadcast_leading(a: &Tensor, b: &Tensor, what: (&str, &str)) -> Result<(Tens
             _ if x == y => x,
             (1, y) => y,
             (x, 1) => x,
-            _ => bail!(
-                "objective: {} shape {:?} does not broadcast against {} shape {:?} (dims are aligned from the batch dim)",
-                what.0,
-                a.dims(),
-                what.1,
-                b.dims()
-            ),
+            _ => bail!("objective: {} shape {:?} does not broadcast against {} shape {:?} (dims are aligned from the batch dim)", what.0, a.dims(), what.1, b.dims()),
         });
     }
     let shape = Shape::from(out);
@@ -62,12 +56,7 @@ fn broadcast_leading(a: &Tensor, b: &Tensor, what: (&str, &str)) -> Result<(Tens
 /// only, and is exactly zero where the clipped branch is the minimum.
 pub fn clipped_surrogate(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps: f64) -> Result<Surrogate> {
     ensure!(eps.is_finite() && eps > 0.0 && eps < 1.0, "objective: clip range eps must be in (0, 1) (got {eps})");
-    ensure!(
-        logp_new.dims() == logp_old.dims(),
-        "objective: logp_new shape {:?} differs from logp_old shape {:?}",
-        logp_new.dims(),
-        logp_old.dims()
-    );
+    ensure!(logp_new.dims() == logp_old.dims(), "objective: logp_new shape {:?} differs from logp_old shape {:?}", logp_new.dims(), logp_old.dims());
     ensure!(logp_new.rank() >= 1, "objective: log-probs need a batch dim, got a scalar");
     let ratio = (logp_new - logp_old.detach())?.exp()?;
     let (rho, a) = broadcast_leading(&ratio, &adv.detach().to_dtype(ratio.dtype())?, ("log-prob", "advantage"))?;
@@ -99,12 +88,7 @@ pub fn clipped_surrogate(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps
 /// all-ones map reduce to GRPO (identical gradient while ρ = 1). Stats are on ρ_s.
 pub fn clipped_surrogate_sample_trust(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps: f64) -> Result<Surrogate> {
     ensure!(eps.is_finite() && eps > 0.0 && eps < 1.0, "objective: clip range eps must be in (0, 1) (got {eps})");
-    ensure!(
-        logp_new.dims() == logp_old.dims(),
-        "objective: logp_new shape {:?} differs from logp_old shape {:?}",
-        logp_new.dims(),
-        logp_old.dims()
-    );
+    ensure!(logp_new.dims() == logp_old.dims(), "objective: logp_new shape {:?} differs from logp_old shape {:?}", logp_new.dims(), logp_old.dims());
     ensure!(logp_new.rank() >= 2, "objective: the per-sample trust region needs per-position log-probs (B, ...), got shape {:?}", logp_new.dims());
     let b = logp_new.dim(0)?;
     let delta = (logp_new - logp_old.detach())?;
@@ -363,7 +347,7 @@ mod vipo_tests {
         let old = lp_pos.detach();
         // Map: 1 on the left half, 0.1 on the right half; scalar advantage +1.
         let map: Vec<f32> = (0..h * w).map(|i| if i % w < w / 2 { 1.0 } else { 0.1 }).collect();
-        let adv = crate::advantage::pixel_advantages(&[1.0], &[map.clone()], 5.0);
+        let adv = crate::advantage::pixel_advantages(&[1.0], std::slice::from_ref(&map), 5.0);
         let adv = Tensor::from_vec(adv, (1, h, w), &dev).unwrap();
         let s = clipped_surrogate(&lp_pos, &old, &adv, 1e-4).unwrap();
         let g = s.loss.backward().unwrap();

@@ -102,12 +102,40 @@ pub fn sd3(cfg: &Config) -> Result<Plan> {
     let bytes = s.weight_bytes()? as f64;
     let lat = s.resolution / 8;
     let n = (lat / m.patch) * (lat / m.patch);
-    anyhow::ensure!(lat / m.patch <= m.pos_embed_max, "sd3.resolution {}: a {}×{} patch grid exceeds {}'s {}×{} position table", s.resolution, lat / m.patch, lat / m.patch, s.variant, m.pos_embed_max, m.pos_embed_max);
+    anyhow::ensure!(
+        lat / m.patch <= m.pos_embed_max,
+        "sd3.resolution {}: a {}×{} patch grid exceeds {}'s {}×{} position table",
+        s.resolution,
+        lat / m.patch,
+        lat / m.patch,
+        s.variant,
+        m.pos_embed_max,
+        m.pos_embed_max
+    );
     let l = 77 + s.t5_tokens;
     let params = m.param_count() as f64;
     let trainable = trainable(cfg, params, |r, ts| m.lora_param_count(r, ts), &s.variant, "attn.to_out.0")?;
     let (fwd, act, block) = per_sample(&m, n, l, bytes);
-    Ok(assemble(cfg, Arch { model: s.variant.clone(), resolution: s.resolution, dtype: s.dtype.clone(), checkpointing: s.checkpointing, params, trainable, n, l, fwd, act, block, blocks: m.depth, hidden: m.hidden(), bytes, text_encoders: CLIP_L + CLIP_G + T5_XXL }))
+    Ok(assemble(
+        cfg,
+        Arch {
+            model: s.variant.clone(),
+            resolution: s.resolution,
+            dtype: s.dtype.clone(),
+            checkpointing: s.checkpointing,
+            params,
+            trainable,
+            n,
+            l,
+            fwd,
+            act,
+            block,
+            blocks: m.depth,
+            hidden: m.hidden(),
+            bytes,
+            text_encoders: CLIP_L + CLIP_G + T5_XXL,
+        },
+    ))
 }
 
 /// Trainable parameters: every one for full fine-tuning, else the LoRA parameters
@@ -206,7 +234,13 @@ pub fn flux(cfg: &Config) -> Result<Plan> {
     for (name, din, dout) in m.linear_layers() {
         let tokens = if name.starts_with("single_blocks.") && !name.ends_with("modulation.lin") {
             nf + lf
-        } else if name.ends_with("_mod.lin") || name.ends_with("modulation.lin") || name.starts_with("time_in") || name.starts_with("vector_in") || name.starts_with("guidance_in") || name.starts_with("final_layer.adaLN") {
+        } else if name.ends_with("_mod.lin")
+            || name.ends_with("modulation.lin")
+            || name.starts_with("time_in")
+            || name.starts_with("vector_in")
+            || name.starts_with("guidance_in")
+            || name.starts_with("final_layer.adaLN")
+        {
             1.0
         } else if name.starts_with("txt_in") || name.contains(".txt_") {
             lf
@@ -221,7 +255,26 @@ pub fn flux(cfg: &Config) -> Result<Plan> {
     fwd += (m.depth + m.depth_single) as f64 * 4.0 * s * s * d;
     act += (m.depth + m.depth_single) as f64 * blk;
     let block = blk + s * d * 12.0;
-    Ok(assemble(cfg, Arch { model: f.variant.clone(), resolution: f.resolution, dtype: f.dtype.clone(), checkpointing: f.checkpointing, params, trainable, n, l, fwd, act: act * bytes, block: block * bytes, blocks: m.depth + m.depth_single, hidden: m.hidden, bytes, text_encoders: CLIP_L + T5_XXL }))
+    Ok(assemble(
+        cfg,
+        Arch {
+            model: f.variant.clone(),
+            resolution: f.resolution,
+            dtype: f.dtype.clone(),
+            checkpointing: f.checkpointing,
+            params,
+            trainable,
+            n,
+            l,
+            fwd,
+            act: act * bytes,
+            block: block * bytes,
+            blocks: m.depth + m.depth_single,
+            hidden: m.hidden,
+            bytes,
+            text_encoders: CLIP_L + T5_XXL,
+        },
+    ))
 }
 
 /// The plan of the configured real generator.
@@ -288,7 +341,8 @@ mod tests {
         let mut cfg = Config::default();
         cfg.train.lora_rank = 32;
         cfg.train.lora_alpha = 64.0;
-        cfg.train.lora_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"].iter().map(|s| s.to_string()).collect();
+        cfg.train.lora_targets =
+            ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"].iter().map(|s| s.to_string()).collect();
         cfg.sample.guidance = 4.5;
         let p = sd3(&cfg).unwrap();
         assert_eq!((p.image_tokens, p.text_tokens), (1024, 333));

@@ -32,11 +32,7 @@ pub struct Prompt {
 impl Prompt {
     /// Free text; recognised as a ShapeWorld image or video prompt when it parses as one.
     pub fn text(text: &str) -> Self {
-        let spec = PromptSpec::parse(text)
-            .ok()
-            .filter(|s| s.validate().is_ok())
-            .map(Spec::Image)
-            .or_else(|| VideoSpec::parse(text).ok().filter(|s| s.validate().is_ok()).map(Spec::Video));
+        let spec = PromptSpec::parse(text).ok().filter(|s| s.validate().is_ok()).map(Spec::Image).or_else(|| VideoSpec::parse(text).ok().filter(|s| s.validate().is_ok()).map(Spec::Video));
         Self { text: text.trim().to_string(), spec, meta: Default::default() }
     }
 
@@ -75,20 +71,12 @@ pub fn grammar_prompts(kind: crate::image::SampleKind, split: crate::world::Spli
 
 /// The ShapeWorld image scenes of `prompts`, for a consumer (`who`) that needs them.
 pub fn image_specs(prompts: &[Prompt], who: &str) -> Result<Vec<PromptSpec>> {
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| p.image_spec().cloned().with_context(|| format!("{who} needs ShapeWorld image prompts; prompt {i} ({:?}) is not one", p.text)))
-        .collect()
+    prompts.iter().enumerate().map(|(i, p)| p.image_spec().cloned().with_context(|| format!("{who} needs ShapeWorld image prompts; prompt {i} ({:?}) is not one", p.text))).collect()
 }
 
 /// The ShapeWorld video scenes of `prompts`, for a consumer (`who`) that needs them.
 pub fn video_specs(prompts: &[Prompt], who: &str) -> Result<Vec<VideoSpec>> {
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| p.video_spec().cloned().with_context(|| format!("{who} needs ShapeWorld video prompts; prompt {i} ({:?}) is not one", p.text)))
-        .collect()
+    prompts.iter().enumerate().map(|(i, p)| p.video_spec().cloned().with_context(|| format!("{who} needs ShapeWorld video prompts; prompt {i} ({:?}) is not one", p.text))).collect()
 }
 
 /// Read a prompt file (`.jsonl` as JSON lines, anything else as one prompt per line).

@@ -72,12 +72,7 @@ pub struct PsmConfig {
 
 impl Default for PsmConfig {
     fn default() -> Self {
-        PsmConfig {
-            k: 3,
-            aggregation: Aggregation::Weighted,
-            sigma: 1.0,
-            orient: Orient::Minority,
-        }
+        PsmConfig { k: 3, aggregation: Aggregation::Weighted, sigma: 1.0, orient: Orient::Minority }
     }
 }
 
@@ -124,16 +119,8 @@ impl PsmConfig {
     /// by [`pca`] once N is known, with the same field name.
     pub fn validate(&self, d: usize) -> Result<()> {
         ensure!(self.k >= 1, "psm.k must be at least 1 (got {})", self.k);
-        ensure!(
-            self.k <= d,
-            "psm.k = {} exceeds the backbone feature width D = {d}",
-            self.k
-        );
-        ensure!(
-            self.sigma.is_finite() && self.sigma >= 0.0,
-            "psm.sigma must be finite and >= 0 (got {})",
-            self.sigma
-        );
+        ensure!(self.k <= d, "psm.k = {} exceeds the backbone feature width D = {d}", self.k);
+        ensure!(self.sigma.is_finite() && self.sigma >= 0.0, "psm.sigma must be finite and >= 0 (got {})", self.sigma);
         Ok(())
     }
 }
@@ -187,35 +174,17 @@ enum PcaRoute {
 /// zero total variance (all patches identical) or a kept component with (numerically) zero
 /// variance (feature rank < k).
 pub fn pca(x: &[f32], n: usize, d: usize, k: usize) -> Result<Pca> {
-    let route = if d <= n {
-        PcaRoute::Covariance
-    } else {
-        PcaRoute::Gram
-    };
+    let route = if d <= n { PcaRoute::Covariance } else { PcaRoute::Gram };
     pca_with(x, n, d, k, route)
 }
 
 fn pca_with(x: &[f32], n: usize, d: usize, k: usize, route: PcaRoute) -> Result<Pca> {
-    ensure!(
-        x.len() == n * d,
-        "psm pca: feature matrix has {} values, expected N×D = {n}×{d} = {}",
-        x.len(),
-        n * d
-    );
+    ensure!(x.len() == n * d, "psm pca: feature matrix has {} values, expected N×D = {n}×{d} = {}", x.len(), n * d);
     ensure!(n >= 2, "psm pca: need at least 2 patches (N = {n})");
     ensure!(d >= 1, "psm pca: feature width D must be at least 1");
-    ensure!(
-        k >= 1 && k <= n.min(d),
-        "psm.k = {k} must be in 1..=min(N, D) = 1..={} (N = {n} patches, D = {d})",
-        n.min(d)
-    );
+    ensure!(k >= 1 && k <= n.min(d), "psm.k = {k} must be in 1..=min(N, D) = 1..={} (N = {n} patches, D = {d})", n.min(d));
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "psm pca: non-finite feature value {} at patch {}, channel {}",
-            x[i],
-            i / d,
-            i % d
-        );
+        bail!("psm pca: non-finite feature value {} at patch {}, channel {}", x[i], i / d, i % d);
     }
 
     // Centre in f64.
@@ -228,16 +197,10 @@ fn pca_with(x: &[f32], n: usize, d: usize, k: usize, route: PcaRoute) -> Result<
     for m in &mut mean {
         *m /= n as f64;
     }
-    let xc: Vec<f64> = x
-        .chunks_exact(d)
-        .flat_map(|row| row.iter().zip(&mean).map(|(&v, &m)| v as f64 - m))
-        .collect();
+    let xc: Vec<f64> = x.chunks_exact(d).flat_map(|row| row.iter().zip(&mean).map(|(&v, &m)| v as f64 - m)).collect();
     let denom = (n - 1) as f64;
     let total: f64 = xc.iter().map(|v| v * v).sum::<f64>() / denom;
-    ensure!(
-        total.is_finite() && total > 0.0,
-        "psm pca: degenerate features: total variance is {total} (all {n} patches identical?)"
-    );
+    ensure!(total.is_finite() && total > 0.0, "psm pca: degenerate features: total variance is {total} (all {n} patches identical?)");
 
     // Loadings (K×D, unit rows) and variances λ_j, before the sign fix.
     let mut comps = vec![0f64; k * d];
@@ -555,10 +518,7 @@ pub fn symmetric_eigen_jacobi(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     let mut b = dg.clone();
     let mut z = vec![0f64; n];
     let scale: f64 = {
-        let s: f64 = (0..n)
-            .flat_map(|i| (i..n).map(move |j| (i, j)))
-            .map(|(i, j)| m[i * n + j] * m[i * n + j] * if i == j { 1.0 } else { 2.0 })
-            .sum();
+        let s: f64 = (0..n).flat_map(|i| (i..n).map(move |j| (i, j))).map(|(i, j)| m[i * n + j] * m[i * n + j] * if i == j { 1.0 } else { 2.0 }).sum();
         s.sqrt()
     };
     if scale == 0.0 || n < 2 {
@@ -567,27 +527,17 @@ pub fn symmetric_eigen_jacobi(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     // Off-diagonal entries below this are at the matrix's own rounding level: treat as zero.
     let negligible = scale * 1e-17;
     for sweep in 1..=100 {
-        let off: f64 = (0..n)
-            .flat_map(|p| ((p + 1)..n).map(move |q| (p, q)))
-            .map(|(p, q)| m[p * n + q].abs())
-            .sum();
+        let off: f64 = (0..n).flat_map(|p| ((p + 1)..n).map(move |q| (p, q))).map(|(p, q)| m[p * n + q].abs()).sum();
         if off <= negligible {
             break;
         }
         // Early sweeps only rotate the larger elements (cheaper convergence).
-        let tresh = if sweep < 4 {
-            0.2 * off / (n * n) as f64
-        } else {
-            0.0
-        };
+        let tresh = if sweep < 4 { 0.2 * off / (n * n) as f64 } else { 0.0 };
         for p in 0..n - 1 {
             for q in p + 1..n {
                 let apq = m[p * n + q];
                 let g = 100.0 * apq.abs();
-                if sweep > 4
-                    && ((dg[p].abs() + g == dg[p].abs() && dg[q].abs() + g == dg[q].abs())
-                        || apq.abs() <= negligible)
-                {
+                if sweep > 4 && ((dg[p].abs() + g == dg[p].abs() && dg[q].abs() + g == dg[q].abs()) || apq.abs() <= negligible) {
                     m[p * n + q] = 0.0;
                     continue;
                 }
@@ -663,41 +613,25 @@ fn sort_eigen(vals: Vec<f64>, v: Vec<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
 /// A constant component (max = min) has no spatial information and maps to all zeros
 /// (what the released code's `+eps` denominator yields), so it adds nothing to a weighted sum.
 pub fn remap_component(z: &[f32]) -> Vec<f32> {
-    let (lo, hi) = z
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v as f64), hi.max(v as f64))
-        });
+    let (lo, hi) = z.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v as f64), hi.max(v as f64)));
     let range = hi - lo;
     if range.is_nan() || range <= 0.0 || range.is_infinite() {
         return vec![0.0; z.len()];
     }
-    z.iter()
-        .map(|&v| ((hi - v as f64) / range) as f32)
-        .collect()
+    z.iter().map(|&v| ((hi - v as f64) / range) as f32).collect()
 }
 
 /// Combines N×K remapped components (row-major) into N values, clipped to [0,1].
 /// `ratios` are the K explained-variance ratios (used only by [`Aggregation::Weighted`]; they
 /// are NOT renormalised to sum to 1, as in the released code).
-pub fn aggregate(
-    remapped: &[f32],
-    n: usize,
-    k: usize,
-    ratios: &[f32],
-    how: Aggregation,
-) -> Vec<f32> {
+pub fn aggregate(remapped: &[f32], n: usize, k: usize, ratios: &[f32], how: Aggregation) -> Vec<f32> {
     assert_eq!(remapped.len(), n * k, "aggregate: remapped is not N×K");
     assert_eq!(ratios.len(), k, "aggregate: ratios is not K long");
     (0..n)
         .map(|i| {
             let row = &remapped[i * k..(i + 1) * k];
             let s: f64 = match how {
-                Aggregation::Weighted => row
-                    .iter()
-                    .zip(ratios)
-                    .map(|(&z, &l)| z as f64 * l as f64)
-                    .sum(),
+                Aggregation::Weighted => row.iter().zip(ratios).map(|(&z, &l)| z as f64 * l as f64).sum(),
                 Aggregation::Average => row.iter().map(|&z| z as f64).sum::<f64>() / k as f64,
                 Aggregation::First => row[0] as f64,
             };
@@ -711,11 +645,7 @@ pub fn aggregate(
 /// with no spatial preference is the uniform weight M = 1 (plain pixel-level GRPO, the same as
 /// the extraction-failure fallback), which keeps the advantage's size instead of zeroing it.
 pub fn min_max(v: &mut [f32]) {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
-            (lo.min(x as f64), hi.max(x as f64))
-        });
+    let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x as f64), hi.max(x as f64)));
     let range = hi - lo;
     if range.is_nan() || range <= 0.0 || range.is_infinite() {
         v.iter_mut().for_each(|x| *x = 1.0);
@@ -731,9 +661,7 @@ pub fn min_max(v: &mut [f32]) {
 /// w_i ∝ exp(−i²/(2σ²)) for i ∈ −radius..=radius, summing to 1.
 pub fn gaussian_kernel(sigma: f64) -> Vec<f64> {
     let radius = (4.0 * sigma + 0.5) as usize;
-    let w: Vec<f64> = (-(radius as i64)..=radius as i64)
-        .map(|i| (-0.5 * (i * i) as f64 / (sigma * sigma)).exp())
-        .collect();
+    let w: Vec<f64> = (-(radius as i64)..=radius as i64).map(|i| (-0.5 * (i * i) as f64 / (sigma * sigma)).exp()).collect();
     let s: f64 = w.iter().sum();
     w.into_iter().map(|x| x / s).collect()
 }
@@ -751,14 +679,7 @@ fn reflect_index(i: i64, n: usize) -> usize {
 }
 
 /// 1-D correlation of `len` values at `base + t*stride` with a symmetric kernel, 'reflect'.
-fn smooth_line(
-    data: &mut [f64],
-    base: usize,
-    stride: usize,
-    len: usize,
-    kernel: &[f64],
-    buf: &mut Vec<f64>,
-) {
+fn smooth_line(data: &mut [f64], base: usize, stride: usize, len: usize, kernel: &[f64], buf: &mut Vec<f64>) {
     let r = (kernel.len() / 2) as i64;
     buf.clear();
     buf.extend((0..len).map(|t| data[base + t * stride]));
@@ -806,9 +727,7 @@ fn aa_weights(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)> {
             let center = scale * (i as f64 + 0.5);
             // `as i64` truncates toward zero, like the C++ static_cast.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64)
-                .min(in_size as i64)
-                .max(xmin as i64) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
             let mut w: Vec<f64> = (xmin..xmax)
                 .map(|j| {
                     let x = ((j as f64 - center + 0.5) * invscale).abs();
@@ -834,18 +753,8 @@ fn aa_weights(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)> {
 /// widens by the scale factor when downsampling (an area-weighted average), and which is exactly
 /// plain bilinear (edge-clamped) when upsampling. Weights and sums in f64.
 /// An empty source gives an all-zero output.
-pub fn resize_bilinear_antialias(
-    src: &[f32],
-    h: usize,
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> Vec<f32> {
-    assert_eq!(
-        src.len(),
-        h * w,
-        "resize_bilinear_antialias: src is not h×w"
-    );
+pub fn resize_bilinear_antialias(src: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    assert_eq!(src.len(), h * w, "resize_bilinear_antialias: src is not h×w");
     if h == 0 || w == 0 {
         return vec![0.0; out_h * out_w];
     }
@@ -856,22 +765,14 @@ pub fn resize_bilinear_antialias(
     for y in 0..h {
         let row = &src[y * w..(y + 1) * w];
         for (ox, (x0, ws)) in wx.iter().enumerate() {
-            tmp[y * out_w + ox] = ws
-                .iter()
-                .enumerate()
-                .map(|(j, &c)| c * row[x0 + j] as f64)
-                .sum();
+            tmp[y * out_w + ox] = ws.iter().enumerate().map(|(j, &c)| c * row[x0 + j] as f64).sum();
         }
     }
     // Vertical pass.
     let mut out = vec![0f32; out_h * out_w];
     for (oy, (y0, ws)) in wy.iter().enumerate() {
         for ox in 0..out_w {
-            let s: f64 = ws
-                .iter()
-                .enumerate()
-                .map(|(j, &c)| c * tmp[(y0 + j) * out_w + ox])
-                .sum();
+            let s: f64 = ws.iter().enumerate().map(|(j, &c)| c * tmp[(y0 + j) * out_w + ox]).sum();
             out[oy * out_w + ox] = s as f32;
         }
     }
@@ -905,31 +806,14 @@ pub struct MapStages {
 /// Allocation map of one image from its patch features (docs/DESIGN.md §1.3 steps 2–6); see the
 /// module docs for the stages. Errors (named fields, never panics) on a malformed feature map,
 /// an invalid config, non-finite features or degenerate variance.
-pub fn allocation_map(
-    feat: &FeatureMap,
-    out_h: usize,
-    out_w: usize,
-    cfg: &PsmConfig,
-) -> Result<MapStages> {
+pub fn allocation_map(feat: &FeatureMap, out_h: usize, out_w: usize, cfg: &PsmConfig) -> Result<MapStages> {
     let (h, w, d) = (feat.h, feat.w, feat.d);
     let n = h * w;
     ensure!(n >= 1 && d >= 1, "psm: empty feature map ({h}×{w}×{d})");
-    ensure!(
-        feat.data.len() == n * d,
-        "psm: feature map data has {} values, expected h×w×d = {h}×{w}×{d} = {}",
-        feat.data.len(),
-        n * d
-    );
-    ensure!(
-        out_h >= 1 && out_w >= 1,
-        "psm: output map size {out_h}×{out_w} is empty"
-    );
+    ensure!(feat.data.len() == n * d, "psm: feature map data has {} values, expected h×w×d = {h}×{w}×{d} = {}", feat.data.len(), n * d);
+    ensure!(out_h >= 1 && out_w >= 1, "psm: output map size {out_h}×{out_w} is empty");
     cfg.validate(d)?;
-    ensure!(
-        cfg.k <= n,
-        "psm.k = {} exceeds the number of patches N = {n} ({h}×{w})",
-        cfg.k
-    );
+    ensure!(cfg.k <= n, "psm.k = {} exceeds the number of patches N = {n} ({h}×{w})", cfg.k);
     let k = cfg.k;
     let p = pca(&feat.data, n, d, k)?;
 
@@ -945,38 +829,17 @@ pub fn allocation_map(
             remapped[i * k + j] = v;
         }
     }
-    let aggregated = aggregate(
-        &remapped,
-        n,
-        k,
-        &p.explained_variance_ratio,
-        cfg.aggregation,
-    );
+    let aggregated = aggregate(&remapped, n, k, &p.explained_variance_ratio, cfg.aggregation);
     let mut smoothed = gaussian_smooth_2d(&aggregated, h, w, cfg.sigma);
     min_max(&mut smoothed);
     let mut map = resize_bilinear_antialias(&smoothed, h, w, out_h, out_w);
     min_max(&mut map);
-    Ok(MapStages {
-        projections: p.projections,
-        components: p.components,
-        explained_variance_ratio: p.explained_variance_ratio,
-        remapped,
-        aggregated,
-        smoothed,
-        map,
-        grid: (h, w),
-        out: (out_h, out_w),
-    })
+    Ok(MapStages { projections: p.projections, components: p.components, explained_variance_ratio: p.explained_variance_ratio, remapped, aggregated, smoothed, map, grid: (h, w), out: (out_h, out_w) })
 }
 
 /// Like [`allocation_maps`], but also returns `(sample index, error message)` for every sample
 /// that fell back to the all-ones map, so the caller can log why.
-pub fn allocation_maps_with_errors(
-    feats: &[FeatureMap],
-    out_h: usize,
-    out_w: usize,
-    cfg: &PsmConfig,
-) -> (Vec<Vec<f32>>, Vec<(usize, String)>) {
+pub fn allocation_maps_with_errors(feats: &[FeatureMap], out_h: usize, out_w: usize, cfg: &PsmConfig) -> (Vec<Vec<f32>>, Vec<(usize, String)>) {
     use rayon::prelude::*;
     let results: Vec<Result<Vec<f32>>> = feats.par_iter().map(|f| allocation_map(f, out_h, out_w, cfg).map(|s| s.map)).collect();
     let mut errors = Vec::new();
@@ -998,12 +861,7 @@ pub fn allocation_maps_with_errors(
 /// extraction fails (non-finite features, degenerate variance, bad shape, …) gets an all-ones
 /// map (M = 1, plain GRPO for that sample) and is counted in the second value, never silently;
 /// use [`allocation_maps_with_errors`] to get the reasons.
-pub fn allocation_maps(
-    feats: &[FeatureMap],
-    out_h: usize,
-    out_w: usize,
-    cfg: &PsmConfig,
-) -> (Vec<Vec<f32>>, usize) {
+pub fn allocation_maps(feats: &[FeatureMap], out_h: usize, out_w: usize, cfg: &PsmConfig) -> (Vec<Vec<f32>>, usize) {
     let (maps, errors) = allocation_maps_with_errors(feats, out_h, out_w, cfg);
     (maps, errors.len())
 }
@@ -1012,26 +870,14 @@ pub fn allocation_maps(
 /// (mean of `object_mask`). A map with zero total mass gives NaN for the share (undefined).
 /// Panics if the two slices differ in length (both come from the same grid in code).
 pub fn map_object_mass(map: &[f32], object_mask: &[f32]) -> (f32, f32) {
-    assert_eq!(
-        map.len(),
-        object_mask.len(),
-        "map_object_mass: map and mask differ in length"
-    );
+    assert_eq!(map.len(), object_mask.len(), "map_object_mass: map and mask differ in length");
     if map.is_empty() {
         return (f32::NAN, f32::NAN);
     }
     let total: f64 = map.iter().map(|&m| m as f64).sum();
-    let on_obj: f64 = map
-        .iter()
-        .zip(object_mask)
-        .map(|(&m, &o)| m as f64 * o as f64)
-        .sum();
+    let on_obj: f64 = map.iter().zip(object_mask).map(|(&m, &o)| m as f64 * o as f64).sum();
     let area = object_mask.iter().map(|&o| o as f64).sum::<f64>() / map.len() as f64;
-    let share = if total != 0.0 {
-        on_obj / total
-    } else {
-        f64::NAN
-    };
+    let share = if total != 0.0 { on_obj / total } else { f64::NAN };
     (share as f32, area as f32)
 }
 
@@ -1048,25 +894,13 @@ pub fn map_object_mass(map: &[f32], object_mask: &[f32]) -> (f32, f32) {
 ///
 /// An empty `frames` (or out_t = 0) gives an all-ones out_t×h×w volume. Panics if a frame is not
 /// h×w (frames come from [`allocation_map`], never from the user).
-pub fn temporal_map(
-    frames: &[Vec<f32>],
-    h: usize,
-    w: usize,
-    out_t: usize,
-    temporal_sigma: f64,
-    per_frame_norm: bool,
-) -> Vec<f32> {
+pub fn temporal_map(frames: &[Vec<f32>], h: usize, w: usize, out_t: usize, temporal_sigma: f64, per_frame_norm: bool) -> Vec<f32> {
     let hw = h * w;
     if frames.is_empty() || out_t == 0 || hw == 0 {
         return vec![1.0; out_t * hw];
     }
     for (i, f) in frames.iter().enumerate() {
-        assert_eq!(
-            f.len(),
-            hw,
-            "temporal_map: frame {i} has {} values, expected {h}×{w}",
-            f.len()
-        );
+        assert_eq!(f.len(), hw, "temporal_map: frame {i} has {} values, expected {h}×{w}", f.len());
     }
     let nf = frames.len();
     let mut vol = vec![0f64; out_t * hw];
@@ -1120,21 +954,14 @@ mod tests {
     fn assert_all_close(got: &[f32], want: &[f64], tol: f64) {
         assert_eq!(got.len(), want.len(), "length");
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                close(g as f64, w, tol),
-                "index {i}: got {g}, want {w}\n got {got:?}\n want {want:?}"
-            );
+            assert!(close(g as f64, w, tol), "index {i}: got {g}, want {w}\n got {got:?}\n want {want:?}");
         }
     }
 
     /// 4 centred points on orthogonal Hadamard columns, scaled 3, 2, 1: variances 12, 16/3, 4/3
     /// along the coordinate axes; then rotated by the rows of `r` and shifted by a mean.
     fn constructed(extra_zero_cols: usize) -> (Vec<f32>, usize) {
-        let cols = [
-            [3.0, 3.0, -3.0, -3.0],
-            [2.0, -2.0, 2.0, -2.0],
-            [1.0, -1.0, -1.0, 1.0],
-        ];
+        let cols = [[3.0, 3.0, -3.0, -3.0], [2.0, -2.0, 2.0, -2.0], [1.0, -1.0, -1.0, 1.0]];
         // Rows of an orthonormal R: x' = x·R, so the principal directions are these rows.
         let r = [[0.6, -0.8, 0.0], [0.0, 0.0, -1.0], [0.8, 0.6, 0.0]];
         let d = 3 + extra_zero_cols;
@@ -1155,11 +982,7 @@ mod tests {
     fn check_constructed(p: &Pca, d: usize) {
         // Ratios: 12 : 16/3 : 4/3 over total 56/3 → 9/14, 2/7, 1/14.
         assert_all_close(&p.explained_variance, &[12.0, 16.0 / 3.0, 4.0 / 3.0], 1e-4);
-        assert_all_close(
-            &p.explained_variance_ratio,
-            &[9.0 / 14.0, 2.0 / 7.0, 1.0 / 14.0],
-            1e-6,
-        );
+        assert_all_close(&p.explained_variance_ratio, &[9.0 / 14.0, 2.0 / 7.0, 1.0 / 14.0], 1e-6);
         assert!(close(p.total_variance, 56.0 / 3.0, 1e-5)); // inputs are f32
                                                             // sklearn ≥ 1.5 signs: (0.6, −0.8, 0) flips (largest |.| is −0.8), (0, 0, −1) flips,
                                                             // (0.8, 0.6, 0) stays.
@@ -1171,11 +994,7 @@ mod tests {
         // Projections: the Hadamard columns times the flip signs (−, −, +), N×K row-major.
         let want_proj: Vec<f64> = (0..4)
             .flat_map(|i| {
-                let c = [
-                    [3.0, 3.0, -3.0, -3.0],
-                    [2.0, -2.0, 2.0, -2.0],
-                    [1.0, -1.0, -1.0, 1.0],
-                ];
+                let c = [[3.0, 3.0, -3.0, -3.0], [2.0, -2.0, 2.0, -2.0], [1.0, -1.0, -1.0, 1.0]];
                 vec![-c[0][i], -c[1][i], c[2][i]]
             })
             .collect();
@@ -1211,24 +1030,14 @@ mod tests {
         let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         assert_all_close(&a.components, &f(&b.components), 1e-5);
         assert_all_close(&a.projections, &f(&b.projections), 1e-5);
-        assert_all_close(
-            &a.explained_variance_ratio,
-            &f(&b.explained_variance_ratio),
-            1e-6,
-        );
+        assert_all_close(&a.explained_variance_ratio, &f(&b.explained_variance_ratio), 1e-6);
         // Ratios descending, sum ≤ 1; loadings unit and orthogonal; sign convention holds.
         let r = &a.explained_variance_ratio;
         assert!(r.windows(2).all(|w| w[0] >= w[1]) && r.iter().sum::<f32>() <= 1.0 + 1e-6);
         for j in 0..k {
             let vj = &a.components[j * d..(j + 1) * d];
-            let big = vj
-                .iter()
-                .cloned()
-                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-            assert!(
-                big > 0.0,
-                "largest loading of component {j} must be positive"
-            );
+            let big = vj.iter().cloned().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            assert!(big > 0.0, "largest loading of component {j} must be positive");
             for l in 0..k {
                 let vl = &a.components[l * d..(l + 1) * d];
                 let dot: f32 = vj.iter().zip(vl).map(|(p, q)| p * q).sum();
@@ -1270,17 +1079,10 @@ mod tests {
             let v = &vecs[j * n..(j + 1) * n];
             for i in 0..n {
                 let av: f64 = (0..n).map(|c| a[i * n + c] * v[c]).sum();
-                assert!(
-                    close(av, vals[j] * v[i], 1e-10),
-                    "A v = λ v fails for pair {j}"
-                );
+                assert!(close(av, vals[j] * v[i], 1e-10), "A v = λ v fails for pair {j}");
             }
             for l in 0..n {
-                let dot: f64 = v
-                    .iter()
-                    .zip(&vecs[l * n..(l + 1) * n])
-                    .map(|(p, q)| p * q)
-                    .sum();
+                let dot: f64 = v.iter().zip(&vecs[l * n..(l + 1) * n]).map(|(p, q)| p * q).sum();
                 assert!(close(dot, if j == l { 1.0 } else { 0.0 }, 1e-10));
             }
         }
@@ -1289,20 +1091,11 @@ mod tests {
         for j in 0..n {
             assert!(close(jv[j], vals[j], 1e-10));
             let dot: f64 = (0..n).map(|i| jvec[j * n + i] * vecs[j * n + i]).sum();
-            assert!(
-                close(dot.abs(), 1.0, 1e-9),
-                "eigenvector {j} differs: |dot| = {dot}"
-            );
+            assert!(close(dot.abs(), 1.0, 1e-9), "eigenvector {j} differs: |dot| = {dot}");
         }
         // Rank-deficient PSD input (a centred Gram matrix has a zero eigenvalue).
         let x: Vec<f64> = (0..n * 3).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let g: Vec<f64> = (0..n * n)
-            .map(|ij| {
-                (0..3)
-                    .map(|c| x[(ij / n) * 3 + c] * x[(ij % n) * 3 + c])
-                    .sum()
-            })
-            .collect();
+        let g: Vec<f64> = (0..n * n).map(|ij| (0..3).map(|c| x[(ij / n) * 3 + c] * x[(ij % n) * 3 + c]).sum()).collect();
         let (gv, gvec) = symmetric_eigen(&g, n);
         assert!(gv[3..].iter().all(|&l| l.abs() < 1e-12) && gv[2] > 1e-3);
         for j in 0..3 {
@@ -1315,10 +1108,7 @@ mod tests {
         let diag = [1.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 2.0];
         let (vals, vecs) = symmetric_eigen(&diag, 3);
         assert_eq!(vals, vec![3.0, 2.0, 1.0]);
-        assert_eq!(
-            vecs[..3].iter().map(|x| x.abs()).collect::<Vec<_>>(),
-            vec![0.0, 1.0, 0.0]
-        );
+        assert_eq!(vecs[..3].iter().map(|x| x.abs()).collect::<Vec<_>>(), vec![0.0, 1.0, 0.0]);
         assert_eq!(symmetric_eigen(&[5.0], 1), (vec![5.0], vec![1.0]));
         assert_eq!(symmetric_eigen_jacobi(&diag, 3).0, vec![3.0, 2.0, 1.0]);
     }
@@ -1334,27 +1124,11 @@ mod tests {
         // 3 patches × K = 2.
         let rem = [1.0, 0.0, 0.5, 1.0, 0.0, 0.25];
         let ratios = [0.6, 0.3];
-        assert_all_close(
-            &aggregate(&rem, 3, 2, &ratios, Aggregation::Weighted),
-            &[0.6, 0.3 + 0.3, 0.075],
-            1e-7,
-        );
-        assert_all_close(
-            &aggregate(&rem, 3, 2, &ratios, Aggregation::Average),
-            &[0.5, 0.75, 0.125],
-            1e-7,
-        );
-        assert_all_close(
-            &aggregate(&rem, 3, 2, &ratios, Aggregation::First),
-            &[1.0, 0.5, 0.0],
-            0.0,
-        );
+        assert_all_close(&aggregate(&rem, 3, 2, &ratios, Aggregation::Weighted), &[0.6, 0.3 + 0.3, 0.075], 1e-7);
+        assert_all_close(&aggregate(&rem, 3, 2, &ratios, Aggregation::Average), &[0.5, 0.75, 0.125], 1e-7);
+        assert_all_close(&aggregate(&rem, 3, 2, &ratios, Aggregation::First), &[1.0, 0.5, 0.0], 0.0);
         // Clipping to [0,1] (weights above 1 cannot happen with ratios, but the clip is the spec).
-        assert_all_close(
-            &aggregate(&[1.0, 1.0], 1, 2, &[0.9, 0.8], Aggregation::Weighted),
-            &[1.0],
-            0.0,
-        );
+        assert_all_close(&aggregate(&[1.0, 1.0], 1, 2, &[0.9, 0.8], Aggregation::Weighted), &[1.0], 0.0);
     }
 
     #[test]
@@ -1391,9 +1165,7 @@ mod tests {
         let mut grid = vec![0f32; 30];
         grid[0] = 1.0;
         let out = gaussian_smooth_2d(&grid, 5, 6, 1.0);
-        let want: Vec<f64> = (0..30)
-            .map(|i| (gt(i / 6) + gt(i / 6 + 1)) * (gt(i % 6) + gt(i % 6 + 1)))
-            .collect();
+        let want: Vec<f64> = (0..30).map(|i| (gt(i / 6) + gt(i / 6 + 1)) * (gt(i % 6) + gt(i % 6 + 1))).collect();
         assert_all_close(&out, &want, 1e-7);
         // σ = 0 is the identity; a constant grid stays constant.
         assert_eq!(gaussian_smooth_2d(&grid, 5, 6, 0.0), grid);
@@ -1408,11 +1180,7 @@ mod tests {
         let z = e(0.0) + 2.0 * e(1.0) + 2.0 * e(2.0);
         let out = gaussian_smooth_2d(&[1.0, 0.0], 1, 2, 0.5);
         // out[0] = w(−1) + w(0); out[1] = w(−2) + w(−1) + w(2).
-        assert_all_close(
-            &out,
-            &[(e(1.0) + e(0.0)) / z, (2.0 * e(2.0) + e(1.0)) / z],
-            1e-7,
-        );
+        assert_all_close(&out, &[(e(1.0) + e(0.0)) / z, (2.0 * e(2.0) + e(1.0)) / z], 1e-7);
     }
 
     #[test]
@@ -1429,25 +1197,13 @@ mod tests {
     #[test]
     fn resize_downsample_antialiased_torch_values() {
         // 1×4 → 1×2: weights [3,3,1,0]/7 and [0,1,3,3]/7 (triangle of half-width 2).
-        assert_all_close(
-            &resize_bilinear_antialias(&[0.0, 1.0, 2.0, 3.0], 1, 4, 1, 2),
-            &[5.0 / 7.0, 16.0 / 7.0],
-            1e-6,
-        );
+        assert_all_close(&resize_bilinear_antialias(&[0.0, 1.0, 2.0, 3.0], 1, 4, 1, 2), &[5.0 / 7.0, 16.0 / 7.0], 1e-6);
         // 4×4 arange → 2×2: 4·E_y + E_x with E ∈ {5/7, 16/7}.
         let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
         let out = resize_bilinear_antialias(&src, 4, 4, 2, 2);
-        assert_all_close(
-            &out,
-            &[25.0 / 7.0, 36.0 / 7.0, 69.0 / 7.0, 80.0 / 7.0],
-            1e-5,
-        );
+        assert_all_close(&out, &[25.0 / 7.0, 36.0 / 7.0, 69.0 / 7.0, 80.0 / 7.0], 1e-5);
         // Integer factor 2 of a constant stays constant; same size is the identity.
-        assert_all_close(
-            &resize_bilinear_antialias(&[0.4; 16], 4, 4, 2, 2),
-            &[0.4; 4],
-            1e-6,
-        );
+        assert_all_close(&resize_bilinear_antialias(&[0.4; 16], 4, 4, 2, 2), &[0.4; 4], 1e-6);
         assert_eq!(resize_bilinear_antialias(&src, 4, 4, 4, 4), src);
     }
 
@@ -1477,11 +1233,7 @@ mod tests {
                 let obj = y >= h / 4 && y < 3 * h / 4 && x >= w / 4 && x < 3 * w / 4;
                 mask[y * w + x] = obj as u8 as f32;
                 for c in 0..d {
-                    let base = if obj {
-                        (c as f32 * 0.37).sin()
-                    } else {
-                        (c as f32 * 0.11).cos()
-                    };
+                    let base = if obj { (c as f32 * 0.37).sin() } else { (c as f32 * 0.11).cos() };
                     data[(y * w + x) * d + c] = base + 0.05 * rng.gen_range(-1.0f32..1.0);
                 }
             }
@@ -1492,25 +1244,11 @@ mod tests {
     #[test]
     fn allocation_map_stages_consistent_and_exact_range() {
         let (feat, mask) = two_region_features(8, 8, 16, 1);
-        for agg in [
-            Aggregation::Weighted,
-            Aggregation::Average,
-            Aggregation::First,
-        ] {
-            let cfg = PsmConfig {
-                k: 3,
-                aggregation: agg,
-                sigma: 1.0, orient: Orient::Sklearn
-            };
+        for agg in [Aggregation::Weighted, Aggregation::Average, Aggregation::First] {
+            let cfg = PsmConfig { k: 3, aggregation: agg, sigma: 1.0, orient: Orient::Sklearn };
             let s = allocation_map(&feat, 16, 16, &cfg).unwrap();
-            assert_eq!(
-                (s.projections.len(), s.components.len(), s.remapped.len()),
-                (64 * 3, 3 * 16, 64 * 3)
-            );
-            assert_eq!(
-                (s.aggregated.len(), s.smoothed.len(), s.map.len()),
-                (64, 64, 256)
-            );
+            assert_eq!((s.projections.len(), s.components.len(), s.remapped.len()), (64 * 3, 3 * 16, 64 * 3));
+            assert_eq!((s.aggregated.len(), s.smoothed.len(), s.map.len()), (64, 64, 256));
             let mn = s.map.iter().cloned().fold(f32::INFINITY, f32::min);
             let mx = s.map.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!((mn, mx), (0.0, 1.0));
@@ -1523,35 +1261,15 @@ mod tests {
             assert_eq!(m, s.map);
             // The dominant component separates the two regions: the map is not uniform across
             // them (which region wins depends on the fixed sign convention).
-            let (share, area) =
-                map_object_mass(&s.map, &resize_bilinear_antialias(&mask, 8, 8, 16, 16));
+            let (share, area) = map_object_mass(&s.map, &resize_bilinear_antialias(&mask, 8, 8, 16, 16));
             assert!(close(area as f64, 0.25, 1e-6));
-            assert!(
-                (share as f64 - area as f64).abs() > 0.05,
-                "{agg:?}: share {share}"
-            );
+            assert!((share as f64 - area as f64).abs() > 0.05, "{agg:?}: share {share}");
         }
         // First component alone, no smoothing: first-component remap is exactly 2-valued-ish.
-        let cfg = PsmConfig {
-            k: 1,
-            aggregation: Aggregation::First,
-            sigma: 0.0, orient: Orient::Sklearn
-        };
+        let cfg = PsmConfig { k: 1, aggregation: Aggregation::First, sigma: 0.0, orient: Orient::Sklearn };
         let s = allocation_map(&feat, 8, 8, &cfg).unwrap();
-        let obj: Vec<f32> = s
-            .map
-            .iter()
-            .zip(&mask)
-            .filter(|p| *p.1 > 0.5)
-            .map(|p| *p.0)
-            .collect();
-        let bg: Vec<f32> = s
-            .map
-            .iter()
-            .zip(&mask)
-            .filter(|p| *p.1 < 0.5)
-            .map(|p| *p.0)
-            .collect();
+        let obj: Vec<f32> = s.map.iter().zip(&mask).filter(|p| *p.1 > 0.5).map(|p| *p.0).collect();
+        let bg: Vec<f32> = s.map.iter().zip(&mask).filter(|p| *p.1 < 0.5).map(|p| *p.0).collect();
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
         assert!((mean(&obj) - mean(&bg)).abs() > 0.8);
     }
@@ -1561,24 +1279,9 @@ mod tests {
         let (good, _) = two_region_features(6, 6, 8, 2);
         let mut nan = good.clone();
         nan.data[5] = f32::NAN;
-        let constant = FeatureMap {
-            h: 6,
-            w: 6,
-            d: 8,
-            data: vec![0.5; 6 * 6 * 8],
-        };
-        let tiny = FeatureMap {
-            h: 1,
-            w: 2,
-            d: 8,
-            data: good.data[..16].to_vec(),
-        }; // k = 3 > N = 2
-        let short = FeatureMap {
-            h: 6,
-            w: 6,
-            d: 8,
-            data: vec![0.0; 10],
-        };
+        let constant = FeatureMap { h: 6, w: 6, d: 8, data: vec![0.5; 6 * 6 * 8] };
+        let tiny = FeatureMap { h: 1, w: 2, d: 8, data: good.data[..16].to_vec() }; // k = 3 > N = 2
+        let short = FeatureMap { h: 6, w: 6, d: 8, data: vec![0.0; 10] };
         let cfg = PsmConfig::default();
         let feats = vec![good.clone(), nan, constant, tiny, short, good];
         let (maps, fallbacks) = allocation_maps(&feats, 4, 5, &cfg);
@@ -1597,38 +1300,13 @@ mod tests {
     #[test]
     fn config_validation_and_serde() {
         assert!(PsmConfig::default().validate(8).is_ok());
-        let e = PsmConfig {
-            k: 0,
-            ..Default::default()
-        }
-        .validate(8)
-        .unwrap_err();
+        let e = PsmConfig { k: 0, ..Default::default() }.validate(8).unwrap_err();
         assert!(e.to_string().contains("psm.k"));
-        assert!(PsmConfig {
-            k: 9,
-            ..Default::default()
-        }
-        .validate(8)
-        .unwrap_err()
-        .to_string()
-        .contains("psm.k"));
-        let e = PsmConfig {
-            sigma: -1.0,
-            ..Default::default()
-        }
-        .validate(8)
-        .unwrap_err();
+        assert!(PsmConfig { k: 9, ..Default::default() }.validate(8).unwrap_err().to_string().contains("psm.k"));
+        let e = PsmConfig { sigma: -1.0, ..Default::default() }.validate(8).unwrap_err();
         assert!(e.to_string().contains("psm.sigma"));
         let c: PsmConfig = toml::from_str("aggregation = \"average\"\nk = 2").unwrap();
-        assert_eq!(
-            c,
-            PsmConfig {
-                k: 2,
-                aggregation: Aggregation::Average,
-                sigma: 1.0,
-                orient: Orient::Minority,
-            }
-        );
+        assert_eq!(c, PsmConfig { k: 2, aggregation: Aggregation::Average, sigma: 1.0, orient: Orient::Minority });
         assert!(toml::from_str::<PsmConfig>("aggregation = \"median\"").is_err());
         assert!(toml::from_str::<PsmConfig>("sigmaa = 1.0").is_err());
     }
@@ -1675,12 +1353,7 @@ mod tests {
         // σ_t = 0.3 (the default): 3 taps exp(−t²/0.18).
         let a = (-1.0f64 / 0.18).exp();
         let frames = vec![vec![0.0f32], vec![1.0], vec![0.0], vec![0.0]];
-        let raw = [
-            a / (1.0 + 2.0 * a),
-            1.0 / (1.0 + 2.0 * a),
-            a / (1.0 + 2.0 * a),
-            0.0,
-        ];
+        let raw = [a / (1.0 + 2.0 * a), 1.0 / (1.0 + 2.0 * a), a / (1.0 + 2.0 * a), 0.0];
         let want: Vec<f64> = raw.iter().map(|v| v / raw[1]).collect();
         assert_all_close(&temporal_map(&frames, 1, 1, 4, 0.3, false), &want, 1e-6);
     }
@@ -1698,10 +1371,7 @@ mod tests {
             for _ in 0..reps {
                 pca(&x, n, d, 3).unwrap();
             }
-            eprintln!(
-                "pca N={n} D={d}: {:.2} ms",
-                t.elapsed().as_secs_f64() * 1e3 / reps as f64
-            );
+            eprintln!("pca N={n} D={d}: {:.2} ms", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
         }
     }
 }
@@ -1853,7 +1523,8 @@ mod orient_tests {
             // The peak pixel, or one of its 8 neighbours (the map is smooth at patch scale),
             // is covered by the object.
             let (py, px) = ((peak / 32) as i64, (peak % 32) as i64);
-            let near = (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (py + dy, px + dx))).filter(|&(y, x)| (0..32).contains(&y) && (0..32).contains(&x)).any(|(y, x)| mask[(y * 32 + x) as usize] > 0.5);
+            let near =
+                (-1..=1).flat_map(|dy| (-1..=1).map(move |dx| (py + dy, px + dx))).filter(|&(y, x)| (0..32).contains(&y) && (0..32).contains(&x)).any(|(y, x)| mask[(y * 32 + x) as usize] > 0.5);
             if !near {
                 off.push(format!("{c:?} {sh:?}: map peak at ({py}, {px})"));
             }

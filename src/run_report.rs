@@ -9,7 +9,7 @@ use crate::report::{EvalRow, Figure, ReportInput, Series, Timing};
 use crate::run_dir;
 
 fn pngs(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.extension().map_or(false, |e| e == "png")).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
     v.sort();
     v
 }

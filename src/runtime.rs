@@ -23,11 +23,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 ///   every step, so it keeps them (`MIMALLOC_PURGE_DELAY` overrides).
 /// - SIGPIPE: the default action, so output piped into `head` ends vipo without a panic.
 pub fn init() {
-    let n = thread_count(
-        std::env::var("VIPO_THREADS").ok().as_deref(),
-        std::env::var("RAYON_NUM_THREADS").ok().as_deref(),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-    );
+    let n = thread_count(std::env::var("VIPO_THREADS").ok().as_deref(), std::env::var("RAYON_NUM_THREADS").ok().as_deref(), std::thread::available_parallelism().map_or(1, |n| n.get()));
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     let _ = pool_builder(n).build_global();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -129,10 +125,7 @@ pub fn progress(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}} {{msg}}"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}} {{msg}}")).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     bar
 }
 

@@ -4,9 +4,9 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::Path;
 
-use crate::sampler::SampleConfig;
 use crate::policy::Policy;
 use crate::reward::compositional::Compositional;
+use crate::sampler::SampleConfig;
 use crate::world::PromptSpec;
 
 /// Generate one image per prompt into `out` (`sample_000.png`…, `grid.png`,

@@ -115,12 +115,7 @@ fn row_scalars(like: &Tensor, vals: impl Iterator<Item = f64>) -> Result<Tensor>
 }
 
 fn check_shapes(z: &Tensor, v: &Tensor) -> Result<()> {
-    ensure!(
-        z.dims() == v.dims(),
-        "sampler::transition: latent z has shape {:?} but velocity v has shape {:?}",
-        z.dims(),
-        v.dims()
-    );
+    ensure!(z.dims() == v.dims(), "sampler::transition: latent z has shape {:?} but velocity v has shape {:?}", z.dims(), v.dims());
     Ok(())
 }
 
@@ -143,10 +138,7 @@ pub fn transition_coeffs(kind: SdeKind, sigma: f64, sigma_next: f64, sigma1: f64
         SdeKind::Flow { a } => {
             // The published code replaces 1 − σ by 1 − σ₁ at σ = 1 to avoid dividing by zero.
             let denom = if sigma == 1.0 { 1.0 - sigma1 } else { 1.0 - sigma };
-            ensure!(
-                denom > 0.0 && denom.is_finite(),
-                "sampler::transition: Flow-SDE at sigma=1 needs the schedule's second sigma sigma1 < 1 (got {sigma1})"
-            );
+            ensure!(denom > 0.0 && denom.is_finite(), "sampler::transition: Flow-SDE at sigma=1 needs the schedule's second sigma sigma1 < 1 (got {sigma1})");
             let sigma_t = a * (sigma / denom).sqrt();
             let s2 = sigma_t * sigma_t;
             let cz = 1.0 + s2 * dsigma / (2.0 * sigma);
@@ -162,12 +154,7 @@ pub fn transition_coeffs(kind: SdeKind, sigma: f64, sigma_next: f64, sigma1: f64
 /// carries gradient). `std` must be finite and > 0.
 pub fn log_prob_dense(x_next: &Tensor, mean: &Tensor, std: f64) -> Result<Tensor> {
     ensure!(std.is_finite() && std > 0.0, "sampler::log_prob_dense: std must be finite and > 0 (got {std})");
-    ensure!(
-        x_next.dims() == mean.dims(),
-        "sampler::log_prob_dense: sample has shape {:?} but mean has shape {:?}",
-        x_next.dims(),
-        mean.dims()
-    );
+    ensure!(x_next.dims() == mean.dims(), "sampler::log_prob_dense: sample has shape {:?} but mean has shape {:?}", x_next.dims(), mean.dims());
     let diff = (x_next.detach() - mean)?;
     let (mul, add) = log_prob_coeffs(std);
     Ok(diff.sqr()?.affine(mul, add)?)
@@ -182,13 +169,7 @@ fn log_prob_coeffs(std: f64) -> (f64, f64) {
 /// for bit to it row by row.
 pub fn log_prob_dense_rows(x_next: &Tensor, mean: &Tensor, stds: &[f64]) -> Result<Tensor> {
     ensure!(stds.iter().all(|s| s.is_finite() && *s > 0.0), "sampler::log_prob_dense: std must be finite and > 0 (got {stds:?})");
-    ensure!(
-        x_next.dims() == mean.dims() && mean.dim(0)? == stds.len(),
-        "sampler::log_prob_dense: sample has shape {:?}, mean {:?}, {} stds",
-        x_next.dims(),
-        mean.dims(),
-        stds.len()
-    );
+    ensure!(x_next.dims() == mean.dims() && mean.dim(0)? == stds.len(), "sampler::log_prob_dense: sample has shape {:?}, mean {:?}, {} stds", x_next.dims(), mean.dims(), stds.len());
     let diff = (x_next.detach() - mean)?;
     let mul = row_scalars(mean, stds.iter().map(|&s| log_prob_coeffs(s).0))?;
     let add = row_scalars(mean, stds.iter().map(|&s| log_prob_coeffs(s).1))?;
@@ -272,14 +253,7 @@ pub fn validate_sigmas(sigmas: &[f64]) -> Result<()> {
 /// cannot be seeded), so runs are reproducible and resumable. Latents are detached every step
 /// (candle has no no-grad mode). The noise of step k is drawn after the velocity of step k
 /// is evaluated, one standard normal per element in row-major order.
-pub fn sample(
-    velocity: impl FnMut(&Tensor, f64) -> Result<Tensor>,
-    init_noise: Tensor,
-    sigmas: &[f64],
-    kind: SdeKind,
-    rng: &mut ChaCha8Rng,
-    reduction: LogProbReduction,
-) -> Result<Trajectory> {
+pub fn sample(velocity: impl FnMut(&Tensor, f64) -> Result<Tensor>, init_noise: Tensor, sigmas: &[f64], kind: SdeKind, rng: &mut ChaCha8Rng, reduction: LogProbReduction) -> Result<Trajectory> {
     let steps = sigmas.len().saturating_sub(1);
     sample_mixed(velocity, init_noise, sigmas, kind, steps, rng, reduction)
 }
@@ -309,12 +283,7 @@ pub fn sample_mixed(
         let z = &latents[k];
         let (sigma, sigma_next) = (sigmas[k], sigmas[k + 1]);
         let v = velocity(z, sigma).with_context(|| format!("sampler: velocity at step {k} (sigma={sigma})"))?.detach();
-        ensure!(
-            v.dims() == z.dims(),
-            "sampler: velocity at step {k} has shape {:?}, expected the latent shape {:?}",
-            v.dims(),
-            z.dims()
-        );
+        ensure!(v.dims() == z.dims(), "sampler: velocity at step {k} has shape {:?}, expected the latent shape {:?}", v.dims(), z.dims());
         let step_kind = if k < sde_steps { kind } else { SdeKind::Ode };
         let (mean, std) = transition(step_kind, z, &v, sigma, sigma_next, sigma1)?;
         let next = if step_kind.is_stochastic() {

@@ -16,9 +16,26 @@ fn err(o: &Output) -> String {
 }
 
 const TINY: &[&str] = &[
-    "--set", "model.image_size=16", "--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2",
-    "--set", "model.text_layers=1", "--set", "pretrain.steps=2", "--set", "pretrain.batch_size=2",
-    "--set", "pretrain.eval_prompts=2", "--set", "pretrain.grid_prompts=2", "--set", "sample.steps=2",
+    "--set",
+    "model.image_size=16",
+    "--set",
+    "model.dim=32",
+    "--set",
+    "model.depth=1",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.text_layers=1",
+    "--set",
+    "pretrain.steps=2",
+    "--set",
+    "pretrain.batch_size=2",
+    "--set",
+    "pretrain.eval_prompts=2",
+    "--set",
+    "pretrain.grid_prompts=2",
+    "--set",
+    "sample.steps=2",
 ];
 
 fn pretrain_tiny(dir: &Path) -> std::path::PathBuf {
@@ -89,9 +106,29 @@ fn train_grpo_then_resume_from_the_cli() {
     let base = run.join("model.safetensors");
     let base_set = format!("train.base={}", base.display());
     let mut args = vec![
-        "train", "--set", "run_name=g", "--set", &base_set, "--set", "train.steps=1", "--set", "train.prompts_per_step=2",
-        "--set", "train.group_size=2", "--set", "train.micro_batch=2", "--set", "train.grad_accum=1", "--set", "train.sample_steps=3",
-        "--set", "train.checkpoint_every=1", "--set", "train.grid_every=1", "--set", "train.grid_prompts=2",
+        "train",
+        "--set",
+        "run_name=g",
+        "--set",
+        &base_set,
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.prompts_per_step=2",
+        "--set",
+        "train.group_size=2",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "train.grad_accum=1",
+        "--set",
+        "train.sample_steps=3",
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "train.grid_every=1",
+        "--set",
+        "train.grid_prompts=2",
     ];
     args.extend_from_slice(TINY);
     let o = vipo(&args, d.path());
@@ -153,9 +190,29 @@ fn train_and_eval_from_prompt_files() {
     std::fs::write(d.path().join("train.txt"), "# ShapeWorld prompts as free text\ntwo red circles\n\na blue square left of a green triangle\n").unwrap();
     std::fs::write(d.path().join("held.jsonl"), "{\"prompt\": \"a red square\", \"source\": \"mine\"}\n{\"prompt\": \"two blue circles\"}\n{\"prompt\": \"a green triangle\"}\n").unwrap();
     let mut args = vec![
-        "train", "--set", &base_set, "--set", "train.steps=1", "--set", "train.prompts_per_step=2", "--set", "train.group_size=2",
-        "--set", "train.micro_batch=2", "--set", "train.grad_accum=1", "--set", "train.sample_steps=3", "--set", "train.grid_every=1",
-        "--set", "train.grid_prompts=2", "--set", "train.eval_prompts=2", "--set", "train.eval_prompt_file=held.jsonl",
+        "train",
+        "--set",
+        &base_set,
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.prompts_per_step=2",
+        "--set",
+        "train.group_size=2",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "train.grad_accum=1",
+        "--set",
+        "train.sample_steps=3",
+        "--set",
+        "train.grid_every=1",
+        "--set",
+        "train.grid_prompts=2",
+        "--set",
+        "train.eval_prompts=2",
+        "--set",
+        "train.eval_prompt_file=held.jsonl",
     ];
     args.extend_from_slice(TINY);
     let mut ok = args.clone();
@@ -220,9 +277,28 @@ fn pretrain_resume_from_the_cli_matches_an_uninterrupted_run() {
 }
 
 const TRAIN_TINY: &[&str] = &[
-    "--set", "train.steps=2", "--set", "train.prompts_per_step=2", "--set", "train.group_size=2", "--set", "train.micro_batch=2",
-    "--set", "train.grad_accum=1", "--set", "train.sample_steps=3", "--set", "train.checkpoint_every=1", "--set", "train.grid_every=1",
-    "--set", "train.grid_prompts=2", "--set", "vipo.map_grid_every=1", "--set", "compare.eval_prompts=3",
+    "--set",
+    "train.steps=2",
+    "--set",
+    "train.prompts_per_step=2",
+    "--set",
+    "train.group_size=2",
+    "--set",
+    "train.micro_batch=2",
+    "--set",
+    "train.grad_accum=1",
+    "--set",
+    "train.sample_steps=3",
+    "--set",
+    "train.checkpoint_every=1",
+    "--set",
+    "train.grid_every=1",
+    "--set",
+    "train.grid_prompts=2",
+    "--set",
+    "vipo.map_grid_every=1",
+    "--set",
+    "compare.eval_prompts=3",
 ];
 
 #[test]
@@ -240,7 +316,9 @@ fn demo_pretrains_once_compares_and_reports_then_uses_the_cache() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("pretraining the base model"));
     let demo = d.path().join("runs/demo");
-    for f in ["compare.toml", "results.json", "results.md", "report.html", "base_eval/eval/final/eval.json", "grpo-s0/eval/final/eval.json", "vipo-s0/eval/final/eval.json", "vipo-s0/maps/step_00001.png"] {
+    for f in
+        ["compare.toml", "results.json", "results.md", "report.html", "base_eval/eval/final/eval.json", "grpo-s0/eval/final/eval.json", "vipo-s0/eval/final/eval.json", "vipo-s0/maps/step_00001.png"]
+    {
         assert!(demo.join(f).is_file(), "{f} missing");
     }
     let out = String::from_utf8_lossy(&o.stdout).to_string();
@@ -254,7 +332,10 @@ fn demo_pretrains_once_compares_and_reports_then_uses_the_cache() {
             assert!(lo <= mu && mu <= hi && (0.0..=1.0).contains(&mu), "{r}");
         }
     }
-    check_report(&demo.join("report.html"), &["grpo", "vipo", "base — eval prompts", "vs wall-clock", "mean seconds per RL step", "signed advantage", "Same prompt, same noise", "prompts in reading order"]);
+    check_report(
+        &demo.join("report.html"),
+        &["grpo", "vipo", "base — eval prompts", "vs wall-clock", "mean seconds per RL step", "signed advantage", "Same prompt, same noise", "prompts in reading order"],
+    );
     // One image per shown prompt: base | grpo | vipo cut from the three eval grids, same noise.
     let row = image::open(demo.join("side_by_side/eval_0.png")).unwrap();
     assert_eq!(row.height(), 4 * 16 + 2, "one 4×-upscaled 16-px tile high");
@@ -274,11 +355,7 @@ fn compare_resumes_and_rejects_bad_input_and_eval_reports() {
     let run = pretrain_tiny(d.path());
     let base_set = format!("train.base={}", run.join("model.safetensors").display());
     let cf = d.path().join("cmp.toml");
-    std::fs::write(
-        &cf,
-        "[[compare.methods]]\nname = \"grpo\"\nset = [\"train.algo=grpo\"]\n[[compare.methods]]\nname = \"vipo-ones\"\nset = [\"train.algo=vipo\", \"vipo.map=ones\"]\n",
-    )
-    .unwrap();
+    std::fs::write(&cf, "[[compare.methods]]\nname = \"grpo\"\nset = [\"train.algo=grpo\"]\n[[compare.methods]]\nname = \"vipo-ones\"\nset = [\"train.algo=vipo\", \"vipo.map=ones\"]\n").unwrap();
     let mut args = vec!["compare", "--config", cf.to_str().unwrap(), "--seeds", "2", "--set", "run_name=cmp", "--set", &base_set];
     args.extend_from_slice(TINY);
     args.extend_from_slice(TRAIN_TINY);
@@ -398,10 +475,32 @@ fn check_report(path: &Path, must: &[&str]) {
 fn video_pretrain_sample_and_bad_input() {
     let d = tempfile::tempdir().unwrap();
     let vid: &[&str] = &[
-        "--set", "modality=video", "--set", "run_name=vbase", "--set", "video_model.image_size=16", "--set", "video_model.frames=4",
-        "--set", "video_model.dim=32", "--set", "video_model.depth=2", "--set", "video_model.heads=2", "--set", "video_model.text_layers=1",
-        "--set", "pretrain.steps=2", "--set", "pretrain.batch_size=2", "--set", "pretrain.eval_prompts=2", "--set", "pretrain.grid_prompts=2",
-        "--set", "sample.steps=2",
+        "--set",
+        "modality=video",
+        "--set",
+        "run_name=vbase",
+        "--set",
+        "video_model.image_size=16",
+        "--set",
+        "video_model.frames=4",
+        "--set",
+        "video_model.dim=32",
+        "--set",
+        "video_model.depth=2",
+        "--set",
+        "video_model.heads=2",
+        "--set",
+        "video_model.text_layers=1",
+        "--set",
+        "pretrain.steps=2",
+        "--set",
+        "pretrain.batch_size=2",
+        "--set",
+        "pretrain.eval_prompts=2",
+        "--set",
+        "pretrain.grid_prompts=2",
+        "--set",
+        "sample.steps=2",
     ];
     let mut args = vec!["pretrain"];
     args.extend_from_slice(vid);
@@ -443,8 +542,26 @@ fn video_pretrain_sample_and_bad_input() {
     let mut demo = vec!["demo", "--video", "--steps", "1"];
     let vid_sets: Vec<&str> = vid.chunks(2).filter(|c| c[1] != "modality=video" && c[1] != "run_name=vbase").flat_map(|c| c.iter().copied()).collect();
     demo.extend_from_slice(&vid_sets);
-    demo.extend_from_slice(&["--set", "train.prompts_per_step=2", "--set", "train.group_size=2", "--set", "train.micro_batch=2", "--set", "train.grad_accum=2",
-        "--set", "train.sample_steps=3", "--set", "train.grid_prompts=2", "--set", "vipo.map_grid_every=1", "--set", "compare.eval_prompts=2", "--set", "backbone.input_size=64"]);
+    demo.extend_from_slice(&[
+        "--set",
+        "train.prompts_per_step=2",
+        "--set",
+        "train.group_size=2",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "train.grad_accum=2",
+        "--set",
+        "train.sample_steps=3",
+        "--set",
+        "train.grid_prompts=2",
+        "--set",
+        "vipo.map_grid_every=1",
+        "--set",
+        "compare.eval_prompts=2",
+        "--set",
+        "backbone.input_size=64",
+    ]);
     let o = Command::new(env!("CARGO_BIN_EXE_vipo")).args(&demo).current_dir(d.path()).env("CI", "1").env("VIPO_CACHE", &cache).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out_s = String::from_utf8_lossy(&o.stdout).to_string();
@@ -533,4 +650,3 @@ fn a_closed_stdout_pipe_ends_quietly() {
     const SIGPIPE: i32 = 13; // Linux and the BSDs; tests/ does not link libc
     assert_eq!(o.status.signal(), Some(SIGPIPE), "{:?}: {e}", o.status);
 }
-

@@ -10,9 +10,9 @@
 //! uses non-integer nearest interpolation instead, which breaks at 224.
 
 use super::ops::{self, IMAGENET_MEAN, IMAGENET_STD};
-use crate::weights::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
+use crate::weights::pth::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
@@ -97,18 +97,11 @@ pub struct Dinov2 {
 }
 
 fn linear(w: &Weights, p: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get(&format!("{p}.weight"), &[out, inp])?,
-        Some(w.get(&format!("{p}.bias"), &[out])?),
-    ))
+    Ok(Linear::new(w.get(&format!("{p}.weight"), &[out, inp])?, Some(w.get(&format!("{p}.bias"), &[out])?)))
 }
 
 fn layer_norm(w: &Weights, p: &str, d: usize) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        w.get(&format!("{p}.weight"), &[d])?,
-        w.get(&format!("{p}.bias"), &[d])?,
-        LN_EPS,
-    ))
+    Ok(LayerNorm::new(w.get(&format!("{p}.weight"), &[d])?, w.get(&format!("{p}.bias"), &[d])?, LN_EPS))
 }
 
 impl Dinov2 {
@@ -125,9 +118,7 @@ impl Dinov2 {
             [1, 1, d] => *d,
             s => bail!("{file}: tensor `embeddings.cls_token` has shape {s:?}, expected [1, 1, D]"),
         };
-        let layers_n = (0..)
-            .take_while(|i| w.contains(&format!("encoder.layer.{i}.norm1.weight")))
-            .count();
+        let layers_n = (0..).take_while(|i| w.contains(&format!("encoder.layer.{i}.norm1.weight"))).count();
         let heads = match expect {
             Some(v) => {
                 let (d, l, h) = v.dims();
@@ -177,16 +168,10 @@ impl Dinov2 {
                 if hid2 % 2 != 0 {
                     bail!("{file}: tensor `{p}.mlp.weights_in.weight` has an odd output width {hid2}");
                 }
-                Mlp::SwiGlu {
-                    w_in: linear(w, &format!("{p}.mlp.weights_in"), hid2, dim)?,
-                    w_out: linear(w, &format!("{p}.mlp.weights_out"), dim, hid2 / 2)?,
-                }
+                Mlp::SwiGlu { w_in: linear(w, &format!("{p}.mlp.weights_in"), hid2, dim)?, w_out: linear(w, &format!("{p}.mlp.weights_out"), dim, hid2 / 2)? }
             } else {
                 let hid = w.get_any(&format!("{p}.mlp.fc1.weight"))?.dim(0)?;
-                Mlp::Gelu {
-                    fc1: linear(w, &format!("{p}.mlp.fc1"), hid, dim)?,
-                    fc2: linear(w, &format!("{p}.mlp.fc2"), dim, hid)?,
-                }
+                Mlp::Gelu { fc1: linear(w, &format!("{p}.mlp.fc1"), hid, dim)?, fc2: linear(w, &format!("{p}.mlp.fc2"), dim, hid)? }
             };
             let a = format!("{p}.attention");
             layers.push(Layer {
@@ -202,27 +187,12 @@ impl Dinov2 {
             });
         }
         let norm = layer_norm(w, "layernorm", dim)?;
-        Ok(Self {
-            name: name.to_string(),
-            dim,
-            heads,
-            cls,
-            registers,
-            pos,
-            pos_grid,
-            proj_w,
-            proj_b,
-            layers,
-            norm,
-            input_size,
-            device: Device::Cpu,
-        })
+        Ok(Self { name: name.to_string(), dim, heads, cls, registers, pos, pos_grid, proj_w, proj_b, layers, norm, input_size, device: Device::Cpu })
     }
 
     /// Loads HF-layout weights (`.safetensors`, or a `.pth`/`.bin` with the same names).
     pub fn load(path: &std::path::Path, variant: Variant, name: &str, input_size: usize) -> Result<Self> {
-        Self::new(&Weights::open(path)?, name, Some(variant), variant.dims().2, input_size)
-            .with_context(|| format!("{}: cannot build {name}", path.display()))
+        Self::new(&Weights::open(path)?, name, Some(variant), variant.dims().2, input_size).with_context(|| format!("{}: cannot build {name}", path.display()))
     }
 
     /// Any DINOv2 size (width and depth from the tensors, `heads` from the model's config).
@@ -249,9 +219,7 @@ impl Dinov2 {
     pub fn forward_patches(&self, x: &Tensor) -> Result<(Tensor, usize)> {
         let (b, _, s, _) = x.dims4()?;
         let g = s / PATCH;
-        let p = x
-            .conv2d(&self.proj_w, 0, PATCH, 1, 1)?
-            .broadcast_add(&self.proj_b.reshape((1, (), 1, 1))?)?;
+        let p = x.conv2d(&self.proj_w, 0, PATCH, 1, 1)?.broadcast_add(&self.proj_b.reshape((1, (), 1, 1))?)?;
         let p = p.flatten_from(2)?.transpose(1, 2)?; // (B, g², D)
         let cls = self.cls.broadcast_as((b, 1, self.dim))?;
         let mut h = Tensor::cat(&[cls, p], 1)?.broadcast_add(&self.pos_embed(g)?)?;
@@ -318,16 +286,7 @@ fn cubic_weights(t: f64) -> [f64; 4] {
 /// `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)` where the source
 /// coordinate is `scale·(dst + 0.5) − 0.5` (not clamped) and out-of-range taps clamp to the edge.
 #[allow(clippy::too_many_arguments)] // two shapes and two scales; a struct would add nothing
-pub fn bicubic_resize_hwc(
-    v: &[f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    oh: usize,
-    ow: usize,
-    scale_h: f64,
-    scale_w: f64,
-) -> Vec<f32> {
+pub fn bicubic_resize_hwc(v: &[f32], h: usize, w: usize, c: usize, oh: usize, ow: usize, scale_h: f64, scale_w: f64) -> Vec<f32> {
     let taps = |n_in: usize, n_out: usize, scale: f64| -> Vec<([usize; 4], [f64; 4])> {
         (0..n_out)
             .map(|o| {
@@ -352,10 +311,7 @@ pub fn bicubic_resize_hwc(
                     acc.iter_mut().zip(src).for_each(|(s, &x)| *s += wgt * x as f64);
                 }
             }
-            out[(oy * ow + ox) * c..][..c]
-                .iter_mut()
-                .zip(&acc)
-                .for_each(|(o, &a)| *o = a as f32);
+            out[(oy * ow + ox) * c..][..c].iter_mut().zip(&acc).for_each(|(o, &a)| *o = a as f32);
         }
     }
     out
@@ -375,18 +331,9 @@ pub(crate) mod tests {
         let mut m = HashMap::new();
         m.insert("embeddings.cls_token".to_string(), r(&[1, 1, dim], 1.0));
         m.insert("embeddings.mask_token".to_string(), r(&[1, dim], 0.0));
-        m.insert(
-            "embeddings.position_embeddings".to_string(),
-            r(&[1, 1 + 37 * 37, dim], 0.5),
-        );
-        m.insert(
-            "embeddings.patch_embeddings.projection.weight".to_string(),
-            r(&[dim, 3, 14, 14], 0.05),
-        );
-        m.insert(
-            "embeddings.patch_embeddings.projection.bias".to_string(),
-            r(&[dim], 0.1),
-        );
+        m.insert("embeddings.position_embeddings".to_string(), r(&[1, 1 + 37 * 37, dim], 0.5));
+        m.insert("embeddings.patch_embeddings.projection.weight".to_string(), r(&[dim, 3, 14, 14], 0.05));
+        m.insert("embeddings.patch_embeddings.projection.bias".to_string(), r(&[dim], 0.1));
         let lin = |m: &mut HashMap<String, Tensor>, p: String, o: usize, i: usize| {
             m.insert(format!("{p}.weight"), r(&[o, i], 1.0 / (i as f64).sqrt()));
             m.insert(format!("{p}.bias"), r(&[o], 0.1));
@@ -394,14 +341,8 @@ pub(crate) mod tests {
         for l in 0..layers {
             let p = format!("encoder.layer.{l}");
             for n in ["norm1", "norm2"] {
-                m.insert(
-                    format!("{p}.{n}.weight"),
-                    Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap(),
-                );
-                m.insert(
-                    format!("{p}.{n}.bias"),
-                    Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap(),
-                );
+                m.insert(format!("{p}.{n}.weight"), Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap());
+                m.insert(format!("{p}.{n}.bias"), Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap());
             }
             for n in ["query", "key", "value"] {
                 lin(&mut m, format!("{p}.attention.attention.{n}"), dim, dim);
@@ -414,23 +355,11 @@ pub(crate) mod tests {
                 lin(&mut m, format!("{p}.mlp.fc1"), 4 * dim, dim);
                 lin(&mut m, format!("{p}.mlp.fc2"), dim, 4 * dim);
             }
-            m.insert(
-                format!("{p}.layer_scale1.lambda1"),
-                Tensor::full(0.5f32, dim, &dev).unwrap(),
-            );
-            m.insert(
-                format!("{p}.layer_scale2.lambda1"),
-                Tensor::full(0.5f32, dim, &dev).unwrap(),
-            );
+            m.insert(format!("{p}.layer_scale1.lambda1"), Tensor::full(0.5f32, dim, &dev).unwrap());
+            m.insert(format!("{p}.layer_scale2.lambda1"), Tensor::full(0.5f32, dim, &dev).unwrap());
         }
-        m.insert(
-            "layernorm.weight".to_string(),
-            Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap(),
-        );
-        m.insert(
-            "layernorm.bias".to_string(),
-            Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap(),
-        );
+        m.insert("layernorm.weight".to_string(), Tensor::ones(dim, candle_core::DType::F32, &dev).unwrap());
+        m.insert("layernorm.bias".to_string(), Tensor::zeros(dim, candle_core::DType::F32, &dev).unwrap());
         m
     }
 
@@ -530,28 +459,14 @@ pub(crate) mod tests {
     fn wrong_sizes_and_missing_tensors_are_named() {
         let sd = random_checkpoint(32, 2, false);
         let w = Weights::from_map(Path::new("d.safetensors"), sd.clone());
-        let e = format!(
-            "{:#}",
-            Dinov2::new(&w, "dinov2_s", Some(Variant::S), 6, 224).err().unwrap()
-        );
-        assert!(
-            e.contains("d.safetensors") && e.contains("embeddings.cls_token") && e.contains("384"),
-            "{e}"
-        );
+        let e = format!("{:#}", Dinov2::new(&w, "dinov2_s", Some(Variant::S), 6, 224).err().unwrap());
+        assert!(e.contains("d.safetensors") && e.contains("embeddings.cls_token") && e.contains("384"), "{e}");
         let e = format!("{:#}", Dinov2::new(&w, "dinov2_test", None, 2, 100).err().unwrap());
         assert!(e.contains("multiple of the patch size"), "{e}");
         let mut bad = sd;
         bad.remove("encoder.layer.1.attention.attention.value.bias");
-        let e = format!(
-            "{:#}",
-            Dinov2::new(&Weights::from_map(Path::new("d.pth"), bad), "t", None, 2, 224)
-                .err()
-                .unwrap()
-        );
-        assert!(
-            e.contains("d.pth") && e.contains("encoder.layer.1.attention.attention.value.bias"),
-            "{e}"
-        );
+        let e = format!("{:#}", Dinov2::new(&Weights::from_map(Path::new("d.pth"), bad), "t", None, 2, 224).err().unwrap());
+        assert!(e.contains("d.pth") && e.contains("encoder.layer.1.attention.attention.value.bias"), "{e}");
     }
 
     /// Forward timing of a random ViT-S/14 (real size) at 224 on a batch of 16:
@@ -566,11 +481,7 @@ pub(crate) mod tests {
             m.features(&images).unwrap();
             let t = std::time::Instant::now();
             m.features(&images).unwrap();
-            println!(
-                "{}: {:.0} ms per batch of 16",
-                m.name(),
-                t.elapsed().as_secs_f64() * 1e3
-            );
+            println!("{}: {:.0} ms per batch of 16", m.name(), t.elapsed().as_secs_f64() * 1e3);
         }
     }
 }

@@ -11,9 +11,9 @@
 //! feature map: at 224, K = 1 → 112², 2–3 → 56², 4–6 → 28², 7–13 → 14², 14–18 → 7².
 
 use super::ops::{self, depthwise3x3_cfirst, fold_bn, Act, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
-use crate::weights::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
+use crate::weights::pth::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 
@@ -32,12 +32,7 @@ enum Block {
     /// features.0: 3×3 stride-2 conv 3→32 + ReLU6.
     Stem(FoldedConv),
     /// features.1..=17.
-    Inverted {
-        expand: Option<FoldedConv>,
-        dw: Dw,
-        project: FoldedConv,
-        residual: bool,
-    },
+    Inverted { expand: Option<FoldedConv>, dw: Dw, project: FoldedConv, residual: bool },
     /// features.18: 1×1 conv 320→1280 + ReLU6.
     Head(FoldedConv),
 }
@@ -54,15 +49,7 @@ pub struct MobileNetV2 {
 
 /// (input channels, output channels, stride, expansion) of features.1..=17.
 fn block_specs() -> Vec<(usize, usize, usize, usize)> {
-    let settings = [
-        (1, 16, 1, 1),
-        (6, 24, 2, 2),
-        (6, 32, 3, 2),
-        (6, 64, 4, 2),
-        (6, 96, 3, 1),
-        (6, 160, 3, 2),
-        (6, 320, 1, 1),
-    ];
+    let settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
     let mut specs = Vec::new();
     let mut cin = 32;
     for (t, c, n, s) in settings {
@@ -106,11 +93,7 @@ impl MobileNetV2 {
         };
         let dw = |p: &str, c: usize, stride: usize| -> Result<Dw> {
             let f = conv_bn(&format!("{p}.0"), &format!("{p}.1"), c, 1, 3)?;
-            Ok(Dw {
-                k: f.w.flatten_all()?.to_vec1()?,
-                b: f.b.to_vec1()?,
-                stride,
-            })
+            Ok(Dw { k: f.w.flatten_all()?.to_vec1()?, b: f.b.to_vec1()?, stride })
         };
         let mut blocks = vec![Block::Stem(conv_bn("features.0.0", "features.0.1", 32, 3, 3)?)];
         for (i, (cin, cout, stride, t)) in block_specs().into_iter().enumerate() {
@@ -136,14 +119,7 @@ impl MobileNetV2 {
         blocks.push(Block::Head(conv_bn("features.18.0", "features.18.1", 1280, 320, 1)?));
         let classifier_w = weights.get("classifier.1.weight", &[1000, 1280])?;
         let classifier_b = weights.get("classifier.1.bias", &[1000])?;
-        Ok(Self {
-            blocks,
-            classifier_w,
-            classifier_b,
-            tap,
-            input_size,
-            device: Device::Cpu,
-        })
+        Ok(Self { blocks, classifier_w, classifier_b, tap, input_size, device: Device::Cpu })
     }
 
     /// Loads a weights file (`.safetensors` or `.pth`) and builds the model.
@@ -170,12 +146,7 @@ impl MobileNetV2 {
             x = match block {
                 Block::Stem(c) => c.conv_cfirst(&x.transpose(0, 1)?.contiguous()?, 2, 1, Act::Relu6)?,
                 Block::Head(c) => c.pointwise_cfirst(&x, Act::Relu6)?,
-                Block::Inverted {
-                    expand,
-                    dw,
-                    project,
-                    residual,
-                } => {
+                Block::Inverted { expand, dw, project, residual } => {
                     let h = match expand {
                         Some(e) => e.pointwise_cfirst(&x, Act::Relu6)?,
                         None => x.clone(),
@@ -201,9 +172,7 @@ impl MobileNetV2 {
     pub fn classify(&self, images: &[Image]) -> Result<Vec<Vec<f32>>> {
         let f = self.forward_to(&self.input(images)?, NUM_BLOCKS - 1)?;
         let pooled = f.flatten_from(2)?.mean(D::Minus1)?.t()?; // (1280, B) → (B, 1280)
-        let logits = pooled
-            .matmul(&self.classifier_w.t()?)?
-            .broadcast_add(&self.classifier_b)?;
+        let logits = pooled.matmul(&self.classifier_w.t()?)?.broadcast_add(&self.classifier_b)?;
         Ok(logits.to_vec2()?)
     }
 }
@@ -237,14 +206,8 @@ pub(crate) mod tests {
             let dev = Device::Cpu;
             m.insert(format!("{name}.weight"), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
             m.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
-            m.insert(
-                format!("{name}.running_mean"),
-                Tensor::randn(0f32, 0.1, c, &dev).unwrap(),
-            );
-            m.insert(
-                format!("{name}.running_var"),
-                Tensor::rand(0.5f32, 1.5, c, &dev).unwrap(),
-            );
+            m.insert(format!("{name}.running_mean"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
+            m.insert(format!("{name}.running_var"), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
             m.insert(format!("{name}.num_batches_tracked"), Tensor::new(0i64, &dev).unwrap());
         };
         add_conv(&mut m, "features.0.0", &[32, 3, 3, 3]);
@@ -268,14 +231,8 @@ pub(crate) mod tests {
         }
         add_conv(&mut m, "features.18.0", &[1280, 320, 1, 1]);
         add_bn(&mut m, "features.18.1", 1280);
-        m.insert(
-            "classifier.1.weight".into(),
-            Tensor::randn(0f32, 0.03, (1000, 1280), &dev).unwrap(),
-        );
-        m.insert(
-            "classifier.1.bias".into(),
-            Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap(),
-        );
+        m.insert("classifier.1.weight".into(), Tensor::randn(0f32, 0.03, (1000, 1280), &dev).unwrap());
+        m.insert("classifier.1.bias".into(), Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap());
         m
     }
 
@@ -308,43 +265,19 @@ pub(crate) mod tests {
         let m = MobileNetV2::new(&w, 6, 64).unwrap();
         let both = m.features(&[shape_image(0), shape_image(5)]).unwrap();
         let one = m.features(&[shape_image(5)]).unwrap();
-        let diff = both[1]
-            .data
-            .iter()
-            .zip(&one[0].data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = both[1].data.iter().zip(&one[0].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-4, "{diff}");
         assert_eq!(m.classify(&[shape_image(1)]).unwrap()[0].len(), 1000);
 
         // Missing and mis-shaped tensors name the file and tensor.
         let mut bad = sd.clone();
         bad.remove("features.7.conv.1.1.running_var");
-        let e = format!(
-            "{:#}",
-            MobileNetV2::new(&Weights::from_map(Path::new("bad.pth"), bad), 3, 224)
-                .err()
-                .unwrap()
-        );
-        assert!(
-            e.contains("bad.pth") && e.contains("features.7.conv.1.1.running_var"),
-            "{e}"
-        );
+        let e = format!("{:#}", MobileNetV2::new(&Weights::from_map(Path::new("bad.pth"), bad), 3, 224).err().unwrap());
+        assert!(e.contains("bad.pth") && e.contains("features.7.conv.1.1.running_var"), "{e}");
         let mut bad = sd;
-        bad.insert(
-            "features.2.conv.2.weight".into(),
-            Tensor::zeros((24, 95, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
-        );
-        let e = format!(
-            "{:#}",
-            MobileNetV2::new(&Weights::from_map(Path::new("bad.pth"), bad), 3, 224)
-                .err()
-                .unwrap()
-        );
-        assert!(
-            e.contains("bad.pth") && e.contains("features.2.conv.2.weight") && e.contains("95"),
-            "{e}"
-        );
+        bad.insert("features.2.conv.2.weight".into(), Tensor::zeros((24, 95, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap());
+        let e = format!("{:#}", MobileNetV2::new(&Weights::from_map(Path::new("bad.pth"), bad), 3, 224).err().unwrap());
+        assert!(e.contains("bad.pth") && e.contains("features.2.conv.2.weight") && e.contains("95"), "{e}");
         assert!(parse_tap("features.19").is_err() && parse_tap("layer3").is_err());
         assert_eq!(parse_tap("features.13").unwrap(), 13);
     }
@@ -382,15 +315,7 @@ pub(crate) mod tests {
                 }
                 let (wall, cpu) = (t.elapsed().as_secs_f64() / n as f64, (cpu_s() - c) / n as f64);
                 let f = m.features(&images[..1]).unwrap();
-                println!(
-                    "input {size}: features.{tap} ({}×{}×{}): batch of 16: wall {:.0} ms mean / {:.0} ms best, CPU {:.0} ms",
-                    f[0].h,
-                    f[0].w,
-                    f[0].d,
-                    wall * 1e3,
-                    best * 1e3,
-                    cpu * 1e3
-                );
+                println!("input {size}: features.{tap} ({}×{}×{}): batch of 16: wall {:.0} ms mean / {:.0} ms best, CPU {:.0} ms", f[0].h, f[0].w, f[0].d, wall * 1e3, best * 1e3, cpu * 1e3);
             }
         }
     }
@@ -458,16 +383,7 @@ pub(crate) mod tests {
             let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
             v = w.into_iter().map(|x| x / norm).collect();
         }
-        (0..n)
-            .map(|i| {
-                f.row(i)
-                    .iter()
-                    .zip(&mean)
-                    .zip(&v)
-                    .map(|((x, m), e)| (*x as f64 - m) * e)
-                    .sum::<f64>() as f32
-            })
-            .collect()
+        (0..n).map(|i| f.row(i).iter().zip(&mean).zip(&v).map(|((x, m), e)| (*x as f64 - m) * e).sum::<f64>() as f32).collect()
     }
 
     /// Sign-free ROC AUC of `score` for separating `pos` cells from the rest.
@@ -529,10 +445,7 @@ pub(crate) mod tests {
                         }
                     }
                 }
-                println!(
-                    "input {size}: features.{tap} ({grid}×{grid}): PC1 object AUC {:.3} over {count} scenes",
-                    total / count as f64
-                );
+                println!("input {size}: features.{tap} ({grid}×{grid}): PC1 object AUC {:.3} over {count} scenes", total / count as f64);
             }
         }
     }
@@ -550,10 +463,7 @@ pub(crate) mod tests {
         std::fs::write(&legacy, crate::weights::pth::tests::torch_checkpoint_bytes(&sd, true)).unwrap();
         candle_core::safetensors::save(&sd, &st).unwrap();
         let images = [shape_image(3)];
-        let reference = MobileNetV2::new(&Weights::from_map(Path::new("mem"), sd), 6, 64)
-            .unwrap()
-            .features(&images)
-            .unwrap();
+        let reference = MobileNetV2::new(&Weights::from_map(Path::new("mem"), sd), 6, 64).unwrap().features(&images).unwrap();
         for p in [&zip, &legacy, &st] {
             let f = MobileNetV2::load(p, 6, 64).unwrap().features(&images).unwrap();
             assert_eq!(f, reference, "{}", p.display());
@@ -596,16 +506,8 @@ pub(crate) mod tests {
             idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
             let mx = l[idx[0]];
             let z: f32 = l.iter().map(|v| (v - mx).exp()).sum();
-            println!(
-                "{f}: top-5 {:?} p {:?}",
-                &idx[..5],
-                idx[..5].iter().map(|&i| (l[i] - mx).exp() / z).collect::<Vec<_>>()
-            );
-            assert!(
-                idx[..*k].iter().any(|i| ok.contains(i)),
-                "{f}: top-{k} {:?} has none of {ok:?}",
-                &idx[..*k]
-            );
+            println!("{f}: top-5 {:?} p {:?}", &idx[..5], idx[..5].iter().map(|&i| (l[i] - mx).exp() / z).collect::<Vec<_>>());
+            assert!(idx[..*k].iter().any(|i| ok.contains(i)), "{f}: top-{k} {:?} has none of {ok:?}", &idx[..*k]);
         }
     }
 }

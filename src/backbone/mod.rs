@@ -133,10 +133,7 @@ fn load_at(cfg: &BackboneConfig, input_size: usize) -> Result<Box<dyn Backbone>>
     let need_weights = || -> Result<PathBuf> {
         match &cfg.weights {
             Some(p) => Ok(p.clone()),
-            None => bail!(
-                "backbone `{}` has no bundled weights: set backbone.weights to its .safetensors or .pth file",
-                cfg.name
-            ),
+            None => bail!("backbone `{}` has no bundled weights: set backbone.weights to its .safetensors or .pth file", cfg.name),
         }
     };
     match cfg.name.as_str() {
@@ -169,9 +166,7 @@ fn load_at(cfg: &BackboneConfig, input_size: usize) -> Result<Box<dyn Backbone>>
             }
             Ok(Box::new(mobilenet_v2::MobileNetV2::load(&path, tap, input_size)?))
         }
-        other => bail!(
-            "unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g, dinov2)"
-        ),
+        other => bail!("unknown backbone `{other}` (known: mobilenet_v2, resnet18, resnet34, resnet50, resnet101, resnet152, dinov2_s, dinov2_b, dinov2_l, dinov2_g, dinov2)"),
     }
 }
 
@@ -227,7 +222,7 @@ mod tests {
         let spread = |pad: usize| {
             let b = load(&BackboneConfig { pad, ..Default::default() }).unwrap();
             assert_eq!(b.name(), if pad == 0 { "mobilenet_v2:features.6@112".to_string() } else { format!("mobilenet_v2:features.6@112+pad{pad}") });
-            let f = &b.features(&[img.clone()]).unwrap()[0];
+            let f = &b.features(std::slice::from_ref(&img)).unwrap()[0];
             assert_eq!((f.h, f.w), (14, 14));
             let c = f.row(7 * 14 + 7);
             let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt();

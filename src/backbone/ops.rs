@@ -82,10 +82,7 @@ pub fn center_crop(img: &Image, h: usize, w: usize) -> Result<Image> {
 /// torchvision's eval transform: resize the shorter side to `resize`, centre-crop `crop`.
 pub fn imagenet_eval_transform(img: &Image, resize: usize, crop: usize) -> Result<Image> {
     let s = resize as f64 / img.h.min(img.w) as f64;
-    let (h, w) = (
-        ((img.h as f64 * s).round() as usize).max(resize),
-        ((img.w as f64 * s).round() as usize).max(resize),
-    );
+    let (h, w) = (((img.h as f64 * s).round() as usize).max(resize), ((img.w as f64 * s).round() as usize).max(resize));
     center_crop(&resize_bilinear(img, h, w), crop, crop)
 }
 
@@ -103,11 +100,7 @@ pub fn batch_tensor(images: &[Image], size: usize, mean: [f32; 3], std: [f32; 3]
         }
         let r = resize_bilinear(im, size, size);
         for c in 0..3 {
-            data.extend(
-                r.data[c * size * size..(c + 1) * size * size]
-                    .iter()
-                    .map(|v| (v - mean[c]) / std[c]),
-            );
+            data.extend(r.data[c * size * size..(c + 1) * size * size].iter().map(|v| (v - mean[c]) / std[c]));
         }
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
@@ -127,13 +120,7 @@ pub struct FoldedConv {
 
 /// Folds batch norm `bn` (prefix of `.weight/.bias/.running_mean/.running_var`) into conv weight
 /// `w` (shape `(Cout, …)`), checking every shape against `cout`.
-pub fn fold_bn(
-    weights: &crate::weights::pth::Weights,
-    w: Tensor,
-    bn: &str,
-    cout: usize,
-    eps: f64,
-) -> Result<FoldedConv> {
+pub fn fold_bn(weights: &crate::weights::pth::Weights, w: Tensor, bn: &str, cout: usize, eps: f64) -> Result<FoldedConv> {
     let g = weights.get(&format!("{bn}.weight"), &[cout])?;
     let beta = weights.get(&format!("{bn}.bias"), &[cout])?;
     let mean = weights.get(&format!("{bn}.running_mean"), &[cout])?;
@@ -300,12 +287,8 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
         "vipo-bias-act"
     }
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
-        let candle_core::CpuStorage::F32(v) = storage else {
-            candle_core::bail!("bias-act: f32 only")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bias-act: contiguous only")
-        };
+        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("bias-act: f32 only") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("bias-act: contiguous only") };
         let dims = layout.dims();
         let c = self.bias.len();
         if dims.len() < 2 || dims[if self.cfirst { 0 } else { 1 }] != c {
@@ -323,22 +306,14 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
 /// Adds a per-channel bias and applies `act` to a freshly computed (B, C, …) tensor, in place.
 pub fn bias_act(x: Tensor, bias: &[f32], act: Act) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.inplace_op1(&BiasAct {
-        bias,
-        act,
-        cfirst: false,
-    })?;
+    x.inplace_op1(&BiasAct { bias, act, cfirst: false })?;
     Ok(x)
 }
 
 /// [`bias_act`] for a channels-first (C, B, …) tensor.
 pub fn bias_act_cfirst(x: Tensor, bias: &[f32], act: Act) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.inplace_op1(&BiasAct {
-        bias,
-        act,
-        cfirst: true,
-    })?;
+    x.inplace_op1(&BiasAct { bias, act, cfirst: true })?;
     Ok(x)
 }
 
@@ -357,18 +332,9 @@ pub fn depthwise3x3_cfirst(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, r
 fn depthwise3x3_impl(x: &Tensor, k: &[f32], bias: &[f32], stride: usize, relu6: bool, cfirst: bool) -> Result<Tensor> {
     let c = x.dim(if cfirst { 0 } else { 1 })?;
     if k.len() != c * 9 || bias.len() != c || !(stride == 1 || stride == 2) {
-        bail!(
-            "depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}",
-            bias.len()
-        );
+        bail!("depthwise3x3: kernel for {} channels (stride {stride}) applied to {c}", bias.len());
     }
-    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Depthwise {
-        k,
-        bias,
-        stride,
-        relu6,
-        cfirst,
-    })?)
+    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&Depthwise { k, bias, stride, relu6, cfirst })?)
 }
 
 struct Depthwise<'a> {
@@ -383,17 +349,9 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
     fn name(&self) -> &'static str {
         "vipo-depthwise3x3"
     }
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(v) = storage else {
-            candle_core::bail!("depthwise: f32 only")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("depthwise: contiguous only")
-        };
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = storage else { candle_core::bail!("depthwise: f32 only") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("depthwise: contiguous only") };
         let xin = &v[start..end];
         let (b, c, h, w) = layout.shape().dims4()?;
         let stride = self.stride;
@@ -432,10 +390,7 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
             let bb = self.bias[ch];
             dw_plane(&pad, o, kk, bb, stride, self.relu6, sw, sub_len, ow);
         });
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from((b, c, oh, ow)),
-        ))
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((b, c, oh, ow))))
     }
 }
 
@@ -443,15 +398,7 @@ impl candle_core::CustomOp1 for Depthwise<'_> {
 pub fn nchw_to_maps(x: &Tensor) -> Result<Vec<crate::backbone::FeatureMap>> {
     let (b, c, h, w) = x.dims4()?;
     let v = x.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(v.chunks(h * w * c)
-        .take(b)
-        .map(|d| crate::backbone::FeatureMap {
-            h,
-            w,
-            d: c,
-            data: d.to_vec(),
-        })
-        .collect())
+    Ok(v.chunks(h * w * c).take(b).map(|d| crate::backbone::FeatureMap { h, w, d: c, data: d.to_vec() }).collect())
 }
 
 /// Splits a `(B, N, D)` token tensor laid out on an `h × w` grid into feature maps.
@@ -460,20 +407,8 @@ pub fn tokens_to_maps(x: &Tensor, h: usize, w: usize) -> Result<Vec<crate::backb
     if n != h * w {
         bail!("{n} tokens do not form a {h}×{w} grid");
     }
-    let v = x
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()
-        .context("tokens to feature maps")?;
-    Ok(v.chunks(n * d)
-        .take(b)
-        .map(|c| crate::backbone::FeatureMap {
-            h,
-            w,
-            d,
-            data: c.to_vec(),
-        })
-        .collect())
+    let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>().context("tokens to feature maps")?;
+    Ok(v.chunks(n * d).take(b).map(|c| crate::backbone::FeatureMap { h, w, d, data: c.to_vec() }).collect())
 }
 
 #[cfg(test)]
@@ -523,39 +458,15 @@ mod tests {
         let var = Tensor::new(&[0.5f32, 2.0, 1.0, 0.1], &dev).unwrap();
         let wts = crate::weights::pth::Weights::from_map(
             std::path::Path::new("bn"),
-            [
-                ("bn.weight", &g),
-                ("bn.bias", &beta),
-                ("bn.running_mean", &mean),
-                ("bn.running_var", &var),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
+            [("bn.weight", &g), ("bn.bias", &beta), ("bn.running_mean", &mean), ("bn.running_var", &var)].into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         );
         let f = fold_bn(&wts, w.clone(), "bn", 4, 1e-5).unwrap();
         let ours = f.conv(&x, 2, 1, Act::Relu).unwrap();
         let r = |t: &Tensor| t.reshape((1, 4, 1, 1)).unwrap();
         let y = x.conv2d(&w, 1, 2, 1, 1).unwrap();
-        let reference = y
-            .broadcast_sub(&r(&mean))
-            .unwrap()
-            .broadcast_div(&r(&(var + 1e-5).unwrap().sqrt().unwrap()))
-            .unwrap()
-            .broadcast_mul(&r(&g))
-            .unwrap()
-            .broadcast_add(&r(&beta))
-            .unwrap()
-            .relu()
-            .unwrap();
-        let d = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let reference =
+            y.broadcast_sub(&r(&mean)).unwrap().broadcast_div(&r(&(var + 1e-5).unwrap().sqrt().unwrap())).unwrap().broadcast_mul(&r(&g)).unwrap().broadcast_add(&r(&beta)).unwrap().relu().unwrap();
+        let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-4, "{d}"); // outputs are O(10): f32 rounding of two evaluation orders
     }
 
@@ -567,45 +478,19 @@ mod tests {
         for (k, stride, pad) in [(3, 2, 1), (3, 1, 1), (7, 2, 3), (1, 2, 0), (1, 1, 0)] {
             let w = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
             let bias = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
-            let f = FoldedConv {
-                w2: w.flatten_from(1).unwrap().contiguous().unwrap(),
-                bv: bias.to_vec1().unwrap(),
-                w: w.clone(),
-                b: bias.clone(),
-            };
-            let ours = f
-                .conv_cfirst(&xc, stride, pad, Act::None)
-                .unwrap()
-                .transpose(0, 1)
-                .unwrap();
+            let f = FoldedConv { w2: w.flatten_from(1).unwrap().contiguous().unwrap(), bv: bias.to_vec1().unwrap(), w: w.clone(), b: bias.clone() };
+            let ours = f.conv_cfirst(&xc, stride, pad, Act::None).unwrap().transpose(0, 1).unwrap();
             let reference = f.conv(&x, stride, pad, Act::None).unwrap();
             assert_eq!(ours.dims(), reference.dims(), "k{k} s{stride}");
-            let d = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "k{k} s{stride} p{pad}: {d}");
         }
         // Depthwise in both layouts agrees.
         let kv: Vec<f32> = (0..27).map(|i| (i as f32 * 0.37).sin()).collect();
         let bias = [0.5f32, -0.5, 0.1];
         let a = depthwise3x3(&x, &kv, &bias, 2, true).unwrap();
-        let c = depthwise3x3_cfirst(&xc, &kv, &bias, 2, true)
-            .unwrap()
-            .transpose(0, 1)
-            .unwrap();
-        let d = (a - c)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let c = depthwise3x3_cfirst(&xc, &kv, &bias, 2, true).unwrap().transpose(0, 1).unwrap();
+        let d = (a - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
@@ -622,11 +507,7 @@ mod tests {
             for stride in [1, 2] {
                 for relu6 in [false, true] {
                     let ours = depthwise3x3(&x, &kv, &bias, stride, relu6).unwrap();
-                    let mut reference = x
-                        .conv2d(&k, 1, stride, 1, 3)
-                        .unwrap()
-                        .broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap())
-                        .unwrap();
+                    let mut reference = x.conv2d(&k, 1, stride, 1, 3).unwrap().broadcast_add(&Tensor::new(&bias, &dev).unwrap().reshape((1, 3, 1, 1)).unwrap()).unwrap();
                     if relu6 {
                         reference = reference.clamp(0f32, 6f32).unwrap();
                     }

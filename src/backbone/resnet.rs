@@ -9,9 +9,9 @@
 //! layer3 14², layer4 7² with 64/128/256/512 channels (×4 for bottleneck nets).
 
 use super::ops::{self, fold_bn, Act, FoldedConv, IMAGENET_MEAN, IMAGENET_STD};
-use crate::weights::pth::Weights;
 use super::{Backbone, FeatureMap};
 use crate::image::Image;
+use crate::weights::pth::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
@@ -63,10 +63,7 @@ impl Depth {
 
 /// Parses a tap name `layer1`..`layer4` into a stage count (1..=4).
 pub fn parse_tap(tap: &str) -> Result<usize> {
-    tap.strip_prefix("layer")
-        .and_then(|k| k.parse::<usize>().ok())
-        .filter(|k| (1..=4).contains(k))
-        .with_context(|| format!("resnet: unknown tap `{tap}` (expected layer1, layer2, layer3 or layer4)"))
+    tap.strip_prefix("layer").and_then(|k| k.parse::<usize>().ok()).filter(|k| (1..=4).contains(k)).with_context(|| format!("resnet: unknown tap `{tap}` (expected layer1, layer2, layer3 or layer4)"))
 }
 
 /// Network-input pixels per feature-grid cell at `layerL` (stem and max-pool 4, then ×2 per layer).
@@ -132,49 +129,22 @@ impl ResNet {
                 let stride = if li > 0 && bi == 0 { 2 } else { 1 };
                 let convs = if depth.bottleneck() {
                     vec![
-                        (
-                            conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 1, 1])?,
-                            1,
-                            0,
-                        ),
-                        (
-                            conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?,
-                            stride,
-                            1,
-                        ),
-                        (
-                            conv_bn(&format!("{p}.conv3"), &format!("{p}.bn3"), [planes * 4, planes, 1, 1])?,
-                            1,
-                            0,
-                        ),
+                        (conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 1, 1])?, 1, 0),
+                        (conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?, stride, 1),
+                        (conv_bn(&format!("{p}.conv3"), &format!("{p}.bn3"), [planes * 4, planes, 1, 1])?, 1, 0),
                     ]
                 } else {
                     vec![
-                        (
-                            conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 3, 3])?,
-                            stride,
-                            1,
-                        ),
-                        (
-                            conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?,
-                            1,
-                            1,
-                        ),
+                        (conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [planes, inplanes, 3, 3])?, stride, 1),
+                        (conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [planes, planes, 3, 3])?, 1, 1),
                     ]
                 };
                 let downsample = if bi == 0 && (stride != 1 || inplanes != planes * expansion) {
-                    let c = conv_bn(
-                        &format!("{p}.downsample.0"),
-                        &format!("{p}.downsample.1"),
-                        [planes * expansion, inplanes, 1, 1],
-                    )?;
+                    let c = conv_bn(&format!("{p}.downsample.0"), &format!("{p}.downsample.1"), [planes * expansion, inplanes, 1, 1])?;
                     Some((c, stride))
                 } else {
                     if weights.contains(&format!("{p}.downsample.0.weight")) {
-                        bail!(
-                            "{}: unexpected tensor `{p}.downsample.0.weight` (weights for a different ResNet depth?)",
-                            weights.path.display()
-                        );
+                        bail!("{}: unexpected tensor `{p}.downsample.0.weight` (weights for a different ResNet depth?)", weights.path.display());
                     }
                     None
                 };
@@ -186,22 +156,10 @@ impl ResNet {
         // A deeper net's extra block would otherwise be silently ignored.
         for (li, &n) in depth.blocks().iter().enumerate() {
             if weights.contains(&format!("layer{}.{n}.conv1.weight", li + 1)) {
-                bail!(
-                    "{}: unexpected tensor `layer{}.{n}.conv1.weight`: these weights are deeper than {}",
-                    weights.path.display(),
-                    li + 1,
-                    depth.name()
-                );
+                bail!("{}: unexpected tensor `layer{}.{n}.conv1.weight`: these weights are deeper than {}", weights.path.display(), li + 1, depth.name());
             }
         }
-        Ok(Self {
-            depth,
-            stem,
-            stages,
-            tap,
-            input_size,
-            device: Device::Cpu,
-        })
+        Ok(Self { depth, stem, stages, tap, input_size, device: Device::Cpu })
     }
 
     /// Loads a weights file (`.safetensors` or `.pth`) and builds the model.
@@ -212,14 +170,9 @@ impl ResNet {
     /// Runs the stem and stages `layer1..=upto` on a normalised `(B, 3, S, S)` batch; returns
     /// channels-first `(C, B, h, w)` activations (every conv is one batched matmul).
     pub fn forward_to(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
-        let x = self
-            .stem
-            .conv_cfirst(&x.transpose(0, 1)?.contiguous()?, 2, 3, Act::Relu)?;
+        let x = self.stem.conv_cfirst(&x.transpose(0, 1)?.contiguous()?, 2, 3, Act::Relu)?;
         // Max-pool 3×3/2 with padding 1: inputs are ≥ 0 after ReLU, so zero padding equals -∞.
-        let mut x = x
-            .pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?
-            .max_pool2d_with_stride(3, 2)?;
+        let mut x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.max_pool2d_with_stride(3, 2)?;
         for stage in self.stages.iter().take(upto) {
             for block in stage {
                 x = block.forward(&x)?;
@@ -258,14 +211,8 @@ pub(crate) mod tests {
             let dev = Device::Cpu;
             m.insert(format!("{name}.weight"), Tensor::rand(0.5f32, 1.0, c, &dev).unwrap());
             m.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
-            m.insert(
-                format!("{name}.running_mean"),
-                Tensor::randn(0f32, 0.1, c, &dev).unwrap(),
-            );
-            m.insert(
-                format!("{name}.running_var"),
-                Tensor::rand(0.5f32, 1.5, c, &dev).unwrap(),
-            );
+            m.insert(format!("{name}.running_mean"), Tensor::randn(0f32, 0.1, c, &dev).unwrap());
+            m.insert(format!("{name}.running_var"), Tensor::rand(0.5f32, 1.5, c, &dev).unwrap());
             m.insert(format!("{name}.num_batches_tracked"), Tensor::new(0i64, &dev).unwrap());
         };
         conv(&mut m, "conv1", [64, 3, 7, 7]);
@@ -296,14 +243,8 @@ pub(crate) mod tests {
                 inp = pl * e;
             }
         }
-        m.insert(
-            "fc.weight".into(),
-            Tensor::randn(0f32, 0.01, (1000, inp), &dev).unwrap(),
-        );
-        m.insert(
-            "fc.bias".into(),
-            Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap(),
-        );
+        m.insert("fc.weight".into(), Tensor::randn(0f32, 0.01, (1000, inp), &dev).unwrap());
+        m.insert("fc.bias".into(), Tensor::zeros(1000, candle_core::DType::F32, &dev).unwrap());
         m
     }
 
@@ -326,10 +267,7 @@ pub(crate) mod tests {
             let m = ResNet::new(&w, Depth::R18, tap, 64).unwrap();
             let f = m.features(&[img(2), img(12)]).unwrap();
             assert_eq!((f.len(), f[0].h, f[0].w, f[0].d), (2, grid, grid, d), "layer{tap}");
-            assert!(
-                f[0].data.iter().all(|v| v.is_finite() && *v >= 0.0),
-                "post-ReLU features"
-            );
+            assert!(f[0].data.iter().all(|v| v.is_finite() && *v >= 0.0), "post-ReLU features");
             assert_ne!(f[0], f[1]);
         }
         let sd50 = random_state_dict(Depth::R50);
@@ -344,18 +282,10 @@ pub(crate) mod tests {
         let e = format!("{:#}", ResNet::new(&w50, Depth::R18, 3, 64).err().unwrap());
         assert!(e.contains("r50.pth") && e.contains("layer1.0.conv1.weight"), "{e}");
         let e = format!("{:#}", ResNet::new(&w, Depth::R50, 3, 64).err().unwrap());
-        assert!(
-            e.contains("r18.safetensors") && e.contains("layer1.0.conv1.weight"),
-            "{e}"
-        );
+        assert!(e.contains("r18.safetensors") && e.contains("layer1.0.conv1.weight"), "{e}");
         let mut bad = sd18;
         bad.remove("layer3.1.bn2.running_var");
-        let e = format!(
-            "{:#}",
-            ResNet::new(&Weights::from_map(Path::new("r18.pth"), bad), Depth::R18, 1, 64)
-                .err()
-                .unwrap()
-        );
+        let e = format!("{:#}", ResNet::new(&Weights::from_map(Path::new("r18.pth"), bad), Depth::R18, 1, 64).err().unwrap());
         assert!(e.contains("r18.pth") && e.contains("layer3.1.bn2.running_var"), "{e}");
         assert!(parse_tap("layer5").is_err() && parse_tap("features.3").is_err());
     }
@@ -374,11 +304,7 @@ pub(crate) mod tests {
                     m.features(&images).unwrap();
                     let t = std::time::Instant::now();
                     m.features(&images).unwrap();
-                    println!(
-                        "{}: {:.0} ms per batch of 16",
-                        m.name(),
-                        t.elapsed().as_secs_f64() * 1e3
-                    );
+                    println!("{}: {:.0} ms per batch of 16", m.name(), t.elapsed().as_secs_f64() * 1e3);
                 }
             }
         }

@@ -25,8 +25,8 @@ use crate::config::Config;
 use crate::image::Samples;
 use crate::policy::flux::model::Flux;
 use crate::policy::nn::layers::LoraCtx;
-use crate::policy::sd3::mmdit::Mmdit;
 use crate::policy::nn::vae::Sd3Vae;
+use crate::policy::sd3::mmdit::Mmdit;
 use crate::policy::{Condition, FlowModel, Nets, Policy};
 use crate::prompt::Prompt;
 use crate::train::grpo::Trainer;
@@ -34,6 +34,8 @@ use crate::train::grpo::Trainer;
 /// The transformer being timed.
 pub use crate::policy::Transformer as Shape;
 
+// Built once per bench; the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Net {
     Sd3(Mmdit),
     Flux(Flux),
@@ -141,7 +143,8 @@ impl RandomGenerator {
         let lora = cfg.train.lora_spec();
         let nets = Nets::build(tensors, dtype, &field, lora.as_ref(), device, cfg.seed, |vb, l| Net::build(shape, vb, l, checkpointing))?;
         // SD3's and FLUX's VAE: 4 blocks (×8), 16 latent channels, their scale and shift.
-        let vcfg = AutoEncoderKLConfig { block_out_channels: vec![128, 256, 512, 512], layers_per_block: 2, latent_channels: 16, norm_num_groups: 32, use_quant_conv: false, use_post_quant_conv: false };
+        let vcfg =
+            AutoEncoderKLConfig { block_out_channels: vec![128, 256, 512, 512], layers_per_block: 2, latent_channels: 16, norm_num_groups: 32, use_quant_conv: false, use_post_quant_conv: false };
         let vae = AutoEncoderKL::new(DeviceRandn::builder(DType::F32, device).1, 3, 3, vcfg)?;
         let (scale, shift) = if matches!(shape, Shape::Mmdit(_)) { (1.5305, 0.0609) } else { (0.3611, 0.1159) };
         let vae = Sd3Vae::new(vae, 16, 4, scale, shift);
@@ -356,7 +359,22 @@ mod tests {
     #[test]
     fn random_generators_train_a_step() {
         for (modality, shape) in [
-            ("flux", Shape::Flux(FluxConfig { in_channels: 64, vec_in_dim: 32, context_in_dim: 24, hidden: 32, mlp_ratio: 2.0, heads: 2, depth: 1, depth_single: 1, axes_dim: vec![4, 6, 6], theta: 10_000.0, guidance_embed: true })),
+            (
+                "flux",
+                Shape::Flux(FluxConfig {
+                    in_channels: 64,
+                    vec_in_dim: 32,
+                    context_in_dim: 24,
+                    hidden: 32,
+                    mlp_ratio: 2.0,
+                    heads: 2,
+                    depth: 1,
+                    depth_single: 1,
+                    axes_dim: vec![4, 6, 6],
+                    theta: 10_000.0,
+                    guidance_embed: true,
+                }),
+            ),
             ("sd3", Shape::Mmdit(MmditConfig { depth: 2, heads: 2, head_dim: 16, pooled_dim: 24, context_dim: 24, pos_embed_max: 8, dual_attention_layers: 1, ..MmditConfig::sd35_medium() })),
         ] {
             for algo in ["grpo", "vipo"] {

@@ -301,9 +301,7 @@ pub(crate) fn load_tokenizer(dir: &Path, text: &ClipText) -> Result<tokenizers::
     let tpath = dir.join("tokenizer.json");
     anyhow::ensure!(tpath.is_file(), "{}: no tokenizer.json (PickScore's and HPSv2's weights come without one: use laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)", dir.display());
     let mut tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: cannot load ({e})", tpath.display()))?;
-    tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length: text.max_tokens, ..Default::default() }))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
+    tokenizer.with_truncation(Some(tokenizers::TruncationParams { max_length: text.max_tokens, ..Default::default() })).map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
     tokenizer.with_padding(Some(tokenizers::PaddingParams { strategy: tokenizers::PaddingStrategy::Fixed(text.max_tokens), pad_id: text.eos_id.unwrap_or(0), ..Default::default() }));
     Ok(tokenizer)
 }
@@ -446,4 +444,3 @@ fn pil_bicubic(src: &[[u8; 3]], w: usize, h: usize, nw: usize, nh: usize) -> Vec
         horiz
     }
 }
-

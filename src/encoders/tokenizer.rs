@@ -45,7 +45,8 @@ impl Tok {
 /// pattern; byte-level BPE with `</w>` word ends; `<|startoftext|>` … `<|endoftext|>`.
 pub fn clip_tokenizer_from_files(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let vocab_path = dir.join("vocab.json");
-    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_value(crate::weights::hf::read_json(&vocab_path)?).map_err(|e| anyhow::anyhow!("{}: not a vocabulary ({e})", vocab_path.display()))?;
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(crate::weights::hf::read_json(&vocab_path)?).map_err(|e| anyhow::anyhow!("{}: not a vocabulary ({e})", vocab_path.display()))?;
     let merges_path = dir.join("merges.txt");
     let text = std::fs::read_to_string(&merges_path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", merges_path.display()))?;
     let merges: Vec<[&str; 2]> = text

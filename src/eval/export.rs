@@ -47,7 +47,7 @@ pub fn export(run_dir: &Path, step: Option<usize>, out: &Path, command: &str, co
         .lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| step.map_or(true, |n| v["step"].as_u64().map_or(false, |s| (s as usize) < n)))
+        .find(|v| step.is_none_or(|n| v["step"].as_u64().is_some_and(|s| (s as usize) < n)))
         .with_context(|| format!("{}: no metrics line", mpath.display()))?;
     let wall_s = last["elapsed_s"].as_f64().unwrap_or(0.0);
     let steps = step.unwrap_or_else(|| last["step"].as_u64().map(|s| s as usize + 1).unwrap_or(cfg.pretrain.steps));
@@ -56,10 +56,7 @@ pub fn export(run_dir: &Path, step: Option<usize>, out: &Path, command: &str, co
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let dst = out.join(SHIPPED_WEIGHTS);
     let tensors = crate::weights::tensors::read_tensors(&src, &candle_core::Device::Cpu)?;
-    let half = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F16)?)))
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let half = tensors.into_iter().map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F16)?))).collect::<Result<std::collections::HashMap<_, _>>>()?;
     crate::weights::tensors::save_tensors(&half, &dst)?;
 
     let rep = evaluate_weights(&cfg, &dst, 64)?;

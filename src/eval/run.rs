@@ -12,10 +12,10 @@ use super::stats::{bootstrap_ci, mean};
 use crate::config::Config;
 use crate::image::SampleKind;
 use crate::image::{Image, Samples};
+use crate::policy::ode::EVAL_SEED;
 use crate::policy::Policy;
 use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
-use crate::policy::ode::EVAL_SEED;
 use crate::run_dir;
 use crate::world::video::VideoSpec;
 use crate::world::PromptSpec;
@@ -184,22 +184,10 @@ pub fn evaluate_policy(policy: &dyn Policy, cfg: &Config, n: usize) -> Result<(E
 
 /// The resolved base weights of a train run without pretraining anything.
 fn train_base(cfg: &Config, run_dir: &Path) -> Result<PathBuf> {
-    if let Some((_, model)) = cfg.real_model() {
-        return Ok(PathBuf::from(model));
-    }
-    if !cfg.train.base.is_empty() {
-        let p = PathBuf::from(&cfg.train.base);
-        anyhow::ensure!(p.is_file(), "{}: train.base {} does not exist", run_dir.join(run_dir::CONFIG_FILE).display(), p.display());
-        return Ok(p);
-    }
-    match crate::base::existing_default_base(cfg)? {
-        Some(p) => Ok(p),
-        None => anyhow::bail!(
-            "{}: the run's base model (the cached demo base {}) is missing; run `vipo demo` with the same config to rebuild it",
-            run_dir.display(),
-            crate::base::cached_base_path(cfg).display()
-        ),
-    }
+    crate::base::resolve(cfg, |c| {
+        anyhow::bail!("the run's base model (the cached demo base {}) is missing; run `vipo demo` with the same config to rebuild it", crate::base::cached_base_path(c).display())
+    })
+    .with_context(|| run_dir.join(run_dir::CONFIG_FILE).display().to_string())
 }
 
 /// Checkpoint steps a run holds (sorted).
@@ -327,13 +315,8 @@ pub fn save_grid(g: &SplitSamples, scores: Option<&[f64]>, path: &Path) -> Resul
             strips.len()
         }
     };
-    let cells: Vec<crate::image::LegendCell> = g
-        .prompts
-        .iter()
-        .take(shown)
-        .enumerate()
-        .map(|(i, prompt)| crate::image::LegendCell { prompt: prompt.clone(), score: scores.and_then(|v| v.get(i).copied()), note: String::new() })
-        .collect();
+    let cells: Vec<crate::image::LegendCell> =
+        g.prompts.iter().take(shown).enumerate().map(|(i, prompt)| crate::image::LegendCell { prompt: prompt.clone(), score: scores.and_then(|v| v.get(i).copied()), note: String::new() }).collect();
     crate::image::write_legend(path, &cells)
 }
 

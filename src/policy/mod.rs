@@ -19,8 +19,8 @@ pub use crate::image::SampleKind;
 use crate::image::Samples;
 use crate::prompt::Prompt;
 pub use cond::Condition;
-use shapeworld::dit::{Dit, DitConfig};
 use nn::layers::{LoraCtx, LoraSpec};
+use shapeworld::dit::{Dit, DitConfig};
 
 /// A generator family as the rest of vipo sees it, implemented by the family's config
 /// section (`[model]`, `[video_model]`, `[sd3]`, `[flux]`). `Config::generator` is the one
@@ -378,7 +378,15 @@ pub struct Nets<M> {
 impl<M> Nets<M> {
     /// `tensors` as base weights in `dtype` (full fine-tuning needs f32); `build` makes a
     /// network on a VarBuilder with optional adapters; `field` names the dtype setting.
-    pub fn build(tensors: std::collections::HashMap<String, Tensor>, dtype: candle_core::DType, field: &str, lora: Option<&LoraSpec>, device: &Device, seed: u64, build: impl Fn(&VarBuilder, Option<&LoraCtx>) -> candle_core::Result<M>) -> Result<Self> {
+    pub fn build(
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: candle_core::DType,
+        field: &str,
+        lora: Option<&LoraSpec>,
+        device: &Device,
+        seed: u64,
+        build: impl Fn(&VarBuilder, Option<&LoraCtx>) -> candle_core::Result<M>,
+    ) -> Result<Self> {
         anyhow::ensure!(lora.is_some() || dtype == candle_core::DType::F32, "{field} = {dtype:?}: full fine-tuning (train.lora_rank = 0) updates the base weights and needs {field} = \"f32\"");
         // bf16's range does not fit f16: a bf16 checkpoint would overflow silently.
         if let Some((name, _)) = tensors.iter().find(|(_, t)| t.dtype() == candle_core::DType::BF16 && dtype == candle_core::DType::F16) {
@@ -414,27 +422,6 @@ pub fn parse_dtype(field: &str, s: &str) -> Result<candle_core::DType> {
     })
 }
 
-#[cfg(test)]
-mod nets_tests {
-    use super::*;
-
-    /// A bf16 checkpoint is refused in f16, full fine-tuning in bf16; LoRA in bf16 keeps
-    /// the base in bf16 and the adapters in f32.
-    #[test]
-    fn dtype_rules() {
-        let t = std::collections::HashMap::from([("w.weight".to_string(), Tensor::ones((4, 3), candle_core::DType::BF16, &Device::Cpu).unwrap()), ("w.bias".to_string(), Tensor::zeros(4, candle_core::DType::BF16, &Device::Cpu).unwrap())]);
-        let spec = LoraSpec { rank: 1, alpha: 1.0, targets: vec!["w".into()] };
-        let lin = |vb: &VarBuilder, l: Option<&LoraCtx>| nn::layers::Linear::new(&vb.pp("w"), 3, 4, true, l);
-        let e = Nets::build(t.clone(), candle_core::DType::F16, "flux.dtype", Some(&spec), &Device::Cpu, 0, lin).err().unwrap().to_string();
-        assert!(e.contains("flux.dtype") && e.contains("bf16") && e.contains("w."), "{e}");
-        let e = Nets::build(t.clone(), candle_core::DType::BF16, "sd3.dtype", None, &Device::Cpu, 0, lin).err().unwrap().to_string();
-        assert!(e.contains("full fine-tuning"), "{e}");
-        let n = Nets::build(t, candle_core::DType::BF16, "sd3.dtype", Some(&spec), &Device::Cpu, 0, lin).unwrap();
-        assert!(crate::weights::tensors::sorted_vars(&n.base).iter().all(|(_, v)| v.dtype() == candle_core::DType::BF16));
-        assert!(n.base_net.is_some() && crate::weights::tensors::sorted_vars(n.lora.as_ref().unwrap()).iter().all(|(_, v)| v.dtype() == candle_core::DType::F32));
-    }
-}
-
 /// Test guard against candle ops that silently drop gradients: every variable got a
 /// finite, non-zero gradient from `grads`.
 #[cfg(test)]
@@ -457,7 +444,6 @@ pub(crate) fn randomize_vars(map: &VarMap, seed: u64, scale: f64) {
         v.set(&(crate::sampler::randn(v.dims(), &mut rng, v.device()).unwrap() * scale).unwrap()).unwrap();
     }
 }
-
 
 /// A VarMap backend whose fresh variables are drawn from a seeded ChaCha stream, in
 /// creation order (candle's CPU RNG cannot be seeded), so a seed fixes the init exactly.
@@ -524,4 +510,28 @@ pub fn seeded_var_builder(map: &VarMap, seed: u64, device: &Device) -> VarBuilde
     use rand::SeedableRng;
     let backend = SeededVarMap { map: map.clone(), rng: std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)) };
     VarBuilder::from_backend(Box::new(backend), crate::runtime::dtype(device), device.clone())
+}
+
+#[cfg(test)]
+mod nets_tests {
+    use super::*;
+
+    /// A bf16 checkpoint is refused in f16, full fine-tuning in bf16; LoRA in bf16 keeps
+    /// the base in bf16 and the adapters in f32.
+    #[test]
+    fn dtype_rules() {
+        let t = std::collections::HashMap::from([
+            ("w.weight".to_string(), Tensor::ones((4, 3), candle_core::DType::BF16, &Device::Cpu).unwrap()),
+            ("w.bias".to_string(), Tensor::zeros(4, candle_core::DType::BF16, &Device::Cpu).unwrap()),
+        ]);
+        let spec = LoraSpec { rank: 1, alpha: 1.0, targets: vec!["w".into()] };
+        let lin = |vb: &VarBuilder, l: Option<&LoraCtx>| nn::layers::Linear::new(&vb.pp("w"), 3, 4, true, l);
+        let e = Nets::build(t.clone(), candle_core::DType::F16, "flux.dtype", Some(&spec), &Device::Cpu, 0, lin).err().unwrap().to_string();
+        assert!(e.contains("flux.dtype") && e.contains("bf16") && e.contains("w."), "{e}");
+        let e = Nets::build(t.clone(), candle_core::DType::BF16, "sd3.dtype", None, &Device::Cpu, 0, lin).err().unwrap().to_string();
+        assert!(e.contains("full fine-tuning"), "{e}");
+        let n = Nets::build(t, candle_core::DType::BF16, "sd3.dtype", Some(&spec), &Device::Cpu, 0, lin).unwrap();
+        assert!(crate::weights::tensors::sorted_vars(&n.base).iter().all(|(_, v)| v.dtype() == candle_core::DType::BF16));
+        assert!(n.base_net.is_some() && crate::weights::tensors::sorted_vars(n.lora.as_ref().unwrap()).iter().all(|(_, v)| v.dtype() == candle_core::DType::F32));
+    }
 }

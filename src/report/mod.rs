@@ -189,11 +189,7 @@ fn legend_html(png: &Path) -> String {
 /// Render the report as one HTML string.
 pub fn render(input: &ReportInput) -> Result<String> {
     let mut o = String::new();
-    let _ = write!(
-        o,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/><title>{}</title><style>{CSS}</style><script>{SCRIPT}</script></head><body>",
-        escape(&input.title)
-    );
+    let _ = write!(o, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/><title>{}</title><style>{CSS}</style><script>{SCRIPT}</script></head><body>", escape(&input.title));
     let _ = write!(o, "<h1>{}</h1>", escape(&input.title));
     if !input.summary.is_empty() {
         o.push_str("<div class=\"summary\">");
@@ -311,7 +307,7 @@ pub fn check_well_formed(html: &str) -> std::result::Result<usize, String> {
         if tag.starts_with('!') {
             continue;
         }
-        if tag.matches('"').count() % 2 != 0 {
+        if !tag.matches('"').count().is_multiple_of(2) {
             return Err(format!("odd quotes in <{tag}>"));
         }
         if let Some(name) = tag.strip_prefix('/') {

@@ -100,7 +100,7 @@ fn fmt_tick(v: f64) -> String {
         "0".into()
     } else if (v - v.round()).abs() < 1e-9 && a < 1e6 {
         format!("{v:.0}")
-    } else if a >= 1000.0 || a < 0.001 {
+    } else if !(0.001..1000.0).contains(&a) {
         format!("{v:.1e}")
     } else if a >= 10.0 {
         format!("{v:.0}")
@@ -140,11 +140,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, bands: &[Band], met
     let px = |x: f64| ML + (x - x0) / (x1 - x0) * (W - ML - MR);
     let py = |y: f64| MT + (1.0 - (y - y0) / (y1 - y0)) * (H - MT - MB);
     let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{t}">"#,
-        t = escape(title)
-    );
+    let _ = write!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{t}">"#, t = escape(title));
     let _ = write!(s, r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#);
     let _ = write!(s, r#"<text x="{}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{}</text>"#, W / 2.0, escape(title));
     for t in ticks(y0, y1, 5) {
@@ -159,12 +155,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, bands: &[Band], met
     }
     let _ = write!(s, r##"<rect x="{ML}" y="{MT}" width="{}" height="{}" fill="none" stroke="#999"/>"##, W - ML - MR, H - MT - MB);
     let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="12">{}</text>"#, (ML + W - MR) / 2.0, H - 8.0, escape(x_label));
-    let _ = write!(
-        s,
-        r#"<text x="14" y="{y}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {y})">{}</text>"#,
-        escape(y_label),
-        y = (MT + H - MB) / 2.0
-    );
+    let _ = write!(s, r#"<text x="14" y="{y}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {y})">{}</text>"#, escape(y_label), y = (MT + H - MB) / 2.0);
     for (i, b) in bands.iter().enumerate() {
         let ci = methods.iter().position(|m| *m == b.label).unwrap_or(methods.len() + i);
         let c = PALETTE[ci % PALETTE.len()];
@@ -213,7 +204,8 @@ pub fn timing_chart(timings: &[Timing]) -> String {
         let mut acc = 0.0;
         for (k, v) in [t.sample_s, t.reward_s, t.map_s, t.update_s].into_iter().enumerate() {
             let (a, b) = (px(acc), px(acc + v.max(0.0)));
-            let _ = write!(s, r#"<rect x="{a:.1}" y="{y:.1}" width="{:.1}" height="{bar_h}" fill="{}"><title>{}: {} {v:.3} s</title></rect>"#, (b - a).max(0.0), PALETTE[k], escape(&t.method), phases[k]);
+            let _ =
+                write!(s, r#"<rect x="{a:.1}" y="{y:.1}" width="{:.1}" height="{bar_h}" fill="{}"><title>{}: {} {v:.3} s</title></rect>"#, (b - a).max(0.0), PALETTE[k], escape(&t.method), phases[k]);
             acc += v.max(0.0);
         }
         let _ = write!(s, r#"<text x="{:.1}" y="{}" font-size="11">{:.2} s</text>"#, px(acc) + 5.0, y + bar_h * 0.7, acc);
@@ -227,13 +219,7 @@ mod tests {
     use super::*;
 
     fn ser(method: &str, seed: u64, vals: &[f64]) -> Series {
-        Series {
-            method: method.into(),
-            seed,
-            step: (1..=vals.len()).map(|i| i as f64).collect(),
-            wall_s: (1..=vals.len()).map(|i| 2.0 * i as f64 + seed as f64).collect(),
-            value: vals.to_vec(),
-        }
+        Series { method: method.into(), seed, step: (1..=vals.len()).map(|i| i as f64).collect(), wall_s: (1..=vals.len()).map(|i| 2.0 * i as f64 + seed as f64).collect(), value: vals.to_vec() }
     }
 
     #[test]

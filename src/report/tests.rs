@@ -8,21 +8,12 @@ fn png(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn input(dir: &Path) -> ReportInput {
-    let series = |m: &str, seed: u64, off: f64| Series {
-        method: m.into(),
-        seed,
-        step: vec![1.0, 2.0, 3.0],
-        wall_s: vec![1.5, 3.0, 4.5],
-        value: vec![0.2 + off, 0.25 + off, 0.3 + off],
-    };
+    let series = |m: &str, seed: u64, off: f64| Series { method: m.into(), seed, step: vec![1.0, 2.0, 3.0], wall_s: vec![1.5, 3.0, 4.5], value: vec![0.2 + off, 0.25 + off, 0.3 + off] };
     ReportInput {
         title: "vipo <compare> & \"friends\"".into(),
         summary: vec!["ViPO − GRPO: +0.01".into()],
         curves: vec![("rollout reward".into(), vec![series("grpo", 0, 0.0), series("grpo", 1, 0.02), series("vipo", 0, 0.01)])],
-        eval_rows: vec![EvalRow {
-            method: "vipo".into(),
-            stat: crate::eval::run::EvalRow { split: "ood".into(), reward: "compositional".into(), mean: 0.25, ci_low: 0.2, ci_high: 0.3, n: 64 },
-        }],
+        eval_rows: vec![EvalRow { method: "vipo".into(), stat: crate::eval::run::EvalRow { split: "ood".into(), reward: "compositional".into(), mean: 0.25, ci_low: 0.2, ci_high: 0.3, n: 64 } }],
         extra_tables: vec![("steps".into(), vec!["method".into(), "steps".into()], vec![vec!["vipo".into(), "12".into()]])],
         side_by_side: vec![Figure { caption: "\"a red circle\" — base 0.40 · vipo 0.55".into(), path: png(dir, "s.png") }],
         sample_grids: vec![Figure { caption: "grid <eval>".into(), path: png(dir, "g.png") }],
@@ -44,8 +35,11 @@ fn report_is_self_contained_balanced_and_escaped() {
     let dir = tempfile::tempdir().unwrap();
     let inp = input(dir.path());
     // The sample grid has a legend: its prompts (escaped), scores and notes become the caption.
-    let cells = [("two red circles left of a <blue> square", Some(0.5), ""), ("a cyan diamond", None, "advantage +1.20")]
-        .map(|(p, s, n)| crate::image::LegendCell { prompt: p.into(), score: s, note: n.into() });
+    let cells = [("two red circles left of a <blue> square", Some(0.5), ""), ("a cyan diamond", None, "advantage +1.20")].map(|(p, s, n)| crate::image::LegendCell {
+        prompt: p.into(),
+        score: s,
+        note: n.into(),
+    });
     crate::image::write_legend(&dir.path().join("g.png"), &cells).unwrap();
     let path = dir.path().join("report.html");
     write_report(&inp, &path).unwrap();

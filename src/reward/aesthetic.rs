@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::path::Path;
 
-use crate::encoders::clip::{ClipModel, Preprocess};
 use super::{Inputs, Reward, RewardInfo};
+use crate::encoders::clip::{ClipModel, Preprocess};
 use crate::image::Samples;
 use crate::prompt::Prompt;
 
@@ -93,11 +93,8 @@ mod tests {
         // A head for another embedding width.
         let d = tempfile::tempdir().unwrap();
         let bad = d.path().join("head.safetensors");
-        let t: std::collections::HashMap<String, Tensor> = [
-            ("layers.0.weight".to_string(), Tensor::zeros((4, 768), DType::F32, &Device::Cpu).unwrap()),
-            ("layers.0.bias".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap()),
-        ]
-        .into();
+        let t: std::collections::HashMap<String, Tensor> =
+            [("layers.0.weight".to_string(), Tensor::zeros((4, 768), DType::F32, &Device::Cpu).unwrap()), ("layers.0.bias".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap())].into();
         crate::weights::tensors::save_tensors(&t, &bad).unwrap();
         let e = Aesthetic::load(&bad, dir.to_str().unwrap()).err().unwrap().to_string();
         assert!(e.contains("head.safetensors") && e.contains("takes 768 inputs") && e.contains("16"), "{e}");

@@ -83,9 +83,9 @@ impl Reward for ClipReward {
 mod tests {
     use super::*;
     use crate::encoders::clip::*;
-    use std::path::Path;
-    use candle_core::DType;
     use crate::image::Image;
+    use candle_core::DType;
+    use std::path::Path;
 
     fn dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny")
@@ -180,7 +180,10 @@ mod tests {
         let e = format!("{:#}", ClipReward::load(Kind::ClipScore, d.path().to_str().unwrap()).err().unwrap());
         assert!(e.contains("model.safetensors") && e.contains("not a Hugging Face CLIPModel"), "{e}");
         let e = ClipModel::load(&dir(), &Device::Cpu).map(|_| ()).and_then(|_| {
-            let bad = std::collections::HashMap::from([("text_model.embeddings.token_embedding.weight".to_string(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap()), ("vision_model.embeddings.class_embedding".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap())]);
+            let bad = std::collections::HashMap::from([
+                ("text_model.embeddings.token_embedding.weight".to_string(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap()),
+                ("vision_model.embeddings.class_embedding".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap()),
+            ]);
             let t = Tower { hidden: 4, heads: 1, layers: 1, inter: 8, act: Act::Gelu, eps: 1e-5 };
             ClipModel::from_tensors(bad, &t, &t, None, "x.pt", &Device::Cpu).map(|_| ())
         });

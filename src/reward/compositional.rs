@@ -207,18 +207,7 @@ impl Compositional {
 
     /// Measure one component (soft area, centroid) and fit the ideal shapes to it.
     #[allow(clippy::too_many_arguments)]
-    fn fit_component(
-        &self,
-        members: &[usize],
-        id: u32,
-        k: u8,
-        label: &[u8],
-        alpha: &[f32],
-        comp: &[u32],
-        h: usize,
-        w: usize,
-        min_area: f32,
-    ) -> Option<Detection> {
+    fn fit_component(&self, members: &[usize], id: u32, k: u8, label: &[u8], alpha: &[f32], comp: &[u32], h: usize, w: usize, min_area: f32) -> Option<Detection> {
         let (mut x0, mut x1, mut y0, mut y1) = (w, 0, h, 0);
         for &p in members {
             let (y, x) = (p / w, p % w);
@@ -272,14 +261,7 @@ impl Compositional {
                 (best_shape, best_iou) = (shape, iou);
             }
         }
-        Some(Detection {
-            color: Color::ALL[k as usize],
-            shape: best_shape,
-            cx: gx / w as f32,
-            cy: gy / h as f32,
-            area: area / (h * w) as f32,
-            iou: best_iou.max(0.0),
-        })
+        Some(Detection { color: Color::ALL[k as usize], shape: best_shape, cx: gx / w as f32, cy: gy / h as f32, area: area / (h * w) as f32, iou: best_iou.max(0.0) })
     }
 
     /// Score `image` against `spec`, term by term.
@@ -292,12 +274,7 @@ impl Compositional {
     pub fn score_detections(&self, det: &Detections, spec: &PromptSpec) -> Breakdown {
         let has_rel = spec.relation.is_some() && spec.groups.len() == 2;
         // One slot per expected object: (group index, colour, shape).
-        let slots: Vec<(usize, Color, Shape)> = spec
-            .groups
-            .iter()
-            .enumerate()
-            .flat_map(|(gi, g)| std::iter::repeat_n((gi, g.color, g.shape), g.count))
-            .collect();
+        let slots: Vec<(usize, Color, Shape)> = spec.groups.iter().enumerate().flat_map(|(gi, g)| std::iter::repeat_n((gi, g.color, g.shape), g.count)).collect();
         if slots.is_empty() {
             return Breakdown::zero(has_rel);
         }
@@ -356,14 +333,7 @@ impl Compositional {
             }
             _ => 1.0,
         };
-        let mut b = Breakdown {
-            count: exact as f32 / denom,
-            color: col_ok as f32 / denom,
-            shape: shp_ok as f32 / denom,
-            position,
-            quality: clean * qual / denom,
-            total: 0.0,
-        };
+        let mut b = Breakdown { count: exact as f32 / denom, color: col_ok as f32 / denom, shape: shp_ok as f32 / denom, position, quality: clean * qual / denom, total: 0.0 };
         let wt = &self.weights;
         let mut num = wt.count * b.count + wt.color * b.color + wt.shape * b.shape + wt.quality * b.quality;
         let mut den = wt.count + wt.color + wt.shape + wt.quality;
@@ -423,12 +393,7 @@ mod tests {
 
     fn scenes(seed: u64, only_relations: bool) -> Vec<Scene> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        prompts(Split::Train, N * 3, seed)
-            .into_iter()
-            .filter(|s| !only_relations || s.relation.is_some())
-            .take(N)
-            .map(|spec| sample_scene(&spec, &mut rng))
-            .collect()
+        prompts(Split::Train, N * 3, seed).into_iter().filter(|s| !only_relations || s.relation.is_some()).take(N).map(|spec| sample_scene(&spec, &mut rng)).collect()
     }
 
     fn mean_total(r: &Compositional, items: &[(Image, PromptSpec)]) -> f32 {

@@ -14,8 +14,8 @@ use candle_core::{Device, Tensor, D};
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::encoders::clip::{l2_normalize, load_tokenizer, tokenize, Act, ClipModel, Preprocess, Tower};
 use super::{Inputs, Reward, RewardInfo};
+use crate::encoders::clip::{l2_normalize, load_tokenizer, tokenize, Act, ClipModel, Preprocess, Tower};
 use crate::image::Samples;
 use crate::prompt::Prompt;
 
@@ -41,10 +41,7 @@ fn to_hf(mut t: HashMap<String, Tensor>, source: &str) -> Result<(HashMap<String
             t = t.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
         }
     }
-    anyhow::ensure!(
-        t.contains_key("token_embedding.weight") && t.contains_key("visual.conv1.weight"),
-        "{source}: not an open_clip CLIP state dict (no token_embedding.weight / visual.conv1.weight)"
-    );
+    anyhow::ensure!(t.contains_key("token_embedding.weight") && t.contains_key("visual.conv1.weight"), "{source}: not an open_clip CLIP state dict (no token_embedding.weight / visual.conv1.weight)");
     let mut out = HashMap::new();
     let mv = |from: &str, to: String, t: &mut HashMap<String, Tensor>, out: &mut HashMap<String, Tensor>| -> Result<()> {
         let v = t.remove(from).with_context(|| format!("{source}: tensor {from} missing"))?;

@@ -182,8 +182,8 @@ impl RewardEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reward::RewardEntry;
     use crate::image::Image;
+    use crate::reward::RewardEntry;
 
     /// Scoring in batches gives the scores of one call; a weights file for a reward without
     /// one is refused, naming the entry.

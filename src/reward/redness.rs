@@ -15,14 +15,7 @@ impl Redness {
     pub fn score_one(img: &Image) -> Result<f32> {
         let n = img.h * img.w;
         ensure!(n > 0, "redness: image is empty ({}x{})", img.h, img.w);
-        ensure!(
-            img.data.len() == 3 * n,
-            "redness: image data has {} values, expected 3*{}*{} = {}",
-            img.data.len(),
-            img.h,
-            img.w,
-            3 * n
-        );
+        ensure!(img.data.len() == 3 * n, "redness: image data has {} values, expected 3*{}*{} = {}", img.data.len(), img.h, img.w, 3 * n);
         let (r, rest) = img.data.split_at(n);
         let (g, b) = rest.split_at(n);
         // Accumulate in f64: the mean of many small differences loses digits in f32.
@@ -42,11 +35,7 @@ impl Reward for Redness {
     /// Images: the mean over pixels; clips: the mean over frames of that.
     fn score(&self, samples: &Samples, _prompts: &[Prompt]) -> Result<Vec<f32>> {
         match samples {
-            Samples::Images(images) => images
-                .iter()
-                .enumerate()
-                .map(|(i, im)| Self::score_one(im).map_err(|e| e.context(format!("redness: sample {i}"))))
-                .collect(),
+            Samples::Images(images) => images.iter().enumerate().map(|(i, im)| Self::score_one(im).map_err(|e| e.context(format!("redness: sample {i}")))).collect(),
             Samples::Clips(clips) => clips
                 .iter()
                 .enumerate()
@@ -69,13 +58,7 @@ mod tests {
 
     #[test]
     fn constant_images() {
-        let cases: [([f32; 3], f32); 5] = [
-            ([1.0, 0.0, 0.0], 1.0),
-            ([0.0, 1.0, 1.0], -1.0),
-            ([0.5, 0.5, 0.5], 0.0),
-            ([0.8, 0.2, 0.4], 0.5),
-            ([0.0, 0.0, 1.0], -0.5),
-        ];
+        let cases: [([f32; 3], f32); 5] = [([1.0, 0.0, 0.0], 1.0), ([0.0, 1.0, 1.0], -1.0), ([0.5, 0.5, 0.5], 0.0), ([0.8, 0.2, 0.4], 0.5), ([0.0, 0.0, 1.0], -0.5)];
         let images: Vec<Image> = cases.iter().map(|(c, _)| Image::filled(4, 5, *c)).collect();
         let s = Redness.score(&Samples::Images(images), &[]).unwrap();
         for ((_, want), got) in cases.iter().zip(&s) {

@@ -55,12 +55,7 @@ impl RewardSet {
     /// `prompts` holds one prompt per sample, or is empty when every reward ignores prompts
     /// (a reward that needs them then errors itself).
     pub fn score(&self, samples: &Samples, prompts: &[Prompt]) -> Result<Vec<Vec<f32>>> {
-        ensure!(
-            prompts.is_empty() || samples.len() == prompts.len(),
-            "reward set: {} samples but {} prompts",
-            samples.len(),
-            prompts.len()
-        );
+        ensure!(prompts.is_empty() || samples.len() == prompts.len(), "reward set: {} samples but {} prompts", samples.len(), prompts.len());
         let mut out = Vec::with_capacity(self.entries.len());
         for (reward, _) in &self.entries {
             let name = reward.info().name;

@@ -289,8 +289,7 @@ impl MotionQuality {
         let mut per_object: Vec<[f32; 4]> = Vec::new();
         for g in &spec.groups {
             let n = g.group.count;
-            let per_frame: Vec<Vec<&Detection>> =
-                dets.iter().map(|d| d.objects.iter().filter(|o| o.color == g.group.color && o.shape == g.group.shape).collect()).collect();
+            let per_frame: Vec<Vec<&Detection>> = dets.iter().map(|d| d.objects.iter().filter(|o| o.color == g.group.color && o.shape == g.group.shape).collect()).collect();
             let (tracks, extras) = track_group(&per_frame, n);
             let dup = extras.iter().map(|&e| n as f32 / (n + e) as f32).sum::<f32>() / nf as f32;
             for tr in &tracks {
@@ -332,14 +331,7 @@ impl MotionQuality {
         let worst = scores.iter().copied().fold(1.0f32, f32::min);
         let lam = w.worst_object.clamp(0.0, 1.0);
         let total = ((1.0 - lam) * mean_score + lam * worst).clamp(0.0, 1.0);
-        MotionBreakdown {
-            direction: mean(0),
-            speed: mean(1),
-            persistence: mean(2),
-            flicker: mean(3),
-            background,
-            total: if total.is_finite() { total } else { 0.0 },
-        }
+        MotionBreakdown { direction: mean(0), speed: mean(1), persistence: mean(2), flicker: mean(3), background, total: if total.is_finite() { total } else { 0.0 } }
     }
 }
 

@@ -20,12 +20,12 @@ use crate::config::{Algo, ClipMode, Config, MapTimes, RatioMode, SdeChoice};
 use crate::objective::{clipped_surrogate, clipped_surrogate_sample_trust, kl_penalty};
 use crate::policy::nn::layers::LoraSpec;
 use crate::policy::{guided_velocity, guided_velocity_base, guided_velocity_frozen, Condition, Policy};
-use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
-use crate::weights::tensors::{read_tensors, save_tensors};
-use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::run_dir;
+use crate::sampler::{self, LogProbReduction, SdeKind, Trajectory};
+use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::rng::RngState;
 use crate::train::task::{self, Task};
+use crate::weights::tensors::{read_tensors, save_tensors};
 
 /// Everything besides tensors that a checkpoint must restore.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -97,48 +97,10 @@ enum KlReference {
     Copy(Box<dyn Policy>),
 }
 
-/// Resolve `train.base` ("" = the shipped base when it fits, else the cached base).
+/// Resolve `train.base` ("" = the shipped base when it fits, else the cached base,
+/// pretrained on a miss).
 pub fn base_weights(cfg: &Config) -> Result<PathBuf> {
-    if let Some((field, model)) = cfg.real_model() {
-        anyhow::ensure!(!model.is_empty(), "{field}: empty; set it to a diffusers model folder or a Hugging Face repository id in the local cache");
-        return Ok(PathBuf::from(model));
-    }
-    if cfg.train.base.is_empty() {
-        crate::train::pretrain::default_base(cfg, false)
-    } else {
-        let p = PathBuf::from(&cfg.train.base);
-        anyhow::ensure!(p.is_file(), "train.base: {} does not exist", p.display());
-        check_base_prediction(cfg, &p)?;
-        Ok(p)
-    }
-}
-
-
-/// A weights file does not say whether its network predicts x̂₀ or v, and both have the
-/// same tensors, so a mismatch would sample garbage silently. When the base sits in a run
-/// directory (pretrain runs and the cache do), its `config.toml` says; refuse a mismatch.
-fn check_base_prediction(cfg: &Config, base: &Path) -> Result<()> {
-    let Some(saved_path) = base.parent().map(|d| d.join(run_dir::CONFIG_FILE)).filter(|p| p.is_file()) else {
-        return Ok(());
-    };
-    let Ok(mut saved) = crate::config::load::<Config>(Some(&saved_path), &[]) else {
-        return Ok(()); // not a vipo config: nothing to compare against
-    };
-    // Compare like with like: the saved config's section of this run's family.
-    saved.modality = cfg.modality;
-    let g = cfg.generator();
-    let (Some(mine), Some(theirs)) = (g.prediction(), saved.generator().prediction()) else {
-        return Ok(());
-    };
-    let section = g.section();
-    anyhow::ensure!(
-        mine == theirs,
-        "train.base {}: pretrained with {section}.prediction = {theirs:?} (its {}) but this run has {mine:?}; pass --set {section}.prediction={}",
-        base.display(),
-        saved_path.display(),
-        format!("{theirs:?}").to_lowercase()
-    );
-    Ok(())
+    crate::base::resolve(cfg, |c| crate::train::pretrain::default_base(c, false))
 }
 
 impl Trainer {
@@ -182,10 +144,7 @@ impl Trainer {
             (true, false, Some(copy)) => Some(KlReference::Copy(copy)),
             (true, false, None) => bail!("train.kl_beta = {}: full fine-tuning needs a copy of the starting policy as its KL reference", t.kl_beta),
         };
-        let opt = AdamW::new(
-            policy.trainable(),
-            AdamWConfig { lr: t.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: t.weight_decay },
-        )?;
+        let opt = AdamW::new(policy.trainable(), AdamWConfig { lr: t.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: t.weight_decay })?;
         let ema = ema_init(&policy.trainable(), t.ema_decay)?;
         let mut rng_prompts = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9701);
         let mut order: Vec<usize> = (0..task.pool().len()).collect();
@@ -291,11 +250,11 @@ impl Trainer {
             crate::io::append_jsonl(&self.run_dir.join(run_dir::METRICS_FILE), &serde_json::to_value(&m)?)?;
             let s = self.state.step;
             let ce = self.cfg.train.checkpoint_every;
-            if s == total || (ce > 0 && s % ce == 0) {
+            if s == total || (ce > 0 && s.is_multiple_of(ce)) {
                 self.save_checkpoint()?;
             }
             let ge = self.cfg.train.grid_every;
-            if ge > 0 && (s % ge == 0 || s == total) {
+            if ge > 0 && (s.is_multiple_of(ge) || s == total) {
                 self.write_grid(s)?;
             }
             all.push(m);
@@ -364,7 +323,7 @@ impl Trainer {
         // 1. Rollout: G samples per prompt, dense per-element log-probs kept.
         let t0 = Instant::now();
         let prompts = self.next_prompts();
-        let specs: Vec<usize> = prompts.iter().flat_map(|&p| std::iter::repeat(p).take(t.group_size)).collect();
+        let specs: Vec<usize> = prompts.iter().flat_map(|&p| std::iter::repeat_n(p, t.group_size)).collect();
         let (traj, cond) = self.rollout(&specs)?;
         let samples = self.policy.decode(traj.latents.last().unwrap())?;
         m.time_sample_s = t0.elapsed().as_secs_f64();
@@ -395,7 +354,7 @@ impl Trainer {
             m.map_object_mass = mb.object_mass;
             m.object_area_frac = mb.object_area_frac;
             let every = self.cfg.vipo.map_grid_every;
-            if every > 0 && (m.step == 1 || m.step % every == 0) {
+            if every > 0 && (m.step == 1 || m.step.is_multiple_of(every)) {
                 self.write_map_grid(m.step, &samples, mb, &scores, &specs)?;
             }
         }
@@ -510,11 +469,8 @@ impl Trainer {
                         } else {
                             (lp_new.clone(), lp_old.clone())
                         };
-                        let sur = if self.sample_trust() {
-                            clipped_surrogate_sample_trust(&lp_new, &lp_old, &adv_mb, t.clip_range)?
-                        } else {
-                            clipped_surrogate(&lp_new, &lp_old, &adv_mb, t.clip_range)?
-                        };
+                        let sur =
+                            if self.sample_trust() { clipped_surrogate_sample_trust(&lp_new, &lp_old, &adv_mb, t.clip_range)? } else { clipped_surrogate(&lp_new, &lp_old, &adv_mb, t.clip_range)? };
                         if ri == 0 {
                             ratio_sum += sur.ratio_mean;
                             ratio_cnt += 1;
@@ -543,7 +499,8 @@ impl Trainer {
             if oi == 0 && dev_first > t.ratio_dev_bound {
                 bail!(
                     "on-policy parity check failed at step {}: max |ratio − 1| = {dev_first:.3e} > train.ratio_dev_bound = {:.1e} on the first update (sampling and training log-probs disagree)",
-                    m.step, t.ratio_dev_bound
+                    m.step,
+                    t.ratio_dev_bound
                 );
             }
             lr = lr_at(self.state.opt_step, t.lr, t.warmup_steps);
@@ -661,7 +618,7 @@ impl Trainer {
         for e in std::fs::read_dir(run_dir.join("checkpoints")).ok()?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if let Some(n) = name.strip_prefix("step_").and_then(|s| s.parse::<usize>().ok()) {
-                if e.path().join("state.json").is_file() && best.as_ref().map_or(true, |(b, _)| n > *b) {
+                if e.path().join("state.json").is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
                     best = Some((n, e.path()));
                 }
             }
@@ -674,10 +631,8 @@ impl Trainer {
             bail!("{}: no complete checkpoint to resume from", self.run_dir.display());
         };
         let origin = dir.display().to_string();
-        let st: TrainState = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{origin}/state.json: cannot read"))?,
-        )
-        .with_context(|| format!("{origin}/state.json: corrupted checkpoint state"))?;
+        let st: TrainState = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{origin}/state.json: cannot read"))?)
+            .with_context(|| format!("{origin}/state.json: corrupted checkpoint state"))?;
         let device = self.policy.device().clone();
         let w = read_tensors(&dir.join("trainable.safetensors"), &device)?;
         let vars = self.policy.trainable();
@@ -709,7 +664,7 @@ impl Trainer {
         if let Ok(text) = std::fs::read_to_string(&mpath) {
             let keep: String = text
                 .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).map_or(false, |s| s as usize <= self.state.step))
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= self.state.step))
                 .map(|l| format!("{l}\n"))
                 .collect();
             crate::io::atomic_write(&mpath, keep.as_bytes())?;
@@ -760,7 +715,6 @@ pub(crate) mod tests {
     use crate::reward::set::RewardSet;
     use crate::reward::{Reward, RewardInfo};
     use crate::world::{self, PromptSpec, Split};
-
 
     /// A tiny base model on disk and a config that trains it for a few cheap steps.
     pub(crate) fn setup(dir: &Path) -> Config {
@@ -817,7 +771,22 @@ pub(crate) mod tests {
         }
         let text = std::fs::read_to_string(tr.run_dir.join(run_dir::METRICS_FILE)).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        for k in ["step", "reward_mean", "reward_std", "adv_zero_groups", "ratio_mean", "ratio_dev_first", "clip_frac", "grad_norm", "loss", "lr", "time_sample_s", "time_reward_s", "time_map_s", "time_update_s"] {
+        for k in [
+            "step",
+            "reward_mean",
+            "reward_std",
+            "adv_zero_groups",
+            "ratio_mean",
+            "ratio_dev_first",
+            "clip_frac",
+            "grad_norm",
+            "loss",
+            "lr",
+            "time_sample_s",
+            "time_reward_s",
+            "time_map_s",
+            "time_update_s",
+        ] {
             assert!(line.get(k).is_some(), "metrics.jsonl lacks {k}");
         }
         assert!(Trainer::latest_checkpoint(&tr.run_dir).unwrap().ends_with("step_000002"));
@@ -878,7 +847,13 @@ pub(crate) mod tests {
         assert_eq!(resumed.step(), 1);
         resumed.train().unwrap();
         assert!(weights(&full) == weights(&resumed), "resumed weights differ from the uninterrupted run");
-        assert!(full.ema.as_ref().unwrap().iter().zip(resumed.ema.as_ref().unwrap()).all(|(a, b)| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+        assert!(full
+            .ema
+            .as_ref()
+            .unwrap()
+            .iter()
+            .zip(resumed.ema.as_ref().unwrap())
+            .all(|(a, b)| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
         let lines = std::fs::read_to_string(d.path().join("part").join(run_dir::METRICS_FILE)).unwrap().lines().count();
         assert_eq!(lines, 3);
         // While a trainer lives it holds its run folder: a second resume (which would
@@ -958,7 +933,13 @@ pub(crate) mod tests {
             (Box::new(|c| c.train.timestep_fraction = 0.0), "timestep_fraction"),
             (Box::new(|c| c.train.timestep_fraction = 1.5), "timestep_fraction"),
             (Box::new(|c| c.train.micro_batch = 3), "micro_batch"),
-            (Box::new(|c| { c.train.lora_rank = 2; c.train.lora_targets = vec!["nothing".into()]; }), "matches no linear layer"),
+            (
+                Box::new(|c| {
+                    c.train.lora_rank = 2;
+                    c.train.lora_targets = vec!["nothing".into()];
+                }),
+                "matches no linear layer",
+            ),
             (Box::new(|c| c.train.rewards[0].name = "beauty".into()), "unknown reward"),
             (Box::new(|c| c.train.sde_steps = 4), "train.sde_steps"),
             (Box::new(|c| c.sample.guidance = -1.0), "sample.guidance"),
@@ -1036,8 +1017,10 @@ pub(crate) mod tests {
         let (_, mv) = run(&v, "v");
         let (_, mp) = run(&p, "p");
         for (i, ((a, b), c)) in mg.iter().zip(&mv).zip(&mp).enumerate() {
-            eprintln!("step {i}: grpo r {:.5} clip {:.3} gn {:.4} | ones r {:.5} clip {:.3} gn {:.4} | per-position clip r {:.5} clip {:.3} gn {:.4}",
-                a.reward_mean, a.clip_frac, a.grad_norm, b.reward_mean, b.clip_frac, b.grad_norm, c.reward_mean, c.clip_frac, c.grad_norm);
+            eprintln!(
+                "step {i}: grpo r {:.5} clip {:.3} gn {:.4} | ones r {:.5} clip {:.3} gn {:.4} | per-position clip r {:.5} clip {:.3} gn {:.4}",
+                a.reward_mean, a.clip_frac, a.grad_norm, b.reward_mean, b.clip_frac, b.grad_norm, c.reward_mean, c.clip_frac, c.grad_norm
+            );
         }
         assert!((mg[0].grad_norm - mv[0].grad_norm).abs() <= 0.05 * mg[0].grad_norm, "first step: grad norm grpo {} vs ones {}", mg[0].grad_norm, mv[0].grad_norm);
         for (a, b) in mg.iter().zip(&mv) {
@@ -1078,7 +1061,20 @@ pub(crate) mod tests {
         use crate::policy::shapeworld::video_dit::{VideoAttention, VideoDitConfig};
         let mut cfg = setup(dir);
         cfg.modality = Modality::Video;
-        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true, ..Default::default() };
+        cfg.video_model = VideoDitConfig {
+            image_size: 16,
+            frames: 4,
+            patch: 4,
+            t_patch: 2,
+            dim: 32,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 2,
+            text_layers: 1,
+            attention: VideoAttention::Factorised,
+            fused: true,
+            ..Default::default()
+        };
         let base = dir.join("vbase.safetensors");
         if !base.exists() {
             VideoPolicy::new(&cfg.video_model, &candle_core::Device::Cpu, 1).unwrap().save(&base).unwrap();
@@ -1086,10 +1082,7 @@ pub(crate) mod tests {
         cfg.train.base = base.display().to_string();
         // Redness is dense on a random policy (non-zero advantages); MQ is the second,
         // separately normalised reward (docs/DESIGN.md §1.5).
-        cfg.train.rewards = vec![
-            crate::reward::RewardEntry::new("redness", 1.0),
-            crate::reward::RewardEntry::new("motion_quality", 0.5),
-        ];
+        cfg.train.rewards = vec![crate::reward::RewardEntry::new("redness", 1.0), crate::reward::RewardEntry::new("motion_quality", 0.5)];
         cfg.train.grid_every = 1;
         cfg.train.grid_prompts = 2;
         cfg
@@ -1204,5 +1197,4 @@ pub(crate) mod tests {
         let after = redness(&tr);
         assert!(after > before + 0.03, "redness {before:.3} → {after:.3}");
     }
-
 }

@@ -128,7 +128,11 @@ pub fn foreground_mask(im: &Image) -> Vec<f32> {
     (0..im.h * im.w)
         .map(|i| {
             let d: f32 = (0..3).map(|c| (im.data[c * im.h * im.w + i] - bg[c]).powi(2)).sum::<f32>().sqrt();
-            if d > 0.25 { 1.0 } else { 0.0 }
+            if d > 0.25 {
+                1.0
+            } else {
+                0.0
+            }
         })
         .collect()
 }
@@ -188,10 +192,8 @@ impl MapSource for PsmMap {
         // pages every step; a chunk's stay in cache, and whole chunks in parallel need fewer
         // barriers than op-by-op parallelism (2.0 → 0.8 ms per frame on 2 cores).
         use rayon::prelude::*;
-        let per_chunk: Vec<(Vec<Vec<f32>>, usize)> = images
-            .par_chunks(BACKBONE_CHUNK)
-            .map(|chunk| Ok(psm::allocation_maps(&self.backbone.features(chunk)?, h, w, &self.cfg)))
-            .collect::<Result<_>>()?;
+        let per_chunk: Vec<(Vec<Vec<f32>>, usize)> =
+            images.par_chunks(BACKBONE_CHUNK).map(|chunk| Ok(psm::allocation_maps(&self.backbone.features(chunk)?, h, w, &self.cfg))).collect::<Result<_>>()?;
         let fallbacks: usize = per_chunk.iter().map(|(_, f)| f).sum();
         let maps: Vec<Vec<f32>> = per_chunk.into_iter().flat_map(|(m, _)| m).collect();
         let (object_mass, object_area_frac) = stats(&maps, images, self.shapeworld);

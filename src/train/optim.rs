@@ -35,10 +35,7 @@ impl AdamW {
 
     /// Gradients of the trainable vars (zeros where a var got none).
     pub fn collect_grads(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
-        self.vars
-            .iter()
-            .map(|(_, v)| Ok(grads.get(v.as_tensor()).map(|g| g.detach()).map(Ok).unwrap_or_else(|| v.zeros_like())?))
-            .collect()
+        self.vars.iter().map(|(_, v)| Ok(grads.get(v.as_tensor()).map(|g| g.detach()).map(Ok).unwrap_or_else(|| v.zeros_like())?)).collect()
     }
 
     /// Global L2 norm of a gradient list.

@@ -19,10 +19,10 @@ use crate::policy::shapeworld::video_dit::{clips_to_latents, VideoPolicy};
 use crate::policy::{Condition, FlowModel, ImagePolicy, Policy};
 use crate::prompt::Prompt;
 use crate::reward::compositional::Compositional;
-use crate::world::video::{render_clip, sample_video_scene, video_prompts};
+use crate::run_dir;
 use crate::train::optim::{ema_init, ema_update, lr_at, AdamW, AdamWConfig};
 use crate::train::rng::RngState;
-use crate::run_dir;
+use crate::world::video::{render_clip, sample_video_scene, video_prompts};
 use crate::world::{self, Split};
 
 /// What a pretraining run produced.
@@ -374,10 +374,7 @@ fn pretrain_video(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Pretrain
                 both[i] += m / rewards.len() as f64;
             }
         }
-        crate::io::atomic_write(
-            &run_dir.join("base_scores.json"),
-            serde_json::to_string_pretty(&json!({"rewards": table, "n": p.eval_prompts, "sample_steps": cfg.sample.steps}))?.as_bytes(),
-        )?;
+        crate::io::atomic_write(&run_dir.join("base_scores.json"), serde_json::to_string_pretty(&json!({"rewards": table, "n": p.eval_prompts, "sample_steps": cfg.sample.steps}))?.as_bytes())?;
         Some((both[0], both[1]))
     } else {
         None
@@ -514,10 +511,14 @@ mod tests {
         assert_eq!(out.final_loss, out_b.final_loss);
         assert_eq!(out.first_loss, out_b.first_loss);
         let steps = |d: &Path| -> Vec<(u64, String)> {
-            std::fs::read_to_string(d.join(run_dir::METRICS_FILE)).unwrap().lines().map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (v["step"].as_u64().unwrap(), v["loss"].to_string())
-            }).collect()
+            std::fs::read_to_string(d.join(run_dir::METRICS_FILE))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (v["step"].as_u64().unwrap(), v["loss"].to_string())
+                })
+                .collect()
         };
         assert_eq!(steps(&a), steps(&b), "the log must hold each step once, with the same losses");
         // No checkpoint to resume from is a clear error.
@@ -534,7 +535,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny_cfg(dir.path());
         cfg.modality = crate::config::Modality::Video;
-        cfg.video_model = VideoDitConfig { image_size: 16, frames: 4, patch: 4, t_patch: 2, dim: 32, depth: 2, heads: 2, mlp_ratio: 2, text_layers: 1, attention: VideoAttention::Factorised, fused: true, ..Default::default() };
+        cfg.video_model = VideoDitConfig {
+            image_size: 16,
+            frames: 4,
+            patch: 4,
+            t_patch: 2,
+            dim: 32,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 2,
+            text_layers: 1,
+            attention: VideoAttention::Factorised,
+            fused: true,
+            ..Default::default()
+        };
         cfg.pretrain.steps = 20;
         cfg.pretrain.batch_size = 4;
         cfg.pretrain.checkpoint_every = 10;

@@ -216,11 +216,7 @@ pub fn temporal_maps(src: &dyn MapSource, clips: &[Vec<Image>], stride: usize, s
     let fm = src.maps(&frames, &[])?;
     let (h, w) = (fm.h, fm.w);
     let k = picked.len();
-    let maps = fm
-        .maps
-        .chunks(k)
-        .map(|per_clip| crate::psm::temporal_map(per_clip, h, w, t, sigma_t, norm == TemporalNorm::PerFrame))
-        .collect();
+    let maps = fm.maps.chunks(k).map(|per_clip| crate::psm::temporal_map(per_clip, h, w, t, sigma_t, norm == TemporalNorm::PerFrame)).collect();
     Ok(MapBatch { maps, h, w, t: Some(t), fallbacks: fm.fallbacks, object_mass: fm.object_mass, object_area_frac: fm.object_area_frac })
 }
 

@@ -41,7 +41,11 @@ pub fn resolve_in(spec: &str, hub: Option<&Path>) -> Result<PathBuf> {
     }
     let cache = hub.map(Path::to_path_buf).with_context(|| format!("{spec}: not a local path, and no Hugging Face cache folder is set (HF_HOME / HF_HUB_CACHE)"))?;
     let root = cache.join(format!("models--{}", repo.replace('/', "--")));
-    anyhow::ensure!(root.is_dir(), "{spec}: not a local path, and not in the Hugging Face cache {} (nothing is downloaded: fetch it where there is network, e.g. `huggingface-cli download {repo}`)", cache.display());
+    anyhow::ensure!(
+        root.is_dir(),
+        "{spec}: not a local path, and not in the Hugging Face cache {} (nothing is downloaded: fetch it where there is network, e.g. `huggingface-cli download {repo}`)",
+        cache.display()
+    );
     let rev = match rev {
         Some(r) => r.to_string(),
         None => {

@@ -21,31 +21,18 @@ use std::rc::Rc;
 /// Loads a weights file by extension: `.safetensors` → [`load_safetensors`], `.pth`/`.pt`/`.bin`/
 /// `.ckpt` → [`load_pth`]. Tensors keep their stored dtype (f16 stays f16); models cast on use.
 pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match ext.as_str() {
         "safetensors" => load_safetensors(path),
         "pth" | "pt" | "bin" | "ckpt" | "tar" => load_pth(path),
-        _ => bail!(
-            "{}: unknown weights file extension {:?} (expected .safetensors, .pth, .pt, .bin or .ckpt)",
-            path.display(),
-            ext
-        ),
+        _ => bail!("{}: unknown weights file extension {:?} (expected .safetensors, .pth, .pt, .bin or .ckpt)", path.display(), ext),
     }
 }
 
 /// Loads every tensor of a safetensors file onto the CPU. Errors name the file (and tensor).
 pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read weights file", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        anyhow!(
-            "{}: not a valid safetensors file (truncated or corrupt?): {e:?}",
-            path.display()
-        )
-    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e:?}", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         use safetensors::Dtype as S;
@@ -61,8 +48,7 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             S::U32 => DType::U32,
             other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .with_context(|| format!("{}: tensor `{name}`: cannot build tensor", path.display()))?;
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu).with_context(|| format!("{}: tensor `{name}`: cannot build tensor", path.display()))?;
         out.insert(name, t);
     }
     Ok(out)
@@ -95,19 +81,11 @@ pub fn convert_pth_to_safetensors(src: &Path, dst: &Path, f16: bool) -> Result<u
     let tensors = load_weights(src)?;
     let mut out: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in tensors {
-        let t = if f16 && t.dtype().is_float() && t.dtype() != DType::F16 {
-            t.to_dtype(DType::F16)
-                .with_context(|| format!("{}: tensor `{name}`: cast to f16", src.display()))?
-        } else {
-            t
-        };
+        let t = if f16 && t.dtype().is_float() && t.dtype() != DType::F16 { t.to_dtype(DType::F16).with_context(|| format!("{}: tensor `{name}`: cast to f16", src.display()))? } else { t };
         out.insert(name, t);
     }
     let n = out.len();
-    crate::io::atomic_write_with(dst, |tmp| {
-        candle_core::safetensors::save(&out, tmp)
-            .with_context(|| format!("{}: cannot write safetensors", dst.display()))
-    })?;
+    crate::io::atomic_write_with(dst, |tmp| candle_core::safetensors::save(&out, tmp).with_context(|| format!("{}: cannot write safetensors", dst.display())))?;
     Ok(n)
 }
 
@@ -121,17 +99,11 @@ pub struct Weights {
 impl Weights {
     /// Loads `path` with [`load_weights`].
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self {
-            path: path.to_path_buf(),
-            tensors: load_weights(path)?,
-        })
+        Ok(Self { path: path.to_path_buf(), tensors: load_weights(path)? })
     }
     /// Wraps tensors already in memory (tests, converted checkpoints).
     pub fn from_map(path: &Path, tensors: HashMap<String, Tensor>) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            tensors,
-        }
+        Self { path: path.to_path_buf(), tensors }
     }
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
@@ -140,25 +112,14 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.get_any(name)?;
         if t.dims() != shape {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, expected {:?} (weights for a different architecture?)",
-                self.path.display(),
-                t.dims(),
-                shape
-            );
+            bail!("{}: tensor `{name}` has shape {:?}, expected {:?} (weights for a different architecture?)", self.path.display(), t.dims(), shape);
         }
         Ok(t)
     }
     /// The tensor `name` as f32 on CPU, any shape.
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| {
-            anyhow!(
-                "{}: tensor `{name}` is missing (weights for a different architecture?)",
-                self.path.display()
-            )
-        })?;
-        t.to_dtype(DType::F32)
-            .with_context(|| format!("{}: tensor `{name}`: cast to f32", self.path.display()))
+        let t = self.tensors.get(name).ok_or_else(|| anyhow!("{}: tensor `{name}` is missing (weights for a different architecture?)", self.path.display()))?;
+        t.to_dtype(DType::F32).with_context(|| format!("{}: tensor `{name}`: cast to f32", self.path.display()))
     }
 }
 
@@ -302,13 +263,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            anyhow!(
-                "file truncated: wanted {n} bytes at offset {}, file has {}",
-                self.pos,
-                self.b.len()
-            )
-        })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| anyhow!("file truncated: wanted {n} bytes at offset {}, file has {}", self.pos, self.b.len()))?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -330,10 +285,7 @@ impl<'a> Cursor<'a> {
     }
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.b[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&c| c == b'\n')
-            .ok_or_else(|| anyhow!("file truncated inside a text line"))?;
+        let n = rest.iter().position(|&c| c == b'\n').ok_or_else(|| anyhow!("file truncated inside a text line"))?;
         let s = std::str::from_utf8(&rest[..n]).map_err(|_| anyhow!("invalid UTF-8 in pickle text"))?;
         self.pos += n + 1;
         Ok(s)
@@ -348,9 +300,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Global> {
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
         ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
         ("collections", "OrderedDict") => Global::OrderedDict,
-        ("torch", s) if Elem::from_storage_name(s).is_some() => {
-            Global::Storage(Elem::from_storage_name(s).unwrap_or(Elem::F32))
-        }
+        ("torch", s) if Elem::from_storage_name(s).is_some() => Global::Storage(Elem::from_storage_name(s).unwrap_or(Elem::F32)),
         _ => bail!(
             "pickle references `{module}.{name}`, which is not on the whitelist of a plain state dict; \
              refusing to load it (unpickling it could run arbitrary code)"
@@ -365,28 +315,20 @@ fn unpickle(c: &mut Cursor, persistent: &mut dyn FnMut(Val) -> Result<Val>) -> R
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: HashMap<u64, Val> = HashMap::new();
     fn pop(stack: &mut Vec<Val>) -> Result<Val> {
-        stack
-            .pop()
-            .ok_or_else(|| anyhow!("pickle stack underflow (garbled file?)"))
+        stack.pop().ok_or_else(|| anyhow!("pickle stack underflow (garbled file?)"))
     }
     fn pop_mark(stack: &mut Vec<Val>, marks: &mut Vec<usize>) -> Result<Vec<Val>> {
-        let m = marks
-            .pop()
-            .ok_or_else(|| anyhow!("pickle MARK missing (garbled file?)"))?;
+        let m = marks.pop().ok_or_else(|| anyhow!("pickle MARK missing (garbled file?)"))?;
         if m > stack.len() {
             bail!("pickle MARK beyond stack (garbled file?)");
         }
         Ok(stack.split_off(m))
     }
     fn top(stack: &mut [Val]) -> Result<&mut Val> {
-        stack
-            .last_mut()
-            .ok_or_else(|| anyhow!("pickle stack underflow (garbled file?)"))
+        stack.last_mut().ok_or_else(|| anyhow!("pickle stack underflow (garbled file?)"))
     }
     fn append(target: &Val, items: Vec<Val>) -> Result<()> {
-        let Val::List(l) = target else {
-            bail!("pickle APPEND(S) on a {}, expected list", target.kind())
-        };
+        let Val::List(l) = target else { bail!("pickle APPEND(S) on a {}, expected list", target.kind()) };
         l.borrow_mut().extend(items);
         Ok(())
     }
@@ -437,18 +379,10 @@ fn unpickle(c: &mut Cursor, persistent: &mut dyn FnMut(Val) -> Result<Val>) -> R
             b'K' => stack.push(Val::Int(c.u8()? as i64)),
             b'M' => stack.push(Val::Int(c.u16()? as i64)),
             0x8a | 0x8b => {
-                let n = if op == 0x8a {
-                    c.u8()? as usize
-                } else {
-                    c.u32()? as usize
-                };
+                let n = if op == 0x8a { c.u8()? as usize } else { c.u32()? as usize };
                 let b = c.take(n)?;
                 if n <= 8 {
-                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        [0xffu8; 8]
-                    } else {
-                        [0u8; 8]
-                    };
+                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xffu8; 8] } else { [0u8; 8] };
                     buf[..n].copy_from_slice(b);
                     stack.push(Val::Int(i64::from_le_bytes(buf)));
                 } else {
@@ -498,9 +432,7 @@ fn unpickle(c: &mut Cursor, persistent: &mut dyn FnMut(Val) -> Result<Val>) -> R
             }
             b'h' | b'j' => {
                 let k = if op == b'h' { c.u8()? as u64 } else { c.u32()? as u64 };
-                let v = memo
-                    .get(&k)
-                    .ok_or_else(|| anyhow!("pickle memo entry {k} missing (garbled file?)"))?;
+                let v = memo.get(&k).ok_or_else(|| anyhow!("pickle memo entry {k} missing (garbled file?)"))?;
                 stack.push(v.clone());
             }
             b'0' => {
@@ -529,9 +461,7 @@ fn unpickle(c: &mut Cursor, persistent: &mut dyn FnMut(Val) -> Result<Val>) -> R
             b'R' => {
                 let args = pop(&mut stack)?;
                 let func = pop(&mut stack)?;
-                let Val::Tuple(args) = args else {
-                    bail!("pickle REDUCE with {} arguments, expected tuple", args.kind())
-                };
+                let Val::Tuple(args) = args else { bail!("pickle REDUCE with {} arguments, expected tuple", args.kind()) };
                 stack.push(reduce(&func, &args)?);
             }
             b'b' => {
@@ -566,9 +496,7 @@ fn unpickle(c: &mut Cursor, persistent: &mut dyn FnMut(Val) -> Result<Val>) -> R
 }
 
 fn reduce(func: &Val, args: &[Val]) -> Result<Val> {
-    let Val::Global(g) = func else {
-        bail!("pickle REDUCE on a {}, expected a whitelisted global", func.kind())
-    };
+    let Val::Global(g) = func else { bail!("pickle REDUCE on a {}, expected a whitelisted global", func.kind()) };
     match g {
         Global::OrderedDict => {
             let d = Val::Dict(Rc::new(RefCell::new(Vec::new())));
@@ -588,28 +516,14 @@ fn reduce(func: &Val, args: &[Val]) -> Result<Val> {
             if args.len() < 4 {
                 bail!("_rebuild_tensor_v2 with {} arguments, expected ≥ 4", args.len());
             }
-            let Val::Storage(storage) = &args[0] else {
-                bail!(
-                    "_rebuild_tensor_v2: first argument is a {}, expected a storage",
-                    args[0].kind()
-                )
-            };
+            let Val::Storage(storage) = &args[0] else { bail!("_rebuild_tensor_v2: first argument is a {}, expected a storage", args[0].kind()) };
             let offset = args[1].as_usize("_rebuild_tensor_v2 storage offset")?;
             let shape = args[2].as_usize_tuple("_rebuild_tensor_v2 size")?;
             let stride = args[3].as_usize_tuple("_rebuild_tensor_v2 stride")?;
             if shape.len() != stride.len() {
-                bail!(
-                    "_rebuild_tensor_v2: size {:?} and stride {:?} differ in rank",
-                    shape,
-                    stride
-                );
+                bail!("_rebuild_tensor_v2: size {:?} and stride {:?} differ in rank", shape, stride);
             }
-            Ok(Val::Tensor(Rc::new(TensorRef {
-                storage: storage.clone(),
-                offset,
-                shape,
-                stride,
-            })))
+            Ok(Val::Tensor(Rc::new(TensorRef { storage: storage.clone(), offset, shape, stride })))
         }
         Global::RebuildParameter => match args.first() {
             Some(t @ Val::Tensor(_)) => Ok(t.clone()),
@@ -620,9 +534,7 @@ fn reduce(func: &Val, args: &[Val]) -> Result<Val> {
 }
 
 fn set_items(target: &Val, items: Vec<Val>) -> Result<()> {
-    let Val::Dict(d) = target else {
-        bail!("pickle SETITEM(S) on a {}, expected dict", target.kind())
-    };
+    let Val::Dict(d) = target else { bail!("pickle SETITEM(S) on a {}, expected dict", target.kind()) };
     if !items.len().is_multiple_of(2) {
         bail!("pickle SETITEMS with an odd number of items (garbled file?)");
     }
@@ -636,15 +548,11 @@ fn set_items(target: &Val, items: Vec<Val>) -> Result<()> {
 
 /// Decodes a persistent id `('storage', StorageType, key, location, numel[, view_metadata])`.
 fn storage_from_pid(pid: Val) -> Result<Val> {
-    let Val::Tuple(t) = &pid else {
-        bail!("persistent id is a {}, expected a tuple", pid.kind())
-    };
+    let Val::Tuple(t) = &pid else { bail!("persistent id is a {}, expected a tuple", pid.kind()) };
     if t.len() < 5 || !matches!(&t[0], Val::Str(s) if s == "storage") {
         bail!("persistent id is not a ('storage', ...) tuple");
     }
-    let Val::Global(Global::Storage(elem)) = &t[1] else {
-        bail!("persistent id: second item is not a torch storage type")
-    };
+    let Val::Global(Global::Storage(elem)) = &t[1] else { bail!("persistent id: second item is not a torch storage type") };
     let key = match &t[2] {
         Val::Str(s) => s.clone(),
         Val::Int(i) => i.to_string(),
@@ -658,11 +566,7 @@ fn storage_from_pid(pid: Val) -> Result<Val> {
         }
         _ => (key, 0),
     };
-    Ok(Val::Storage(Rc::new(StorageRef {
-        elem: *elem,
-        key,
-        view_offset,
-    })))
+    Ok(Val::Storage(Rc::new(StorageRef { elem: *elem, key, view_offset })))
 }
 
 /// Walks the unpickled object and collects `name → tensor reference`, flattening nested dicts.
@@ -696,10 +600,7 @@ fn materialize(name: &str, t: &TensorRef, storage: &[u8]) -> Result<Tensor> {
     if numel > 0 {
         let last = start + t.shape.iter().zip(&t.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
         if last >= numel_storage {
-            bail!(
-                "tensor `{name}`: shape {:?} stride {:?} offset {start} reaches element {last}, but storage `{}` has {numel_storage} (truncated file?)",
-                t.shape, t.stride, t.storage.key
-            );
+            bail!("tensor `{name}`: shape {:?} stride {:?} offset {start} reaches element {last}, but storage `{}` has {numel_storage} (truncated file?)", t.shape, t.stride, t.storage.key);
         }
     }
     let contiguous = {
@@ -731,11 +632,8 @@ fn materialize(name: &str, t: &TensorRef, storage: &[u8]) -> Result<Tensor> {
         }
         std::borrow::Cow::Owned(out)
     };
-    let tensor = if t.storage.elem == Elem::Bool {
-        Tensor::from_raw_buffer(&bytes, DType::U8, &t.shape, &Device::Cpu)
-    } else {
-        Tensor::from_raw_buffer(&bytes, t.storage.elem.dtype(), &t.shape, &Device::Cpu)
-    };
+    let tensor =
+        if t.storage.elem == Elem::Bool { Tensor::from_raw_buffer(&bytes, DType::U8, &t.shape, &Device::Cpu) } else { Tensor::from_raw_buffer(&bytes, t.storage.elem.dtype(), &t.shape, &Device::Cpu) };
     tensor.with_context(|| format!("tensor `{name}`: cannot build tensor"))
 }
 
@@ -775,10 +673,7 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, (usize, usize)>> {
         cd_off = c.u64()?;
     }
     let mut out = HashMap::new();
-    let mut c = Cursor {
-        b,
-        pos: usize::try_from(cd_off)?,
-    };
+    let mut c = Cursor { b, pos: usize::try_from(cd_off)? };
     for _ in 0..count {
         if c.u32()? != 0x0201_4b50 {
             bail!("zip central directory entry garbled");
@@ -821,10 +716,7 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, (usize, usize)>> {
             continue;
         }
         let _ = csize;
-        let mut l = Cursor {
-            b,
-            pos: usize::try_from(local)?,
-        };
+        let mut l = Cursor { b, pos: usize::try_from(local)? };
         if l.u32()? != 0x0403_4b50 {
             bail!("zip local header of `{name}` garbled");
         }
@@ -843,12 +735,7 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, (usize, usize)>> {
 
 fn load_zip(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
     let entries = zip_entries(bytes)?;
-    let pkl = entries
-        .keys()
-        .filter(|k| k.ends_with("/data.pkl") || k.as_str() == "data.pkl")
-        .min_by_key(|k| k.len())
-        .cloned()
-        .ok_or_else(|| anyhow!("no data.pkl in the archive"))?;
+    let pkl = entries.keys().filter(|k| k.ends_with("/data.pkl") || k.as_str() == "data.pkl").min_by_key(|k| k.len()).cloned().ok_or_else(|| anyhow!("no data.pkl in the archive"))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     if let Some(&(off, n)) = entries.get(&format!("{prefix}byteorder")) {
         if off != usize::MAX && &bytes[off..off + n] != b"little" {
@@ -928,25 +815,17 @@ fn load_legacy(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
     };
     let mut storages: HashMap<String, &[u8]> = HashMap::new();
     for key in &keys {
-        let elem = *elems
-            .get(key)
-            .ok_or_else(|| anyhow!("storage `{key}` listed but never referenced"))?;
+        let elem = *elems.get(key).ok_or_else(|| anyhow!("storage `{key}` listed but never referenced"))?;
         let numel = c.len_u64().with_context(|| format!("storage `{key}` size"))?;
-        let n = numel
-            .checked_mul(elem.size())
-            .ok_or_else(|| anyhow!("storage `{key}` too large"))?;
-        let data = c
-            .take(n)
-            .with_context(|| format!("storage `{key}` data ({numel} elements)"))?;
+        let n = numel.checked_mul(elem.size()).ok_or_else(|| anyhow!("storage `{key}` too large"))?;
+        let data = c.take(n).with_context(|| format!("storage `{key}` data ({numel} elements)"))?;
         storages.insert(key.clone(), data);
     }
     let mut refs = BTreeMap::new();
     collect_tensors(&root, "", &mut refs)?;
     let mut out = HashMap::new();
     for (name, t) in refs {
-        let data = storages
-            .get(&t.storage.key)
-            .ok_or_else(|| anyhow!("tensor `{name}`: storage `{}` missing (truncated file?)", t.storage.key))?;
+        let data = storages.get(&t.storage.key).ok_or_else(|| anyhow!("tensor `{name}`: storage `{}` missing (truncated file?)", t.storage.key))?;
         out.insert(name.clone(), materialize(&name, &t, data)?);
     }
     Ok(out)
@@ -1011,12 +890,7 @@ pub(crate) mod tests {
     /// A state-dict pickle like torch's: OrderedDict of _rebuild_tensor_v2 calls.
     fn state_pickle(ts: &[T], numel: &HashMap<String, usize>, legacy: bool) -> Vec<u8> {
         let mut p = P::new();
-        p.global("collections", "OrderedDict")
-            .op(b'q')
-            .op(0)
-            .op(b')')
-            .op(b'R')
-            .op(b'(');
+        p.global("collections", "OrderedDict").op(b'q').op(0).op(b')').op(b'R').op(b'(');
         for (i, t) in ts.iter().enumerate() {
             p.s(&t.name);
             // Exercise the memo: the first tensor stores the global, later ones fetch it.
@@ -1025,22 +899,11 @@ pub(crate) mod tests {
             } else {
                 p.op(b'h').op(1);
             }
-            p.op(b'(')
-                .op(b'(')
-                .s("storage")
-                .global("torch", t.storage_type)
-                .s(&t.storage)
-                .s("cpu")
-                .int(numel[&t.storage]);
+            p.op(b'(').op(b'(').s("storage").global("torch", t.storage_type).s(&t.storage).s("cpu").int(numel[&t.storage]);
             if legacy {
                 p.op(b'N');
             }
-            p.op(b't')
-                .op(b'Q')
-                .int(t.offset)
-                .tuple(&t.shape)
-                .tuple(&t.stride)
-                .op(0x89);
+            p.op(b't').op(b'Q').int(t.offset).tuple(&t.shape).tuple(&t.stride).op(0x89);
             p.op(b'h').op(0).op(b')').op(b'R').op(b't').op(b'R');
         }
         p.op(b'u').op(b'.');
@@ -1091,46 +954,11 @@ pub(crate) mod tests {
 
     fn fixture() -> Fixture {
         let ts = vec![
-            T {
-                name: "a.weight".into(),
-                storage: "0".into(),
-                storage_type: "FloatStorage",
-                offset: 2,
-                shape: vec![2, 3],
-                stride: vec![3, 1],
-            },
-            T {
-                name: "a.t".into(),
-                storage: "0".into(),
-                storage_type: "FloatStorage",
-                offset: 0,
-                shape: vec![3, 2],
-                stride: vec![1, 3],
-            },
-            T {
-                name: "h".into(),
-                storage: "1".into(),
-                storage_type: "HalfStorage",
-                offset: 1,
-                shape: vec![2],
-                stride: vec![1],
-            },
-            T {
-                name: "b".into(),
-                storage: "2".into(),
-                storage_type: "BFloat16Storage",
-                offset: 0,
-                shape: vec![2],
-                stride: vec![1],
-            },
-            T {
-                name: "n".into(),
-                storage: "3".into(),
-                storage_type: "LongStorage",
-                offset: 0,
-                shape: vec![],
-                stride: vec![],
-            },
+            T { name: "a.weight".into(), storage: "0".into(), storage_type: "FloatStorage", offset: 2, shape: vec![2, 3], stride: vec![3, 1] },
+            T { name: "a.t".into(), storage: "0".into(), storage_type: "FloatStorage", offset: 0, shape: vec![3, 2], stride: vec![1, 3] },
+            T { name: "h".into(), storage: "1".into(), storage_type: "HalfStorage", offset: 1, shape: vec![2], stride: vec![1] },
+            T { name: "b".into(), storage: "2".into(), storage_type: "BFloat16Storage", offset: 0, shape: vec![2], stride: vec![1] },
+            T { name: "n".into(), storage: "3".into(), storage_type: "LongStorage", offset: 0, shape: vec![], stride: vec![] },
         ];
         let numel = HashMap::from([("0", 12), ("1", 3), ("2", 2), ("3", 1)].map(|(k, n)| (k.to_string(), n)));
         // f16 bits of 9.0, 0.5, -2.0 and bf16 bits of 1.5, -3.0 (no `half` dependency here).
@@ -1149,34 +977,19 @@ pub(crate) mod tests {
 
     fn check_fixture(m: &HashMap<String, Tensor>) {
         assert_eq!(m.len(), 5);
-        assert_eq!(
-            m["a.weight"].to_vec2::<f32>().unwrap(),
-            vec![vec![2., 3., 4.], vec![5., 6., 7.]]
-        );
-        assert_eq!(
-            m["a.t"].to_vec2::<f32>().unwrap(),
-            vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]
-        );
+        assert_eq!(m["a.weight"].to_vec2::<f32>().unwrap(), vec![vec![2., 3., 4.], vec![5., 6., 7.]]);
+        assert_eq!(m["a.t"].to_vec2::<f32>().unwrap(), vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]);
         assert_eq!(m["h"].dtype(), DType::F16);
-        assert_eq!(
-            m["h"].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
-            vec![0.5, -2.0]
-        );
+        assert_eq!(m["h"].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), vec![0.5, -2.0]);
         assert_eq!(m["b"].dtype(), DType::BF16);
-        assert_eq!(
-            m["b"].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
-            vec![1.5, -3.0]
-        );
+        assert_eq!(m["b"].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), vec![1.5, -3.0]);
         assert_eq!(m["n"].dtype(), DType::I64);
         assert_eq!(m["n"].to_vec0::<i64>().unwrap(), 42);
     }
 
     fn zip_from((ts, numel, data): &Fixture, keys: &[&str]) -> Vec<u8> {
         let pkl = state_pickle(ts, numel, false);
-        let mut files: Vec<(String, Vec<u8>)> = vec![
-            ("model/data.pkl".into(), pkl),
-            ("model/byteorder".into(), b"little".to_vec()),
-        ];
+        let mut files: Vec<(String, Vec<u8>)> = vec![("model/data.pkl".into(), pkl), ("model/byteorder".into(), b"little".to_vec())];
         for k in keys {
             files.push((format!("model/data/{k}"), data[*k].clone()));
         }
@@ -1191,14 +1004,7 @@ pub(crate) mod tests {
         out.push(b'.');
         out.extend_from_slice(&[0x80, 2, b'M', 0xe9, 0x03, b'.']);
         let mut sys = P::new();
-        sys.op(b'}')
-            .op(b'(')
-            .s("protocol_version")
-            .int(1001)
-            .s("little_endian")
-            .op(0x88)
-            .op(b'u')
-            .op(b'.');
+        sys.op(b'}').op(b'(').s("protocol_version").int(1001).s("little_endian").op(0x88).op(b'u').op(b'.');
         out.extend_from_slice(&sys.0);
         out.extend_from_slice(&state_pickle(ts, numel, true));
         let mut keys = P::new();
@@ -1234,14 +1040,7 @@ pub(crate) mod tests {
             let flat = t.flatten_all().unwrap();
             let (ty, bytes): (&'static str, Vec<u8>) = match t.dtype() {
                 DType::F32 => ("FloatStorage", f32_bytes(&flat.to_vec1::<f32>().unwrap())),
-                DType::I64 => (
-                    "LongStorage",
-                    flat.to_vec1::<i64>()
-                        .unwrap()
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                ),
+                DType::I64 => ("LongStorage", flat.to_vec1::<i64>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect()),
                 other => panic!("torch_checkpoint_bytes: unsupported dtype {other:?}"),
             };
             let dims = t.dims().to_vec();
@@ -1252,14 +1051,7 @@ pub(crate) mod tests {
             let key = i.to_string();
             numel.insert(key.clone(), t.elem_count());
             data.insert(key.clone(), bytes);
-            ts.push(T {
-                name: (*name).clone(),
-                storage: key,
-                storage_type: ty,
-                offset: 0,
-                shape: dims,
-                stride,
-            });
+            ts.push(T { name: (*name).clone(), storage: key, storage_type: ty, offset: 0, shape: dims, stride });
         }
         let keys: Vec<String> = (0..names.len()).map(|i| i.to_string()).collect();
         let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
@@ -1289,12 +1081,7 @@ pub(crate) mod tests {
             assert_eq!(t.dims(), u.dims(), "{k}");
             if t.dtype().is_float() {
                 let t = t.to_dtype(DType::F32).unwrap();
-                let d = (&t - u.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap();
+                let d = (&t - u.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
                 let d = d.to_scalar::<f32>().unwrap();
                 let m = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 worst_abs = worst_abs.max(d);
@@ -1329,10 +1116,7 @@ pub(crate) mod tests {
         }
         // Cutting inside the last storage names the storage.
         let b = legacy_bytes();
-        let msg = format!(
-            "{:#}",
-            load_pth_bytes(&b[..b.len() - 2], Path::new("cut.pth")).unwrap_err()
-        );
+        let msg = format!("{:#}", load_pth_bytes(&b[..b.len() - 2], Path::new("cut.pth")).unwrap_err());
         assert!(msg.contains("storage `1`") && msg.contains("truncated"), "{msg}");
     }
 
@@ -1346,10 +1130,7 @@ pub(crate) mod tests {
         bytes.extend_from_slice(&[0x80, 2, b'M', 0xe9, 0x03, b'.', 0x80, 2, b'}', b'.']);
         bytes.extend_from_slice(&p.0);
         let msg = format!("{:#}", load_pth_bytes(&bytes, Path::new("evil.pth")).unwrap_err());
-        assert!(
-            msg.contains("evil.pth") && msg.contains("os.system") && msg.contains("whitelist"),
-            "{msg}"
-        );
+        assert!(msg.contains("evil.pth") && msg.contains("os.system") && msg.contains("whitelist"), "{msg}");
         let zip = stored_zip(&[("archive/data.pkl", &p.0)]);
         let msg = format!("{:#}", load_pth_bytes(&zip, Path::new("evil.pth")).unwrap_err());
         assert!(msg.contains("evil.pth") && msg.contains("os.system"), "{msg}");
@@ -1360,17 +1141,8 @@ pub(crate) mod tests {
         let (mut ts, numel, data) = fixture();
         ts[0].offset = 8; // 8 + 5 = 13 > 12 elements
         let pkl = state_pickle(&ts, &numel, false);
-        let files = [
-            ("a/data.pkl", pkl.as_slice()),
-            ("a/data/0", &data["0"]),
-            ("a/data/1", &data["1"]),
-            ("a/data/2", &data["2"]),
-            ("a/data/3", &data["3"]),
-        ];
-        let msg = format!(
-            "{:#}",
-            load_pth_bytes(&stored_zip(&files), Path::new("x.pth")).unwrap_err()
-        );
+        let files = [("a/data.pkl", pkl.as_slice()), ("a/data/0", &data["0"]), ("a/data/1", &data["1"]), ("a/data/2", &data["2"]), ("a/data/3", &data["3"])];
+        let msg = format!("{:#}", load_pth_bytes(&stored_zip(&files), Path::new("x.pth")).unwrap_err());
         assert!(msg.contains("x.pth") && msg.contains("a.weight"), "{msg}");
     }
 
@@ -1385,15 +1157,9 @@ pub(crate) mod tests {
         assert_eq!(m["a.weight"].dtype(), DType::F16);
         assert_eq!(m["n"].dtype(), DType::I64); // integers are not cast
         let w = Weights::from_map(&dst, m);
-        assert_eq!(
-            w.get("a.t", &[3, 2]).unwrap().to_vec2::<f32>().unwrap()[2],
-            vec![2.0, 5.0]
-        );
+        assert_eq!(w.get("a.t", &[3, 2]).unwrap().to_vec2::<f32>().unwrap()[2], vec![2.0, 5.0]);
         let msg = format!("{:#}", w.get("a.t", &[2, 3]).unwrap_err());
-        assert!(
-            msg.contains("tiny.safetensors") && msg.contains("a.t") && msg.contains("[3, 2]"),
-            "{msg}"
-        );
+        assert!(msg.contains("tiny.safetensors") && msg.contains("a.t") && msg.contains("[3, 2]"), "{msg}");
         let msg = format!("{:#}", w.get("nope", &[1]).unwrap_err());
         assert!(msg.contains("tiny.safetensors") && msg.contains("nope"), "{msg}");
         // Truncated safetensors.

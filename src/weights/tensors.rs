@@ -2,38 +2,31 @@
 //! checked so a mismatched file is an error naming the tensor, never a silent partial load.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use candle_core::Var;
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::Path;
 
 /// Save a set of named tensors atomically.
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    crate::io::atomic_write_with(path, |tmp| {
-        candle_core::safetensors::save(tensors, tmp).with_context(|| format!("{}: cannot write safetensors", path.display()))
-    })
+    crate::io::atomic_write_with(path, |tmp| candle_core::safetensors::save(tensors, tmp).with_context(|| format!("{}: cannot write safetensors", path.display())))
 }
 
 /// Read every tensor of a safetensors file, with errors naming the file.
 pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, device)
-            .with_context(|| format!("{}: tensor {name}: cannot decode", path.display()))?;
+        let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name}: cannot decode", path.display()))?;
         out.insert(name, t);
     }
     Ok(out)
 }
 
 pub fn save_varmap(map: &VarMap, path: &Path) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = sorted_vars(map)
-        .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
-        .collect();
+    let tensors: HashMap<String, Tensor> = sorted_vars(map).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
     save_tensors(&tensors, path)
 }
 

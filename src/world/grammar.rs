@@ -31,8 +31,7 @@ pub enum Color {
 
 impl Color {
     /// Every colour, in vocabulary order.
-    pub const ALL: &'static [Color] =
-        &[Color::Red, Color::Green, Color::Blue, Color::Yellow, Color::Purple, Color::Cyan];
+    pub const ALL: &'static [Color] = &[Color::Red, Color::Green, Color::Blue, Color::Yellow, Color::Purple, Color::Cyan];
 
     /// Linear RGB in [0, 1].
     pub fn rgb(self) -> [f32; 3] {
@@ -257,11 +256,7 @@ impl PromptSpec {
     pub fn validate(&self) -> Result<()> {
         match (self.groups.len(), self.relation) {
             (1, None) | (2, Some(_)) => {}
-            (n, r) => bail!(
-                "prompt spec: {} group(s) with relation {:?}; need 1 group without a relation or 2 with one",
-                n,
-                r
-            ),
+            (n, r) => bail!("prompt spec: {} group(s) with relation {:?}; need 1 group without a relation or 2 with one", n, r),
         }
         for (i, g) in self.groups.iter().enumerate() {
             if g.count == 0 || g.count > MAX_OBJECTS {
@@ -272,10 +267,7 @@ impl PromptSpec {
         if n > MAX_OBJECTS {
             bail!("prompt spec '{}': {n} objects in total, at most {MAX_OBJECTS} allowed", self.text());
         }
-        if self.groups.len() == 2
-            && self.groups[0].color == self.groups[1].color
-            && self.groups[0].shape == self.groups[1].shape
-        {
+        if self.groups.len() == 2 && self.groups[0].color == self.groups[1].color && self.groups[0].shape == self.groups[1].shape {
             bail!("prompt spec '{}': both groups are {} {}s, which is ambiguous", self.text(), self.groups[0].color.name(), self.groups[0].shape.name());
         }
         Ok(())
@@ -418,11 +410,7 @@ mod tests {
 
     #[test]
     fn text_examples() {
-        let s = PromptSpec::pair(
-            Group { count: 2, color: Color::Red, shape: Shape::Circle },
-            Relation::LeftOf,
-            Group { count: 1, color: Color::Blue, shape: Shape::Square },
-        );
+        let s = PromptSpec::pair(Group { count: 2, color: Color::Red, shape: Shape::Circle }, Relation::LeftOf, Group { count: 1, color: Color::Blue, shape: Shape::Square });
         assert_eq!(s.text(), "two red circles left of a blue square");
         assert_eq!(s.n_objects(), 3);
         assert_eq!(PromptSpec::single(4, Color::Cyan, Shape::Diamond).text(), "four cyan diamonds");

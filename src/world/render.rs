@@ -106,10 +106,7 @@ mod tests {
     fn coverage_is_antialiased_and_areas_match() {
         for &shape in Shape::ALL {
             let spec = PromptSpec::single(1, Color::Red, shape);
-            let scene = crate::world::Scene {
-                spec,
-                objects: vec![Object { color: Color::Red, shape, cx: 0.5, cy: 0.5, size: 0.3, group: 0 }],
-            };
+            let scene = crate::world::Scene { spec, objects: vec![Object { color: Color::Red, shape, cx: 0.5, cy: 0.5, size: 0.3, group: 0 }] };
             let r = render(&scene, 64);
             let m = &r.masks[0];
             let area: f32 = m.iter().sum();

@@ -41,12 +41,7 @@ impl Scene {
     /// objects matching the spec's groups?
     pub fn is_valid(&self) -> bool {
         let objs = &self.objects;
-        let in_bounds = objs.iter().all(|o| {
-            o.cx - o.size >= EDGE - 1e-6
-                && o.cx + o.size <= 1.0 - EDGE + 1e-6
-                && o.cy - o.size >= EDGE - 1e-6
-                && o.cy + o.size <= 1.0 - EDGE + 1e-6
-        });
+        let in_bounds = objs.iter().all(|o| o.cx - o.size >= EDGE - 1e-6 && o.cx + o.size <= 1.0 - EDGE + 1e-6 && o.cy - o.size >= EDGE - 1e-6 && o.cy + o.size <= 1.0 - EDGE + 1e-6);
         let groups_ok = self.spec.groups.iter().enumerate().all(|(gi, g)| {
             let members: Vec<_> = objs.iter().filter(|o| o.group == gi).collect();
             members.len() == g.count && members.iter().all(|o| o.color == g.color && o.shape == g.shape)
@@ -84,11 +79,7 @@ fn no_overlap(objs: &[Object]) -> bool {
 
 fn relation_ok(spec: &PromptSpec, objs: &[Object]) -> bool {
     let Some(rel) = spec.relation else { return true };
-    objs.iter().filter(|o| o.group == 0).all(|a| {
-        objs.iter()
-            .filter(|o| o.group == 1)
-            .all(|b| rel.holds((a.cx, a.cy), (b.cx, b.cy), RELATION_MARGIN - 1e-6))
-    })
+    objs.iter().filter(|o| o.group == 0).all(|a| objs.iter().filter(|o| o.group == 1).all(|b| rel.holds((a.cx, a.cy), (b.cx, b.cy), RELATION_MARGIN - 1e-6)))
 }
 
 /// Lay out the objects of `spec` at random: sizes from [`SIZES`], uniform positions,

@@ -61,12 +61,7 @@ impl std::str::FromStr for Split {
 }
 
 /// Colour–shape pairs never shown in train or eval.
-pub const HELD_OUT_PAIRS: &[(Color, Shape)] = &[
-    (Color::Purple, Shape::Triangle),
-    (Color::Cyan, Shape::Circle),
-    (Color::Yellow, Shape::Diamond),
-    (Color::Green, Shape::Square),
-];
+pub const HELD_OUT_PAIRS: &[(Color, Shape)] = &[(Color::Purple, Shape::Triangle), (Color::Cyan, Shape::Circle), (Color::Yellow, Shape::Diamond), (Color::Green, Shape::Square)];
 
 /// FNV-1a, 64 bit: a stable hash for the eval bucket.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -131,7 +126,7 @@ pub fn sample_spec(rng: &mut impl Rng) -> PromptSpec {
 /// `n` specs of `split`, drawn (with replacement) by rejection from [`sample_spec`]
 /// with a ChaCha8 stream seeded by `seed`: the same arguments always give the same list.
 pub fn prompts(split: Split, n: usize, seed: u64) -> Vec<PromptSpec> {
-    draw_split(split, n, seed, |rng| sample_spec(rng), split_of)
+    draw_split(split, n, seed, sample_spec, split_of)
 }
 
 /// `n` draws of `sample` that `split_of` puts in `split`, by rejection from a ChaCha8 stream
@@ -189,8 +184,7 @@ mod tests {
     #[test]
     fn train_prompts_respect_holdouts_and_cover_vocabulary() {
         let train = prompts(Split::Train, 3000, 7);
-        let (mut colors, mut shapes, mut counts, mut rels) =
-            (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
+        let (mut colors, mut shapes, mut counts, mut rels) = (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
         for s in &train {
             s.validate().unwrap();
             assert!(!has_held_out_pair(s), "held-out pair in train: {}", s.text());

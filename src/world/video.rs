@@ -212,11 +212,7 @@ impl VideoSpec {
 
     /// Canonical English (see the module docs).
     pub fn text(&self) -> String {
-        let clauses: Vec<String> = self
-            .groups
-            .iter()
-            .map(|g| format!("{} {}", PromptSpec::single(g.group.count, g.group.color, g.group.shape).text(), g.motion.text(g.group.count)))
-            .collect();
+        let clauses: Vec<String> = self.groups.iter().map(|g| format!("{} {}", PromptSpec::single(g.group.count, g.group.color, g.group.shape).text(), g.motion.text(g.group.count))).collect();
         clauses.join(" while ")
     }
 
@@ -250,12 +246,7 @@ impl VideoSpec {
         }
         if let [a, b] = &self.groups[..] {
             if (a.group.color, a.group.shape) == (b.group.color, b.group.shape) {
-                bail!(
-                    "video spec '{}': both groups are {} {}s, which is ambiguous",
-                    self.text(),
-                    a.group.color.name(),
-                    a.group.shape.name()
-                );
+                bail!("video spec '{}': both groups are {} {}s, which is ambiguous", self.text(), a.group.color.name(), a.group.shape.name());
             }
         }
         Ok(())
@@ -372,12 +363,7 @@ pub fn tokenize_video(text: &str, max_len: usize) -> Result<Vec<u32>> {
 // Splits
 
 /// Shape–direction combinations never shown in train or eval (at either speed).
-pub const HELD_OUT_MOTIONS: &[(Shape, Direction)] = &[
-    (Shape::Circle, Direction::Left),
-    (Shape::Square, Direction::Down),
-    (Shape::Triangle, Direction::Up),
-    (Shape::Diamond, Direction::Right),
-];
+pub const HELD_OUT_MOTIONS: &[(Shape, Direction)] = &[(Shape::Circle, Direction::Left), (Shape::Square, Direction::Down), (Shape::Triangle, Direction::Up), (Shape::Diamond, Direction::Right)];
 
 /// Does any group move in a held-out shape–direction combination?
 pub fn has_held_out_motion(spec: &VideoSpec) -> bool {
@@ -438,7 +424,7 @@ pub fn sample_video_spec(rng: &mut impl Rng) -> VideoSpec {
 /// `n` video specs of `split`, drawn (with replacement) by rejection from
 /// [`sample_video_spec`] with a ChaCha8 stream seeded by `seed`: deterministic.
 pub fn video_prompts(split: Split, n: usize, seed: u64) -> Vec<VideoSpec> {
-    super::split::draw_split(split, n, seed, |rng| sample_video_spec(rng), video_split_of)
+    super::split::draw_split(split, n, seed, sample_video_spec, video_split_of)
 }
 
 // ---------------------------------------------------------------------------------
@@ -464,14 +450,7 @@ impl VideoObject {
     /// The object as placed at frame `t`.
     pub fn at(&self, t: usize) -> Object {
         let t = t as f32;
-        Object {
-            color: self.color,
-            shape: self.shape,
-            cx: self.cx + self.vx * t,
-            cy: self.cy + self.vy * t,
-            size: self.size,
-            group: self.group,
-        }
+        Object { color: self.color, shape: self.shape, cx: self.cx + self.vx * t, cy: self.cy + self.vy * t, size: self.size, group: self.group }
     }
 }
 
@@ -648,10 +627,7 @@ mod tests {
             for m2 in Motion::all() {
                 for (na, nb) in PAIR_COUNTS {
                     out.push(VideoSpec {
-                        groups: vec![
-                            VideoGroup { group: Group { count: na, color: a.0, shape: a.1 }, motion: m },
-                            VideoGroup { group: Group { count: nb, color: b.0, shape: b.1 }, motion: m2 },
-                        ],
+                        groups: vec![VideoGroup { group: Group { count: na, color: a.0, shape: a.1 }, motion: m }, VideoGroup { group: Group { count: nb, color: b.0, shape: b.1 }, motion: m2 }],
                     });
                 }
             }
@@ -759,8 +735,7 @@ mod tests {
     fn split_rule_holds_out_and_covers() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let all: Vec<_> = (0..5000).map(|_| sample_video_spec(&mut rng)).collect();
-        let (mut colors, mut shapes, mut dirs, mut speeds, mut counts) =
-            (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
+        let (mut colors, mut shapes, mut dirs, mut speeds, mut counts) = (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
         let mut still = false;
         let mut n = [0usize; 3];
         for s in &all {
@@ -793,11 +768,7 @@ mod tests {
         assert!(still);
         // Every direction occurs with three shapes in train.
         for &d in Direction::ALL {
-            let with: HashSet<_> = all
-                .iter()
-                .filter(|s| video_split_of(s) == Split::Train)
-                .flat_map(|s| s.groups.iter().filter(|g| g.motion.direction() == Some(d)).map(|g| g.group.shape))
-                .collect();
+            let with: HashSet<_> = all.iter().filter(|s| video_split_of(s) == Split::Train).flat_map(|s| s.groups.iter().filter(|g| g.motion.direction() == Some(d)).map(|g| g.group.shape)).collect();
             assert_eq!(with.len(), 3, "{d:?}: {with:?}");
         }
         // Each split holds a healthy share; eval ≈ 10 % of the non-OOD mass.
@@ -808,8 +779,7 @@ mod tests {
     }
 
     fn held_out_group(g: &VideoGroup) -> bool {
-        super::super::split::HELD_OUT_PAIRS.contains(&(g.group.color, g.group.shape))
-            || g.motion.direction().is_some_and(|d| HELD_OUT_MOTIONS.contains(&(g.group.shape, d)))
+        super::super::split::HELD_OUT_PAIRS.contains(&(g.group.color, g.group.shape)) || g.motion.direction().is_some_and(|d| HELD_OUT_MOTIONS.contains(&(g.group.shape, d)))
     }
 
     #[test]
@@ -903,13 +873,7 @@ mod tests {
                 let (vx, vy) = motion.velocity();
                 let want = (vx * (frames - 1) as f32 * res as f32, vy * (frames - 1) as f32 * res as f32);
                 // Within the rasterizer's 1/SUPERSAMPLE px quantization (plus margin).
-                assert!(
-                    (x1 - x0 - want.0).abs() < 0.3 && (y1 - y0 - want.1).abs() < 0.3,
-                    "'{}' object {k}: moved ({}, {}) px, want {want:?}",
-                    spec.text(),
-                    x1 - x0,
-                    y1 - y0
-                );
+                assert!((x1 - x0 - want.0).abs() < 0.3 && (y1 - y0 - want.1).abs() < 0.3, "'{}' object {k}: moved ({}, {}) px, want {want:?}", spec.text(), x1 - x0, y1 - y0);
                 if let Some(d) = motion.direction() {
                     let (ux, uy) = d.unit();
                     assert!((x1 - x0) * ux + (y1 - y0) * uy > 4.0, "'{}' object {k} moved too little", spec.text());
@@ -919,16 +883,8 @@ mod tests {
                 let want_area = o.shape.area_factor() * (o.size * res as f32).powi(2);
                 for t in 0..frames {
                     let p = o.at(t);
-                    assert!(
-                        p.cx - p.size >= EDGE - 1e-5 && p.cx + p.size <= 1.0 - EDGE + 1e-5,
-                        "'{}' object {k} leaves the frame at {t}",
-                        spec.text()
-                    );
-                    assert!(
-                        p.cy - p.size >= EDGE - 1e-5 && p.cy + p.size <= 1.0 - EDGE + 1e-5,
-                        "'{}' object {k} leaves the frame at {t}",
-                        spec.text()
-                    );
+                    assert!(p.cx - p.size >= EDGE - 1e-5 && p.cx + p.size <= 1.0 - EDGE + 1e-5, "'{}' object {k} leaves the frame at {t}", spec.text());
+                    assert!(p.cy - p.size >= EDGE - 1e-5 && p.cy + p.size <= 1.0 - EDGE + 1e-5, "'{}' object {k} leaves the frame at {t}", spec.text());
                     let a = clip.masks[t][k].iter().sum::<f32>();
                     // Supersampled coverage of a small shape varies by a few % with its subpixel phase.
                     assert!((a - want_area).abs() / want_area < 0.12 && (a - a0).abs() / a0 < 0.12, "area {a} vs {a0}, {want_area}");

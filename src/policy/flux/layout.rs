@@ -135,7 +135,10 @@ pub fn load_transformer(root: &Path, variant: Option<(&str, &FluxConfig)>, devic
     let dir = if root.join("transformer").is_dir() { root.join("transformer") } else { root.to_path_buf() };
     let (tensors, axes, source) = if dir.is_dir() {
         let (d, source) = crate::weights::hf::read_folder(&dir, device)?;
-        let axes = std::fs::read_to_string(dir.join("config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| v["axes_dims_rope"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect::<Vec<_>>()));
+        let axes = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["axes_dims_rope"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect::<Vec<_>>()));
         (to_bfl(&d, &source)?, axes, source)
     } else {
         let t = crate::weights::tensors::read_tensors(&dir, device)?;

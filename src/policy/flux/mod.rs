@@ -15,15 +15,15 @@ use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::policy::nn::embed_cache::EmbedCache;
-use crate::policy::flux::model::{Flux, FluxConfig};
-use crate::policy::nn::layers::LoraSpec;
+use crate::encoders::clip::ClipText;
 use crate::encoders::tokenizer::Tok;
+use crate::image::Samples;
+use crate::policy::flux::model::{Flux, FluxConfig};
+use crate::policy::nn::embed_cache::EmbedCache;
+use crate::policy::nn::layers::LoraSpec;
 use crate::policy::nn::vae::Sd3Vae;
 use crate::policy::{Condition, FlowModel, Policy};
-use crate::image::Samples;
 use crate::prompt::Prompt;
-use crate::encoders::clip::ClipText;
 use serde::{Deserialize, Serialize};
 
 /// How the model is run.
@@ -206,7 +206,11 @@ impl crate::policy::Generator for FluxSection {
         FluxSection::validate(self)
     }
     fn check_sampling(&self, guidance: f64) -> Result<()> {
-        anyhow::ensure!(guidance == 1.0, "sample.guidance = {guidance}: FLUX is sampled without classifier-free guidance; set it to 1 (flux.guidance = {} is FLUX.1-dev's guidance input)", self.guidance);
+        anyhow::ensure!(
+            guidance == 1.0,
+            "sample.guidance = {guidance}: FLUX is sampled without classifier-free guidance; set it to 1 (flux.guidance = {} is FLUX.1-dev's guidance input)",
+            self.guidance
+        );
         Ok(())
     }
     /// `weights` is the model folder's spec.
@@ -247,7 +251,8 @@ pub(crate) mod tests {
     pub(crate) fn write_tiny_model(root: &Path) {
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip_tiny");
         let cfg = FluxConfig { vec_in_dim: 32, ..crate::policy::flux::model::tests::tiny() };
-        let bfl: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&crate::policy::flux::model::tests::random_weights(&cfg, 31)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let bfl: HashMap<String, Tensor> =
+            crate::weights::tensors::sorted_vars(&crate::policy::flux::model::tests::random_weights(&cfg, 31)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         std::fs::create_dir_all(root.join("transformer")).unwrap();
         crate::weights::tensors::save_tensors(&crate::policy::flux::layout::to_diffusers(&bfl, &cfg).unwrap(), &root.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
         std::fs::write(root.join("transformer/config.json"), r#"{"_class_name": "FluxTransformer2DModel", "axes_dims_rope": [4, 6, 6], "guidance_embeds": true}"#).unwrap();

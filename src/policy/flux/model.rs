@@ -48,7 +48,19 @@ pub struct FluxConfig {
 
 impl FluxConfig {
     pub fn dev() -> Self {
-        Self { in_channels: 64, vec_in_dim: 768, context_in_dim: 4096, hidden: 3072, mlp_ratio: 4.0, heads: 24, depth: 19, depth_single: 38, axes_dim: vec![16, 56, 56], theta: 10_000.0, guidance_embed: true }
+        Self {
+            in_channels: 64,
+            vec_in_dim: 768,
+            context_in_dim: 4096,
+            hidden: 3072,
+            mlp_ratio: 4.0,
+            heads: 24,
+            depth: 19,
+            depth_single: 38,
+            axes_dim: vec![16, 56, 56],
+            theta: 10_000.0,
+            guidance_embed: true,
+        }
     }
     pub fn schnell() -> Self {
         Self { guidance_embed: false, ..Self::dev() }
@@ -68,9 +80,14 @@ impl FluxConfig {
         self.hidden / self.heads
     }
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.heads > 0 && self.hidden % self.heads == 0, "flux: width {} is not divisible into {} heads", self.hidden, self.heads);
-        anyhow::ensure!(self.axes_dim.len() == 3 && self.axes_dim.iter().sum::<usize>() == self.head_dim() && self.axes_dim.iter().all(|a| a % 2 == 0), "flux: RoPE axes {:?} must be three even widths summing to the head width {}", self.axes_dim, self.head_dim());
-        anyhow::ensure!(self.in_channels % 4 == 0, "flux: {} packed channels is not 2×2 patches", self.in_channels);
+        anyhow::ensure!(self.heads > 0 && self.hidden.is_multiple_of(self.heads), "flux: width {} is not divisible into {} heads", self.hidden, self.heads);
+        anyhow::ensure!(
+            self.axes_dim.len() == 3 && self.axes_dim.iter().sum::<usize>() == self.head_dim() && self.axes_dim.iter().all(|a| a % 2 == 0),
+            "flux: RoPE axes {:?} must be three even widths summing to the head width {}",
+            self.axes_dim,
+            self.head_dim()
+        );
+        anyhow::ensure!(self.in_channels.is_multiple_of(4), "flux: {} packed channels is not 2×2 patches", self.in_channels);
         Ok(())
     }
 
@@ -78,7 +95,14 @@ impl FluxConfig {
     /// a diffusers adapter name (all do).
     pub fn linear_layers(&self) -> Vec<(String, usize, usize)> {
         let (h, m) = (self.hidden, self.mlp());
-        let mut v = vec![("img_in".into(), self.in_channels, h), ("txt_in".into(), self.context_in_dim, h), ("time_in.in_layer".into(), 256, h), ("time_in.out_layer".into(), h, h), ("vector_in.in_layer".into(), self.vec_in_dim, h), ("vector_in.out_layer".into(), h, h)];
+        let mut v = vec![
+            ("img_in".into(), self.in_channels, h),
+            ("txt_in".into(), self.context_in_dim, h),
+            ("time_in.in_layer".into(), 256, h),
+            ("time_in.out_layer".into(), h, h),
+            ("vector_in.in_layer".into(), self.vec_in_dim, h),
+            ("vector_in.out_layer".into(), h, h),
+        ];
         if self.guidance_embed {
             v.push(("guidance_in.in_layer".into(), 256, h));
             v.push(("guidance_in.out_layer".into(), h, h));
@@ -397,7 +421,8 @@ impl Flux {
         let lora = lora.map(|ctx| Lora { ctx, names: &names, model: "FLUX transformer" });
         let l = lora.as_ref();
         let (h, m, hd) = (cfg.hidden, cfg.mlp(), cfg.head_dim());
-        let mlp = |name: &str, din: usize| -> Result<(Proj, Proj)> { Ok((Proj::new(&vb.pp(format!("{name}.in_layer")), din, h, None, l)?, Proj::new(&vb.pp(format!("{name}.out_layer")), h, h, None, l)?)) };
+        let mlp =
+            |name: &str, din: usize| -> Result<(Proj, Proj)> { Ok((Proj::new(&vb.pp(format!("{name}.in_layer")), din, h, None, l)?, Proj::new(&vb.pp(format!("{name}.out_layer")), h, h, None, l)?)) };
         let mut double = Vec::new();
         for i in 0..cfg.depth {
             let b = vb.pp(format!("double_blocks.{i}"));
@@ -533,7 +558,19 @@ pub(crate) mod tests {
     /// FLUX.1-dev's layout shrunk: 2 double and 2 single blocks, 2 heads of 16 (RoPE axes
     /// 4 + 6 + 6), 16 latent channels packed to 64.
     pub(crate) fn tiny() -> FluxConfig {
-        FluxConfig { in_channels: 64, vec_in_dim: 12, context_in_dim: 10, hidden: 32, mlp_ratio: 4.0, heads: 2, depth: 2, depth_single: 2, axes_dim: vec![4, 6, 6], theta: 10_000.0, guidance_embed: true }
+        FluxConfig {
+            in_channels: 64,
+            vec_in_dim: 12,
+            context_in_dim: 10,
+            hidden: 32,
+            mlp_ratio: 4.0,
+            heads: 2,
+            depth: 2,
+            depth_single: 2,
+            axes_dim: vec![4, 6, 6],
+            theta: 10_000.0,
+            guidance_embed: true,
+        }
     }
 
     /// Random weights under the single-file names (every tensor redrawn: initialisers

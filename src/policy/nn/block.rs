@@ -51,11 +51,8 @@ impl DitBlock {
     /// "mlp.fc2" (back, bias). All are LoRA-aware; `lora` is passed through.
     pub fn new(vb: &VarBuilder, cfg: &BlockConfig, lora: Option<&LoraCtx>) -> Result<Self> {
         let d = cfg.dim;
-        if cfg.heads == 0 || d % cfg.heads != 0 {
-            candle_core::bail!(
-                "policy/block.rs: BlockConfig.dim ({d}) must be a positive multiple of BlockConfig.heads ({})",
-                cfg.heads
-            );
+        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
+            candle_core::bail!("policy/block.rs: BlockConfig.dim ({d}) must be a positive multiple of BlockConfig.heads ({})", cfg.heads);
         }
         if cfg.mlp_ratio == 0 {
             candle_core::bail!("policy/block.rs: BlockConfig.mlp_ratio must be >= 1");
@@ -63,14 +60,7 @@ impl DitBlock {
         // Small random (not zero) modulation weights: with adaLN-Zero every gate starts at 0
         // and the attention/MLP weights get no gradient on the first step, which both hides
         // bugs in tests and wastes the first update.
-        let ada = Linear::new_with_init(
-            &vb.pp("ada"),
-            d,
-            6 * d,
-            true,
-            lora,
-            Some(Init::Uniform { lo: -0.02, up: 0.02 }),
-        )?;
+        let ada = Linear::new_with_init(&vb.pp("ada"), d, 6 * d, true, lora, Some(Init::Uniform { lo: -0.02, up: 0.02 }))?;
         let qkv = Linear::new(&vb.pp("attn.qkv"), d, 3 * d, true, lora)?;
         let proj = Linear::new(&vb.pp("attn.proj"), d, d, true, lora)?;
         let hidden = cfg.mlp_ratio * d;
@@ -106,9 +96,7 @@ impl DitBlock {
         let (shift1, scale1, gate1) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift2, scale2, gate2) = (chunk(3)?, chunk(4)?, chunk(5)?);
 
-        let h = layer_norm_plain(x, LN_EPS)?
-            .broadcast_mul(&(scale1 + 1.0)?)?
-            .broadcast_add(&shift1)?;
+        let h = layer_norm_plain(x, LN_EPS)?.broadcast_mul(&(scale1 + 1.0)?)?.broadcast_add(&shift1)?;
         let qkv = self.qkv.forward(&h)?; // (B, N, 3D)
         let qkv = qkv.reshape((b, n, 3, h_, dh))?.permute((2, 0, 3, 1, 4))?; // (3, B, H, N, dh)
         let q = qkv.get(0)?.contiguous()?;
@@ -120,9 +108,7 @@ impl DitBlock {
         let o = o.transpose(1, 2)?.reshape((b, n, d))?;
         let x = (x + self.proj.forward(&o)?.broadcast_mul(&gate1)?)?;
 
-        let h = layer_norm_plain(&x, LN_EPS)?
-            .broadcast_mul(&(scale2 + 1.0)?)?
-            .broadcast_add(&shift2)?;
+        let h = layer_norm_plain(&x, LN_EPS)?.broadcast_mul(&(scale2 + 1.0)?)?.broadcast_add(&shift2)?;
         let y = self.fc2.forward(&self.fc1.forward(&h)?.gelu()?)?;
         x + y.broadcast_mul(&gate2)?
     }
@@ -231,9 +217,7 @@ mod tests {
         let (vm, blk) = build(false, DType::F64);
         let (x, c) = inputs(DType::F64);
         let w = Tensor::randn(0f64, 1.0, (2, 5, 16), &Device::Cpu).unwrap();
-        let loss_of = |x: &Tensor, c: &Tensor| -> f64 {
-            (blk.forward(x, c).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
-        };
+        let loss_of = |x: &Tensor, c: &Tensor| -> f64 { (blk.forward(x, c).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
         let xv = Var::from_tensor(&x).unwrap();
         let cv = Var::from_tensor(&c).unwrap();
         let loss = (blk.forward(xv.as_tensor(), cv.as_tensor()).unwrap() * &w).unwrap().sum_all().unwrap();
@@ -290,8 +274,7 @@ mod tests {
             num / den.max(1e-12)
         };
         assert!(rel(&yf, &yr) < 1e-4, "outputs differ: {}", rel(&yf, &yr));
-        let mut all: Vec<(String, Tensor)> =
-            vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let mut all: Vec<(String, Tensor)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         all.push(("x".into(), x.as_tensor().clone()));
         all.push(("c".into(), c.as_tensor().clone()));
         for (name, t) in all {
@@ -308,10 +291,7 @@ mod tests {
         let dev = Device::Cpu;
         let base = VarMap::new();
         let lora_vm = VarMap::new();
-        let ctx = LoraCtx {
-            vb: VarBuilder::from_varmap(&lora_vm, DType::F32, &dev),
-            spec: LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn".into(), "mlp".into(), "ada".into()] },
-        };
+        let ctx = LoraCtx { vb: VarBuilder::from_varmap(&lora_vm, DType::F32, &dev), spec: LoraSpec { rank: 2, alpha: 4.0, targets: vec!["attn".into(), "mlp".into(), "ada".into()] } };
         let vb = VarBuilder::from_varmap(&base, DType::F32, &dev);
         let mk = |fused| DitBlock::new(&vb.pp("blk"), &BlockConfig { dim: 16, heads: 2, mlp_ratio: 2, fused }, Some(&ctx)).unwrap();
         let (reference, fused) = (mk(false), mk(true));

@@ -36,25 +36,12 @@ pub struct Linear {
 
 impl Linear {
     /// `vb` addresses the base weights (`{prefix}.weight`, `{prefix}.bias`).
-    pub fn new(
-        vb: &VarBuilder,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-        lora: Option<&LoraCtx>,
-    ) -> Result<Self> {
+    pub fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool, lora: Option<&LoraCtx>) -> Result<Self> {
         Self::new_with_init(vb, in_dim, out_dim, bias, lora, None)
     }
 
     /// Same as `new` but with an explicit weight init (e.g. zeros for adaLN-Zero gates).
-    pub fn new_with_init(
-        vb: &VarBuilder,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-        lora: Option<&LoraCtx>,
-        init: Option<Init>,
-    ) -> Result<Self> {
+    pub fn new_with_init(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool, lora: Option<&LoraCtx>, init: Option<Init>) -> Result<Self> {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let winit = init.unwrap_or(Init::Uniform { lo: -bound, up: bound });
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", winit)?;
@@ -135,11 +122,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(vb: &VarBuilder, dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
-            eps: 1e-6,
-        })
+        Ok(Self { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?, eps: 1e-6 })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm_plain(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
@@ -150,9 +133,7 @@ impl LayerNorm {
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let dev = t.device();
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), dev)?.to_dtype(t.dtype())?;
     let args = t.to_dtype(DType::F32)?.to_dtype(t.dtype())?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], 1)

@@ -50,7 +50,7 @@ fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to nearest
-    // Selects, not f32::max/min, so a NaN stays NaN (a diverged run must not look finite).
+                                     // Selects, not f32::max/min, so a NaN stays NaN (a diverged run must not look finite).
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
     let n = (x * LOG2E + ROUND) - ROUND;
@@ -70,7 +70,7 @@ simd_kernel! {
             let sum = row.iter().fold(T::zero(), |a, &v| a + v);
             let inv = T::one() / sum;
             for v in row.iter_mut() {
-                *v = *v * inv;
+                *v *= inv;
             }
         }
     }
@@ -129,18 +129,41 @@ fn cast<'a, T: Elem>(s: &'a CpuStorage, what: &str) -> Result<&'a [T]> {
 /// `gemm::gemm` with explicit column/row strides. Sequential: callers parallelise outside.
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm<T: Elem>(
-    m: usize, n: usize, k: usize,
-    dst: *mut T, dst_rs: usize, dst_cs: usize, acc: bool,
-    lhs: *const T, lhs_rs: usize, lhs_cs: usize,
-    rhs: *const T, rhs_rs: usize, rhs_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    dst_cs: usize,
+    acc: bool,
+    lhs: *const T,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const T,
+    rhs_rs: usize,
+    rhs_cs: usize,
     beta: T,
 ) {
     gemm::gemm(
-        m, n, k,
-        dst, dst_cs as isize, dst_rs as isize, acc,
-        lhs, lhs_cs as isize, lhs_rs as isize,
-        rhs, rhs_cs as isize, rhs_rs as isize,
-        T::one(), beta, false, false, false, Parallelism::None,
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        acc,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
     )
 }
 
@@ -336,13 +359,13 @@ fn ln_mod_bwd<T: Elem>(x: &[T], scale: &[T], dy: &[T], b: usize, n: usize, d: us
                 for j in 0..d {
                     xh[j] = (xr[j] - mean) * rstd;
                     g[j] = dyr[j] * (T::one() + sc[j]);
-                    mg = mg + g[j];
-                    mgx = mgx + g[j] * xh[j];
-                    dsh[j] = dsh[j] + dyr[j];
-                    dsc[j] = dsc[j] + dyr[j] * xh[j];
+                    mg += g[j];
+                    mgx += g[j] * xh[j];
+                    dsh[j] += dyr[j];
+                    dsc[j] += dyr[j] * xh[j];
                 }
-                mg = mg * inv_d;
-                mgx = mgx * inv_d;
+                mg *= inv_d;
+                mgx *= inv_d;
                 let dxr = &mut dxb[i * d..(i + 1) * d];
                 for j in 0..d {
                     dxr[j] = rstd * (g[j] - mg - xh[j] * mgx);
@@ -489,10 +512,7 @@ impl CustomOp2 for GeluBwd {
 pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (b, _, d) = x.dims3()?;
     if y.dims() != x.dims() || gate.dims() != [b, d] {
-        candle_core::bail!(
-            "policy/ops.rs: gated_residual: shapes x {:?}, y {:?}, gate {:?} do not match",
-            x.dims(), y.dims(), gate.dims()
-        );
+        candle_core::bail!("policy/ops.rs: gated_residual: shapes x {:?}, y {:?}, gate {:?} do not match", x.dims(), y.dims(), gate.dims());
     }
     x.contiguous()?.apply_op3(&y.contiguous()?, &gate.contiguous()?, GatedResidual)
 }
@@ -548,7 +568,7 @@ impl CustomOp3 for GatedResidualBwd {
                     let off = (bi * n + i) * d;
                     for j in 0..d {
                         dyb[i * d + j] = dz[off + j] * g[bi * d + j];
-                        dgb[j] = dgb[j] + dz[off + j] * y[off + j];
+                        dgb[j] += dz[off + j] * y[off + j];
                     }
                 }
             });
@@ -574,10 +594,7 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let dims = x.dims().to_vec();
     if dims.last() != Some(&in_dim) || b.dims() != [out_dim] {
-        candle_core::bail!(
-            "policy/ops.rs: linear_bias: x {:?}, weight {:?}, bias {:?} do not match",
-            dims, w.dims(), b.dims()
-        );
+        candle_core::bail!("policy/ops.rs: linear_bias: x {:?}, weight {:?}, bias {:?} do not match", dims, w.dims(), b.dims());
     }
     let rows = x.elem_count() / in_dim;
     let y = x.reshape((rows, in_dim))?.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)?;
@@ -602,8 +619,7 @@ fn linear_fwd<T: Elem>(x: &[T], w: &[T], b: &[T], rows: usize, i: usize, o: usiz
     }
     // SAFETY: sizes checked by the caller's shapes; y is rows×o row-major.
     unsafe {
-        gemm::gemm(rows, o, i, y.as_mut_ptr(), 1, o as isize, true, x.as_ptr(), 1, i as isize,
-            w.as_ptr(), i as isize, 1, T::one(), T::one(), false, false, false, par());
+        gemm::gemm(rows, o, i, y.as_mut_ptr(), 1, o as isize, true, x.as_ptr(), 1, i as isize, w.as_ptr(), i as isize, 1, T::one(), T::one(), false, false, false, par());
     }
     y
 }
@@ -622,19 +638,17 @@ fn linear_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], rows: usize, i: usize, o: usi
     // f64) before `set_len`.
     unsafe {
         // dx = dy · W
-        gemm::gemm(rows, i, o, p, 1, i as isize, false, dy.as_ptr(), 1, o as isize,
-            w.as_ptr(), 1, i as isize, T::zero(), T::one(), false, false, false, par());
+        gemm::gemm(rows, i, o, p, 1, i as isize, false, dy.as_ptr(), 1, o as isize, w.as_ptr(), 1, i as isize, T::zero(), T::one(), false, false, false, par());
         if params {
             // dW = dyᵀ · x
             let dw = p.add(rows * i);
-            gemm::gemm(o, i, rows, dw, 1, i as isize, false, dy.as_ptr(), o as isize, 1,
-                x.as_ptr(), 1, i as isize, T::zero(), T::one(), false, false, false, par());
+            gemm::gemm(o, i, rows, dw, 1, i as isize, false, dy.as_ptr(), o as isize, 1, x.as_ptr(), 1, i as isize, T::zero(), T::one(), false, false, false, par());
             let db = p.add(rows * i + o * i);
             std::ptr::write_bytes(db, 0, o);
             let db = std::slice::from_raw_parts_mut(db, o);
             for r in dy.chunks(o) {
                 for (a, &g) in db.iter_mut().zip(r) {
-                    *a = *a + g;
+                    *a += g;
                 }
             }
         }
@@ -699,10 +713,7 @@ mod tests {
     /// for every entry of every input.
     fn fd_check(shapes: &[&[usize]], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
         let dev = Device::Cpu;
-        let vars: Vec<Var> = shapes
-            .iter()
-            .map(|s| Var::from_tensor(&Tensor::randn(0f64, 1.0, *s, &dev).unwrap()).unwrap())
-            .collect();
+        let vars: Vec<Var> = shapes.iter().map(|s| Var::from_tensor(&Tensor::randn(0f64, 1.0, *s, &dev).unwrap()).unwrap()).collect();
         let ts = |vs: &[Var]| vs.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
         let y = f(&ts(&vars)).unwrap();
         let w = Tensor::randn(0f64, 1.0, y.dims(), &dev).unwrap();
@@ -774,12 +785,7 @@ mod tests {
         let sh = Tensor::randn(0f32, 1.0, (2, 6), &Device::Cpu).unwrap();
         let sc = Tensor::randn(0f32, 1.0, (2, 6), &Device::Cpu).unwrap();
         let a = ln_modulate(&x, &sh, &sc).unwrap();
-        let r = crate::policy::nn::layers::layer_norm_plain(&x, 1e-6)
-            .unwrap()
-            .broadcast_mul(&(sc.unsqueeze(1).unwrap() + 1.0).unwrap())
-            .unwrap()
-            .broadcast_add(&sh.unsqueeze(1).unwrap())
-            .unwrap();
+        let r = crate::policy::nn::layers::layer_norm_plain(&x, 1e-6).unwrap().broadcast_mul(&(sc.unsqueeze(1).unwrap() + 1.0).unwrap()).unwrap().broadcast_add(&sh.unsqueeze(1).unwrap()).unwrap();
         let diff = (a - r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "ln_modulate forward differs by {diff}");
         assert!(ln_modulate(&x, &sh.narrow(1, 0, 5).unwrap(), &sc).is_err());
@@ -931,7 +937,7 @@ fn col2im<T: Elem>(g: &[T], b: usize, h: usize, w: usize, c: usize) -> Vec<T> {
                     }
                     let src = &grow[(xx as usize * 9 + dy * 3 + ddx) * c..][..c];
                     for (o, &v) in d.iter_mut().zip(src) {
-                        *o = *o + v;
+                        *o += v;
                     }
                 }
             }
@@ -977,7 +983,6 @@ impl CustomOp1 for Col2Im {
 mod device_fallback_tests {
     use super::*;
     use candle_core::Device;
-
 
     /// The composed im2col a GPU runs equals the CPU kernel, values and gradients.
     #[test]

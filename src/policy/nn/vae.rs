@@ -30,7 +30,8 @@ impl Sd3Vae {
         let cfg_path = dir.join("config.json");
         let v = crate::weights::hf::read_json(&cfg_path)?;
         let num = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: {k} missing", cfg_path.display()));
-        let blocks: Vec<usize> = v["block_out_channels"].as_array().with_context(|| format!("{}: block_out_channels missing", cfg_path.display()))?.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect();
+        let blocks: Vec<usize> =
+            v["block_out_channels"].as_array().with_context(|| format!("{}: block_out_channels missing", cfg_path.display()))?.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect();
         let latent_channels = num("latent_channels")?;
         let n_blocks = blocks.len();
         anyhow::ensure!(n_blocks > 0, "{}: block_out_channels is empty", cfg_path.display());

@@ -97,7 +97,13 @@ impl MmditConfig {
                 let pre_only = last && side == "context_block";
                 let p = format!("joint_blocks.{i}.{side}");
                 v.push((format!("{p}.attn.qkv"), d, 3 * d, stream));
-                let mods = if side == "x_block" && dual { 9 } else if pre_only { 2 } else { 6 };
+                let mods = if side == "x_block" && dual {
+                    9
+                } else if pre_only {
+                    2
+                } else {
+                    6
+                };
                 v.push((format!("{p}.adaLN_modulation.1"), d, mods * d, Tokens::Vector));
                 if !pre_only {
                     v.push((format!("{p}.attn.proj"), d, d, stream));
@@ -139,7 +145,12 @@ impl MmditConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.depth >= 1 && self.heads >= 1 && self.head_dim >= 1 && self.patch >= 1, "mmdit: depth, heads, head_dim and patch must be ≥ 1");
         anyhow::ensure!(self.freq_dim.is_multiple_of(2), "mmdit: freq_dim must be even (got {})", self.freq_dim);
-        anyhow::ensure!(self.dual_attention_layers < self.depth, "mmdit: dual_attention_layers {} must be < depth {} (the last block has no image self-attention)", self.dual_attention_layers, self.depth);
+        anyhow::ensure!(
+            self.dual_attention_layers < self.depth,
+            "mmdit: dual_attention_layers {} must be < depth {} (the last block has no image self-attention)",
+            self.dual_attention_layers,
+            self.depth
+        );
         Ok(())
     }
 }
@@ -191,11 +202,7 @@ impl Attn {
         // follows the config.
         let has_norm = if vb.contains_tensor("ln_q.weight") { true } else { cfg.qk_norm && !vb.contains_tensor("qkv.weight") };
         let qkv = Proj::new(&vb.pp("qkv"), d, 3 * d, None, lora)?;
-        let norm = if has_norm {
-            Some((vb.get_with_hints(cfg.head_dim, "ln_q.weight", Init::Const(1.0))?, vb.get_with_hints(cfg.head_dim, "ln_k.weight", Init::Const(1.0))?))
-        } else {
-            None
-        };
+        let norm = if has_norm { Some((vb.get_with_hints(cfg.head_dim, "ln_q.weight", Init::Const(1.0))?, vb.get_with_hints(cfg.head_dim, "ln_k.weight", Init::Const(1.0))?)) } else { None };
         let proj = if pre_only { None } else { Some(Proj::new(&vb.pp("proj"), d, d, None, lora)?) };
         Ok(Self { qkv, norm, proj, head_dim: cfg.head_dim })
     }
@@ -262,7 +269,13 @@ impl Stream {
         let attn = Attn::new(&vb.pp("attn"), cfg, pre_only, lora)?;
         let attn2 = if dual { Some(Attn::new(&vb.pp("attn2"), cfg, false, lora)?) } else { None };
         let mlp = if pre_only { None } else { Some(Mlp::new(&vb.pp("mlp"), d, lora)?) };
-        let n_mods = if dual { 9 } else if pre_only { 2 } else { 6 };
+        let n_mods = if dual {
+            9
+        } else if pre_only {
+            2
+        } else {
+            6
+        };
         // adaLN-Zero: a fresh model starts with every gate and shift at zero.
         let ada = Proj::new(&vb.pp("adaLN_modulation.1"), d, n_mods * d, Some(Init::Const(0.0)), lora)?;
         Ok(Self { attn, attn2, mlp, ada })
@@ -272,7 +285,13 @@ impl Stream {
     #[allow(clippy::type_complexity)]
     fn pre(&self, x: &Tensor, c: &Tensor) -> Result<((Tensor, Tensor, Tensor), Option<(Tensor, Tensor, Tensor)>, Option<Mods>)> {
         let m = self.ada.forward(&c.silu()?)?;
-        let n = if self.attn2.is_some() { 9 } else if self.mlp.is_none() { 2 } else { 6 };
+        let n = if self.attn2.is_some() {
+            9
+        } else if self.mlp.is_none() {
+            2
+        } else {
+            6
+        };
         let ch = m.chunk(n, D::Minus1)?;
         let xn = ln(x)?;
         let qkv = self.attn.qkv(&modulate(&xn, &ch[0], &ch[1])?)?;
@@ -423,9 +442,8 @@ impl Mmdit {
         let patch_w = vb.get_with_hints((d, c, p, p), "x_embedder.proj.weight", Init::Uniform { lo: -bound, up: bound })?;
         let patch_b = vb.get_with_hints(d, "x_embedder.proj.bias", Init::Const(0.0))?;
         let pos_embed = vb.get_with_hints((1, cfg.pos_embed_max * cfg.pos_embed_max, d), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 })?;
-        let mlp2 = |name: &str, i: usize| -> Result<(Proj, Proj)> {
-            Ok((Proj::new(&vb.pp(format!("{name}.mlp.0")), i, d, None, lora)?, Proj::new(&vb.pp(format!("{name}.mlp.2")), d, d, None, lora)?))
-        };
+        let mlp2 =
+            |name: &str, i: usize| -> Result<(Proj, Proj)> { Ok((Proj::new(&vb.pp(format!("{name}.mlp.0")), i, d, None, lora)?, Proj::new(&vb.pp(format!("{name}.mlp.2")), d, d, None, lora)?)) };
         let t_mlp = mlp2("t_embedder", cfg.freq_dim)?;
         let y_mlp = mlp2("y_embedder", cfg.pooled_dim)?;
         let context_embedder = Proj::new(&vb.pp("context_embedder"), cfg.context_dim, d, None, lora)?;
@@ -711,7 +729,10 @@ pub(crate) mod tests {
         // Full fine-tuning: every base weight is a Var.
         let map = random_weights(&cfg, 8);
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-        let vars: Vec<_> = crate::weights::tensors::sorted_vars(&map).into_iter().filter(|(k, _)| !k.ends_with("context_block.attn.ln_q.weight") || !k.starts_with(&format!("joint_blocks.{}", cfg.depth - 1))).collect();
+        let vars: Vec<_> = crate::weights::tensors::sorted_vars(&map)
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("context_block.attn.ln_q.weight") || !k.starts_with(&format!("joint_blocks.{}", cfg.depth - 1)))
+            .collect();
         let (o1, g1) = grads_of(&Mmdit::new(&vb, &cfg, None).unwrap(), &vars, true);
         let (o2, g2) = grads_of(&Mmdit::new(&vb, &cfg, None).unwrap().checkpointed(), &vars, true);
         assert_eq!(max_rel(&o1, &o2), 0.0);

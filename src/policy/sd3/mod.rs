@@ -19,16 +19,16 @@ use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::policy::nn::embed_cache::EmbedCache;
-use crate::policy::nn::layers::LoraSpec;
-use crate::policy::sd3::mmdit::{Mmdit, MmditConfig};
-use crate::policy::sd3::text::Sd3Text;
-use crate::policy::nn::vae::Sd3Vae;
-use crate::policy::{Condition, FlowModel, Policy};
+use crate::encoders::clip::ClipText;
 use crate::encoders::tokenizer::Tok;
 use crate::image::Samples;
+use crate::policy::nn::embed_cache::EmbedCache;
+use crate::policy::nn::layers::LoraSpec;
+use crate::policy::nn::vae::Sd3Vae;
+use crate::policy::sd3::mmdit::{Mmdit, MmditConfig};
+use crate::policy::sd3::text::Sd3Text;
+use crate::policy::{Condition, FlowModel, Policy};
 use crate::prompt::Prompt;
-use crate::encoders::clip::ClipText;
 use serde::{Deserialize, Serialize};
 
 /// How the model is run: sampling resolution, T5 tokens, checkpointing.
@@ -274,7 +274,8 @@ pub(crate) mod tests {
             std::fs::create_dir_all(root.join(dir)).unwrap();
             crate::weights::tensors::save_tensors(t, &root.join(dir).join(file)).unwrap();
         };
-        let sai: HashMap<String, Tensor> = crate::weights::tensors::sorted_vars(&crate::policy::sd3::mmdit::tests::random_weights(&tiny_cfg(), 21)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let sai: HashMap<String, Tensor> =
+            crate::weights::tensors::sorted_vars(&crate::policy::sd3::mmdit::tests::random_weights(&tiny_cfg(), 21)).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         save("transformer", "diffusion_pytorch_model.safetensors", &crate::policy::sd3::layout::to_diffusers(&sai).unwrap());
         let all = crate::weights::tensors::read_tensors(&data.join("model.safetensors"), &Device::Cpu).unwrap();
         let text: HashMap<String, Tensor> = all.into_iter().filter(|(k, _)| k.starts_with("text_model.") || k == "text_projection.weight").collect();
@@ -308,7 +309,14 @@ pub(crate) mod tests {
     /// A random 16-channel diffusers AutoencoderKL folder (2 blocks: 2× downsampling) with
     /// the given latent scale and shift.
     pub(crate) fn write_tiny_vae(dir: &Path, scale: f64, shift: f64, seed: u64) {
-        let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig { block_out_channels: vec![8, 16], layers_per_block: 1, latent_channels: 16, norm_num_groups: 4, use_quant_conv: false, use_post_quant_conv: false };
+        let vcfg = candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig {
+            block_out_channels: vec![8, 16],
+            layers_per_block: 1,
+            latent_channels: 16,
+            norm_num_groups: 4,
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+        };
         let vm = VarMap::new();
         candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), 3, 3, vcfg).unwrap();
         crate::policy::randomize_vars(&vm, seed, 0.2);

@@ -86,7 +86,8 @@ mod tests {
     fn peft_names_and_merged_weights() {
         let cfg = tiny();
         let base = random_weights(&cfg, 11);
-        let targets: Vec<String> = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"].iter().map(|s| s.to_string()).collect();
+        let targets: Vec<String> =
+            ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"].iter().map(|s| s.to_string()).collect();
         let lmap = VarMap::new();
         let ctx = LoraCtx { vb: crate::policy::seeded_var_builder(&lmap, 3, &Device::Cpu), spec: LoraSpec { rank: 2, alpha: 4.0, targets: targets.clone() } };
         let m = Mmdit::new(&crate::policy::frozen_builder(&base, &Device::Cpu), &cfg, Some(&ctx)).unwrap();

@@ -11,8 +11,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use std::sync::Mutex;
 
-use crate::policy::Condition;
 use crate::encoders::clip::ClipText;
+use crate::policy::Condition;
 
 pub struct Sd3Text {
     pub clip_l: ClipText,

@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::image::Image;
 use crate::policy::nn::block::{BlockConfig, DitBlock};
 use crate::policy::nn::conv::{self, ConvHead, ConvStem};
 use crate::policy::nn::layers::{layer_norm_plain, timestep_embedding, LayerNorm, Linear, LoraCtx};
-use crate::image::Image;
 
 /// Architecture of the embedded policy. Changing any field changes the checkpoint layout.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -87,9 +87,9 @@ pub(crate) fn output_to_velocity(pred: Prediction, out: Tensor, z: &Tensor, sigm
 /// Checks shared by the image and video policy configs; `section` names the config table
 /// in errors ("model" or "video_model").
 pub(crate) fn validate_dims(section: &str, image_size: usize, patch: usize, dim: usize, heads: usize, depth: usize, mlp_ratio: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(patch > 0 && image_size % patch == 0, "{section}.patch: {patch} must divide {section}.image_size {image_size}");
-    anyhow::ensure!(heads > 0 && dim % heads == 0, "{section}.heads: {heads} must divide {section}.dim {dim}");
-    anyhow::ensure!(dim % 2 == 0 && dim >= 8, "{section}.dim: must be even and ≥ 8 (got {dim})");
+    anyhow::ensure!(patch > 0 && image_size.is_multiple_of(patch), "{section}.patch: {patch} must divide {section}.image_size {image_size}");
+    anyhow::ensure!(heads > 0 && dim.is_multiple_of(heads), "{section}.heads: {heads} must divide {section}.dim {dim}");
+    anyhow::ensure!(dim.is_multiple_of(2) && dim >= 8, "{section}.dim: must be even and ≥ 8 (got {dim})");
     anyhow::ensure!(depth >= 1, "{section}.depth: must be ≥ 1");
     anyhow::ensure!(mlp_ratio >= 1, "{section}.mlp_ratio: must be ≥ 1");
     Ok(())
@@ -270,9 +270,7 @@ impl Dit {
         // Creation order is part of the seeded init: text layers, blocks, the rest.
         let layers = TextEncoder::layers(vb, cfg.text_layers, d, cfg.heads, lora)?;
         let bcfg = BlockConfig { dim: d, heads: cfg.heads, mlp_ratio: cfg.mlp_ratio, fused: cfg.fused };
-        let blocks = (0..cfg.depth)
-            .map(|i| DitBlock::new(&vb.pp(format!("blocks.{i}")), &bcfg, lora))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.depth).map(|i| DitBlock::new(&vb.pp(format!("blocks.{i}")), &bcfg, lora)).collect::<Result<Vec<_>>>()?;
         let text = TextEncoder::new(vb, layers, crate::world::vocab().len(), crate::world::MAX_TOKENS, d, lora)?;
         // Values per token in and out: the patch's pixels, or its stem features.
         let in_ch = if cfg.conv_channels > 0 { cfg.conv_channels } else { 3 };
@@ -349,9 +347,7 @@ pub fn latents_to_images(z: &Tensor) -> Result<Vec<Image>> {
     let (b, c, h, w) = z.dims4()?;
     assert_eq!(c, 3);
     let flat: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok((0..b)
-        .map(|i| Image { h, w, data: flat[i * 3 * h * w..(i + 1) * 3 * h * w].iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect() })
-        .collect())
+    Ok((0..b).map(|i| Image { h, w, data: flat[i * 3 * h * w..(i + 1) * 3 * h * w].iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect() }).collect())
 }
 
 /// The ShapeWorld image family (`modality = "image"`, `[model]`).

@@ -19,10 +19,10 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::nn::block::{BlockConfig, DitBlock};
-use crate::policy::shapeworld::dit::{output_to_velocity, AdaHead, Prediction, TextEncoder};
-use crate::policy::nn::layers::{Linear, LoraCtx};
 use crate::image::Image;
+use crate::policy::nn::block::{BlockConfig, DitBlock};
+use crate::policy::nn::layers::{Linear, LoraCtx};
+use crate::policy::shapeworld::dit::{output_to_velocity, AdaHead, Prediction, TextEncoder};
 
 /// Token grouping of the video blocks.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -60,7 +60,20 @@ pub struct VideoDitConfig {
 
 impl Default for VideoDitConfig {
     fn default() -> Self {
-        Self { image_size: 32, frames: 8, patch: 4, t_patch: 2, dim: 128, depth: 4, heads: 4, mlp_ratio: 4, text_layers: 2, attention: VideoAttention::Factorised, fused: true, prediction: Prediction::V }
+        Self {
+            image_size: 32,
+            frames: 8,
+            patch: 4,
+            t_patch: 2,
+            dim: 128,
+            depth: 4,
+            heads: 4,
+            mlp_ratio: 4,
+            text_layers: 2,
+            attention: VideoAttention::Factorised,
+            fused: true,
+            prediction: Prediction::V,
+        }
     }
 }
 
@@ -68,7 +81,7 @@ impl VideoDitConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         crate::policy::shapeworld::dit::validate_dims("video_model", self.image_size, self.patch, self.dim, self.heads, self.depth, self.mlp_ratio)?;
         anyhow::ensure!(self.frames >= 2, "video_model.frames: a clip needs at least 2 frames (got {})", self.frames);
-        anyhow::ensure!(self.t_patch > 0 && self.frames % self.t_patch == 0, "video_model.t_patch: {} must divide video_model.frames {}", self.t_patch, self.frames);
+        anyhow::ensure!(self.t_patch > 0 && self.frames.is_multiple_of(self.t_patch), "video_model.t_patch: {} must divide video_model.frames {}", self.t_patch, self.frames);
         Ok(())
     }
     pub fn grid(&self) -> usize {
@@ -239,7 +252,6 @@ impl VideoPolicy {
     pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
         crate::weights::tensors::save_varmap(&self.base, path)
     }
-
 }
 
 impl crate::policy::Policy for VideoPolicy {
