@@ -1,6 +1,7 @@
-//! Generation on fixed noise: deterministic ODE sampling with per-prompt seeds, so two runs
-//! (or two checkpoints) are compared on identical noise, and the held-out prompt splits.
-//! Used by training (grids, base/final scores), evaluation and `vipo sample`.
+//! ShapeWorld prompt sets through [`crate::policy::ode`] (ODE sampling on fixed per-prompt
+//! noise, so two runs or checkpoints are compared on identical noise), their mean scores,
+//! and the held-out prompt splits. Used by training (grids, base/final scores), evaluation
+//! and `vipo sample`.
 
 use anyhow::{Context, Result};
 
