@@ -434,6 +434,29 @@ pub(crate) fn assert_every_var_has_gradient(grads: &candle_core::backprop::GradS
     }
 }
 
+/// Test guard for issue 37 item 1: after a LoRA update's backward the gradient store holds
+/// exactly the trainable tensors, nothing for frozen weights, inputs or intermediates.
+/// Returns a digest of the gradients' bytes in name order (to compare across builds).
+#[cfg(test)]
+pub(crate) fn assert_store_holds_exactly(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)], what: &str) -> String {
+    use sha2::Digest;
+    let want: std::collections::HashSet<_> = vars.iter().map(|(_, v)| v.as_tensor().id()).collect();
+    let have: std::collections::HashSet<_> = grads.get_ids().copied().collect();
+    let mut h = sha2::Sha256::new();
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            for x in g.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+                h.update(x.to_le_bytes());
+            }
+        }
+    }
+    let digest = format!("{:x}", h.finalize());
+    eprintln!("{what}: {} gradients, {} trainable, digest {digest}", have.len(), want.len());
+    assert_eq!(have.len(), want.len(), "{what}: the store holds {} gradients for {} trainable tensors", have.len(), want.len());
+    assert_eq!(have, want, "{what}: the store holds other tensors than the trainable ones");
+    digest
+}
+
 /// Test weights: every variable of `map` redrawn from N(0, scale²), in name order, from a
 /// stream seeded by `seed` (initialisers leave gates, heads and norms at constants, which
 /// would hide what a parity test must see).

@@ -22,11 +22,13 @@ pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
 
 /// `block(packed)` as one checkpointed node. With trainable weights only inside blocks
 /// nothing upstream is tracked, and candle records an op only on a tracked input, so an
-/// untracked input becomes a leaf.
+/// untracked input becomes a leaf; its gradient is then neither computed nor returned, so
+/// the step's gradient store holds the trainable tensors only.
 pub fn checkpointed(block: Arc<dyn PackedBlock>, packed: &Tensor, grads: &SideGrads) -> Result<Tensor> {
     let packed = packed.contiguous()?;
-    let packed = if packed.track_op() { packed } else { candle_core::Var::from_tensor(&packed)?.into_inner() };
-    packed.apply_op1(Checkpoint { block, grads: grads.clone() })
+    let input_grad = packed.track_op();
+    let packed = if input_grad { packed } else { candle_core::Var::from_tensor(&packed)?.into_inner() };
+    packed.apply_op1(Checkpoint { block, grads: grads.clone(), input_grad })
 }
 
 /// `loss.backward()`, plus the weight gradients the checkpointed blocks collected when a
@@ -55,6 +57,8 @@ pub fn backward(loss: &Tensor, side: &SideGrads) -> Result<GradStore> {
 struct Checkpoint {
     block: Arc<dyn PackedBlock>,
     grads: SideGrads,
+    /// Whether the block's input leads to a trainable tensor (false for the first block).
+    input_grad: bool,
 }
 
 impl Checkpoint {
@@ -94,12 +98,14 @@ impl candle_core::CustomOp1 for Checkpoint {
         }
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let x = candle_core::Var::from_tensor(&arg.detach())?;
-        let out = self.block.forward_packed(x.as_tensor())?;
+        // The input is a variable of the recomputed graph only when its gradient is wanted;
+        // otherwise the backward skips it (vendor/candle-core: untracked operands get none).
+        let x = if self.input_grad { candle_core::Var::from_tensor(&arg.detach())?.into_inner() } else { arg.detach() };
+        let out = self.block.forward_packed(&x)?;
         let mut g = (out * grad_res.detach())?.sum_all()?.backward()?;
         // Detached: candle's gradients can carry ops that reference the recomputed
         // activations, which would keep every block's graph alive until the step ends.
-        let gx = g.remove(x.as_tensor()).map(|t| t.detach());
+        let gx = g.remove(&x).map(|t| t.detach());
         let mut side = self.grads.0.lock().unwrap();
         for id in g.get_ids().copied().collect::<Vec<_>>() {
             let t = g.get_id(id).unwrap().detach();

@@ -3,6 +3,7 @@
 //! prompt-embedding cache.
 
 pub mod adapted;
+pub mod attention;
 pub mod block;
 pub mod checkpoint;
 pub mod conv;
