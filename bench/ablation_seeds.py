@@ -3,7 +3,7 @@
 
     python3 bench/ablation_seeds.py add runs/vipo-ones-g16-s1 ...   # eval.json → scores.csv
     python3 bench/ablation_seeds.py add --checkpoint 120 RUN ...    # a `vipo eval --checkpoint` row
-    python3 bench/ablation_seeds.py table                           # the BENCHMARKS §6.4 table
+    python3 bench/ablation_seeds.py table                           # the bench/NOTES.md §6.4 table
     python3 bench/ablation_seeds.py table-b12k                      # §6.5: the 12 000-step base
     python3 bench/ablation_seeds.py save-b12k runs/abl-b12k         # its finished runs → results/
     python3 bench/ablation_seeds.py save-b12k runs/g16p2-b12k       # ViPO with backbone.pad = 2 (§6.6)

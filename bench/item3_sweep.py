@@ -2,7 +2,7 @@
 """Issue 12 item 3 on the 12 000-step base: the GRPO-only sweep at the demo's budget.
 
   python3 bench/item3_sweep.py save runs/item3sw   # each finished run's config/metrics/eval → bench/results
-  python3 bench/item3_sweep.py table               # the BENCHMARKS §6.7 table from bench/results
+  python3 bench/item3_sweep.py table               # the bench/NOTES.md §6.7 table from bench/results
   python3 bench/item3_sweep.py seeds               # the chosen setting and the default over seeds
 """
 import json, os, shutil, sys, tomllib

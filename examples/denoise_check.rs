@@ -1,7 +1,7 @@
 //! `cargo run --release --example denoise_check RUN_DIR [OUT.png]`: how well an image base
 //! (a `vipo pretrain` run) denoises ground-truth ShapeWorld renders. For σ in 0.1 … 0.98 it
 //! prints the velocity loss and the MSE of x̂₀ = z − σ·v, and writes a grid: the renders,
-//! then one row of x̂₀ per σ. This is the check behind BENCHMARKS.md §3 (x- vs v-prediction):
+//! then one row of x̂₀ per σ. This is the check behind bench/NOTES.md §3 (x- vs v-prediction):
 //! a good base gives smooth, object-shaped x̂₀ at high σ, not noise or a patch checkerboard.
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;

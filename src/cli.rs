@@ -199,7 +199,7 @@ struct DemoArgs {
     /// (`[pretrain]` defaults: ≈ 13 min on 2 cores).
     #[arg(long)]
     fresh: bool,
-    /// Seeds per method (the BENCHMARKS comparison uses 3).
+    /// Seeds per method (the comparison of bench/NOTES.md §6.1 uses 3).
     #[arg(long, default_value_t = 1)]
     seeds: usize,
     /// RL steps per run (default 20 for images — fewer than train.steps' 30 so that the

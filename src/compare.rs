@@ -322,7 +322,7 @@ pub struct DiffRow {
 impl DiffRow {
     /// The plain reading of the interval. Over seeds it is a verdict on the method. With one
     /// seed the interval is over prompts only: it says whether these two runs differ on these
-    /// prompts, while a rerun with another seed moves a run by more than that (BENCHMARKS.md
+    /// prompts, while a rerun with another seed moves a run by more than that (bench/NOTES.md
     /// §6.2), so it never says "better" or "worse".
     pub fn verdict(&self) -> String {
         let (above, below) = (self.ci_low > 0.0, self.ci_high < 0.0);

@@ -19,7 +19,7 @@ use crate::sampler::SampleConfig;
 /// `compare.eval_prompts`, `vipo eval` without `--n`). Two checkpoints' per-prompt scores
 /// differ with a standard deviation of ≈ 0.18 on this testbed, so a paired difference over
 /// 64 prompts has a 95 % half-width of ≈ 0.045 — as large as the effects being measured;
-/// 512 prompts bring it to ≈ 0.016 (BENCHMARKS.md §6.2).
+/// 512 prompts bring it to ≈ 0.016 (bench/NOTES.md §6.2).
 pub const DEFAULT_EVAL_PROMPTS: usize = 512;
 
 /// What a run generates.
@@ -167,11 +167,11 @@ pub struct CompareConfig {
     /// Trailing window (steps) of the smoothed rollout-reward curves behind "final rollout
     /// reward" and "steps to reach the reference's final". One step's rollout reward is a
     /// mean over `train.prompts_per_step` prompts and swings by several hundredths, so a
-    /// long run wants a longer window (BENCHMARKS.md §6.4 uses 24 for 240 steps).
+    /// long run wants a longer window (bench/NOTES.md §6.4 uses 24 for 240 steps).
     pub smooth_steps: usize,
     /// Runs trained at once (`--jobs`), each on threads / jobs of the cores. The tiny
     /// ShapeWorld policy does not keep many cores busy: on 2 cores two runs side by side at
-    /// one core each train 1.4× the steps per hour of one run at two (BENCHMARKS.md §6.5).
+    /// one core each train 1.4× the steps per hour of one run at two (bench/NOTES.md §6.5).
     /// Weights and scores do not depend on it; the peak RSS a run logs is then the whole
     /// process's, every job's together.
     pub jobs: usize,
@@ -514,7 +514,7 @@ pub enum RatioMode {
 #[serde(rename_all = "kebab-case")]
 pub enum ClipMode {
     /// Clip every position's ratio on its own (the paper's objective, log-prob summed over
-    /// channels); at GRPO's ε this is a much tighter trust region (BENCHMARKS.md §4.2).
+    /// channels); at GRPO's ε this is a much tighter trust region (bench/NOTES.md §4.2).
     PerPosition,
     /// Decide the clip once per sample on GRPO's own ratio (the mean log-ratio over the
     /// image); the gradient stays per position (∝ the map's advantage there).

@@ -84,7 +84,7 @@ pub fn clipped_surrogate(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps
 /// [1−ε, 1+ε] in the direction of A_p — PPO's clip, decided once per sample as GRPO decides
 /// it. Why: a single position's ratio moves ≈ √(H·W) times more than the mean over the
 /// image, so clipping it per position at GRPO's ε is a far tighter trust region
-/// (BENCHMARKS.md §4.2); this keeps the per-position credit (∂L/∂Δ_p ∝ A_p) and makes the
+/// (bench/NOTES.md §4.2); this keeps the per-position credit (∂L/∂Δ_p ∝ A_p) and makes the
 /// all-ones map reduce to GRPO (identical gradient while ρ = 1). Stats are on ρ_s.
 pub fn clipped_surrogate_sample_trust(logp_new: &Tensor, logp_old: &Tensor, adv: &Tensor, eps: f64) -> Result<Surrogate> {
     ensure!(eps.is_finite() && eps > 0.0 && eps < 1.0, "objective: clip range eps must be in (0, 1) (got {eps})");

@@ -36,7 +36,7 @@ pub enum Aggregation {
 ///
 /// PCA signs are arbitrary, so a rule that looks at the loadings (`sklearn`) decides
 /// "subject" by the feature statistics, not by the image; on generated ShapeWorld samples it
-/// put the map on the background (BENCHMARKS.md §5). `minority` (the default) and `border`
+/// put the map on the background (bench/NOTES.md §5). `minority` (the default) and `border`
 /// decide from where the component is high in the image, so they are invariant to the sign;
 /// on ShapeWorld renders and samples `minority` puts more mass on the objects (§5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -1569,7 +1569,7 @@ mod orient_tests {
         let (default, border, sklearn) = (ratio(PsmConfig::default().orient), ratio(Orient::Border), ratio(Orient::Sklearn));
         eprintln!("object mass / area on renders: default (minority) {default:.2}, border {border:.2}, sklearn {sklearn:.2}");
         // Measured on these 24 renders with the default features.6 @ 112 and context padding:
-        // 3.38 (border 2.93, sklearn 2.36; without padding 2.56 / 2.26 / 1.86; BENCHMARKS.md
+        // 3.38 (border 2.93, sklearn 2.36; without padding 2.56 / 2.26 / 1.86; bench/NOTES.md
         // §5.1 has the 32-render bench and the samples). The bound leaves room for float
         // differences between CPUs; both content rules must beat the released-code orientation.
         assert!(default >= 3.1, "default: object mass only {default:.2}× the area share");

@@ -262,7 +262,7 @@ fn pretrain_resume_from_the_cli_matches_an_uninterrupted_run() {
     let o = vipo(&args, d.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let full = d.path().join("runs/full");
-    // A session that ended after the step-2 checkpoint: the final outputs are gone.
+    // A process that ended after the step-2 checkpoint: the final outputs are gone.
     let cut = d.path().join("runs/cut");
     std::fs::create_dir_all(cut.join("checkpoints/resume")).unwrap();
     std::fs::copy(full.join("config.toml"), cut.join("config.toml")).unwrap();

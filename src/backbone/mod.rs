@@ -64,7 +64,7 @@ pub struct BackboneConfig {
     /// reflection, the network runs on the larger input, and the extra cells are cropped off,
     /// so the map's border cells see image content instead of the network's zero padding.
     /// 0 = off (the released recipe). Default 2: on ShapeWorld rollout samples MobileNetV2's
-    /// zero padding otherwise lights a frame around every map (BENCHMARKS.md §5.1). With
+    /// zero padding otherwise lights a frame around every map (bench/NOTES.md §5.1). With
     /// pad > 0, input_size must be a multiple of the tap's stride (MobileNetV2 features.K:
     /// 2, 4, 8, 16 or 32; ResNet layerL: 4·2^(L−1)). DINOv2, a ViT without zero padding,
     /// ignores it. Costs ((input_size + 2·pad·stride) / input_size)² the backbone time

@@ -262,7 +262,7 @@ impl Trainer {
         bar.finish_and_clear();
         self.export_final()?;
         if let Some(fin) = self.evaluate()? {
-            // Keep the base scores of the first session when a run was resumed.
+            // Keep the base scores of the first run when a run was resumed.
             let path = self.run_dir.join("eval.json");
             let base = match base_scores {
                 Some((_, b)) => serde_json::to_value(b)?,

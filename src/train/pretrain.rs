@@ -125,7 +125,7 @@ fn flow_matching_loop(
     if resume {
         let st = load_resume(run_dir, &mut opt, ema.as_deref_mut(), data_rng, &mut noise_rng)?;
         (start, elapsed_before, first_loss, last_loss) = (st.step, st.elapsed_s, st.first_loss, st.last_loss);
-        // Lines a killed session logged after its last checkpoint are redone, so drop them.
+        // Lines a killed process logged after its last checkpoint are redone, so drop them.
         crate::io::truncate_jsonl_from_step(&metrics, start)?;
         eprintln!("resuming {} from step {start} of {}", run_dir.display(), p.steps);
     }
@@ -486,7 +486,7 @@ mod tests {
     }
 
     /// A pretraining run continued from its checkpoint (what `vipo pretrain --resume` does
-    /// after a session ended mid-run) ends with byte-identical weights and the same log.
+    /// after a process ended mid-run) ends with byte-identical weights and the same log.
     #[test]
     fn resumed_pretraining_is_bit_identical() {
         let dir = tempfile::tempdir().unwrap();
@@ -494,7 +494,7 @@ mod tests {
         let a = run_dir::create_run_dir(&dir.path().join("a"), &cfg, false).unwrap();
         let out = pretrain(&cfg, &a).unwrap();
         // "Kill" a copy after its step-15 checkpoint: drop everything written later, and
-        // leave a stray log line from past the checkpoint, as a killed session would.
+        // leave a stray log line from past the checkpoint, as a killed process would.
         let b = dir.path().join("b");
         std::fs::create_dir_all(b.join("checkpoints")).unwrap();
         std::fs::copy(a.join(run_dir::CONFIG_FILE), b.join(run_dir::CONFIG_FILE)).unwrap();

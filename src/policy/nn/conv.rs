@@ -2,7 +2,7 @@
 //!
 //! Why: with a plain patchify, a token sees only its own p×p pixels and each output patch
 //! comes from one token, so at high noise every token decides "object or background" on
-//! disjoint evidence; the samples come out as patch-sized fragments (BENCHMARKS.md §3).
+//! disjoint evidence; the samples come out as patch-sized fragments (bench/NOTES.md §3).
 //! Two 3×3 convolutions before patchifying give neighbouring tokens overlapping receptive
 //! fields, and a skip-connected 3×3 conv head lets every output pixel combine the tokens
 //! around it — the locality a small U-Net has, at a fraction of its cost.

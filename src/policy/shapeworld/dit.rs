@@ -52,7 +52,7 @@ impl Default for DitConfig {
 
 /// The network's output parametrisation. Either way the policy returns the velocity
 /// v = ε − x₀ that samplers, log-probs and the flow-matching loss use. The image default is
-/// X (BENCHMARKS.md §3); the video default stays V (X gave no clear gain there, §7).
+/// X (bench/NOTES.md §3); the video default stays V (X gave no clear gain there, §7).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Prediction {

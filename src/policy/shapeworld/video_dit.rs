@@ -54,7 +54,7 @@ pub struct VideoDitConfig {
     /// Use the fused custom ops (hand-written backward) instead of composed candle ops.
     pub fused: bool,
     /// Network output: velocity ("v", default) or clean clip ("x"), as `model.prediction`;
-    /// x gave the video base no clear gain (BENCHMARKS.md §7).
+    /// x gave the video base no clear gain (bench/NOTES.md §7).
     pub prediction: Prediction,
 }
 
