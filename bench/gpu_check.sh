@@ -8,10 +8,12 @@
 # Stages, each under its own time limit so one failure leaves the rest measured:
 #   1. the tiny SD3.5 and FLUX configs, GRPO in f32 and ViPO in bf16 (the on-policy parity
 #      check runs in every update; its max |ratio − 1| is printed)
-#   2. `vipo bench gen-step`: one GRPO/ViPO step of full-size FLUX.1-dev and SD3.5-M
+#   2. `vipo bench attention`: the attention op's insides against the composed attention
+#      (bf16, FLUX.1-dev's batch 4 × 24 heads × 1 536 tokens × 128)
+#   3. `vipo bench gen-step`: one GRPO/ViPO step of full-size FLUX.1-dev and SD3.5-M
 #      transformers (+ VAE) on random bf16 weights at 512², and one update micro-batch's
 #      forward + backward
-#   3. bench/pytorch_gen.py: diffusers' same transformers, same micro-batch, forward +
+#   4. bench/pytorch_gen.py: diffusers' same transformers, same micro-batch, forward +
 #      backward and forward, in bf16 with PEFT LoRA and gradient checkpointing
 # Device memory is sampled with nvidia-smi every 200 ms (candle's allocator keeps no peak).
 set -u
@@ -73,6 +75,8 @@ fi
 # Each vipo figure first, then diffusers' for the same micro-batch. The parity bound is
 # loosened to 1e-2 here so that a bf16 deviation is printed, not fatal.
 export VIPO_TRACE=1
+# The attention op (issue 37 item 2) against the composed attention, bf16 at FLUX's shape.
+stage attention 40 "$BIN" bench attention --iters 3
 stage gen-flux-vipo 190 "$BIN" bench gen-step --config configs/flux-dev.toml --iters 2 --steps 1 --set train.prompts_per_step=1 --set train.group_size=4 --set train.ratio_dev_bound=0.01
 stage torch-flux 60 python3 bench/pytorch_gen.py --model flux --batch 4
 stage gen-sd35-grpo 130 "$BIN" bench gen-step --config configs/sd35-medium.toml --iters 2 --steps 1 --set train.prompts_per_step=1 --set train.group_size=8 --set train.ratio_dev_bound=0.01

@@ -156,6 +156,56 @@ pub fn bench_mmdit(checkpointing: bool, iters: usize) -> anyhow::Result<MmditBen
     Ok(MmditBench { depth: cfg.depth, hidden: cfg.hidden(), image_tokens: (side / 2) * (side / 2), text_tokens: text, batch, params, checkpointing, fwd_bwd_ms, base_mb, peak_mb })
 }
 
+/// `vipo bench attention`: the attention op (`policy/nn/attention.rs`, each inside) against
+/// the composed attention the blocks ran before, forward and forward + backward, and the
+/// largest output difference. CPU: f32 at (1, 8 heads, 1 536 tokens, 64); CUDA: bf16 at
+/// FLUX.1-dev's (4, 24 heads, 1 024 + 512 tokens, 128).
+/// `shape` (B, H, N, hd) overrides the default (tests).
+pub fn bench_attention(iters: usize, shape: Option<(usize, usize, usize, usize)>) -> anyhow::Result<Vec<(String, f64, f64, f64)>> {
+    use crate::policy::nn::attention::{sdpa_with, Inside};
+    use candle_core::{DType, Tensor, Var, D};
+    anyhow::ensure!(iters >= 1, "bench: iters must be ≥ 1");
+    let dev = crate::runtime::device()?;
+    let (dt, default) = if dev.is_cuda() { (DType::BF16, (4, 24, 1536, 128)) } else { (DType::F32, (1, 8, 1536, 64)) };
+    let shape = shape.unwrap_or(default);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let mut var = || -> anyhow::Result<Var> { Ok(Var::from_tensor(&crate::sampler::randn(&[shape.0, shape.1, shape.2, shape.3], &mut rng, &dev)?.to_dtype(dt)?)?) };
+    let (q, k, v) = (var()?, var()?, var()?);
+    let composed = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+        let (b, h, n, hd) = q.dims4()?;
+        let w = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let p = crate::policy::nn::layers::in_f32(&w, |w| candle_nn::ops::softmax(w, D::Minus1))?;
+        p.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, n, h * hd))
+    };
+    let reference = composed(&q, &k, &v)?.to_dtype(DType::F32)?;
+    let mut variants: Vec<(String, Box<dyn Fn() -> candle_core::Result<Tensor>>)> = vec![("composed".into(), Box::new(|| composed(&q, &k, &v)))];
+    let packed_ok = !dev.is_cuda();
+    for inside in [Inside::Auto, Inside::Chunked(0), Inside::Chunked(256)] {
+        if inside == Inside::Auto && !packed_ok {
+            continue;
+        }
+        let (q, k, v) = (q.clone(), k.clone(), v.clone());
+        variants.push((format!("{inside:?}"), Box::new(move || sdpa_with(&q, &k, &v, inside))));
+    }
+    let sync = |t: &Tensor| -> anyhow::Result<()> {
+        // Reading one value waits for the device.
+        t.flatten_all()?.narrow(0, 0, 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(())
+    };
+    let mut out = Vec::new();
+    for (name, f) in &variants {
+        let o = f()?;
+        let diff = (o.to_dtype(DType::F32)? - &reference)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        let fwd = time_ms(iters, &|| sync(&f()?))?;
+        let fwd_bwd = time_ms(iters, &|| {
+            let g = f()?.to_dtype(DType::F32)?.sqr()?.mean_all()?.backward()?;
+            sync(g.get(q.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient for q"))?)
+        })?;
+        out.push((name.clone(), fwd, fwd_bwd, diff));
+    }
+    Ok(out)
+}
+
 /// Median milliseconds of `iters` runs of `f`, after one warm-up run.
 fn time_ms(iters: usize, f: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
@@ -195,10 +245,10 @@ pub fn bench_video(cfg: &crate::policy::shapeworld::video_dit::VideoDitConfig, b
     Ok(PolicyBench { batch, fwd_ms, fwd_bwd_ms, params })
 }
 
-/// `vipo bench [block|policy|psm|video|step|gen-step|mmdit|all]` (`all` leaves out the slow
-/// `step`, `gen-step` and `mmdit`).
+/// `vipo bench [block|policy|psm|video|step|gen-step|mmdit|attention|all]` (`all` leaves
+/// out the slow `step`, `gen-step`, `mmdit` and `attention`).
 pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std::path::Path, Option<usize>)>, cfg: &crate::config::Config) -> anyhow::Result<()> {
-    let known = ["block", "policy", "psm", "video", "step", "gen-step", "mmdit", "all"];
+    let known = ["block", "policy", "psm", "video", "step", "gen-step", "mmdit", "attention", "all"];
     anyhow::ensure!(known.contains(&what), "bench: unknown benchmark {what:?} (known: {})", known.join(", "));
     println!("threads: {}", crate::runtime::threads());
     if what == "step" {
@@ -209,6 +259,12 @@ pub fn run_cli(what: &str, iters: usize, steps: usize, samples_of: Option<(&std:
     if what == "gen-step" {
         anyhow::ensure!(samples_of.is_none(), "bench: --run applies to `vipo bench psm` only");
         gen_step::print(cfg, &gen_step::bench_gen_step(cfg, None, iters, steps)?);
+        return Ok(());
+    }
+    if what == "attention" {
+        for (name, fwd, fwd_bwd, diff) in bench_attention(iters, None)? {
+            println!("attention {name:<14}: fwd {fwd:8.1} ms   fwd+bwd {fwd_bwd:8.1} ms   max |Δ| vs composed {diff:.2e}");
+        }
         return Ok(());
     }
     if what == "mmdit" {
@@ -399,6 +455,19 @@ pub fn bench_psm_samples(run_dir: &std::path::Path, step: Option<usize>, n: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every variant runs, takes positive time and agrees with the composed attention.
+    #[test]
+    fn bench_attention_runs_small() {
+        let rows = bench_attention(1, Some((1, 2, 40, 8))).unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(names, ["composed", "Auto", "Chunked(0)", "Chunked(256)"]);
+        for (name, fwd, fwd_bwd, diff) in &rows {
+            assert!(*fwd > 0.0 && *fwd_bwd > 0.0 && fwd.is_finite() && fwd_bwd.is_finite(), "{name}");
+            assert!(*diff < 1e-5, "{name}: {diff}");
+        }
+        assert!(bench_attention(0, Some((1, 2, 40, 8))).is_err());
+    }
 
     #[test]
     fn bench_block_runs_small() {

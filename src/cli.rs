@@ -216,7 +216,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: block | policy | psm | video | step | gen-step | mmdit | all (all = every one but step, gen-step and mmdit).
+    /// What to measure: block | policy | psm | video | step | gen-step | mmdit | attention | all (all = every one but step, gen-step, mmdit and attention).
     /// gen-step: a real generator's step (the config's sd3/flux variant) at full size on random weights
     #[arg(default_value = "all")]
     what: String,
